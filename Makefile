@@ -1,0 +1,35 @@
+# Set-up and entry points. `make test` and `make demo` do everything on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-all demo clean
+
+install: $(STAMP)
+
+# torch first and pinned: with 2.13.0 present, no other requirement pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+test-all: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "slow or not slow"
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,100 @@
+"""Preallocated key/value cache for the target and the drafter.
+
+The cache owns storage and bookkeeping only: which slots are written, which hold committed keys
+that later tokens may attend to, and how long each row is. It does not decide what to keep; the
+engine does (tree acceptance, skipped steps). Rows may have different lengths (batched
+speculative decoding commits a different number of tokens per row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    k: Tensor  # [L, B, H, S, Dh]
+    v: Tensor  # [L, B, H, S, Dh]
+    valid: Tensor  # [B, S] bool: a committed key that later tokens may attend to (caption padding is not)
+    length: Tensor  # [B] long: committed slots per row; new tokens are written from here on
+
+    @classmethod
+    def allocate(cls, *, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+        shape = (num_layers, batch, num_heads, max_len, head_dim)
+        return cls(k=torch.zeros(shape, dtype=dtype, device=device),
+                   v=torch.zeros(shape, dtype=dtype, device=device),
+                   valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                   length=torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def new_slots(self, num_new: int) -> Tensor:
+        """Slots [B, T] that T new tokens are written to: right after each row's committed part."""
+        slots = self.length[:, None] + torch.arange(num_new, device=self.length.device)
+        if num_new and int(slots.max()) >= self.capacity:
+            raise ValueError(f"KV cache overflow: {int(slots.max()) + 1} slots needed, capacity {self.capacity}")
+        return slots
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write k, v [B, H, T, Dh] into slots [B, T] of one layer (scratch until committed)."""
+        rows = torch.arange(self.batch, device=slots.device)[:, None]
+        # advanced indices on dims 0 and 2 put (B, T) first: the value is [B, T, H, Dh]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+
+    def read(self, layer: int, upto: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
+
+    def attention_mask(self, block_mask: Tensor, upto: int) -> Tensor:
+        """Mask [B, T, upto] for T new tokens written at `new_slots(T)`.
+
+        A new token sees every committed valid slot before its row's length, and the new
+        tokens that `block_mask` [B, T, T] allows (causal for a chain, ancestors for a tree).
+        """
+        b, t, _ = block_mask.shape
+        cols = torch.arange(upto, device=block_mask.device)[None, :]  # [1, S]
+        committed = self.valid[:, :upto] & (cols < self.length[:, None])  # [B, S]
+        rel = cols - self.length[:, None]  # [B, S] index of the new token stored in each slot
+        in_block = (rel >= 0) & (rel < t)
+        gathered = torch.gather(block_mask, 2, rel.clamp(0, max(t - 1, 0))[:, None, :].expand(b, t, upto))
+        return committed[:, None, :] | (in_block[:, None, :] & gathered)
+
+    def commit(self, num_new: int | Tensor, key_valid: Tensor | None = None) -> None:
+        """Mark the next `num_new` slots of each row as committed (optionally some as not attendable)."""
+        n = torch.as_tensor(num_new, device=self.length.device).expand(self.batch)
+        width = int(n.max()) if n.numel() else 0
+        if width:
+            offs = torch.arange(width, device=n.device)[None, :]
+            slots = self.length[:, None] + offs  # [B, W]
+            keep = offs < n[:, None]
+            ok = keep if key_valid is None else keep & key_valid[:, :width].bool()
+            rows = torch.arange(self.batch, device=n.device)[:, None].expand_as(slots)
+            self.valid[rows[keep], slots[keep]] = ok[keep]
+        self.length += n
+
+    def keep(self, src: Tensor, count: Tensor) -> None:
+        """Compact accepted entries: move slots `src` [B, A] (absolute) to the row's next slots.
+
+        Row b keeps `count[b]` entries; its entries past that are ignored. The moved slots are
+        committed. Used after tree verification, where accepted nodes are scattered in the tree.
+        """
+        b, a = src.shape
+        if a == 0:
+            return
+        dst = self.length[:, None] + torch.arange(a, device=src.device)[None, :]
+        use = torch.arange(a, device=src.device)[None, :] < count[:, None]
+        dst = torch.where(use, dst, src)  # unused entries copy onto themselves
+        rows = torch.arange(b, device=src.device)[:, None]
+        for store in (self.k, self.v):
+            moved = store[:, rows, :, src]  # [B, A, L, H, Dh]
+            store[:, rows, :, dst] = moved
+        self.commit(count)

@@ -1,0 +1,120 @@
+"""Reading official checkpoints and writing/reading the project's own model folders.
+
+Official LlamaGen files are torch pickles whose state dict sits under `["model"]` (DDP),
+`["module"]` (DeepSpeed), `["state_dict"]`, or at the top (FSDP export). The project's own models
+are folders: `config.json` (the architecture plus a `kind` tag) and `model.safetensors`.
+Loading is strict: a missing or unexpected key, or a shape mismatch, is an error that names it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CONTAINER_KEYS = ("model", "module", "state_dict")
+# Buffers some official checkpoints carry that are recomputed here (RoPE table, KV caches, masks).
+IGNORED_SUFFIXES = ("freqs_cis", "causal_mask", "kv_cache.k_cache", "kv_cache.v_cache")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err):
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+        # Official training checkpoints also pickle argparse Namespaces; only open trusted files.
+        warnings.warn(f"{path} holds pickled Python objects besides tensors; loading it with "
+                      "weights_only=False (only do this for files you trust)")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict inside an official container, a bare state dict, or a .safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        obj = _torch_load(path)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, OSError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: could not be read, the file is truncated or not a checkpoint "
+                              f"({type(err).__name__}: {err})") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for key in CONTAINER_KEYS:
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not state:
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(obj)[:10]})")
+    return state
+
+
+def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy `state` into `module`, failing with the offending keys and shapes named."""
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()
+             if not k.endswith(IGNORED_SUFFIXES)}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in expected
+             if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}"
+                        + (" ..." if len(unexpected) > 8 else ""))
+    for k, got, want in wrong[:8]:
+        problems.append(f"shape mismatch for {k}: checkpoint {list(got)}, model {list(want)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def save_model_folder(folder: str | os.PathLike, module: nn.Module, config: dict, kind: str,
+                      extra: dict | None = None) -> Path:
+    """Write config.json + model.safetensors atomically (temporary names, then rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": kind, "config": config, **(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp_w, tmp_c = folder / "model.safetensors.tmp", folder / "config.json.tmp"
+    save_file(tensors, str(tmp_w))
+    tmp_c.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_w, folder / "model.safetensors")
+    os.replace(tmp_c, folder / "config.json")
+    return folder
+
+
+def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, Tensor]]:
+    """(meta, state) of a folder written by `save_model_folder`; checks its kind."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (is this a model folder of this project?)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{folder} holds a {meta.get('kind')!r}, expected a {kind!r}")
+    return meta, read_state_dict(folder / "model.safetensors")

@@ -1,0 +1,182 @@
+"""LlamaGen target adapter: the only place that knows about CFG batch doubling, the learned null
+caption / null class, the caption padding mask and LlamaGen's prefix layout.
+
+The engine and the drafter see a target through this small surface: `start` (prefill),
+`extend` (a forward over new tokens: one token, a chain, or a whole draft tree with its mask and
+depths), `commit`, and `teacher_forced` for training. Logits come back CFG-combined; hidden
+states come back for both CFG halves, because the drafter runs on CFG pairs like LANTERN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from decode.cache import KVCache
+from decode.sampling import cfg_combine
+from decode.target.llamagen_gpt import LlamaGenGPT
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What one batch of images is conditioned on, before CFG doubling."""
+
+    cond: Tensor  # t2i: [B, Tc, C] left-padded caption features (padding rows zero); c2i: [B] class ids
+    mask: Tensor | None = None  # t2i: [B, Tc] bool, True for valid caption slots; None = all valid
+
+    @property
+    def batch(self) -> int:
+        return self.cond.shape[0]
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    logits: Tensor  # [B, T, V] float32, CFG already applied
+    hidden: Tensor  # [G, B, T, D] post-final-norm features; G = 2 under CFG (cond, null), else 1
+
+
+def causal_mask(t: int, device: torch.device | str = "cpu") -> Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+class LlamaGenTarget:
+    """A LlamaGen GPT with classifier-free guidance, ready for cached decoding."""
+
+    def __init__(self, gpt: LlamaGenGPT, cfg_scale: float = 1.0):
+        self.gpt = gpt
+        self.cfg_scale = float(cfg_scale)
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0  # LlamaGen applies guidance only above 1
+
+    @property
+    def groups(self) -> int:
+        return 2 if self.guided else 1
+
+    @property
+    def prefix_len(self) -> int:
+        return self.config.cls_token_num
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.output.weight.device
+
+    # ---- condition handling (CFG doubling, padding) -------------------------------------------
+    def _check_condition(self, c: Condition) -> None:
+        cfg = self.config
+        if cfg.model_type == "t2i":
+            if c.cond.ndim != 3 or c.cond.shape[1:] != (cfg.cls_token_num, cfg.caption_dim):
+                raise ValueError(f"t2i condition must be [B, {cfg.cls_token_num}, {cfg.caption_dim}] caption "
+                                 f"features, got {list(c.cond.shape)}")
+        elif c.cond.ndim != 1:
+            raise ValueError(f"c2i condition must be [B] class ids, got {list(c.cond.shape)}")
+
+    def _prefix(self, c: Condition) -> tuple[Tensor, Tensor]:
+        """Prefix embeddings [G*B, Tc, D] and valid mask [G*B, Tc]: cond rows first, then null rows."""
+        self._check_condition(c)
+        cond = c.cond.to(self.device)
+        if c.cond.is_floating_point():
+            cond = cond.to(self.gpt.output.weight.dtype)
+        mask = c.mask if c.mask is not None else torch.ones(cond.shape[0], self.prefix_len, dtype=torch.bool)
+        mask = mask.to(self.device).bool()
+        if self.guided:
+            cond = torch.cat([cond, self.gpt.null_cond(c.batch, self.device).to(cond.dtype)])
+            mask = torch.cat([mask, mask])  # the caption's padding mask applies to the null half too
+        return self.gpt.embed_cond(cond), mask
+
+    def _guide(self, hidden: Tensor) -> TargetOutput:
+        """hidden [G*B, T, D] -> CFG-combined logits and hidden as [G, B, T, D]."""
+        h = hidden.view(self.groups, -1, *hidden.shape[1:])
+        logits = self.gpt.logits(h)  # [G, B, T, V]
+        if self.guided:
+            logits = cfg_combine(logits[0], logits[1], self.cfg_scale)
+        else:
+            logits = logits[0]
+        return TargetOutput(logits=logits, hidden=h)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, c: Condition, max_new_tokens: int, extra_slots: int = 0) -> tuple[KVCache, TargetOutput]:
+        """Prefill the prefix; returns the cache and the output at the last prefix position.
+
+        `extra_slots` reserves scratch room past the image (a draft tree at the last step).
+        """
+        if max_new_tokens > self.num_image_tokens:
+            raise ValueError(f"{max_new_tokens} tokens requested, the target makes {self.num_image_tokens}")
+        x, valid = self._prefix(c)
+        g_b, t = valid.shape
+        cache = self.gpt.new_cache(g_b, t + max_new_tokens + extra_slots)
+        # LlamaGen: padded caption columns are masked, the diagonal is forced to 1
+        block = causal_mask(t, self.device)[None] & (valid[:, None, :] | torch.eye(t, dtype=torch.bool,
+                                                                                   device=self.device))
+        pos = torch.arange(t, device=self.device).expand(g_b, t)
+        hidden = self.gpt(x, pos, cache.attention_mask(block, t), cache)
+        cache.commit(t, key_valid=valid)
+        return cache, self._guide(hidden[:, -1:])
+
+    @torch.no_grad()
+    def extend(self, cache: KVCache, tokens: Tensor, block_mask: Tensor | None = None,
+               depths: Tensor | None = None) -> TargetOutput:
+        """Forward new tokens [B, T] after each row's committed part; KV is written but not committed.
+
+        Args:
+            cache: the cache from `start` (rows doubled under CFG).
+            tokens: [B, T] token ids.
+            block_mask: [B, T, T] bool among the new tokens (default causal; a tree passes ancestry).
+            depths: [B, T] position offsets from the row's length (default 0..T-1; a tree passes depth).
+        """
+        b, t = tokens.shape
+        if block_mask is None:
+            block_mask = causal_mask(t, tokens.device).expand(b, t, t)
+        if depths is None:
+            depths = torch.arange(t, device=tokens.device).expand(b, t)
+        rep = (self.groups, 1, 1)
+        block_mask, depths2 = block_mask.repeat(rep), depths.repeat(self.groups, 1)
+        x = self.gpt.embed_tokens(tokens.repeat(self.groups, 1))
+        pos = cache.length[:, None] + depths2
+        upto = int(cache.length.max()) + t
+        hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto), cache)
+        return self._guide(hidden)
+
+    def commit(self, cache: KVCache, num_new: int | Tensor) -> None:
+        """Commit the next `num_new` (per image row) written slots, for both CFG halves."""
+        if isinstance(num_new, Tensor):
+            num_new = num_new.repeat(self.groups)
+        cache.commit(num_new)
+
+    # ---- training ---------------------------------------------------------------------------
+    def teacher_forced(self, c: Condition, tokens: Tensor) -> TargetOutput:
+        """One full forward without a cache, as in training.
+
+        Returns logits [B, N, V] where row j predicts tokens[:, j] from the prefix and
+        tokens[:, :j], and hidden [G, B, N, D] aligned with them (the features whose LM head gives
+        those logits: the drafter's targets).
+        """
+        x_prefix, valid = self._prefix(c)
+        t = x_prefix.shape[1]
+        x = torch.cat([x_prefix, self.gpt.embed_tokens(tokens[:, :-1].repeat(self.groups, 1))], dim=1)
+        total = x.shape[1]
+        keys = torch.cat([valid, valid.new_ones(valid.shape[0], total - t)], dim=1)
+        mask = causal_mask(total, x.device)[None] & (keys[:, None, :] | torch.eye(total, dtype=torch.bool,
+                                                                                  device=x.device))
+        pos = torch.arange(total, device=x.device).expand(x.shape[0], total)
+        hidden = self.gpt(x, pos, mask)
+        return self._guide(hidden[:, t - 1:])

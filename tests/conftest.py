@@ -1,0 +1,45 @@
+"""Shared fixtures: offline environment, the reference fixtures, tiny models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "llamagen"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[var] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _hf_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    # The parity fixtures are required: a missing folder fails the suite instead of skipping it.
+    assert FIXTURES.is_dir(), f"reference fixtures missing: {FIXTURES} (expected beside the repository)"
+    return FIXTURES
+
+
+def tiny_gpt(model_type: str = "t2i", seed: int = 0, **overrides):
+    from decode.target import build_gpt
+
+    args = dict(size="tiny", model_type=model_type, vocab_size=64, block_size=16, init_seed=seed,
+                cls_token_num=8 if model_type == "t2i" else 1, caption_dim=12, num_classes=10)
+    args.update(overrides)
+    return build_gpt(None, **args)
+
+
+def padded_captions(batch: int, slots: int = 8, dim: int = 12, seed: int = 0):
+    """Random caption features left-padded like LlamaGen: [B, slots, dim] and mask [B, slots]."""
+    g = torch.Generator().manual_seed(seed)
+    n_valid = torch.randint(1, slots + 1, (batch,), generator=g)
+    mask = torch.arange(slots)[None, :] >= (slots - n_valid)[:, None]
+    emb = torch.randn(batch, slots, dim, generator=g) * mask[..., None]
+    return emb, mask

@@ -1,0 +1,58 @@
+"""`python -m train TASK [hydra overrides]`: the training tasks of the project.
+
+Each task is a module `train.<task>` with `run(cfg) -> dict[str, float]` and a root config
+`conf/train_<task>.yaml`. Task-specific config groups (its `experiment=smoke`, for one) live in
+`conf/train/<task>/`, which is added to Hydra's search path for that task only.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# task -> (module, what it trains, issue that brings it)
+TASKS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("train.tokenizer", "the VQ tokenizer of the embedded world"),
+    "target": ("train.target", "the LlamaGen text-to-image target of the embedded world"),
+    "evaluator": ("train.evaluator", "the attribute classifier that scores alignment in the embedded world"),
+    "drafter": ("train.drafter", "an EAGLE-style drafter distilled from a target's features"),
+    "scheduler": ("train.scheduler", "VVS's learned skip scheduler"),
+}
+
+
+def available(task: str) -> bool:
+    return importlib.util.find_spec(TASKS[task][0]) is not None
+
+
+def usage() -> str:
+    lines = ["usage: python -m train TASK [key=value ...]   (python -m train TASK --help: its options)", "",
+             "tasks:"]
+    for name, (_, what) in TASKS.items():
+        state = "" if available(name) else "   [not in this version yet]"
+        lines.append(f"  {name:<10} {what}{state}")
+    lines += ["", "common options: experiment=smoke (a ~1 minute CPU run), trainer=cpu|gpu|ddp|deepspeed,",
+              "logger=csv|wandb, ckpt_path=last (resume), seed=N"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    task = sys.argv.pop(1)  # Hydra's grammar accepts only key=value after this
+    if task not in TASKS:
+        sys.exit(f"unknown task {task!r}\n\n{usage()}")
+    if not available(task):
+        sys.exit(f"task {task!r} is not in this version of the project yet\n\n{usage()}")
+    import hydra
+
+    sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
+    run = importlib.import_module(TASKS[task][0]).run
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(run)()
+
+
+if __name__ == "__main__":
+    main()

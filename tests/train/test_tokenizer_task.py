@@ -1,0 +1,37 @@
+"""`python -m train tokenizer experiment=smoke` runs end to end, writes a model folder, and resumes."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from decode.vq import load_vq
+from tests.conftest import REPO
+
+
+def _train(out, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["WANDB_MODE"] = "disabled"
+    return subprocess.run([sys.executable, "-m", "train", "tokenizer", "experiment=smoke", f"out_dir={out}",
+                           f"hydra.run.dir={out}/hydra", *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_smoke_run_writes_a_loadable_tokenizer_and_resumes(tmp_path):
+    out = tmp_path / "tok"
+    res = _train(out, "trainer.max_steps=10")
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = out / "tokenizer"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {"val/psnr", "val/codebook_usage"} <= set(metrics)
+    assert "| steps | 10 |" in (folder / "README.md").read_text()
+    vq = load_vq(str(folder))
+    assert vq.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 256)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    # resume: the second run continues from step 10 to step 20
+    res = _train(out, "trainer.max_steps=20", "ckpt_path=last")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| steps | 20 |" in (folder / "README.md").read_text()
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 20

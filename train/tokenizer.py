@@ -1,0 +1,113 @@
+"""`python -m train tokenizer`: train the decode/ VQ tokenizer (LlamaGen architecture).
+
+Loss: L1 + L2 reconstruction, plus the codebook and commitment terms of VQ-VAE. LlamaGen's
+perceptual (LPIPS) and adversarial terms are left out: their VGG weights cannot be fetched here.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from data.images import ShardImages, WorldImages
+from decode.checkpoint import save_model_folder
+from decode.vq import VQConfig, VQModel
+from train.common import build_logger, build_trainer, output_dir, write_model_card
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(x.clamp(-1, 1), y, reduction="none").flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+
+
+class TokenizerModule(L.LightningModule):
+    def __init__(self, vq: dict, lr: float = 2e-4, weight_decay: float = 0.0, l2_weight: float = 1.0,
+                 codebook_weight: float = 1.0, commit_beta: float = 0.25, warmup_steps: int = 100):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vq = VQModel(VQConfig(**vq))
+
+    def losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        q = self.vq.quantize_image(images)
+        recon = self.vq.decode_latents(q.z_q)
+        hp = self.hparams
+        parts = {"l1": F.l1_loss(recon, images), "l2": F.mse_loss(recon, images),
+                 "codebook": q.codebook_loss, "commit": q.commit_loss}
+        parts["loss"] = (parts["l1"] + hp.l2_weight * parts["l2"] + hp.codebook_weight * parts["codebook"]
+                         + hp.commit_beta * parts["commit"])
+        return parts, recon, q.codes
+
+    def training_step(self, images: torch.Tensor, _: int) -> torch.Tensor:
+        parts, _, _ = self.losses(images)
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"})
+        self.log("train/loss", parts["loss"], prog_bar=True)
+        return parts["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_codes = []
+
+    def validation_step(self, images: torch.Tensor, batch_idx: int) -> None:
+        parts, recon, codes = self.losses(images)
+        self._val_codes.append(codes.flatten())
+        self.log_dict({"val/loss": parts["loss"], "val/psnr": psnr(recon, images)})
+        if batch_idx == 0:
+            self._log_reconstructions(images[:8], recon[:8])
+
+    def on_validation_epoch_end(self) -> None:
+        used = torch.cat(self._val_codes).unique().numel()
+        self.log("val/codebook_usage", used / self.vq.config.codebook_size)
+
+    def _log_reconstructions(self, images: torch.Tensor, recon: torch.Tensor) -> None:
+        grid = torch.cat([images, recon.clamp(-1, 1)], dim=2)  # originals above reconstructions
+        grid = ((grid + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        log_image = getattr(self.logger, "log_image", None)  # W&B logger only
+        if log_image is not None:
+            log_image("val/reconstructions", list(grid), step=self.global_step)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.vq.parameters(), lr=self.hparams.lr, betas=(0.9, 0.95),
+                                weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def build_images(data: DictConfig, split: str):
+    if data.source == "world":
+        n = data.num_train if split == "train" else data.num_heldout
+        start = 0 if split == "train" else data.heldout_start  # held-out scenes: indices never trained on
+        return WorldImages(n, image_size=data.image_size, seed=data.seed, start=start)
+    if data.source == "webdataset":
+        return ShardImages(data.train_urls if split == "train" else data.heldout_urls, data.image_size)
+    raise ValueError(f"data.source must be 'world' or 'webdataset', got {data.source!r}")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = output_dir(cfg)
+    # plain containers: checkpoints must reload with torch.load(weights_only=True)
+    module = TokenizerModule(vq=OmegaConf.to_container(cfg.vq, resolve=True),
+                             **OmegaConf.to_container(cfg.optim, resolve=True))
+    loader = lambda split, shuffle: DataLoader(  # noqa: E731
+        build_images(cfg.data, split), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        shuffle=shuffle, drop_last=split == "train", persistent_workers=cfg.data.num_workers > 0)
+    trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "tokenizer"))
+    t0 = time.perf_counter()
+    trainer.fit(module, loader("train", cfg.data.source == "world"), loader("heldout", False),
+                ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - t0
+    final = trainer.validate(module, loader("heldout", False), verbose=False)[0]
+    metrics = {k: float(v) for k, v in final.items()}
+    if trainer.is_global_zero:
+        folder = save_model_folder(out / "tokenizer", module.vq, module.vq.config.to_dict(), kind="llamagen_vq")
+        write_model_card(folder, title="VQ tokenizer (LlamaGen architecture) of the embedded world", cfg=cfg,
+                         steps=trainer.global_step, wall_s=wall, metrics=metrics,
+                         notes="Images: OpenMoji emoji (CC BY-SA 4.0) and shapes; weights under CC BY-SA 4.0.")
+        print(f"tokenizer: held-out PSNR {metrics['val/psnr']:.2f} dB, codebook usage "
+              f"{metrics['val/codebook_usage']:.1%}, {trainer.global_step} steps in {wall:.0f} s -> {folder}")
+    return metrics

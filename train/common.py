@@ -39,7 +39,7 @@ def build_logger(cfg: DictConfig | None, out_dir: Path, name: str):
     if kind == "none":
         return False
     if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name=name)
+        return L.pytorch.loggers.CSVLogger(save_dir=str(out_dir / "logs"), name=name)
     if kind == "wandb":
         (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
         offline = cfg.get("offline") if cfg.get("offline") is not None else not os.environ.get("WANDB_API_KEY")

@@ -1,0 +1,145 @@
+"""`python -m train target`: train the decode/ LlamaGen text-to-image GPT on code shards.
+
+Input: shards of (VQ codes, caption token states) written by data/preprocess.py, so images and
+captions are not re-encoded every epoch. 10% of captions are replaced by the learned null caption
+(LlamaGen's `class_dropout_prob`), keeping the caption's padding mask as LlamaGen does, so that
+classifier-free guidance works at decode time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from data.preprocess import collate_code_samples, read_code_shards
+from decode.checkpoint import save_model_folder
+from decode.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
+from train.common import build_logger, build_trainer, output_dir, write_model_card
+
+log = logging.getLogger(__name__)
+
+
+class CodeShards(IterableDataset):
+    def __init__(self, urls: str, max_length: int, repeat: bool):
+        self.urls, self.max_length, self.repeat = urls, max_length, repeat
+
+    def __iter__(self):
+        while True:
+            yield from read_code_shards(self.urls, max_length=self.max_length)
+            if not self.repeat:
+                return
+
+
+def next_token_stats(logits: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NLL, top-1 accuracy, mean top-1 probability and entropy (nats) of next-token distributions."""
+    logp = logits.float().log_softmax(-1)  # [B, N, V]
+    p = logp.exp()
+    return {"nll": F.nll_loss(logp.flatten(0, 1), codes.flatten()),
+            "top1_acc": (logits.argmax(-1) == codes).float().mean(),
+            "top1_prob": p.max(-1).values.mean(),
+            "entropy": -(p * logp).sum(-1).mean()}
+
+
+class TargetModule(L.LightningModule):
+    def __init__(self, gpt: dict, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 200,
+                 total_steps: int = 10000, null_prob: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        self.gpt = LlamaGenGPT(GPTConfig(**gpt))
+        for m in self.gpt.modules():  # LlamaGen's init: normal(0, 0.02)
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=0.02)
+        self.target = LlamaGenTarget(self.gpt, cfg_scale=1.0)  # shares the GPT's parameters
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # CodeBatch is a frozen dataclass, which Lightning's default transfer refuses
+        return dataclasses.replace(batch, codes=batch.codes.to(device), text=batch.text.to(device),
+                                   mask=batch.mask.to(device))
+
+    def forward_batch(self, batch, drop_captions: bool) -> torch.Tensor:
+        text = batch.text
+        if drop_captions and self.hparams.null_prob > 0:
+            drop = torch.rand(text.shape[0], device=self.device) < self.hparams.null_prob
+            null = self.gpt.cls_embedding.uncond_embedding[None].to(text.dtype)
+            text = torch.where(drop[:, None, None], null, text)  # the padding mask stays the caption's
+        out = self.target.teacher_forced(Condition(text, batch.mask), batch.codes)
+        return out.logits  # [B, N, V]
+
+    def training_step(self, batch, _: int) -> torch.Tensor:
+        logits = self.forward_batch(batch, drop_captions=True)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.codes.flatten())
+        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def validation_step(self, batch, _: int) -> None:
+        stats = next_token_stats(self.forward_batch(batch, drop_captions=False), batch.codes)
+        self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=batch.codes.shape[0])
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.gpt.named_parameters() if p.ndim >= 2]
+        other = [p for n, p in self.gpt.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": other, "weight_decay": 0.0}], lr=self.hparams.lr, betas=(0.9, 0.95))
+        warm, total = max(1, self.hparams.warmup_steps), max(2, self.hparams.total_steps)
+        lr_at = lambda s: min((s + 1) / warm, max(0.1, 1 - (s - warm) / (total - warm)))  # noqa: E731
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"}}
+
+
+def ensure_code_shards(data: DictConfig, out: Path) -> tuple[str, str]:
+    """Code shard patterns for train and held-out; built from the world when `data.build` says so."""
+    if data.train_urls and data.heldout_urls:
+        return data.train_urls, data.heldout_urls
+    if not data.build:
+        raise ValueError("give data.train_urls and data.heldout_urls (code shards from data/preprocess.py), "
+                         "or data.build=true to make them from the embedded world")
+    from data.preprocess import preprocess_shards
+    from data.shards import split_urls, write_world_shards
+    from decode.text import load_text_encoder
+    from decode.vq import load_vq
+
+    world, codes = out / "world", out / "codes"
+    write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
+                       image_size=data.image_size, shard_size=data.shard_size)
+    vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
+    if not data.tokenizer:
+        log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")
+    text = load_text_encoder("minilm", max_length=data.max_length)
+    patterns = {}
+    for split in ("train", "heldout"):
+        manifest = preprocess_shards(split_urls(world, split), codes, vq=vq, text_encoder=text,
+                                     image_size=data.image_size, shard_size=data.shard_size, prefix=split)
+        patterns[split] = str(codes / manifest["pattern"])
+    return patterns["train"], patterns["heldout"]
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = output_dir(cfg)
+    train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
+    gpt_cfg = OmegaConf.to_container(cfg.gpt, resolve=True)  # plain containers: weights_only reloads
+    module = TargetModule(gpt=gpt_cfg, total_steps=int(cfg.trainer.max_steps),
+                          **OmegaConf.to_container(cfg.optim, resolve=True))
+    loader = lambda urls, repeat: DataLoader(  # noqa: E731
+        CodeShards(urls, cfg.data.max_length, repeat), batch_size=cfg.data.batch_size,
+        collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
+    trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "target"))
+    t0 = time.perf_counter()
+    trainer.fit(module, loader(train_urls, True), loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_urls, False), verbose=False)[0].items()}
+    if trainer.is_global_zero:
+        folder = save_model_folder(out / "target", module.gpt, module.gpt.config.to_dict(), kind="llamagen_gpt")
+        write_model_card(folder, title="LlamaGen t2i target of the embedded world", cfg=cfg,
+                         steps=trainer.global_step, wall_s=wall, metrics=metrics,
+                         notes="Trained on OpenMoji (CC BY-SA 4.0) scenes; weights under CC BY-SA 4.0.")
+        print(f"target: held-out NLL {metrics['val/nll']:.3f}, top-1 prob {metrics['val/top1_prob']:.3f}, "
+              f"entropy {metrics['val/entropy']:.2f} nats, {trainer.global_step} steps in {wall:.0f} s -> {folder}")
+    return metrics

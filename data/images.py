@@ -47,3 +47,26 @@ class ShardImages(IterableDataset):
 
         for sample in read_webdataset(self.urls):
             yield image_to_tensor(sample.image, self.image_size)
+
+
+class WorldScenes(Dataset):
+    """(image [3, H, W] in [-1, 1], attributes) of scenes `start .. start + length - 1`: the labelled
+    view of the world, for the attribute evaluator."""
+
+    def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0):
+        from data.world import SceneGenerator
+
+        self.generator = SceneGenerator(image_size=image_size, seed=seed)
+        self.length, self.start = int(length), int(start)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        scene = self.generator.scene(self.start + i)
+        return image_to_tensor(scene.image), scene.attributes
+
+
+def collate_scenes(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+    images, attributes = zip(*batch)
+    return torch.stack(images), list(attributes)

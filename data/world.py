@@ -141,6 +141,16 @@ def world_vocabulary() -> dict:
             "patterns": list(PATTERNS) + [PHOTO_PATTERN]}
 
 
+def evaluator_labels() -> dict:
+    """The label spaces and caption phrase tables an attribute evaluator of this world needs
+    (decode.evaluator.EvaluatorConfig fields): decode/ reads captions back without importing data/."""
+    v = world_vocabulary()
+    return {"objects": v["shapes"] + v["emoji"], "shapes": v["shapes"], "colours": v["colours"],
+            "sizes": v["sizes"], "cells": v["cells"], "patterns": v["patterns"],
+            "cell_phrases": {c: list(_CELL_PHRASES[c]) for c in CELLS},
+            "pattern_phrases": {p: list(t) for p, t in _PATTERN_PHRASES.items()}}
+
+
 @functools.lru_cache(maxsize=8)
 def _font(px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(_font_path()), px)

@@ -93,6 +93,54 @@ class TargetModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"}}
 
 
+class SampleGrid(L.Callback):
+    """After each validation: CFG samples for fixed prompts, saved as a PNG grid under
+    <out>/samples and sent to the logger when it takes images (W&B)."""
+
+    def __init__(self, prompts: list[str], tokenizer: str, out: Path, cfg_scale: float, max_length: int,
+                 seed: int = 0):
+        self.prompts, self.tokenizer, self.out = prompts, tokenizer, out
+        self.cfg_scale, self.max_length, self.seed = cfg_scale, max_length, seed
+
+    def on_validation_end(self, trainer: L.Trainer, module: "TargetModule") -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        from decode.engine import generate_ar
+        from decode.pipeline import condition_for, save_png, to_pil
+        from decode.sampling import SamplingParams, row_generators
+        from decode.text import load_text_encoder
+        from decode.vq import load_vq
+        from PIL import Image
+
+        was_training = module.training
+        module.eval()
+        target = LlamaGenTarget(module.gpt, cfg_scale=self.cfg_scale)
+        vq = load_vq(self.tokenizer).to(module.device)
+        text = load_text_encoder("minilm", max_length=self.max_length, device=str(module.device))
+        gens = row_generators([self.seed + i for i in range(len(self.prompts))], module.device)
+        out = generate_ar(target, condition_for(target, text, self.prompts), num_tokens=target.num_image_tokens,
+                          sampling=SamplingParams(temperature=1.0, top_k=0, top_p=1.0), generators=gens)
+        images = to_pil(vq.decode_codes(out.tokens))
+        side = images[0].width
+        grid = Image.new("RGB", (side * len(images), side))
+        for i, img in enumerate(images):
+            grid.paste(img, (i * side, 0))
+        save_png(grid, self.out / "samples" / f"step_{trainer.global_step:07d}.png")
+        log_image = getattr(trainer.logger, "log_image", None)  # W&B logger only
+        if log_image is not None:
+            log_image("val/cfg_samples", [grid], step=trainer.global_step, caption=[" | ".join(self.prompts)])
+        module.train(was_training)
+
+
+def sample_prompts(data: DictConfig, count: int) -> list[str]:
+    """Captions of the first `count` held-out world scenes: fixed prompts whose real images exist."""
+    from data.shards import HELDOUT_OFFSET
+    from data.world import SceneGenerator
+
+    gen = SceneGenerator(image_size=data.image_size, seed=data.seed)
+    return [gen.scene(HELDOUT_OFFSET + i).caption for i in range(count)]
+
+
 def ensure_code_shards(data: DictConfig, out: Path) -> tuple[str, str]:
     """Code shard patterns for train and held-out; built from the world when `data.build` says so."""
     if data.train_urls and data.heldout_urls:
@@ -130,7 +178,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loader = lambda urls, repeat: DataLoader(  # noqa: E731
         CodeShards(urls, cfg.data.max_length, repeat), batch_size=cfg.data.batch_size,
         collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
-    trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "target"))
+    callbacks = []
+    if cfg.samples.count and cfg.data.tokenizer:  # a random tokenizer's pictures say nothing
+        callbacks.append(SampleGrid(sample_prompts(cfg.data, cfg.samples.count), cfg.data.tokenizer, out,
+                                    cfg.samples.cfg_scale, cfg.data.max_length, cfg.seed))
+    trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "target"), callbacks)
     t0 = time.perf_counter()
     trainer.fit(module, loader(train_urls, True), loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - t0

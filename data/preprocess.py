@@ -17,6 +17,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from data.images import image_to_tensor
@@ -32,6 +34,8 @@ from data.shards import shard_name, shard_pattern
 from data.sources import CorruptCounter, Sample, read_webdataset
 from decode.text import load_text_encoder, minilm_path
 from decode.vq import VQModel, load_vq
+
+log = logging.getLogger(__name__)
 
 FORMAT = "code-shards"
 
@@ -247,6 +251,45 @@ def collate_code_samples(samples: list[CodeSample]) -> CodeBatch:
     return CodeBatch(codes=torch.stack([s.codes for s in samples]), text=torch.stack([s.text for s in samples]),
                      mask=torch.stack([s.mask for s in samples]), captions=[s.caption for s in samples],
                      keys=[s.key for s in samples])
+
+
+class CodeShards(IterableDataset):
+    def __init__(self, urls: str, max_length: int, repeat: bool):
+        self.urls, self.max_length, self.repeat = urls, max_length, repeat
+
+    def __iter__(self):
+        while True:
+            yield from read_code_shards(self.urls, max_length=self.max_length)
+            if not self.repeat:
+                return
+
+
+def ensure_code_shards(data, out: Path) -> tuple[str, str]:
+    """Code shard patterns for train and held-out; built from the world when `data.build` says so.
+
+    `data` is a training task's data config (train_urls, heldout_urls, build, build_train,
+    build_heldout, tokenizer, random_tokenizer, image_size, shard_size, seed, max_length).
+    """
+    if data.train_urls and data.heldout_urls:
+        return data.train_urls, data.heldout_urls
+    if not data.build:
+        raise ValueError("give data.train_urls and data.heldout_urls (code shards from data/preprocess.py), "
+                         "or data.build=true to make them from the embedded world")
+    from data.shards import split_urls, write_world_shards
+
+    world, codes = out / "world", out / "codes"
+    write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
+                       image_size=data.image_size, shard_size=data.shard_size)
+    vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
+    if not data.tokenizer:
+        log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")
+    text = load_text_encoder("minilm", max_length=data.max_length)
+    patterns = {}
+    for split in ("train", "heldout"):
+        manifest = preprocess_shards(split_urls(world, split), codes, vq=vq, text_encoder=text,
+                                     image_size=data.image_size, shard_size=data.shard_size, prefix=split)
+        patterns[split] = str(codes / manifest["pattern"])
+    return patterns["train"], patterns["heldout"]
 
 
 def main(argv: list[str] | None = None) -> dict:

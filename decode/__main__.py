@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -16,11 +17,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from decode.evaluator import AlignmentScorer
 from decode.metrics import summary_table, write_summary
 from decode.pipeline import check_compatible, plan_jobs, run_jobs
+from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
+from decode.target import LlamaGenTarget
+from decode.text import TextEncoder
+from decode.vq import VQModel
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(REPO / "conf")
 QUOTED_KEYS = ("prompt", "+prompt", "++prompt")
 log = logging.getLogger("decode")
 
@@ -60,6 +66,28 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(frozen=True)
+class Parts:
+    target: LlamaGenTarget
+    vq: VQModel
+    text: TextEncoder | None
+    scorer: AlignmentScorer | None
+
+
+def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Parts:
+    """Instantiate the configured components and check that they fit each other."""
+    target = instantiate(cfg.target)
+    target.gpt.to(device=device, dtype=dtype)
+    vq = instantiate(cfg.tokenizer).to(device)
+    text = None
+    if target.config.model_type == "t2i":  # the caption length follows the target unless set
+        length = cfg.text_encoder.get("max_length") or target.config.cls_token_num
+        text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
+    check_compatible(target, vq, text)
+    scorer = instantiate(cfg.evaluator, device=str(device)) if cfg.get("evaluator") else None
+    return Parts(target, vq, text, scorer)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.method != "ar":
         raise ValueError(f"method={cfg.method!r} is not available yet; available: ar")
@@ -67,18 +95,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     prompts = read_prompts(cfg)
     jobs = plan_jobs(prompts, int(cfg.n), int(cfg.seed))
-    device, dtype = pick_device(cfg.device), DTYPES[cfg.dtype]
-    target = instantiate(cfg.target)
-    target.gpt.to(device=device, dtype=dtype)
-    vq = instantiate(cfg.tokenizer).to(device)
-    text = instantiate(cfg.text_encoder, device=str(device)) if target.config.model_type == "t2i" else None
-    check_compatible(target, vq, text)
+    parts = build_parts(cfg, pick_device(cfg.device), DTYPES[cfg.dtype])
+    target, vq, text, scorer = parts.target, parts.vq, parts.text, parts.scorer
     if cfg.get("note"):
         log.warning(cfg.note)
     out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     t0 = time.perf_counter()
     rows = run_jobs(jobs, target=target, vq=vq, text=text, sampling=SamplingParams(**cfg.sampling),
-                    batch_size=int(cfg.batch_size), out_dir=out_dir, method=cfg.method)
+                    batch_size=int(cfg.batch_size), out_dir=out_dir, method=cfg.method, scorer=scorer)
     summary = summary_table(rows, time.perf_counter() - t0)
     write_summary(out_dir / "summary.txt", summary)
     print(summary)
@@ -87,6 +111,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
+    register_resolvers()
     sys.argv = quote_prompt_args(sys.argv)
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="decode")(run)()
 

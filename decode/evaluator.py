@@ -157,3 +157,27 @@ def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> At
     model = AttributeEvaluator(EvaluatorConfig(**meta["config"]))
     load_state_dict_strict(model, state, source=str(folder))
     return model.eval().to(device)
+
+
+class AlignmentScorer:
+    """Alignment of generated images with their prompts; None for a prompt outside the world's grammar."""
+
+    def __init__(self, evaluator: AttributeEvaluator):
+        self.evaluator, self.parse = evaluator, CaptionParser(evaluator.config)
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> list[float | None]:
+        """images [B, 3, H, W] in [-1, 1], prompts [B]."""
+        parsed = [self.parse(p) for p in prompts]
+        keep = [i for i, a in enumerate(parsed) if a is not None]
+        scores: list[float | None] = [None] * len(prompts)
+        if keep:
+            device = next(self.evaluator.parameters()).device
+            pred = self.evaluator.predict(images[keep].float().to(device))
+            targets = {k: v.to(device) for k, v in self.evaluator.targets([parsed[i] for i in keep]).items()}
+            for i, s in zip(keep, alignment_scores(pred, targets).tolist()):
+                scores[i] = s
+        return scores
+
+
+def load_alignment_scorer(ckpt: str | Path, device: str | torch.device = "cpu") -> AlignmentScorer:
+    return AlignmentScorer(load_evaluator(ckpt, device))

@@ -31,6 +31,7 @@ class ImageStats:
     device: str
     dtype: str
     image: str
+    alignment: float | None = None  # evaluator's share of the prompt's attributes found (world prompts only)
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
@@ -58,6 +59,10 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
         f"throughput          {n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s)",
     ]
+    scored = [r.alignment for r in rows if r.alignment is not None]
+    if scored:
+        lines.append(f"alignment           {sum(scored) / len(scored):.3f}  (evaluator: share of the prompt's "
+                     f"attributes found; {len(scored)} of {n} images had a world prompt)")
     return "\n".join(lines)
 
 

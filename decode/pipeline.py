@@ -92,8 +92,11 @@ def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: lis
 
 def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None,
              sampling: SamplingParams, batch_size: int, out_dir: Path, method: str = "ar",
-             progress: bool = True) -> list[ImageStats]:
-    """Generate every job not already on disk; returns the stats of the images made now."""
+             scorer=None, progress: bool = True) -> list[ImageStats]:
+    """Generate every job not already on disk; returns the stats of the images made now.
+
+    `scorer(images, prompts) -> [alignment or None]` (decode.evaluator.AlignmentScorer) adds quality.
+    """
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (img_dir / j.name).exists()]
@@ -111,6 +114,7 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
         with torch.no_grad():
             images = vq.decode_codes(gen.tokens.to(next(vq.parameters()).device))
         t_vq = time.perf_counter() - t1
+        aligned = scorer(images, [j.prompt for j in batch]) if scorer is not None else [None] * len(batch)
         rows = []
         for i, (job, img) in enumerate(zip(batch, to_pil(images))):
             save_png(img, img_dir / job.name)
@@ -120,7 +124,8 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
                 method=method, tokens=int(gen.tokens.shape[1]), nfe=nfe,
                 step_compression=gen.tokens.shape[1] / max(nfe, 1), latency_s=gen.prefill_s + gen.loop_s,
                 prefill_s=gen.prefill_s, text_encode_s=t_text, vq_decode_s=t_vq, batch_size=len(batch),
-                device=str(device), dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name)))
+                device=str(device), dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name),
+                alignment=aligned[i]))
         append_jsonl(out_dir / "stats.jsonl", rows)
         made.extend(rows)
         bar.update(len(batch))

@@ -49,6 +49,9 @@ def main() -> None:
         sys.exit(f"task {task!r} is not in this version of the project yet\n\n{usage()}")
     import hydra
 
+    from decode.resolvers import register_resolvers
+
+    register_resolvers()
     sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
     run = importlib.import_module(TASKS[task][0]).run
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(run)()

@@ -8,7 +8,6 @@ classifier-free guidance works at decode time.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 
@@ -16,26 +15,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from data.preprocess import collate_code_samples, read_code_shards
+from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
 from decode.checkpoint import save_model_folder
 from decode.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
 from train.common import build_logger, build_trainer, output_dir, write_model_card
-
-log = logging.getLogger(__name__)
-
-
-class CodeShards(IterableDataset):
-    def __init__(self, urls: str, max_length: int, repeat: bool):
-        self.urls, self.max_length, self.repeat = urls, max_length, repeat
-
-    def __iter__(self):
-        while True:
-            yield from read_code_shards(self.urls, max_length=self.max_length)
-            if not self.repeat:
-                return
-
 
 def next_token_stats(logits: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
     """NLL, top-1 accuracy, mean top-1 probability and entropy (nats) of next-token distributions."""
@@ -139,33 +124,6 @@ def sample_prompts(data: DictConfig, count: int) -> list[str]:
 
     gen = SceneGenerator(image_size=data.image_size, seed=data.seed)
     return [gen.scene(HELDOUT_OFFSET + i).caption for i in range(count)]
-
-
-def ensure_code_shards(data: DictConfig, out: Path) -> tuple[str, str]:
-    """Code shard patterns for train and held-out; built from the world when `data.build` says so."""
-    if data.train_urls and data.heldout_urls:
-        return data.train_urls, data.heldout_urls
-    if not data.build:
-        raise ValueError("give data.train_urls and data.heldout_urls (code shards from data/preprocess.py), "
-                         "or data.build=true to make them from the embedded world")
-    from data.preprocess import preprocess_shards
-    from data.shards import split_urls, write_world_shards
-    from decode.text import load_text_encoder
-    from decode.vq import load_vq
-
-    world, codes = out / "world", out / "codes"
-    write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
-                       image_size=data.image_size, shard_size=data.shard_size)
-    vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
-    if not data.tokenizer:
-        log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")
-    text = load_text_encoder("minilm", max_length=data.max_length)
-    patterns = {}
-    for split in ("train", "heldout"):
-        manifest = preprocess_shards(split_urls(world, split), codes, vq=vq, text_encoder=text,
-                                     image_size=data.image_size, shard_size=data.shard_size, prefix=split)
-        patterns[split] = str(codes / manifest["pattern"])
-    return patterns["train"], patterns["heldout"]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -170,6 +170,13 @@ class LlamaGenTarget:
         tokens[:, :j], and hidden [G, B, N, D] aligned with them (the features whose LM head gives
         those logits: the drafter's targets).
         """
+        hidden, _ = self.hidden_states(c, tokens)  # [G*B, P+N-1, D]
+        return self._guide(hidden[:, self.prefix_len - 1:])
+
+    def hidden_states(self, c: Condition, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Post-norm features [G*B, P+N-1, D] at every input position (the P prefix slots, then image
+        tokens 0 .. N-2; cond rows first, then null rows under CFG) and which of those positions
+        are attendable keys [G*B, P+N-1] (caption padding is not). The drafter trains on these."""
         x_prefix, valid = self._prefix(c)
         t = x_prefix.shape[1]
         x = torch.cat([x_prefix, self.gpt.embed_tokens(tokens[:, :-1].repeat(self.groups, 1))], dim=1)
@@ -178,5 +185,4 @@ class LlamaGenTarget:
         mask = causal_mask(total, x.device)[None] & (keys[:, None, :] | torch.eye(total, dtype=torch.bool,
                                                                                   device=x.device))
         pos = torch.arange(total, device=x.device).expand(x.shape[0], total)
-        hidden = self.gpt(x, pos, mask)
-        return self._guide(hidden[:, t - 1:])
+        return self.gpt(x, pos, mask), keys

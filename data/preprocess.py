@@ -53,7 +53,7 @@ class CodeSample:
     key: str
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning moves (and casts) a batch by rebuilding its dataclass fields
 class CodeBatch:
     codes: torch.Tensor  # [B, N] long
     text: torch.Tensor  # [B, L, C]

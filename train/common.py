@@ -20,6 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from train.strategies import build_strategy
+
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +68,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, extra_callbacks: list 
     ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=int(cfg.get("checkpoint_every", 500)))
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t["strategy"] = build_strategy(t.get("strategy"), str(t.get("accelerator", "auto")), t.get("devices", 1))
+    if not isinstance(t["strategy"], str) and str(t.get("accelerator")) == "auto":
+        t["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
     return L.Trainer(default_root_dir=str(out_dir), logger=logger,
                      callbacks=[ckpt, StopOnNaN(), *(extra_callbacks or [])], **t)
 

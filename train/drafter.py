@@ -11,7 +11,6 @@ positions whose next feature predicts an image token. Inputs get uniform feature
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -26,6 +25,7 @@ from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
 from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
 from decode.target import Condition, LlamaGenTarget, load_target
 from train.common import build_logger, build_trainer, output_dir, write_model_card
+from train.strategies import full_parameters
 
 
 class DrafterModule(L.LightningModule):
@@ -49,10 +49,6 @@ class DrafterModule(L.LightningModule):
         self.target.gpt.to(self.device).eval()
 
     on_validation_start = on_fit_start
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        return dataclasses.replace(batch, codes=batch.codes.to(device), text=batch.text.to(device),
-                                   mask=batch.mask.to(device))
 
     @torch.no_grad()
     def teacher(self, batch, drop_captions: bool) -> TeacherForced:
@@ -156,8 +152,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, loader(train_urls, True), loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_urls, False), verbose=False)[0].items()}
+    with full_parameters(trainer, module.drafter):
+        if trainer.is_global_zero:
+            folder = save_drafter(out / "drafter", module.drafter, extra={"target": str(cfg.target.get("ckpt"))})
     if trainer.is_global_zero:
-        folder = save_drafter(out / "drafter", module.drafter, extra={"target": str(cfg.target.get("ckpt"))})
         write_model_card(folder, title="EAGLE-style drafter", cfg=cfg, steps=trainer.global_step, wall_s=wall,
                          metrics=metrics, notes=f"Distilled online from the target `{cfg.target.get('ckpt')}`.")
         curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"

@@ -7,7 +7,6 @@ classifier-free guidance works at decode time.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -42,11 +41,6 @@ class TargetModule(L.LightningModule):
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
                 torch.nn.init.normal_(m.weight, std=0.02)
         self.target = LlamaGenTarget(self.gpt, cfg_scale=1.0)  # shares the GPT's parameters
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        # CodeBatch is a frozen dataclass, which Lightning's default transfer refuses
-        return dataclasses.replace(batch, codes=batch.codes.to(device), text=batch.text.to(device),
-                                   mask=batch.mask.to(device))
 
     def forward_batch(self, batch, drop_captions: bool) -> torch.Tensor:
         text = batch.text

@@ -18,6 +18,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "tokenizer": ("train.tokenizer", "the VQ tokenizer of the embedded world"),
     "target": ("train.target", "the LlamaGen text-to-image target of the embedded world"),
     "evaluator": ("train.evaluator", "the attribute classifier that scores alignment in the embedded world"),
+    "features": ("train.features", "target features dumped to shards, for offline drafter distillation"),
     "drafter": ("train.drafter", "an EAGLE-style drafter distilled from a target's features"),
     "scheduler": ("train.scheduler", "VVS's learned skip scheduler"),
 }

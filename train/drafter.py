@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from data.features import FeatureBatch, FeatureShards, collate_features
 from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
 from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
 from decode.target import Condition, LlamaGenTarget, load_target
@@ -52,6 +53,8 @@ class DrafterModule(L.LightningModule):
 
     @torch.no_grad()
     def teacher(self, batch, drop_captions: bool) -> TeacherForced:
+        if isinstance(batch, FeatureBatch):  # offline: features dumped by `python -m train features`
+            return drafter_inputs(self.target.gpt, batch.codes, batch.hidden, batch.valid)
         text = batch.text
         if drop_captions and self.hparams.null_prob > 0:  # CFG: the drafter must also serve null rows
             drop = torch.rand(text.shape[0], device=text.device) < self.hparams.null_prob
@@ -147,9 +150,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loader = lambda urls, repeat: DataLoader(  # noqa: E731
         CodeShards(urls, cfg.data.max_length, repeat), batch_size=cfg.data.batch_size,
         collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
+    if cfg.data.get("features"):  # offline: stream dumped target features; validation stays online
+        train_loader = DataLoader(FeatureShards(cfg.data.features, repeat=True), batch_size=cfg.data.batch_size,
+                                  collate_fn=collate_features, num_workers=cfg.data.num_workers)
+    else:
+        train_loader = loader(train_urls, True)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "drafter"))
     t0 = time.perf_counter()
-    trainer.fit(module, loader(train_urls, True), loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, train_loader, loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_urls, False), verbose=False)[0].items()}
     with full_parameters(trainer, module.drafter):

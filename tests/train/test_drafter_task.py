@@ -34,3 +34,30 @@ def test_smoke_run_distills_a_loadable_drafter(tmp_path):
     assert drafter.config.cls_token_num == 16
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"] and all(k.startswith("drafter.") for k in ckpt["state_dict"])
+
+
+def test_offline_distillation_streams_dumped_features(tmp_path):
+    gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["WANDB_MODE"] = "disabled"
+    common = ["target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}"]
+
+    def run(*args):
+        res = subprocess.run([sys.executable, "-m", "train", *args, f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    data = ["data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32", "data.max_length=16"]
+    run("drafter", "experiment=smoke", *common, *data, "trainer.max_steps=1", f"out_dir={tmp_path / 'online'}")
+    codes = sorted((tmp_path / "online" / "codes").glob("train-*.tar"))
+    pattern = str(codes[0]).replace("000000", "{000000..%06d}" % (len(codes) - 1))
+    out = run("features", *common, f"codes='{pattern}'", f"out={tmp_path / 'feats'}", "shard_size=8")
+    assert "KiB per sample" in out
+    feats = sorted((tmp_path / "feats").glob("train-*.tar"))
+    fpattern = str(feats[0]).replace("000000", "{000000..%06d}" % (len(feats) - 1))
+    run("drafter", "experiment=smoke", *common, *data, f"data.features='{fpattern}'",
+        f"data.train_urls='{pattern}'", f"data.heldout_urls='{pattern}'", f"out_dir={tmp_path / 'offline'}")
+    metrics = json.loads((tmp_path / "offline" / "drafter" / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/agreement_depth1"] <= 1.0

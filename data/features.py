@@ -33,6 +33,8 @@ from data.preprocess import (
     _batches,
     _remove_stale_shards,
     collate_code_samples,
+    every_rank_reads_all,
+    rank_and_world,
     read_code_shards,
 )
 from data.shards import shard_name, shard_pattern
@@ -136,11 +138,14 @@ def collate_features(samples: list[tuple]) -> FeatureBatch:
 
 
 class FeatureShards(IterableDataset):
+    """Feature shards as a stream, split between DDP ranks by sample like `CodeShards`."""
+
     def __init__(self, urls: str, repeat: bool):
         self.urls, self.repeat = urls, repeat
 
     def __iter__(self):
+        rank, world = rank_and_world() if self.repeat else (0, 1)
         while True:
-            yield from read_feature_shards(self.urls)
+            yield from itertools.islice(read_feature_shards(self.urls, every_rank_reads_all), rank, None, world)
             if not self.repeat:
                 return

@@ -253,15 +253,52 @@ def collate_code_samples(samples: list[CodeSample]) -> CodeBatch:
                      keys=[s.key for s in samples])
 
 
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def every_rank_reads_all(urls):
+    """A webdataset nodesplitter that gives every rank every shard (the split happens per sample)."""
+    return urls
+
+
 class CodeShards(IterableDataset):
+    """Code shards as a stream of CodeSamples.
+
+    Training (`repeat=True`): an endless stream, split between DDP ranks by sample (i % world),
+    so every rank gets the same number of batches whatever the shard count (a split by shard
+    leaves a rank with nothing when there are fewer shards than ranks, and uneven batch counts
+    deadlock DDP). Evaluation (`repeat=False`): every rank reads the whole set, so the metrics
+    are the same on every rank and no rank waits for another.
+    """
+
     def __init__(self, urls: str, max_length: int, repeat: bool):
         self.urls, self.max_length, self.repeat = urls, max_length, repeat
 
     def __iter__(self):
+        rank, world = rank_and_world() if self.repeat else (0, 1)
         while True:
-            yield from read_code_shards(self.urls, max_length=self.max_length)
+            stream = read_code_shards(self.urls, max_length=self.max_length, nodesplitter=every_rank_reads_all)
+            yield from itertools.islice(stream, rank, None, world)
             if not self.repeat:
                 return
+
+
+def _complete_manifests(codes: Path, data) -> tuple[str, str] | None:
+    patterns = []
+    for split, count in (("train", data.build_train), ("heldout", data.build_heldout)):
+        path = codes / manifest_name(split)
+        if not path.is_file():
+            return None
+        m = json.loads(path.read_text())
+        if not m.get("complete") or m.get("count") != count:
+            return None
+        patterns.append(str(codes / m["pattern"]))
+    return patterns[0], patterns[1]
 
 
 def ensure_code_shards(data, out: Path) -> tuple[str, str]:
@@ -278,6 +315,9 @@ def ensure_code_shards(data, out: Path) -> tuple[str, str]:
     from data.shards import split_urls, write_world_shards
 
     world, codes = out / "world", out / "codes"
+    done = _complete_manifests(codes, data)
+    if done:  # a resumed run, or a DDP rank started after rank 0 built them
+        return done
     write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
                        image_size=data.image_size, shard_size=data.shard_size)
     vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -39,11 +40,29 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+TASK_ENV = "VVS_TRAIN_TASK"
+
+
+def pop_task(argv: list[str]) -> str:
+    """The task word, removed from argv (Hydra's grammar accepts only key=value after it).
+
+    Lightning's DDP launcher starts the other ranks as `python -m train <argv[1:]>` with the argv
+    Hydra saw, which no longer holds the task word: they find it in the environment instead.
+    """
+    if len(argv) > 1 and "=" not in argv[1]:
+        task = argv.pop(1)
+        os.environ[TASK_ENV] = task
+        return task
+    if os.environ.get(TASK_ENV) in TASKS and os.environ.get("LOCAL_RANK") not in (None, "0"):
+        return os.environ[TASK_ENV]
+    return argv.pop(1) if len(argv) > 1 else ""
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(usage())
         sys.exit(0 if len(sys.argv) >= 2 else 2)
-    task = sys.argv.pop(1)  # Hydra's grammar accepts only key=value after this
+    task = pop_task(sys.argv)
     if task not in TASKS:
         sys.exit(f"unknown task {task!r}\n\n{usage()}")
     if not available(task):
@@ -53,9 +72,16 @@ def main() -> None:
     from decode.resolvers import register_resolvers
 
     register_resolvers()
-    sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
+    if not any(a.startswith("hydra.searchpath=") for a in sys.argv):  # a DDP child already has it
+        sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
     run = importlib.import_module(TASKS[task][0]).run
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(run)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(run)()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # gloo threads can abort the exit otherwise
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def device_name() -> str:
 def write_model_card(folder: Path, *, title: str, cfg: DictConfig, steps: int, wall_s: float,
                      metrics: dict[str, float], notes: str = "") -> None:
     """README.md beside the weights: command, config, seed, steps, wall time, device, final metrics."""
-    command = "python -m train " + " ".join(sys.argv[1:]) if sys.argv else "(unknown)"
+    task = os.environ.get("VVS_TRAIN_TASK", "TASK")
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.searchpath=")]  # added by the entry point
+    command = " ".join(["python -m train", task, *args])
     lines = [f"# {title}", "", notes, "", "| item | value |", "| --- | --- |",
              f"| command | `{command}` |", f"| code version | {git_revision()} |", f"| seed | {cfg.get('seed')} |",
              f"| steps | {steps} |", f"| wall time | {wall_s / 60:.1f} min |", f"| device | {device_name()} |", "",

@@ -35,6 +35,7 @@ from data.preprocess import (
     collate_code_samples,
     every_rank_reads_all,
     rank_and_world,
+    rank_stream,
     read_code_shards,
 )
 from data.shards import shard_name, shard_pattern
@@ -140,12 +141,10 @@ def collate_features(samples: list[tuple]) -> FeatureBatch:
 class FeatureShards(IterableDataset):
     """Feature shards as a stream, split between DDP ranks by sample like `CodeShards`."""
 
-    def __init__(self, urls: str, repeat: bool):
-        self.urls, self.repeat = urls, repeat
+    def __init__(self, urls: str, repeat: bool, skip: int = 0):
+        self.urls, self.repeat, self.skip = urls, repeat, skip
 
     def __iter__(self):
         rank, world = rank_and_world() if self.repeat else (0, 1)
-        while True:
-            yield from itertools.islice(read_feature_shards(self.urls, every_rank_reads_all), rank, None, world)
-            if not self.repeat:
-                return
+        yield from rank_stream(lambda: read_feature_shards(self.urls, every_rank_reads_all), rank, world,
+                               self.repeat, self.skip)

@@ -266,6 +266,23 @@ def every_rank_reads_all(urls):
     return urls
 
 
+def rank_stream(read, rank: int, world: int, repeat: bool, skip: int = 0):
+    """This rank's share (every world-th sample) of the stream `read()`, endless when `repeat`,
+    after dropping this rank's first `skip` samples (a resumed run; read, not decoded twice)."""
+    while True:
+        count = 0
+        for sample in itertools.islice(read(), rank, None, world):
+            count += 1
+            if skip:
+                skip -= 1
+                continue
+            yield sample
+        if not repeat:
+            return
+        if count == 0:
+            raise ValueError("the training shards hold no samples for this rank")
+
+
 class CodeShards(IterableDataset):
     """Code shards as a stream of CodeSamples.
 
@@ -276,16 +293,14 @@ class CodeShards(IterableDataset):
     are the same on every rank and no rank waits for another.
     """
 
-    def __init__(self, urls: str, max_length: int, repeat: bool):
-        self.urls, self.max_length, self.repeat = urls, max_length, repeat
+    def __init__(self, urls: str, max_length: int, repeat: bool, skip: int = 0):
+        self.urls, self.max_length, self.repeat, self.skip = urls, max_length, repeat, skip
 
     def __iter__(self):
         rank, world = rank_and_world() if self.repeat else (0, 1)
-        while True:
-            stream = read_code_shards(self.urls, max_length=self.max_length, nodesplitter=every_rank_reads_all)
-            yield from itertools.islice(stream, rank, None, world)
-            if not self.repeat:
-                return
+        read = lambda: read_code_shards(self.urls, max_length=self.max_length,  # noqa: E731
+                                        nodesplitter=every_rank_reads_all)
+        yield from rank_stream(read, rank, world, self.repeat, self.skip)
 
 
 def _complete_manifests(codes: Path, data) -> tuple[str, str] | None:

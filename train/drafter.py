@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -32,7 +33,7 @@ from train.strategies import full_parameters
 class DrafterModule(L.LightningModule):
     def __init__(self, target: dict, drafter: dict, lr: float = 3e-4, weight_decay: float = 0.01,
                  warmup_steps: int = 100, total_steps: int = 10000, p_weight: float = 0.1, noise_std: float = 0.2,
-                 null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5):
+                 null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         # `target`: a conf/target entry (load_target's arguments). Only this description is saved;
@@ -51,13 +52,20 @@ class DrafterModule(L.LightningModule):
 
     on_validation_start = on_fit_start
 
+    def step_generator(self) -> torch.Generator:
+        """Randomness of one training step, a function of (seed, step, rank) only: a resumed run
+        draws the same caption drops and feature noise as an uninterrupted one."""
+        seed = (int(self.hparams.seed) * 1_000_003 + int(self.global_step)) * 1009 + int(self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     @torch.no_grad()
-    def teacher(self, batch, drop_captions: bool) -> TeacherForced:
+    def teacher(self, batch, gen: torch.Generator | None) -> TeacherForced:
+        """Drafter inputs from the frozen target; with `gen`, some captions become the null caption."""
         if isinstance(batch, FeatureBatch):  # offline: features dumped by `python -m train features`
             return drafter_inputs(self.target.gpt, batch.codes, batch.hidden, batch.valid)
         text = batch.text
-        if drop_captions and self.hparams.null_prob > 0:  # CFG: the drafter must also serve null rows
-            drop = torch.rand(text.shape[0], device=text.device) < self.hparams.null_prob
+        if gen is not None and self.hparams.null_prob > 0:  # CFG: the drafter must also serve null rows
+            drop = torch.rand(text.shape[0], device=text.device, generator=gen) < self.hparams.null_prob
             null = self.target.gpt.cls_embedding.uncond_embedding[None].to(text.dtype)
             text = torch.where(drop[:, None, None], null, text)
         hidden, valid = self.target.hidden_states(Condition(text, batch.mask), batch.codes)
@@ -68,10 +76,11 @@ class DrafterModule(L.LightningModule):
         pos = torch.arange(t, device=features.device).expand(b, t)
         return self.drafter(tf.token_emb, features, pos, tf.mask)
 
-    def add_noise(self, features: Tensor) -> Tensor:
+    def add_noise(self, features: Tensor, gen: torch.Generator) -> Tensor:
         # EAGLE's AddUniformNoise: (U[0,1) - 0.5) * std * 512 / seq_len
         scale = self.hparams.noise_std * 512 / features.shape[1]
-        return features + (torch.rand_like(features) - 0.5) * scale
+        noise = torch.rand(features.shape, device=features.device, dtype=features.dtype, generator=gen)
+        return features + (noise - 0.5) * scale
 
     def losses(self, tf: TeacherForced, pred: Tensor) -> dict[str, Tensor]:
         m = tf.loss_mask.float()
@@ -88,8 +97,9 @@ class DrafterModule(L.LightningModule):
                 "_pred_logits": pred_logits, "_target_logits": target_logits}
 
     def training_step(self, batch, _: int) -> Tensor:
-        tf = self.teacher(batch, drop_captions=True)
-        out = self.losses(tf, self.predict_features(tf, self.add_noise(tf.features)))
+        gen = self.step_generator()
+        tf = self.teacher(batch, gen)
+        out = self.losses(tf, self.predict_features(tf, self.add_noise(tf.features, gen)))
         bs = batch.codes.shape[0]
         self.log_dict({f"train/{k}": out[k] for k in ("vloss", "ploss", "acc1")}, batch_size=bs)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
@@ -115,7 +125,7 @@ class DrafterModule(L.LightningModule):
         return curve
 
     def validation_step(self, batch, _: int) -> None:
-        tf = self.teacher(batch, drop_captions=False)
+        tf = self.teacher(batch, None)
         out = self.losses(tf, self.predict_features(tf, tf.features))
         m = tf.loss_mask
         topk = out["_pred_logits"].topk(self.hparams.topk, dim=-1).indices
@@ -141,25 +151,45 @@ class DrafterModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def resumed_step(out, ckpt_path) -> int:
+    """The global step a run resumes from (0 for a fresh run)."""
+    if not ckpt_path:
+        return 0
+    path = out / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():  # a DeepSpeed checkpoint folder
+        path = path / "checkpoint" / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
-    module = DrafterModule(target=OmegaConf.to_container(cfg.target, resolve=True), drafter=OmegaConf.to_container(cfg.drafter, resolve=True),
-                           total_steps=int(cfg.trainer.max_steps), **OmegaConf.to_container(cfg.optim, resolve=True))
-    loader = lambda urls, repeat: DataLoader(  # noqa: E731
-        CodeShards(urls, cfg.data.max_length, repeat), batch_size=cfg.data.batch_size,
-        collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
+    module = DrafterModule(target=OmegaConf.to_container(cfg.target, resolve=True),
+                           drafter=OmegaConf.to_container(cfg.drafter, resolve=True), seed=int(cfg.seed),
+                           **{"total_steps": int(cfg.trainer.max_steps),
+                              **OmegaConf.to_container(cfg.optim, resolve=True)})
+    # Exact resume: the stream restarts where the checkpoint's step left it (Lightning does not
+    # restore an iterable dataset's position), and each step's randomness depends on the step.
+    skip = resumed_step(out, cfg.get("ckpt_path")) * int(cfg.data.batch_size)
+    bs, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
+    if workers > 1:
+        raise ValueError("data.num_workers must be 0 or 1: more workers would interleave the stream")
     if cfg.data.get("features"):  # offline: stream dumped target features; validation stays online
-        train_loader = DataLoader(FeatureShards(cfg.data.features, repeat=True), batch_size=cfg.data.batch_size,
-                                  collate_fn=collate_features, num_workers=cfg.data.num_workers)
+        train_loader = DataLoader(FeatureShards(cfg.data.features, repeat=True, skip=skip), batch_size=bs,
+                                  collate_fn=collate_features, num_workers=workers)
     else:
-        train_loader = loader(train_urls, True)
+        train_loader = DataLoader(CodeShards(train_urls, cfg.data.max_length, repeat=True, skip=skip),
+                                  batch_size=bs, collate_fn=collate_code_samples, num_workers=workers)
+    heldout_loader = DataLoader(CodeShards(heldout_urls, cfg.data.max_length, repeat=False), batch_size=bs,
+                                collate_fn=collate_code_samples, num_workers=workers)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "drafter"))
     t0 = time.perf_counter()
-    trainer.fit(module, train_loader, loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, train_loader, heldout_loader, ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - t0
-    metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_urls, False), verbose=False)[0].items()}
+    metrics = {k: float(v) for k, v in trainer.validate(module, heldout_loader, verbose=False)[0].items()}
     with full_parameters(trainer, module.drafter):
         if trainer.is_global_zero:
             folder = save_drafter(out / "drafter", module.drafter, extra={"target": str(cfg.target.get("ckpt"))})

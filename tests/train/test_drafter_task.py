@@ -61,3 +61,33 @@ def test_offline_distillation_streams_dumped_features(tmp_path):
         f"data.train_urls='{pattern}'", f"data.heldout_urls='{pattern}'", f"out_dir={tmp_path / 'offline'}")
     metrics = json.loads((tmp_path / "offline" / "drafter" / "metrics.json").read_text())
     assert 0.0 <= metrics["val/agreement_depth1"] <= 1.0
+
+
+def test_resume_continues_exactly(tmp_path):
+    """10 steps in one go equal 6 steps, a stop, and a resume to 10 (data position and randomness)."""
+    from safetensors.torch import load_file
+
+    gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["WANDB_MODE"] = "disabled"
+
+    def run(out, *args):
+        res = subprocess.run(
+            [sys.executable, "-m", "train", "drafter", "experiment=smoke", "target=tiny_random_t2i",
+             f"target.ckpt={tmp_path / 'target'}", "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}",
+             "data.image_size=32", "data.max_length=16", "trainer.val_check_interval=3", "checkpoint_every=3",
+             "optim.warmup_steps=2", "optim.lr=3e-3", f"out_dir={out}", f"hydra.run.dir={out}/hydra", *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run(tmp_path / "straight", "trainer.max_steps=10", "optim.total_steps=10")
+    run(tmp_path / "resumed", "trainer.max_steps=6", "optim.total_steps=10")  # stopped at step 6
+    run(tmp_path / "resumed", "trainer.max_steps=10", "optim.total_steps=10", "ckpt_path=last")
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 9  # the resumed run went on past its starting step (6)
+    assert "| steps | 10 |" in (tmp_path / "resumed" / "drafter" / "README.md").read_text()
+    a = load_file(str(tmp_path / "straight" / "drafter" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "drafter" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

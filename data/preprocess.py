@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data.images import image_to_tensor
 from data.shards import shard_name, shard_pattern
-from data.sources import CorruptCounter, Sample, read_webdataset
+from data.sources import CorruptCounter, Sample, read_hf_dataset, read_webdataset
 from decode.text import load_text_encoder, minilm_path
 from decode.vq import VQModel, load_vq
 
@@ -150,6 +150,18 @@ def _encode(samples: list[Sample], vq: VQModel, text_encoder, image_size: int, c
             for i, s in enumerate(samples)]
 
 
+HF_PREFIX = "hf:"
+
+
+def read_source(source: str | list[str], *, strict: bool, counter: CorruptCounter) -> Iterator[Sample]:
+    """`hf:FOLDER[:SPLIT]` reads a local Hugging Face dataset (imagefolder with metadata.jsonl, or
+    parquet); anything else is webdataset shards (paths or brace patterns)."""
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        folder, _, split = source[len(HF_PREFIX):].partition("::")
+        return read_hf_dataset(folder, split=split or "train", strict=strict, counter=counter)
+    return read_webdataset(source, strict=strict, counter=counter)
+
+
 def preprocess_shards(in_urls: str | list[str], out_dir: str | os.PathLike, *, vq: VQModel, text_encoder,
                       image_size: int, batch_size: int = 64, shard_size: int = 1000, prefix: str = "train",
                       strict: bool = False, progress: bool = True) -> dict:
@@ -169,7 +181,7 @@ def preprocess_shards(in_urls: str | list[str], out_dir: str | os.PathLike, *, v
     _atomic_write_text(manifest_path, json.dumps({**settings, "complete": False}, indent=2) + "\n")
 
     counter = CorruptCounter()
-    samples = read_webdataset(in_urls, strict=strict, counter=counter)
+    samples = read_source(in_urls, strict=strict, counter=counter)
     count = written = total_bytes = 0
     paths: list[Path] = []
     with tqdm(desc=f"code shards ({prefix})", unit="sample", disable=not progress) as bar:
@@ -351,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
     """`python -m data.preprocess --in SHARDS --out OUT --tokenizer PATH|none --image-size 64 ...`."""
     parser = argparse.ArgumentParser(prog="python -m data.preprocess",
                                      description="Encode image-text shards into VQ-code + caption-state shards.")
-    parser.add_argument("--in", dest="in_urls", required=True, help='input shards, e.g. "DIR/train-{000000..000003}.tar"')
+    parser.add_argument("--in", dest="in_urls", required=True, help='input: webdataset shards, e.g. "DIR/train-{000000..000003}.tar", or a local Hugging Face '
+                             'dataset as "hf:FOLDER" (imagefolder + metadata.jsonl, or parquet; "hf:FOLDER::SPLIT")')
     parser.add_argument("--out", required=True, help="output folder for PREFIX-*.tar and manifest-PREFIX.json")
     parser.add_argument("--tokenizer", required=True,
                         help="VQ model folder or official .pt file; 'none' for a random default VQ (tests only)")

@@ -187,3 +187,17 @@ def test_command_line(world_urls, vq, text_encoder, tmp_path, monkeypatch):
     assert (manifest["count"], manifest["shards"]) == (12, 2)
     assert manifest["vq_fingerprint"] == json.loads((tmp_path / "out" / "manifest-train.json").read_text())[
         "vq_fingerprint"]
+
+
+def test_hf_imagefolder_gives_the_same_codes_as_its_webdataset(world_urls, vq, text_encoder, tmp_path):
+    from data.sources import export_imagefolder
+
+    export_imagefolder(read_webdataset(world_urls), tmp_path / "hf")
+    a = _run(world_urls, tmp_path / "a", vq, text_encoder)
+    b = _run(f"hf:{tmp_path / 'hf'}", tmp_path / "b", vq, text_encoder)
+    assert a["count"] == b["count"] == 12
+    read = lambda m, d: {s.key: s for s in read_code_shards(str(d / m["pattern"]), max_length=MAX_LENGTH)}  # noqa: E731
+    sa, sb = read(a, tmp_path / "a"), read(b, tmp_path / "b")
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key].codes, sb[key].codes) and sa[key].caption == sb[key].caption

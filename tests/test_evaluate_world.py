@@ -1,0 +1,33 @@
+"""scripts/evaluate_world.py runs end to end on tiny random models and reports every number
+beside its reference (slow: the real Inception network runs on CPU)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from data.world import evaluator_labels
+from decode.checkpoint import save_model_folder
+from decode.evaluator import AttributeEvaluator, EvaluatorConfig
+from decode.vq import load_vq
+from tests.conftest import REPO, tiny_gpt
+
+
+@pytest.mark.slow
+def test_evaluate_world_report(tmp_path):
+    gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=48, caption_dim=384)
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    vq = load_vq(None, codebook_size=64, encoder_ch_mult=[1, 1, 1], decoder_ch_mult=[1, 1, 1], z_channels=32, ch=32)
+    save_model_folder(tmp_path / "vq", vq, vq.config.to_dict(), kind="llamagen_vq")
+    ev_cfg = EvaluatorConfig(**evaluator_labels(), image_size=32, width=8)
+    save_model_folder(tmp_path / "ev", AttributeEvaluator(ev_cfg), ev_cfg.to_dict(), kind="world_evaluator")
+    res = subprocess.run([sys.executable, "scripts/evaluate_world.py", "--target", str(tmp_path / "target"),
+                          "--tokenizer", str(tmp_path / "vq"), "--evaluator", str(tmp_path / "ev"), "--num", "8",
+                          "--batch-size", "4", "--out", str(tmp_path / "out")],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for key in ("alignment_samples", "alignment_real", "precision_k3", "recall_k3"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["fid_samples_vs_real"] > 0 and report["fid_real_vs_real_floor"] >= 0
+    assert (tmp_path / "out" / "samples_vs_real.png").is_file()

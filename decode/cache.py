@@ -37,9 +37,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def new_slots(self, num_new: int) -> Tensor:
-        """Slots [B, T] that T new tokens are written to: right after each row's committed part."""
-        slots = self.length[:, None] + torch.arange(num_new, device=self.length.device)
+    def new_slots(self, num_new: int, offset: int = 0) -> Tensor:
+        """Slots [B, T] that T new tokens are written to: right after each row's committed part
+        (and after `offset` scratch entries written earlier in the same step, e.g. a draft tree)."""
+        slots = self.length[:, None] + offset + torch.arange(num_new, device=self.length.device)
         if num_new and int(slots.max()) >= self.capacity:
             raise ValueError(f"KV cache overflow: {int(slots.max()) + 1} slots needed, capacity {self.capacity}")
         return slots
@@ -55,17 +56,18 @@ class KVCache:
         return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
 
     def attention_mask(self, block_mask: Tensor, upto: int) -> Tensor:
-        """Mask [B, T, upto] for T new tokens written at `new_slots(T)`.
+        """Mask [B, T, upto] for T new tokens written at `new_slots(T, offset)`.
 
-        A new token sees every committed valid slot before its row's length, and the new
-        tokens that `block_mask` [B, T, T] allows (causal for a chain, ancestors for a tree).
+        A new token sees every committed valid slot before its row's length, and the uncommitted
+        entries that `block_mask` [B, T, offset + T] allows: earlier scratch entries of this step
+        and the new tokens themselves (causal for a chain, ancestors for a tree).
         """
-        b, t, _ = block_mask.shape
+        b, t, width = block_mask.shape
         cols = torch.arange(upto, device=block_mask.device)[None, :]  # [1, S]
         committed = self.valid[:, :upto] & (cols < self.length[:, None])  # [B, S]
-        rel = cols - self.length[:, None]  # [B, S] index of the new token stored in each slot
-        in_block = (rel >= 0) & (rel < t)
-        gathered = torch.gather(block_mask, 2, rel.clamp(0, max(t - 1, 0))[:, None, :].expand(b, t, upto))
+        rel = cols - self.length[:, None]  # [B, S] index of the scratch entry stored in each slot
+        in_block = (rel >= 0) & (rel < width)
+        gathered = torch.gather(block_mask, 2, rel.clamp(0, max(width - 1, 0))[:, None, :].expand(b, t, upto))
         return committed[:, None, :] | (in_block[:, None, :] & gathered)
 
     def commit(self, num_new: int | Tensor, key_valid: Tensor | None = None) -> None:

@@ -98,7 +98,7 @@ class Drafter(nn.Module):
         return self.config.cls_token_num - 1
 
     def forward(self, token_emb: Tensor, features: Tensor, positions: Tensor, mask: Tensor,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, offset: int = 0) -> Tensor:
         """Predict next target features.
 
         Args:
@@ -106,13 +106,14 @@ class Drafter(nn.Module):
             features: [B, T, D] target features (or the drafter's own, when drafting deeper).
             positions: [B, T] rows of the drafter's RoPE table.
             mask: [B, T, T] without a cache, [B, T, S] over cache slots with one.
-            cache: the drafter's own KV cache; new keys go to `cache.new_slots(T)`.
+            cache: the drafter's own KV cache; new keys go to `cache.new_slots(T, offset)`.
+            offset: scratch entries already written past the committed part in this step (tree levels).
         Returns:
             [B, T, D] predicted features h_{i+1} (no final norm: they regress post-norm features).
         """
         x = self.fc(torch.cat([token_emb.to(features.dtype), features], dim=-1))
         rope = self.rope[positions]
-        slots = cache.new_slots(x.shape[1]) if cache is not None else None
+        slots = cache.new_slots(x.shape[1], offset) if cache is not None else None
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, slots)
         return x

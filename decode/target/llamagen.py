@@ -102,7 +102,7 @@ class LlamaGenTarget:
             mask = torch.cat([mask, mask])  # the caption's padding mask applies to the null half too
         return self.gpt.embed_cond(cond), mask
 
-    def _guide(self, hidden: Tensor) -> TargetOutput:
+    def guide(self, hidden: Tensor) -> TargetOutput:
         """hidden [G*B, T, D] -> CFG-combined logits and hidden as [G, B, T, D]."""
         h = hidden.view(self.groups, -1, *hidden.shape[1:])
         logits = self.gpt.logits(h)  # [G, B, T, V]
@@ -114,8 +114,10 @@ class LlamaGenTarget:
 
     # ---- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def start(self, c: Condition, max_new_tokens: int, extra_slots: int = 0) -> tuple[KVCache, TargetOutput]:
-        """Prefill the prefix; returns the cache and the output at the last prefix position.
+    def start(self, c: Condition, max_new_tokens: int, extra_slots: int = 0,
+              all_positions: bool = False) -> tuple[KVCache, TargetOutput]:
+        """Prefill the prefix; returns the cache and the output at the last prefix position (at
+        every prefix position with `all_positions`: a drafter's first input).
 
         `extra_slots` reserves scratch room past the image (a draft tree at the last step).
         """
@@ -130,7 +132,7 @@ class LlamaGenTarget:
         pos = torch.arange(t, device=self.device).expand(g_b, t)
         hidden = self.gpt(x, pos, cache.attention_mask(block, t), cache)
         cache.commit(t, key_valid=valid)
-        return cache, self._guide(hidden[:, -1:])
+        return cache, self.guide(hidden if all_positions else hidden[:, -1:])
 
     @torch.no_grad()
     def extend(self, cache: KVCache, tokens: Tensor, block_mask: Tensor | None = None,
@@ -154,7 +156,7 @@ class LlamaGenTarget:
         pos = cache.length[:, None] + depths2
         upto = int(cache.length.max()) + t
         hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto), cache)
-        return self._guide(hidden)
+        return self.guide(hidden)
 
     def commit(self, cache: KVCache, num_new: int | Tensor) -> None:
         """Commit the next `num_new` (per image row) written slots, for both CFG halves."""
@@ -171,7 +173,7 @@ class LlamaGenTarget:
         those logits: the drafter's targets).
         """
         hidden, _ = self.hidden_states(c, tokens)  # [G*B, P+N-1, D]
-        return self._guide(hidden[:, self.prefix_len - 1:])
+        return self.guide(hidden[:, self.prefix_len - 1:])
 
     def hidden_states(self, c: Condition, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Post-norm features [G*B, P+N-1, D] at every input position (the P prefix slots, then image

@@ -5,6 +5,7 @@ Prompts work as typed: `prompt="a cat face, on a blue background"` is quoted for
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -17,11 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from decode.drafter import Drafter, load_drafter
+from decode.engine import generate_ar
 from decode.evaluator import AlignmentScorer
 from decode.metrics import summary_table, write_summary
 from decode.pipeline import check_compatible, plan_jobs, run_jobs
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
+from decode.speculative import TreeParams, generate_eagle
 from decode.target import LlamaGenTarget
 from decode.text import TextEncoder
 from decode.vq import VQModel
@@ -66,12 +70,16 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+METHODS = ("ar", "eagle2")
+
+
 @dataclass(frozen=True)
 class Parts:
     target: LlamaGenTarget
     vq: VQModel
     text: TextEncoder | None
     scorer: AlignmentScorer | None
+    drafter: Drafter | None = None
 
 
 def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Parts:
@@ -85,12 +93,26 @@ def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Pa
         text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
     check_compatible(target, vq, text)
     scorer = instantiate(cfg.evaluator, device=str(device)) if cfg.get("evaluator") else None
-    return Parts(target, vq, text, scorer)
+    drafter = None
+    if cfg.method != "ar":
+        if not cfg.get("drafter") or not cfg.drafter.get("ckpt"):
+            raise ValueError(f"method={cfg.method} needs a drafter: drafter=world or drafter.ckpt=FOLDER")
+        drafter = load_drafter(cfg.drafter.ckpt, target.gpt)  # fails here if it does not fit the target
+    return Parts(target, vq, text, scorer, drafter)
+
+
+def decoding_method(cfg: DictConfig, parts: Parts):
+    """The generate function of `method=`, with its drafter and tree bound."""
+    if cfg.method == "ar":
+        return generate_ar
+    tree = TreeParams(**cfg.tree)
+    return functools.partial(generate_eagle, drafter=parts.drafter, tree=tree)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    if cfg.method != "ar":
-        raise ValueError(f"method={cfg.method!r} is not available yet; available: ar")
+    if cfg.method not in METHODS:
+        raise ValueError(f"method={cfg.method!r} is not available; available: {', '.join(METHODS)} "
+                         f"(LANTERN, VVS and the Jacobi baselines are not in this version yet)")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     prompts = read_prompts(cfg)
@@ -102,7 +124,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
     t0 = time.perf_counter()
     rows = run_jobs(jobs, target=target, vq=vq, text=text, sampling=SamplingParams(**cfg.sampling),
-                    batch_size=int(cfg.batch_size), out_dir=out_dir, method=cfg.method, scorer=scorer)
+                    batch_size=int(cfg.batch_size), out_dir=out_dir, method=cfg.method,
+                    generate=decoding_method(cfg, parts), scorer=scorer)
     summary = summary_table(rows, time.perf_counter() - t0)
     write_summary(out_dir / "summary.txt", summary)
     print(summary)

@@ -92,9 +92,11 @@ def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: lis
 
 def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None,
              sampling: SamplingParams, batch_size: int, out_dir: Path, method: str = "ar",
-             scorer=None, progress: bool = True) -> list[ImageStats]:
+             generate=generate_ar, scorer=None, progress: bool = True) -> list[ImageStats]:
     """Generate every job not already on disk; returns the stats of the images made now.
 
+    `generate(target, condition, num_tokens=, sampling=, generators=) -> Generation` is the decoding
+    method (plain AR by default; `decode.speculative.generate_eagle` with its drafter bound).
     `scorer(images, prompts) -> [alignment or None]` (decode.evaluator.AlignmentScorer) adds quality.
     """
     img_dir = out_dir / "images"
@@ -108,7 +110,7 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
         t0 = time.perf_counter()
         cond = condition_for(target, text, [j.prompt for j in batch])
         t_text = time.perf_counter() - t0
-        gen = generate_ar(target, cond, num_tokens=target.num_image_tokens, sampling=sampling,
+        gen = generate(target, cond, num_tokens=target.num_image_tokens, sampling=sampling,
                           generators=row_generators([j.seed for j in batch], device))
         t1 = time.perf_counter()
         with torch.no_grad():

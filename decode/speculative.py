@@ -204,7 +204,7 @@ def accept_greedy(tree: Tree, logits: Tensor) -> tuple[list[list[int]], Tensor]:
 
 
 @torch.no_grad()
-def generate_eagle(target: LlamaGenTarget, drafter: Drafter, condition: Condition, *, num_tokens: int,
+def generate_eagle(target: LlamaGenTarget, condition: Condition, *, drafter: Drafter, num_tokens: int,
                    sampling: SamplingParams, tree: TreeParams,
                    generators: list[torch.Generator] | None = None) -> Generation:
     """EAGLE-2 speculative decoding with greedy acceptance (token for token equal to greedy AR)."""

@@ -23,7 +23,8 @@ def test_prompts_are_quoted_for_hydra():
 def test_decode_writes_images_and_stats(tmp_path):
     out = tmp_path / "run"
     res = _run(["-m", "decode", "prompt=a cat face, on a blue background", "n=2", "batch_size=2",
-                f"out_dir={out}", "target.block_size=64", "tokenizer.encoder_ch_mult=[1,1]",
+                f"out_dir={out}", "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64",
+                "tokenizer.encoder_ch_mult=[1,1]",
                 "tokenizer.decoder_ch_mult=[1,1]", f"hydra.run.dir={tmp_path / 'hydra'}"])
     assert res.returncode == 0, res.stderr[-3000:]
     pngs = sorted((out / "images").glob("*.png"))
@@ -34,7 +35,7 @@ def test_decode_writes_images_and_stats(tmp_path):
     assert "step compression" in res.stdout
     # a rerun skips the images already written
     res2 = _run(["-m", "decode", "prompt=a cat face, on a blue background", "n=2", f"out_dir={out}",
-                 "target.block_size=64", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]",
+                 "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]",
                  f"hydra.run.dir={tmp_path / 'hydra'}"])
     assert res2.returncode == 0 and "no images were generated" in res2.stdout
     assert len((out / "stats.jsonl").read_text().splitlines()) == 2
@@ -52,3 +53,27 @@ def test_help_texts():
     assert res.returncode == 0 and "stats.jsonl" in res.stdout and "target:" in res.stdout
     res = _run(["-m", "train", "bogus"])
     assert res.returncode != 0 and "unknown task 'bogus'" in res.stderr
+
+
+def test_greedy_eagle2_writes_the_same_images_as_greedy_ar(tmp_path):
+    from decode.drafter import Drafter, DrafterConfig, save_drafter
+    from decode.target import build_gpt
+
+    gpt = build_gpt(None, size="tiny", model_type="t2i", vocab_size=1024, block_size=64, cls_token_num=120,
+                    caption_dim=384, init_seed=0)  # what target=tiny_random_t2i target.block_size=64 builds
+    save_drafter(tmp_path / "drafter", Drafter(DrafterConfig.for_target(gpt)))
+    common = ["prompt=a cat face, on a blue background", "n=2", "batch_size=2", "sampling.temperature=0",
+              "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64",
+              "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]", f"hydra.run.dir={tmp_path}/h"]
+    images = {}
+    for method in ("ar", "eagle2"):
+        out = tmp_path / method
+        res = _run(["-m", "decode", f"method={method}", f"drafter.ckpt={tmp_path / 'drafter'}", f"out_dir={out}",
+                    "tree.total_tokens=6", "tree.depth=2", "tree.top_k=3", *common])
+        assert res.returncode == 0, res.stderr[-3000:]
+        images[method] = [p.read_bytes() for p in sorted((out / "images").glob("*.png"))]
+        rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+        assert rows[0]["method"] == method and rows[0]["nfe"] <= 63
+    assert images["ar"] == images["eagle2"] and len(images["ar"]) == 2
+    res = _run(["-m", "decode", "method=lantern", *common])
+    assert res.returncode != 0 and "available: ar, eagle2" in res.stderr

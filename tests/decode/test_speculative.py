@@ -33,7 +33,7 @@ def test_greedy_eagle_equals_greedy_ar(batch, cfg_scale, tree):
     cond = Condition(text, mask)
     greedy = SamplingParams(temperature=0.0)
     ar = generate_ar(target, cond, num_tokens=64, sampling=greedy, generators=None)
-    sd = generate_eagle(target, drafter, cond, num_tokens=64, sampling=greedy, tree=tree)
+    sd = generate_eagle(target, cond, drafter=drafter, num_tokens=64, sampling=greedy, tree=tree)
     assert torch.equal(sd.tokens, ar.tokens)
     assert (sd.nfe <= 63).all() and (sd.nfe >= 1).all()
 
@@ -43,7 +43,7 @@ def test_sampled_acceptance_is_refused_clearly():
     drafter = Drafter(DrafterConfig.for_target(gpt)).eval()
     text, mask = padded_captions(1)
     with pytest.raises(NotImplementedError, match="temperature=0"):
-        generate_eagle(LlamaGenTarget(gpt), drafter, Condition(text, mask), num_tokens=16,
+        generate_eagle(LlamaGenTarget(gpt), Condition(text, mask), drafter=drafter, num_tokens=16,
                        sampling=SamplingParams(temperature=1.0), tree=TreeParams())
 
 
@@ -60,7 +60,7 @@ def test_full_trees_accept_many_tokens_and_stay_exact(batch):
     cond = Condition(text, mask)
     greedy = SamplingParams(temperature=0.0)
     ar = generate_ar(target, cond, num_tokens=64, sampling=greedy, generators=None)
-    sd = generate_eagle(target, drafter, cond, num_tokens=64, sampling=greedy,
+    sd = generate_eagle(target, cond, drafter=drafter, num_tokens=64, sampling=greedy,
                         tree=TreeParams(total_tokens=4 + 16 * 3 + 1, depth=3, top_k=4))
     assert torch.equal(sd.tokens, ar.tokens)
     assert (sd.nfe < 40).all(), sd.nfe  # at least ~1.6 tokens per verification

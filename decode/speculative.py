@@ -98,11 +98,11 @@ class EagleDrafting:
         b = root_token.shape[0]
         dev = root_token.device
         logp, idx = self._logp(root_feat)[:, 0].topk(k, dim=-1)  # level 1: [B, k]
-        tokens, scores = [idx], [logp]
-        parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]  # -1: the root
         frontier = torch.arange(k, device=dev).expand(b, k)  # pool indices of the nodes to expand
         frontier_feat = root_feat.expand(-1, k, -1)          # each frontier node's input feature
-        pool_tokens, pool_scores, pool_parents = idx, logp, parents[0]
+        # the candidate pool: every node drafted this step (token, cumulative log-prob, parent, depth)
+        pool_tokens, pool_scores = idx, logp
+        pool_parents = torch.full((b, k), -1, dtype=torch.long, device=dev)  # -1: the root
         pool_depth = torch.ones(b, k, dtype=torch.long, device=dev)
         written = 0  # scratch entries of this step in the drafter cache (one per expanded node)
         scratch_anc = torch.zeros(b, 0, 0, dtype=torch.bool, device=dev)
@@ -211,6 +211,8 @@ def generate_eagle(target: LlamaGenTarget, condition: Condition, *, drafter: Dra
     if not sampling.greedy:
         raise NotImplementedError("speculative decoding here accepts greedily: use sampling.temperature=0 "
                                   "(sampled acceptance, exact and LANTERN, is not in this version yet)")
+    if tree.top_k > target.vocab_size:
+        raise ValueError(f"tree.top_k={tree.top_k} exceeds the vocabulary ({target.vocab_size})")
     device, g = target.device, target.groups
     _sync(device)
     t0 = time.perf_counter()

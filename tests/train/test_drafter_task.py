@@ -1,15 +1,12 @@
 """`python -m train drafter` runs end to end on a tiny random target and writes a loadable drafter;
 the frozen target stays out of its checkpoints."""
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
 from decode.checkpoint import save_model_folder
 from decode.drafter import load_drafter
-from tests.conftest import REPO, tiny_gpt
+from tests.conftest import run_train, tiny_gpt
 
 TOKENIZER = "{codebook_size:64,encoder_ch_mult:[1,1,1],decoder_ch_mult:[1,1,1],z_channels:32,ch:32,num_res_blocks:1}"
 
@@ -17,14 +14,9 @@ TOKENIZER = "{codebook_size:64,encoder_ch_mult:[1,1,1],decoder_ch_mult:[1,1,1],z
 def test_smoke_run_distills_a_loadable_drafter(tmp_path):
     gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["WANDB_MODE"] = "disabled"
-    res = subprocess.run(
-        [sys.executable, "-m", "train", "drafter", "experiment=smoke", "target=tiny_random_t2i",
-         f"target.ckpt={tmp_path / 'target'}",
-         "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32", "data.max_length=16",
-         f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = run_train("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
+                    "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
+                    "data.max_length=16", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "drafter" / "metrics.json").read_text())
     for d in range(1, 6):
@@ -39,13 +31,10 @@ def test_smoke_run_distills_a_loadable_drafter(tmp_path):
 def test_offline_distillation_streams_dumped_features(tmp_path):
     gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["WANDB_MODE"] = "disabled"
     common = ["target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}"]
 
     def run(*args):
-        res = subprocess.run([sys.executable, "-m", "train", *args, f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=600)
+        res = run_train(*args, f"hydra.run.dir={tmp_path}/hydra")
         assert res.returncode == 0, res.stderr[-3000:]
         return res.stdout
 
@@ -69,16 +58,11 @@ def test_resume_continues_exactly(tmp_path):
 
     gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["WANDB_MODE"] = "disabled"
-
     def run(out, *args):
-        res = subprocess.run(
-            [sys.executable, "-m", "train", "drafter", "experiment=smoke", "target=tiny_random_t2i",
-             f"target.ckpt={tmp_path / 'target'}", "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}",
-             "data.image_size=32", "data.max_length=16", "trainer.val_check_interval=3", "checkpoint_every=3",
-             "optim.warmup_steps=2", "optim.lr=3e-3", f"out_dir={out}", f"hydra.run.dir={out}/hydra", *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        res = run_train("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
+                        "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
+                        "data.max_length=16", "trainer.val_check_interval=3", "checkpoint_every=3",
+                        "optim.warmup_steps=2", "optim.lr=3e-3", f"out_dir={out}", f"hydra.run.dir={out}/hydra", *args)
         assert res.returncode == 0, res.stderr[-3000:]
 
     run(tmp_path / "straight", "trainer.max_steps=10", "optim.total_steps=10")

@@ -1,34 +1,25 @@
 """Distributed strategies on CPU: DDP with 2 gloo processes, and DeepSpeed ZeRO-3 (the gloo
 subclass) giving the same drafter as a plain single-process run."""
-import os
-import subprocess
-import sys
-
 import torch
 from safetensors.torch import load_file
 
 from decode.checkpoint import save_model_folder
-from tests.conftest import REPO, tiny_gpt
+from tests.conftest import run_train, tiny_gpt
 from tests.train.test_drafter_task import TOKENIZER
 
 
 def _smoke(tmp_path, name, *overrides):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VVS_TRAIN_TASK")}
-    env.update(WANDB_MODE="disabled", DS_ACCELERATOR="cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     target = tmp_path / "target"
     if not target.exists():
         gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
         save_model_folder(target, gpt, gpt.config.to_dict(), kind="llamagen_gpt")
-    res = subprocess.run(
-        [sys.executable, "-m", "train", "drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={target}",
+    res = run_train(
+        "drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={target}",
          "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32", "data.max_length=16",
          f"data.train_urls='{tmp_path}/codes/train-{{000000..000001}}.tar'" if name != "plain" else "data.build=true",
          f"data.heldout_urls='{tmp_path}/codes/heldout-000000.tar'" if name != "plain" else "data.build=true",
          f"out_dir={tmp_path / name if name != 'plain' else tmp_path}", f"hydra.run.dir={tmp_path}/hydra_{name}",
-         *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+         *overrides)
     assert res.returncode == 0, res.stderr[-3000:]
     return load_file(str((tmp_path / name if name != "plain" else tmp_path) / "drafter" / "model.safetensors"))
 

@@ -1,21 +1,14 @@
 """`python -m train target experiment=smoke` builds tiny code shards, trains, and writes a loadable target."""
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
 from decode.target import build_gpt
-from tests.conftest import REPO
+from tests.conftest import run_train
 
 
 def test_smoke_run_writes_a_loadable_target(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["WANDB_MODE"] = "disabled"
-    res = subprocess.run([sys.executable, "-m", "train", "target", "experiment=smoke", f"out_dir={tmp_path}",
-                          f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = run_train("target", "experiment=smoke", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "target" / "metrics.json").read_text())
     assert {"val/nll", "val/top1_prob", "val/entropy"} <= set(metrics)

@@ -104,6 +104,7 @@ class SampleGrid(L.Callback):
         grid = Image.new("RGB", (side * len(images), side))
         for i, img in enumerate(images):
             grid.paste(img, (i * side, 0))
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
         save_png(grid, self.out / "samples" / f"step_{trainer.global_step:07d}.png")
         log_image = getattr(trainer.logger, "log_image", None)  # W&B logger only
         if log_image is not None:

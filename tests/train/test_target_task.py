@@ -16,3 +16,19 @@ def test_smoke_run_writes_a_loadable_target(tmp_path):
     gpt = build_gpt(str(tmp_path / "target"))
     assert gpt.config.vocab_size == 64 and gpt.config.block_size == 64
     assert not torch.isnan(gpt.output.weight).any()
+
+
+def test_cfg_sample_grid_is_written_after_validation(tmp_path):
+    from decode.checkpoint import save_model_folder
+    from decode.vq import load_vq
+
+    vq = load_vq(None, codebook_size=64, encoder_ch_mult=[1, 1, 1], decoder_ch_mult=[1, 1, 1], z_channels=32, ch=32)
+    save_model_folder(tmp_path / "vq", vq, vq.config.to_dict(), kind="llamagen_vq")
+    res = run_train("target", "experiment=smoke", f"data.tokenizer={tmp_path / 'vq'}", "samples.count=2",
+                    "trainer.max_steps=10", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra")
+    assert res.returncode == 0, res.stderr[-3000:]
+    grids = sorted((tmp_path / "run" / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000010.png"]
+    from PIL import Image
+
+    assert Image.open(grids[0]).size == (2 * 32, 32)  # two prompts side by side, 32 px each

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from data.features import FeatureBatch, FeatureShards, collate_features
 from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
 from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
+from decode.sampling import SamplingParams
+from decode.speculative import TreeParams, generate_eagle
 from decode.target import Condition, LlamaGenTarget, load_target
 from train.common import build_logger, build_trainer, output_dir, write_model_card
 from train.strategies import full_parameters
@@ -33,7 +35,8 @@ from train.strategies import full_parameters
 class DrafterModule(L.LightningModule):
     def __init__(self, target: dict, drafter: dict, lr: float = 3e-4, weight_decay: float = 0.01,
                  warmup_steps: int = 100, total_steps: int = 10000, p_weight: float = 0.1, noise_std: float = 0.2,
-                 null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5, seed: int = 0):
+                 null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5, seed: int = 0,
+                 decode_prompts: int = 2, decode_cfg_scale: float = 4.0, tree: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         # `target`: a conf/target entry (load_target's arguments). Only this description is saved;
@@ -124,7 +127,20 @@ class DrafterModule(L.LightningModule):
             feats = torch.cat([tf.features[:, : p0 + 1], pred[:, p0:-1]], dim=1)
         return curve
 
-    def validation_step(self, batch, _: int) -> None:
+    @torch.no_grad()
+    def greedy_step_compression(self, batch) -> Tensor:
+        """Real acceptance: greedy EAGLE-2 decodes (with CFG, the decode-time tree) of the first
+        held-out captions; image tokens per target forward after the prefill."""
+        n = min(self.hparams.decode_prompts, batch.codes.shape[0])
+        target = LlamaGenTarget(self.target.gpt, cfg_scale=self.hparams.decode_cfg_scale)
+        gen = generate_eagle(target, Condition(batch.text[:n], batch.mask[:n]), drafter=self.drafter.eval(),
+                             num_tokens=target.num_image_tokens, sampling=SamplingParams(temperature=0.0),
+                             tree=TreeParams(**(self.hparams.tree or {})))
+        return gen.tokens.shape[1] / gen.nfe.float().clamp_min(1).mean()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch_idx == 0 and self.hparams.decode_prompts > 0 and not isinstance(batch, FeatureBatch):
+            self.log("val/greedy_step_compression", self.greedy_step_compression(batch), batch_size=1)
         tf = self.teacher(batch, None)
         out = self.losses(tf, self.predict_features(tf, tf.features))
         m = tf.loss_mask
@@ -198,6 +214,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                          metrics=metrics, notes=f"Distilled online from the target `{cfg.target.get('ckpt')}`.")
         curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"
                           for d in range(1, module.hparams.unroll_depth + 1))
-        print(f"drafter: held-out top-1 agreement by depth [{curve}], {trainer.global_step} steps in {wall:.0f} s "
+        greedy = metrics.get("val/greedy_step_compression")
+        greedy = f", greedy EAGLE-2 step compression {greedy:.2f}" if greedy is not None else ""
+        print(f"drafter: held-out top-1 agreement by depth [{curve}]{greedy}, {trainer.global_step} steps in {wall:.0f} s "
               f"-> {folder}")
     return metrics

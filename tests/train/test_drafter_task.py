@@ -22,6 +22,7 @@ def test_smoke_run_distills_a_loadable_drafter(tmp_path):
     for d in range(1, 6):
         assert 0.0 <= metrics[f"val/agreement_depth{d}"] <= 1.0
     assert metrics["val/vloss"] > 0 and "val/top10_agreement" in metrics
+    assert 1.0 <= metrics["val/greedy_step_compression"] <= 64.0
     drafter = load_drafter(tmp_path / "run" / "drafter", gpt)
     assert drafter.config.cls_token_num == 16
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)

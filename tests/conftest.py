@@ -52,7 +52,7 @@ def run_train(*args: str, timeout: int = 600, **env_extra: str):
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VVS_TRAIN_TASK")}
-    env.update(WANDB_MODE="disabled", DS_ACCELERATOR="cpu", **env_extra)
+    env.update({"WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", **env_extra})
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

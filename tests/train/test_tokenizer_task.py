@@ -35,3 +35,15 @@ def test_smoke_run_writes_a_loadable_tokenizer_and_resumes(tmp_path):
     assert "| steps | 20 |" in (folder / "README.md").read_text()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert ckpt["global_step"] == 20
+
+
+def test_wandb_offline_run_records_metrics_and_reconstruction_images(tmp_path):
+    from tests.conftest import run_train
+
+    res = run_train("tokenizer", "experiment=smoke", "logger=wandb", "trainer.max_steps=10",
+                    f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", WANDB_MODE="offline")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].glob("files/media/images/val/reconstructions_*.png"))
+    assert images, sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*"))[:40]

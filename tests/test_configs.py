@@ -37,6 +37,7 @@ def test_default_decode_config_instantiates_compatible_parts():
 
 def test_mismatched_parts_are_named():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("decode", overrides=["prompt=x", "target.block_size=16", "target.vocab_size=512"])
+        cfg = compose("decode", overrides=["prompt=x", "target=tiny_random_t2i", "tokenizer=tiny_random",
+                                           "target.block_size=16", "target.vocab_size=512"])
     with pytest.raises(ValueError, match=r"codebook \(1024\) != target vocab_size \(512\)"):
         check_compatible(instantiate(cfg.target), instantiate(cfg.tokenizer), None)

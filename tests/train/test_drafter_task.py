@@ -76,3 +76,18 @@ def test_resume_continues_exactly(tmp_path):
     b = load_file(str(tmp_path / "resumed" / "drafter" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    args = ["drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
+            "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32", "data.max_length=16",
+            "optim.decode_prompts=0", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra"]
+    assert run_train(*args, "trainer.max_steps=5").returncode == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    res = run_train(*args, "trainer.max_steps=10", "ckpt_path=last", "optim.noise_std=nan")  # NaN features
+    assert res.returncode != 0 and "train/loss is nan" in res.stderr
+    assert ckpt.read_bytes() == before  # the last good checkpoint is untouched
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 5

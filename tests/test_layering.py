@@ -8,7 +8,8 @@ from tests.conftest import REPO
 def test_decode_imports_without_lightning_or_train():
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None; "
             "sys.modules['train'] = None; import decode.engine, decode.pipeline, decode.target, decode.vq, "
-            "decode.text, decode.checkpoint, decode.drafter, decode.evaluator, decode.quality, decode.resolvers")
+            "decode.text, decode.checkpoint, decode.drafter, decode.evaluator, decode.quality, decode.resolvers, "
+            "decode.speculative")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 

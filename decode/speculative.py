@@ -26,7 +26,7 @@ from torch import Tensor
 from decode.cache import KVCache
 from decode.drafter import Drafter
 from decode.engine import Generation, _sync
-from decode.sampling import SamplingParams
+from decode.sampling import SamplingParams, probabilities, sample
 from decode.target import Condition, LlamaGenTarget
 
 
@@ -47,6 +47,7 @@ class Tree:
     parents: Tensor  # [B, T] index of the parent node (-1 for the root)
     depths: Tensor   # [B, T]
     mask: Tensor     # [B, T, T] bool: node i attends to node j (j an ancestor of i, or i itself)
+    q: Tensor | None = None  # [B, T, V] sampled drafts: the drafter distribution each node was drawn from
 
 
 @dataclass
@@ -92,12 +93,25 @@ class EagleDrafting:
         self.cache.commit(count, key_valid=pending.valid)
         return out[torch.arange(out.shape[0]), count - 1][:, None]  # the root's entry is each row's last
 
-    def grow(self, root_token: Tensor, root_feat: Tensor) -> Tree:
-        """EAGLE-2 dynamic tree from the root token [B] and the root's predicted feature [G*B, 1, D]."""
+    def _draw(self, hidden: Tensor, sampling: SamplingParams, generators) -> tuple[Tensor, Tensor, Tensor]:
+        """Sampled drafting (a chain: top_k = 1): one child per node drawn from the drafter's
+        processed distribution q. hidden [G*B, 1, D] -> (log q(child) [B, 1], child [B, 1], q [B, 1, V])."""
+        q = probabilities(self.target.guide(hidden).logits[:, 0], sampling)  # [B, V]
+        child = torch.cat([torch.multinomial(qb[None], 1, generator=gen)[0] for qb, gen in zip(q, generators)])
+        return q.gather(1, child[:, None]).clamp_min(1e-30).log(), child[:, None], q[:, None]
+
+    def grow(self, root_token: Tensor, root_feat: Tensor, sampling: SamplingParams | None = None,
+             generators=None) -> Tree:
+        """EAGLE-2 dynamic tree from the root token [B] and the root's predicted feature [G*B, 1, D].
+        With non-greedy `sampling` (and top_k = 1), the chain's tokens are drawn from the drafter."""
         k, g = self.params.top_k, self.target.groups
+        drawn = sampling is not None and not sampling.greedy
         b = root_token.shape[0]
         dev = root_token.device
-        logp, idx = self._logp(root_feat)[:, 0].topk(k, dim=-1)  # level 1: [B, k]
+        if drawn:
+            logp, idx, pool_q = self._draw(root_feat, sampling, generators)
+        else:
+            logp, idx = self._logp(root_feat)[:, 0].topk(k, dim=-1)  # level 1: [B, k]
         frontier = torch.arange(k, device=dev).expand(b, k)  # pool indices of the nodes to expand
         frontier_feat = root_feat.expand(-1, k, -1)          # each frontier node's input feature
         # the candidate pool: every node drafted this step (token, cumulative log-prob, parent, depth)
@@ -119,7 +133,12 @@ class EagleDrafting:
             out = self.drafter(emb.to(frontier_feat.dtype), frontier_feat, pos, mask, self.cache, offset=written)
             scratch_anc = self._grow_scratch(scratch_anc, anc)
             written += k
-            child_logp, child_tok = self._logp(out).topk(k, dim=-1)  # [B, k, k]
+            if drawn:
+                child_logp, child_tok, q = self._draw(out, sampling, generators)
+                child_logp, child_tok = child_logp[:, :, None], child_tok[:, :, None]  # [B, 1, 1]
+                pool_q = torch.cat([pool_q, q], 1)
+            else:
+                child_logp, child_tok = self._logp(out).topk(k, dim=-1)  # [B, k, k]
             cum = pool_scores.gather(1, frontier)[:, :, None] + child_logp
             new_parents = frontier[:, :, None].expand(b, k, k).reshape(b, k * k)
             base = pool_tokens.shape[1]
@@ -131,7 +150,10 @@ class EagleDrafting:
             frontier_feat = out.view(g, b, k, -1).repeat_interleave(k, dim=2).reshape(g * b, k * k, -1)
             frontier_feat = frontier_feat.gather(1, best.repeat(g, 1)[:, :, None].expand(-1, -1, out.shape[-1]))
             previous, frontier = frontier, base + best
-        return self._select(root_token, pool_tokens, pool_scores, pool_parents, pool_depth)
+        tree = self._select(root_token, pool_tokens, pool_scores, pool_parents, pool_depth)
+        if drawn:  # a chain keeps every node in pool order: q lines up with the tree after the root
+            tree.q = torch.cat([torch.zeros_like(pool_q[:, :1]), pool_q[:, : tree.tokens.shape[1] - 1]], 1)
+        return tree
 
     # --- bookkeeping of the tree's scratch entries in the drafter cache -------------------------
     @staticmethod
@@ -203,14 +225,52 @@ def accept_greedy(tree: Tree, logits: Tensor) -> tuple[list[list[int]], Tensor]:
     return paths, torch.tensor(nxt, device=logits.device)
 
 
+def accept_sampled(tree: Tree, logits: Tensor, sampling: SamplingParams,
+                   generators: list[torch.Generator]) -> tuple[list[list[int]], Tensor]:
+    """Speculative sampling along a drafted chain (exact: the committed tokens follow the target's
+    distribution). At each node the child x drawn from q is accepted with probability
+    min(1, p(x) / q(x)); on rejection the next token is drawn from norm(max(p - q, 0)); after the
+    last accepted node it is drawn from p."""
+    p_all = probabilities(logits.float(), sampling)  # [B, T, V]
+    parents = tree.parents.cpu()
+    paths, nxt = [], []
+    for b, gen in enumerate(generators):
+        node, path, token = 0, [0], None
+        while True:
+            child = (parents[b] == node).nonzero()
+            p = p_all[b, node]
+            if len(child) == 0:
+                break
+            c = int(child[0])
+            x, q = int(tree.tokens[b, c]), tree.q[b, c].float()
+            u = torch.rand((), generator=gen, device=gen.device)
+            if u * q[x] <= p[x]:  # accept with probability min(1, p(x) / q(x))
+                node = c
+                path.append(c)
+                continue
+            residual = (p - q).clamp_min(0)
+            p = residual / residual.sum() if residual.sum() > 0 else p
+            token = int(torch.multinomial(p[None], 1, generator=gen)[0])
+            break
+        if token is None:
+            token = int(torch.multinomial(p_all[b, node][None], 1, generator=gen)[0])
+        paths.append(path)
+        nxt.append(token)
+    return paths, torch.tensor(nxt, device=logits.device)
+
+
 @torch.no_grad()
 def generate_eagle(target: LlamaGenTarget, condition: Condition, *, drafter: Drafter, num_tokens: int,
                    sampling: SamplingParams, tree: TreeParams,
                    generators: list[torch.Generator] | None = None) -> Generation:
-    """EAGLE-2 speculative decoding with greedy acceptance (token for token equal to greedy AR)."""
-    if not sampling.greedy:
-        raise NotImplementedError("speculative decoding here accepts greedily: use sampling.temperature=0 "
-                                  "(sampled acceptance, exact and LANTERN, is not in this version yet)")
+    """EAGLE-2 speculative decoding: greedy acceptance (token for token equal to greedy AR), or, with
+    sampling and a chain (tree.top_k = 1), exact speculative sampling (the target's distribution)."""
+    if not sampling.greedy and tree.top_k != 1:
+        raise NotImplementedError("sampled speculative decoding here drafts a chain: use tree.top_k=1, or "
+                                  "sampling.temperature=0 for trees (sampled trees and LANTERN are not in this "
+                                  "version yet)")
+    if not sampling.greedy and generators is None:
+        raise ValueError("sampled speculative decoding needs one generator per image")
     if tree.top_k > target.vocab_size:
         raise ValueError(f"tree.top_k={tree.top_k} exceeds the vocabulary ({target.vocab_size})")
     device, g = target.device, target.groups
@@ -218,7 +278,7 @@ def generate_eagle(target: LlamaGenTarget, condition: Condition, *, drafter: Dra
     t0 = time.perf_counter()
     cache, out = target.start(condition, num_tokens, extra_slots=tree.total_tokens + 1, all_positions=True)
     b, p = condition.batch, target.prefix_len
-    root = out.logits[:, -1].argmax(-1)  # [B]
+    root = sample(out.logits[:, -1], sampling, generators)  # [B]
     # first drafter entries: the prefix features, no tokens (zero embeddings) except the root's
     emb = torch.zeros_like(out.hidden.reshape(g * b, p, -1))
     emb[:, -1] = target.gpt.embed_tokens(root).repeat(g, 1).to(emb.dtype)
@@ -233,9 +293,12 @@ def generate_eagle(target: LlamaGenTarget, condition: Condition, *, drafter: Dra
     while min(len(m) for m in made) < num_tokens:
         live = torch.tensor([len(m) < num_tokens for m in made])
         root_feat = drafting.consume(pending)
-        t = drafting.grow(root, root_feat)
+        t = drafting.grow(root, root_feat, sampling, generators)
         verified = target.extend(cache, t.tokens, block_mask=t.mask, depths=t.depths)
-        paths, nxt = accept_greedy(t, verified.logits)
+        if sampling.greedy:
+            paths, nxt = accept_greedy(t, verified.logits)
+        else:
+            paths, nxt = accept_sampled(t, verified.logits, sampling, generators)
         for i in range(b):  # a finished row keeps its state; its results are dropped
             if not live[i]:
                 paths[i] = []

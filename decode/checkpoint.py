@@ -20,6 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 CONTAINER_KEYS = ("model", "module", "state_dict")
+# Model folders split their weights into shards of at most this size (Hugging Face's sharded
+# layout: model-00001-of-00002.safetensors + model.safetensors.index.json), so no file in the
+# repository exceeds the size limit of ordinary git hosting.
+SHARD_BYTES = 10 * 2**20
+INDEX = "model.safetensors.index.json"
 # Buffers some official checkpoints carry that are recomputed here (RoPE table, KV caches, masks).
 IGNORED_SUFFIXES = ("freqs_cis", "causal_mask", "kv_cache.k_cache", "kv_cache.v_cache")
 
@@ -44,6 +49,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The state dict inside an official container, a bare state dict, or a .safetensors file."""
     path = Path(path)
     if path.is_dir():
+        if (path / INDEX).is_file():
+            return _read_shards(path)
         path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -90,6 +97,34 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: 
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
+def _read_shards(folder: Path) -> dict[str, Tensor]:
+    try:
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{folder / INDEX}: not a safetensors index ({err})") from err
+    state: dict[str, Tensor] = {}
+    for name in sorted(set(weight_map.values())):
+        state.update(read_state_dict(folder / name))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{folder}: the index names tensors no shard holds: {missing[:5]}")
+    return state
+
+
+def _shards(tensors: dict[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
+    """Consecutive groups of tensors of at most `limit` bytes each (a larger tensor goes alone)."""
+    groups: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append({})
+            size = 0
+        groups[-1][key] = t
+        size += nbytes
+    return groups
+
+
 def save_model_folder(folder: str | os.PathLike, module: nn.Module, config: dict, kind: str,
                       extra: dict | None = None) -> Path:
     """Write config.json + model.safetensors atomically (temporary names, then rename)."""
@@ -97,11 +132,24 @@ def save_model_folder(folder: str | os.PathLike, module: nn.Module, config: dict
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "config": config, **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp_w, tmp_c = folder / "model.safetensors.tmp", folder / "config.json.tmp"
-    save_file(tensors, str(tmp_w))
-    tmp_c.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_w, folder / "model.safetensors")
-    os.replace(tmp_c, folder / "config.json")
+    groups = _shards(tensors, SHARD_BYTES)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for name, group in zip(names, groups):
+        save_file(group, str(folder / f"{name}.tmp"))
+        os.replace(folder / f"{name}.tmp", folder / name)
+    index = folder / INDEX
+    if len(groups) > 1:
+        weight_map = {k: name for name, group in zip(names, groups) for k in group}
+        (folder / f"{INDEX}.tmp").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        os.replace(folder / f"{INDEX}.tmp", index)
+    else:
+        index.unlink(missing_ok=True)
+    for stale in folder.glob("model*.safetensors"):  # weights of an earlier save with another layout
+        if stale.name not in names:
+            stale.unlink()
+    (folder / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(folder / "config.json.tmp", folder / "config.json")
     return folder
 
 
@@ -117,4 +165,4 @@ def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[
         raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
     if meta.get("kind") != kind:
         raise CheckpointError(f"{folder} holds a {meta.get('kind')!r}, expected a {kind!r}")
-    return meta, read_state_dict(folder / "model.safetensors")
+    return meta, read_state_dict(folder)

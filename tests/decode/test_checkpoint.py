@@ -73,3 +73,29 @@ def test_folder_of_another_kind_is_refused(tmp_path):
     save_model_folder(tmp_path / "m", gpt, gpt.config.to_dict(), kind="llamagen_vq")
     with pytest.raises(CheckpointError, match="holds a 'llamagen_vq', expected a 'llamagen_gpt'"):
         build_gpt(str(tmp_path / "m"))
+
+
+def test_large_model_folders_are_sharded_and_read_back(tmp_path, monkeypatch):
+    import json
+
+    import decode.checkpoint as ck
+    from tests.conftest import tiny_gpt
+
+    gpt = tiny_gpt()
+    monkeypatch.setattr(ck, "SHARD_BYTES", 64 * 1024)  # force several shards for a tiny model
+    ck.save_model_folder(tmp_path / "m", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "m" / "model.safetensors").exists()
+    state = ck.read_state_dict(tmp_path / "m")
+    assert state.keys() == gpt.state_dict().keys() and all(torch.equal(state[k], v) for k, v in gpt.state_dict().items())
+    # a save that fits one file replaces the shards and the index
+    monkeypatch.setattr(ck, "SHARD_BYTES", 1 << 30)
+    ck.save_model_folder(tmp_path / "m", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    assert sorted(p.name for p in (tmp_path / "m").glob("model*")) == ["model.safetensors"]
+    # a missing shard is named
+    monkeypatch.setattr(ck, "SHARD_BYTES", 64 * 1024)
+    ck.save_model_folder(tmp_path / "n", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    index = json.loads((tmp_path / "n" / ck.INDEX).read_text())
+    (tmp_path / "n" / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match="model-"):
+        ck.read_state_dict(tmp_path / "n")

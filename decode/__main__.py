@@ -19,13 +19,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from decode.drafter import Drafter, load_drafter
-from decode.engine import generate_ar
+from decode.engine import generate
 from decode.evaluator import AlignmentScorer
-from decode.metrics import summary_table, write_summary
+from decode import distributed
+from decode.distributed import Ranks, ranks_from_env
+from decode.metrics import append_jsonl, summary_table, write_summary
 from decode.pipeline import check_compatible, plan_jobs, run_jobs
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
-from decode.speculative import TreeParams, generate_eagle
+from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method
+from decode.trees import TreeParams
 from decode.target import LlamaGenTarget
 from decode.text import TextEncoder
 from decode.vq import VQModel
@@ -70,9 +73,6 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-METHODS = ("ar", "eagle2")
-
-
 @dataclass(frozen=True)
 class Parts:
     target: LlamaGenTarget
@@ -94,39 +94,74 @@ def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Pa
     check_compatible(target, vq, text)
     scorer = instantiate(cfg.evaluator, device=str(device)) if cfg.get("evaluator") else None
     drafter = None
-    if cfg.method != "ar":
+    if cfg.method.name in NEEDS_DRAFTER:
         if not cfg.get("drafter") or not cfg.drafter.get("ckpt"):
-            raise ValueError(f"method={cfg.method} needs a drafter: drafter=world or drafter.ckpt=FOLDER")
+            raise ValueError(f"method={cfg.method.name} needs a drafter: drafter.ckpt=FOLDER")
         drafter = load_drafter(cfg.drafter.ckpt, target.gpt)  # fails here if it does not fit the target
     return Parts(target, vq, text, scorer, drafter)
 
 
+def method_options(cfg: DictConfig) -> MethodOptions:
+    """conf/method/<name>.yaml -> MethodOptions; an unknown knob fails with the list of known ones."""
+    opts = {k: v for k, v in cfg.method.items() if k not in ("name", "scheduler_ckpt")}
+    known = set(MethodOptions.__dataclass_fields__)
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"unknown method option(s) {unknown}; known: {', '.join(sorted(known))}")
+    return MethodOptions(**opts)
+
+
 def decoding_method(cfg: DictConfig, parts: Parts):
-    """The generate function of `method=`, with its drafter and tree bound."""
-    if cfg.method == "ar":
-        return generate_ar
-    tree = TreeParams(**cfg.tree)
-    return functools.partial(generate_eagle, drafter=parts.drafter, tree=tree)
+    """The generate function of `method=`, with its policies bound."""
+    options = method_options(cfg)
+    policy = None
+    if options.scheduler == "learned" and cfg.method.get("scheduler_ckpt"):
+        from decode.scheduler import load_scheduler_policy  # the learned skip policy (train scheduler)
+
+        policy = load_scheduler_policy(cfg.method.scheduler_ckpt, parts.target, parts.drafter)
+    sampling = SamplingParams(**cfg.sampling)
+    method = build_method(cfg.method.name, sampling=sampling, tree=TreeParams(**cfg.tree), options=options,
+                          drafter=parts.drafter, codebook=parts.vq.quantize.embedding.weight.detach(),
+                          learned_policy=policy)
+    return functools.partial(generate, method=method)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    if cfg.method not in METHODS:
-        raise ValueError(f"method={cfg.method!r} is not available; available: {', '.join(METHODS)} "
-                         f"(LANTERN, VVS and the Jacobi baselines are not in this version yet)")
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"method={cfg.method.name!r} is not available; available: {', '.join(METHODS)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     prompts = read_prompts(cfg)
     jobs = plan_jobs(prompts, int(cfg.n), int(cfg.seed))
-    parts = build_parts(cfg, pick_device(cfg.device), DTYPES[cfg.dtype])
+    ranks = ranks_from_env()
+    device = distributed.start(ranks, pick_device(cfg.device))
+    try:
+        return _run_rank(cfg, jobs, ranks, device)
+    finally:
+        distributed.finish(ranks)
+
+
+def _run_rank(cfg: DictConfig, jobs, ranks: Ranks, device: torch.device) -> dict[str, float]:
+    parts = build_parts(cfg, device, DTYPES[cfg.dtype])
     target, vq, text, scorer = parts.target, parts.vq, parts.text, parts.scorer
-    if cfg.get("note"):
+    if cfg.get("note") and ranks.main:
         log.warning(cfg.note)
-    out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
+    out_dir = Path(distributed.share(str(cfg.out_dir or HydraConfig.get().runtime.output_dir), ranks))
+    stats_name = f"stats.rank{ranks.rank}.jsonl" if ranks.distributed else "stats.jsonl"
     t0 = time.perf_counter()
-    rows = run_jobs(jobs, target=target, vq=vq, text=text, sampling=SamplingParams(**cfg.sampling),
-                    batch_size=int(cfg.batch_size), out_dir=out_dir, method=cfg.method,
-                    generate=decoding_method(cfg, parts), scorer=scorer)
+    rows = run_jobs(jobs[ranks.rank::ranks.world], target=target, vq=vq, text=text,
+                    sampling=SamplingParams(**cfg.sampling), batch_size=int(cfg.batch_size), out_dir=out_dir,
+                    method=cfg.method.name, generate=decoding_method(cfg, parts), scorer=scorer,
+                    stats_name=stats_name, progress=ranks.main)
+    rows = distributed.gather(rows, ranks)
+    if not ranks.main:
+        return {"images": 0.0}
+    if ranks.distributed:  # one stats.jsonl for the run, in job order
+        rows.sort(key=lambda r: (r.prompt_index, r.sample_index))
+        append_jsonl(out_dir / "stats.jsonl", rows)
     summary = summary_table(rows, time.perf_counter() - t0)
+    if ranks.distributed:
+        summary += f"\nranks               {ranks.world} (each decoded every {ranks.world}-th image)"
     write_summary(out_dir / "summary.txt", summary)
     print(summary)
     print(f"images and stats.jsonl in {out_dir}")

@@ -32,6 +32,14 @@ class ImageStats:
     dtype: str
     image: str
     alignment: float | None = None  # evaluator's share of the prompt's attributes found (world prompts only)
+    steps: int = 0  # decode steps after the prefill: verified (= NFE) + skipped
+    skipped_steps: int = 0
+    skip_ratio: float = 0.0  # skipped steps / all steps
+    tau: float = 0.0  # tokens committed per verified step (the target's own next token included)
+    tau_all: float = 0.0  # tokens per step, skipped steps included
+    tokens_per_skip: float = 0.0  # tokens committed per skipped step (0 without skips)
+    draft_s: float = 0.0  # batch: drafting (drafter passes, tree building)
+    verify_s: float = 0.0  # batch: target passes + acceptance
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
@@ -55,7 +63,11 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"tokens per image    {mean('tokens'):.0f}",
         f"NFE per image       {mean('nfe'):.1f}   (target forwards after the prefill)",
         f"step compression    {mean('step_compression'):.3f}  (tokens / NFE)",
-        f"latency per batch   {sum(l for l, _ in batches) / len(batches):.3f} s  (prefill to last token)",
+        f"tau                 {mean('tau'):.3f}  (tokens per verified step; {mean('tau_all'):.3f} over all steps)",
+        f"skip ratio          {mean('skip_ratio'):.3f}  (skipped / all steps; {mean('tokens_per_skip'):.2f} tokens "
+        f"per skipped step)",
+        f"latency per batch   {sum(l for l, _ in batches) / len(batches):.3f} s  (prefill to last token; "
+        f"draft {mean('draft_s'):.3f} s, verify {mean('verify_s'):.3f} s)",
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
         f"throughput          {n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s)",
     ]

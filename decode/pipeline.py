@@ -92,7 +92,8 @@ def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: lis
 
 def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None,
              sampling: SamplingParams, batch_size: int, out_dir: Path, method: str = "ar",
-             generate=generate_ar, scorer=None, progress: bool = True) -> list[ImageStats]:
+             generate=generate_ar, scorer=None, progress: bool = True,
+             stats_name: str = "stats.jsonl") -> list[ImageStats]:
     """Generate every job not already on disk; returns the stats of the images made now.
 
     `generate(target, condition, num_tokens=, sampling=, generators=) -> Generation` is the decoding
@@ -120,15 +121,21 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
         rows = []
         for i, (job, img) in enumerate(zip(batch, to_pil(images))):
             save_png(img, img_dir / job.name)
-            nfe = int(gen.nfe[i])
+            nfe, steps = int(gen.nfe[i]), int(gen.steps[i])
+            skipped = int(gen.skipped[i]) if gen.skipped is not None else 0
+            ver_tokens = int(gen.verified_tokens[i]) if gen.verified_tokens is not None else nfe
+            n_tok = int(gen.tokens.shape[1])
             rows.append(ImageStats(
                 prompt_index=job.prompt_index, sample_index=job.sample_index, prompt=job.prompt, seed=job.seed,
                 method=method, tokens=int(gen.tokens.shape[1]), nfe=nfe,
                 step_compression=gen.tokens.shape[1] / max(nfe, 1), latency_s=gen.prefill_s + gen.loop_s,
                 prefill_s=gen.prefill_s, text_encode_s=t_text, vq_decode_s=t_vq, batch_size=len(batch),
                 device=str(device), dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name),
-                alignment=aligned[i]))
-        append_jsonl(out_dir / "stats.jsonl", rows)
+                alignment=aligned[i], steps=steps, skipped_steps=skipped, skip_ratio=skipped / max(steps, 1),
+                tau=ver_tokens / max(nfe, 1), tau_all=(n_tok - 1) / max(steps, 1),
+                tokens_per_skip=(n_tok - 1 - ver_tokens) / skipped if skipped else 0.0,
+                draft_s=gen.draft_s, verify_s=gen.verify_s))
+        append_jsonl(out_dir / stats_name, rows)
         made.extend(rows)
         bar.update(len(batch))
     bar.close()

@@ -58,6 +58,26 @@ def fid(real: Tensor, fake: Tensor, *, batch_size: int = 64, feature: nn.Module 
     return float(metric.compute())
 
 
+class FIDReference:
+    """FID of many generated sets against one real set whose Inception statistics are computed once
+    (torchmetrics' `reset_real_features=False`)."""
+
+    def __init__(self, real: Tensor, *, batch_size: int = 64, feature: nn.Module | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.batch_size = batch_size
+        self.metric = FrechetInceptionDistance(feature=feature or InceptionPool(), normalize=False,
+                                               reset_real_features=False)
+        for chunk in real.split(batch_size):
+            self.metric.update(chunk, real=True)
+
+    def __call__(self, fake: Tensor) -> float:
+        self.metric.reset()  # drops the previous fake statistics only
+        for chunk in fake.split(self.batch_size):
+            self.metric.update(chunk, real=False)
+        return float(self.metric.compute())
+
+
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls in a feature space:
     precision = share of fake samples inside some real sample's ball, recall the converse."""

@@ -55,7 +55,9 @@ def test_help_texts():
     assert res.returncode != 0 and "unknown task 'bogus'" in res.stderr
 
 
-def test_greedy_eagle2_writes_the_same_images_as_greedy_ar(tmp_path):
+def test_every_greedy_exact_method_writes_the_images_of_greedy_ar(tmp_path):
+    """eagle2, LANTERN with delta 0 and SJD are exact: at temperature 0 their PNGs are greedy AR's.
+    VVS with tau 0 skips verifications (its images may differ) and reports the skips."""
     from decode.drafter import Drafter, DrafterConfig, save_drafter
     from decode.target import build_gpt
 
@@ -64,16 +66,46 @@ def test_greedy_eagle2_writes_the_same_images_as_greedy_ar(tmp_path):
     save_drafter(tmp_path / "drafter", Drafter(DrafterConfig.for_target(gpt)))
     common = ["prompt=a cat face, on a blue background", "n=2", "batch_size=2", "sampling.temperature=0",
               "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64",
-              "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]", f"hydra.run.dir={tmp_path}/h"]
-    images = {}
-    for method in ("ar", "eagle2"):
+              "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]", f"hydra.run.dir={tmp_path}/h",
+              f"drafter.ckpt={tmp_path / 'drafter'}", "tree.total_tokens=6", "tree.depth=2", "tree.top_k=3"]
+    runs = {"ar": [], "eagle2": [], "lantern": ["method.delta=0"], "sjd": ["method.window=4"],
+            "vvs": ["method.tau=0", "method.lantern_k=8", "method.delta=0.3"]}
+    images, rows = {}, {}
+    for method, extra in runs.items():
         out = tmp_path / method
-        res = _run(["-m", "decode", f"method={method}", f"drafter.ckpt={tmp_path / 'drafter'}", f"out_dir={out}",
-                    "tree.total_tokens=6", "tree.depth=2", "tree.top_k=3", *common])
+        res = _run(["-m", "decode", f"method={method}", f"out_dir={out}", *extra, *common])
         assert res.returncode == 0, res.stderr[-3000:]
         images[method] = [p.read_bytes() for p in sorted((out / "images").glob("*.png"))]
-        rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
-        assert rows[0]["method"] == method and rows[0]["nfe"] <= 63
-    assert images["ar"] == images["eagle2"] and len(images["ar"]) == 2
-    res = _run(["-m", "decode", "method=lantern", *common])
-    assert res.returncode != 0 and "available: ar, eagle2" in res.stderr
+        rows[method] = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+        assert rows[method][0]["method"] == method and rows[method][0]["nfe"] <= 63
+        assert "skip ratio" in res.stdout
+    assert len(images["ar"]) == 2
+    assert images["eagle2"] == images["ar"] and images["lantern"] == images["ar"] and images["sjd"] == images["ar"]
+    assert all(r["skipped_steps"] > 0 and r["steps"] == r["nfe"] + r["skipped_steps"] for r in rows["vvs"])
+    res = _run(["-m", "decode", "method=lantern", "+method.gamma=1", *common])
+    assert res.returncode != 0 and "unknown method option(s) ['gamma']" in res.stderr
+
+
+def test_two_processes_write_the_images_of_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo): same PNGs as 1 process, one merged stats.jsonl; a rerun
+    skips the images already written."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat face, on a blue background\none small red square in the top left\nthree dots\n")
+    common = [f"prompts={prompts}", "n=2", "batch_size=2", "target=tiny_random_t2i", "tokenizer=tiny_random",
+              "target.block_size=16", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]",
+              f"hydra.run.dir={tmp_path}/h"]
+    one = _run(["-m", "decode", f"out_dir={tmp_path / 'one'}", *common])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "decode",
+                f"out_dir={tmp_path / 'two'}", *common])
+    assert two.returncode == 0, two.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "one" / "images").glob("*.png"))
+    assert len(names) == 6 and names == sorted(p.name for p in (tmp_path / "two" / "images").glob("*.png"))
+    for name in names:
+        assert (tmp_path / "one" / "images" / name).read_bytes() == (tmp_path / "two" / "images" / name).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "two" / "stats.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(p, s) for p in range(3) for s in range(2)]
+    assert "ranks               2" in two.stdout
+    again = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m", "decode",
+                  f"out_dir={tmp_path / 'two'}", *common])
+    assert again.returncode == 0 and "no images were generated" in again.stdout

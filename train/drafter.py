@@ -26,7 +26,9 @@ from data.features import FeatureBatch, FeatureShards, collate_features
 from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
 from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
 from decode.sampling import SamplingParams
-from decode.speculative import TreeParams, generate_eagle
+from decode.engine import generate
+from decode.methods import build_method
+from decode.trees import TreeParams
 from decode.target import Condition, LlamaGenTarget, load_target
 from train.common import build_logger, build_trainer, output_dir, write_model_card
 from train.strategies import full_parameters
@@ -133,9 +135,11 @@ class DrafterModule(L.LightningModule):
         held-out captions; image tokens per target forward after the prefill."""
         n = min(self.hparams.decode_prompts, batch.codes.shape[0])
         target = LlamaGenTarget(self.target.gpt, cfg_scale=self.hparams.decode_cfg_scale)
-        gen = generate_eagle(target, Condition(batch.text[:n], batch.mask[:n]), drafter=self.drafter.eval(),
-                             num_tokens=target.num_image_tokens, sampling=SamplingParams(temperature=0.0),
-                             tree=TreeParams(**(self.hparams.tree or {})))
+        greedy = SamplingParams(temperature=0.0)
+        method = build_method("eagle2", sampling=greedy, tree=TreeParams(**(self.hparams.tree or {})),
+                              drafter=self.drafter.eval())
+        gen = generate(target, Condition(batch.text[:n], batch.mask[:n]), num_tokens=target.num_image_tokens,
+                       sampling=greedy, method=method)
         return gen.tokens.shape[1] / gen.nfe.float().clamp_min(1).mean()
 
     def validation_step(self, batch, batch_idx: int) -> None:

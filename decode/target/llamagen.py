@@ -153,7 +153,8 @@ class LlamaGenTarget:
         rep = (self.groups, 1, 1)
         block_mask, depths2 = block_mask.repeat(rep), depths.repeat(self.groups, 1)
         x = self.gpt.embed_tokens(tokens.repeat(self.groups, 1))
-        pos = cache.length[:, None] + depths2
+        # past the last image position (trees at the final steps) RoPE rows are zero padding
+        pos = (cache.length[:, None] + depths2).clamp_max(self.gpt.max_positions - 1)
         upto = int(cache.length.max()) + t
         hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto), cache)
         return self.guide(hidden)

@@ -1,0 +1,105 @@
+"""Training-free drafting on the target itself: Speculative Jacobi Decoding (SJD) and SJD-VP.
+
+The "draft" is a window of `window` guessed tokens after the root, verified as a chain in one
+target pass. Each draft keeps the distribution q it was drawn from, so the engine's sampled
+acceptance (min(1, p / q), residual max(p - q, 0)) is exactly SJD's rule. After a step the Jacobi
+update replaces the unaccepted tail by fresh draws from the target's predictions at their parents
+in this pass (those become their q), and new guesses refill the window:
+- init `random`: uniform codes, q one-hot; `repeat_horizon`: the left neighbour's token (LlamaGen's
+  setting in SJD); `repeat_vertical`: the token one grid row above.
+SJD-VP ("verification prediction"; its paper's exact rule and numbers were not available): when a
+window slot is redrawn, tokens whose target probability rose since the previous iteration at that
+slot are favoured: q ∝ p_k * clamp(p_k / p_{k-1}, 1, cap) ** beta. The draft is still drawn from
+the q used in acceptance, so decoding stays exact; only which drafts are proposed changes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from decode.sampling import SamplingParams, probabilities
+from decode.target import LlamaGenTarget
+from decode.target.llamagen import TargetOutput
+from decode.trees import StepOutcome, Tree, ancestry_mask
+
+INITS = ("random", "repeat_horizon", "repeat_vertical")
+
+
+class JacobiDrafting:
+    def __init__(self, target: LlamaGenTarget, batch: int, num_tokens: int, *, window: int = 16,
+                 init: str = "repeat_horizon", vp_beta: float = 0.0, vp_cap: float = 10.0):
+        if window < 1:
+            raise ValueError(f"sjd window must be >= 1, got {window}")
+        if init not in INITS:
+            raise ValueError(f"sjd init {init!r} unknown; known: {', '.join(INITS)}")
+        self.target, self.window, self.init, self.beta, self.cap = target, int(window), init, vp_beta, vp_cap
+        self.grid = int(math.isqrt(target.num_image_tokens))
+        self.history: list[list[int]] = [[] for _ in range(batch)]  # committed tokens per row
+        self.drafts: list[list[int]] = [[] for _ in range(batch)]
+        self.q: list[list[Tensor | None]] = [[] for _ in range(batch)]     # None: a one-hot guess
+        self.prev: list[list[Tensor | None]] = [[] for _ in range(batch)]  # last target prediction there
+        self.num_tokens = num_tokens
+
+    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor) -> None:
+        pass
+
+    def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
+        b, dev, v = root.shape[0], root.device, self.target.vocab_size
+        for r in range(b):
+            self._refill(r, int(root[r]), generators[r] if generators else None)
+        t = 1 + self.window
+        tokens = torch.tensor([[int(root[r])] + self.drafts[r] for r in range(b)], device=dev)
+        q = torch.zeros(b, t, v, device=dev)
+        for r in range(b):
+            for j, (tok, dist) in enumerate(zip(self.drafts[r], self.q[r])):
+                if dist is None:
+                    q[r, j + 1, tok] = 1.0
+                else:
+                    q[r, j + 1] = dist
+        parents = (torch.arange(t, device=dev) - 1).expand(b, t)
+        return Tree(tokens, parents, torch.arange(t, device=dev).expand(b, t), ancestry_mask(parents), q=q)
+
+    def observe(self, step: StepOutcome, sampling: SamplingParams, generators) -> None:
+        """Jacobi update from this pass: accepted drafts leave the window, the tail is redrawn."""
+        for r in range(step.counts.shape[0]):
+            c = int(step.counts[r])
+            if c == 0:
+                continue
+            self.history[r].extend(step.tree.tokens[r, :c].tolist())
+            tail = range(c + 1, 1 + self.window)  # old chain nodes past the new root
+            new_d, new_q, new_p = [], [], []
+            for node in tail:
+                p = probabilities(step.logits[r, node - 1].float(), sampling)
+                q = self._favour(p, self.prev[r][node - 1]) if self.beta > 0 else p
+                new_d.append(int(q.argmax()) if sampling.greedy
+                             else int(torch.multinomial(q[None], 1, generator=generators[r])[0]))
+                new_q.append(q)
+                new_p.append(p)
+            self.drafts[r], self.q[r], self.prev[r] = new_d, new_q, new_p
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _favour(self, p: Tensor, before: Tensor | None) -> Tensor:
+        """SJD-VP: boost tokens whose probability rose since the last prediction at this slot."""
+        if before is None:
+            return p
+        gain = (p / before.clamp_min(1e-12)).clamp(1.0, self.cap) ** self.beta
+        q = p * gain
+        return q / q.sum()
+
+    def _refill(self, r: int, root: int, gen: torch.Generator | None) -> None:
+        """Top the window up to `window` guesses after the root."""
+        while len(self.drafts[r]) < self.window:
+            pos = len(self.history[r]) + 1 + len(self.drafts[r])  # raster position of the new guess
+            seq = self.history[r] + [root] + self.drafts[r]
+            if self.init == "random":
+                tok = int(torch.randint(self.target.vocab_size, (1,), generator=gen,
+                                        device=gen.device if gen is not None else "cpu"))
+            elif self.init == "repeat_vertical" and pos >= self.grid:
+                tok = seq[pos - self.grid]
+            else:
+                tok = seq[pos - 1]
+            self.drafts[r].append(tok)
+            self.q[r].append(None)
+            self.prev[r].append(None)

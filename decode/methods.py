@@ -1,0 +1,106 @@
+"""Decoding methods by name: which drafting, acceptance and skip scheduler each one combines.
+
+| method     | drafting                     | acceptance                      | scheduler            |
+|------------|------------------------------|---------------------------------|----------------------|
+| ar         | none                         | the target's own sample         | never                |
+| eagle2     | EAGLE-2 dynamic tree         | greedy / exact multi-candidate  | never                |
+| lantern    | EAGLE-2 dynamic tree         | LANTERN (k, delta: TVD bound)   | never                |
+| lantern_pp | static tree, sampled drafts  | LANTERN++ (k, lambda bound)     | never                |
+| vvs_u      | as lantern                   | as lantern                      | uniform interval     |
+| vvs        | as lantern                   | as lantern                      | path similarity, tau |
+| sjd        | Jacobi window on the target  | exact (SJD's probabilistic rule)| never                |
+| sjd_vp     | Jacobi window, VP-favoured   | exact                           | never                |
+Published defaults live in conf/method/*.yaml (ALGORITHMS.md 1.9 and 2.5).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from decode.acceptance import Relaxation, latent_neighbours, make_acceptance
+from decode.drafter import Drafter
+from decode.drafting import EagleDrafting
+from decode.engine import Method
+from decode.jacobi import JacobiDrafting
+from decode.sampling import SamplingParams
+from decode.skipping import LearnedScheduler, NeverSkip, SimilaritySkip, UniformSkip
+from decode.trees import TreeParams
+
+METHODS = ("ar", "eagle2", "lantern", "lantern_pp", "vvs_u", "vvs", "sjd", "sjd_vp")
+NEEDS_DRAFTER = ("eagle2", "lantern", "lantern_pp", "vvs_u", "vvs")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Every knob of every method (each method reads its own)."""
+    lantern_k: int = 1000         # neighbours considered per token
+    delta: float = 0.2            # <= 1: TVD bound (LANTERN); > 1: lambda bound (LANTERN++)
+    static_tree: str | None = None  # lantern_pp: a shape in decode.trees.STATIC_SHAPES
+    scheduler: str | None = None  # vvs: similarity (default) | learned; vvs_u: uniform
+    interval: int = 5             # vvs_u
+    tau: float = 0.7              # vvs path-similarity threshold
+    decay: float = 0.9            # vvs similarity weights over depth
+    max_consecutive: int = 1      # cap on consecutive skipped steps (1 in the released code)
+    warmup: int = 5               # no skip before this many tokens
+    staleness: int = 0            # extra positions back for reused features (0: reuse_prev)
+    threshold: float = 0.5        # learned scheduler: skip when P(safe) >= threshold
+    window: int = 16              # sjd
+    init: str = "repeat_horizon"  # sjd: random | repeat_horizon | repeat_vertical
+    vp_beta: float = 1.0          # sjd_vp: strength of the favouring
+    vp_cap: float = 10.0          # sjd_vp: largest probability ratio rewarded
+
+
+def build_method(name: str, *, sampling: SamplingParams, tree: TreeParams = TreeParams(),
+                 options: MethodOptions = MethodOptions(), drafter: Drafter | None = None,
+                 codebook: Tensor | None = None, learned_policy=None) -> Method:
+    """The Method for `name`. `codebook` [V, d] (raw VQ rows) is needed by LANTERN and VVS;
+    `learned_policy` by scheduler=learned."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; available: {', '.join(METHODS)}")
+    if name == "ar":
+        return Method("ar")
+    if name in ("sjd", "sjd_vp"):
+        beta = options.vp_beta if name == "sjd_vp" else 0.0
+        drafting = functools.partial(_jacobi, window=options.window, init=options.init, vp_beta=beta,
+                                     vp_cap=options.vp_cap)
+        return Method(name, drafting=drafting, acceptance=make_acceptance(sampling))
+    if drafter is None:
+        raise ValueError(f"method={name} needs a drafter (drafter.ckpt=FOLDER, trained by python -m train drafter)")
+    relax = None
+    if name != "eagle2":
+        if codebook is None:
+            raise ValueError(f"method={name} needs the VQ codebook (latent neighbourhoods / path similarity)")
+        relax = Relaxation(latent_neighbours(codebook, options.lantern_k), options.delta)
+    if name == "lantern_pp":
+        tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, options.static_tree or "naive_extend_57")
+    drafting = functools.partial(_eagle, drafter=drafter, tree=tree)
+    return Method(name, drafting=drafting, acceptance=make_acceptance(sampling, relax),
+                  scheduler=_scheduler(name, options, codebook, learned_policy), staleness=options.staleness)
+
+
+def _scheduler(name: str, o: MethodOptions, codebook: Tensor | None, learned_policy):
+    kind = o.scheduler or {"vvs_u": "uniform", "vvs": "similarity"}.get(name, "never")
+    cap = dict(max_consecutive=o.max_consecutive, warmup=o.warmup)
+    if kind == "never":
+        return NeverSkip()
+    if kind == "uniform":
+        return UniformSkip(o.interval, **cap)
+    if kind == "similarity":
+        return SimilaritySkip(codebook, o.tau, o.decay, **cap)
+    if kind == "learned":
+        if learned_policy is None:
+            raise ValueError("scheduler=learned needs scheduler.ckpt=FOLDER (python -m train scheduler)")
+        return LearnedScheduler(learned_policy, codebook, o.threshold, **cap)
+    raise ValueError(f"scheduler={kind!r} is unknown; known: never, uniform, similarity, learned")
+
+
+def _eagle(target, batch: int, num_tokens: int, *, drafter: Drafter, tree: TreeParams) -> EagleDrafting:
+    if tree.top_k > target.vocab_size:
+        raise ValueError(f"tree.top_k={tree.top_k} exceeds the vocabulary ({target.vocab_size})")
+    return EagleDrafting(drafter, target, tree, batch, num_tokens)
+
+
+def _jacobi(target, batch: int, num_tokens: int, **kw) -> JacobiDrafting:
+    return JacobiDrafting(target, batch, num_tokens, **kw)

@@ -1,0 +1,140 @@
+"""Draft trees: the candidate tokens one verification checks, and the fixed shapes of static trees.
+
+A tree is stored flat per image row: node 0 is the root (the token the target chose last), every
+parent precedes its children, and siblings appear in the order the drafter ranked them. The target
+verifies all nodes in one pass with an ancestry mask; node positions are root position + depth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    total_tokens: int = 59  # root + drafted nodes verified per step (LANTERN/VVS on LlamaGen: 59)
+    depth: int = 4          # expansion rounds after the first level: up to depth + 1 draft levels
+    top_k: int = 10
+    static: str | None = None  # a name in STATIC_SHAPES: fixed shape, children sampled from the drafter
+
+    def __post_init__(self):
+        if self.total_tokens < 2 or self.depth < 0 or self.top_k < 1:
+            raise ValueError(f"tree needs total_tokens >= 2, depth >= 0, top_k >= 1; got {self}")
+        if self.static is not None and self.static not in STATIC_SHAPES:
+            raise ValueError(f"tree.static={self.static!r} is not a known shape; known: {', '.join(STATIC_SHAPES)}")
+
+
+@dataclass
+class Tree:
+    tokens: Tensor   # [B, T] root first, parents before children
+    parents: Tensor  # [B, T] index of the parent node (-1 for the root)
+    depths: Tensor   # [B, T]
+    mask: Tensor     # [B, T, T] bool: node i attends to node j (j an ancestor of i, or i itself)
+    q: Tensor | None = None       # [B, T, V] sampled drafts: the distribution each node was drawn from
+    scores: Tensor | None = None  # [B, T] drafter cumulative log-probability of each node (root 0)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+
+def ancestry_mask(parents: Tensor) -> Tensor:
+    """[B, T] parent pointers (parents precede children) -> [B, T, T] self-or-ancestor mask."""
+    b, t = parents.shape
+    mask = torch.eye(t, dtype=torch.bool, device=parents.device).expand(b, t, t).clone()
+    rows = torch.arange(b, device=parents.device)
+    for i in range(1, t):
+        mask[:, i] |= mask[rows, parents[:, i].clamp_min(0)] & (parents[:, i] >= 0)[:, None]
+    return mask
+
+
+def root_only(root: Tensor) -> Tree:
+    """The tree of plain AR decoding: the root alone, nothing drafted."""
+    b = root.shape[0]
+    z = torch.zeros(b, 1, dtype=torch.long, device=root.device)
+    return Tree(root[:, None], z - 1, z, torch.ones(b, 1, 1, dtype=torch.bool, device=root.device))
+
+
+def leaf_paths(parents: Tensor) -> list[list[int]]:
+    """Root-to-leaf node paths of one row's tree, leaves in node order. parents: [T] (cpu)."""
+    par = parents.tolist()
+    has_child = set(p for p in par if p >= 0)
+    paths = []
+    for leaf in range(len(par)):
+        if leaf in has_child:
+            continue
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            node = par[node]
+        paths.append(path[::-1])
+    return paths
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """A fixed tree: parent of each drafted node (0 = root) and its rank among its siblings."""
+    parents: tuple[int, ...]  # per node, root included as -1
+    ranks: tuple[int, ...]    # child rank under its parent (0 = the drafter's first pick)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    def depths(self) -> list[int]:
+        d = [0] * self.size
+        for i in range(1, self.size):
+            d[i] = d[self.parents[i]] + 1
+        return d
+
+    def children(self, node: int) -> list[int]:
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+
+def shape_from_widths(widths: tuple[int, ...], top_k: int = 10) -> StaticShape:
+    """A static tree with `widths[l]` nodes at level l + 1.
+
+    Each level takes the (parent, rank) pairs with the smallest rank sum along the path: the paths
+    a well-calibrated drafter finds most likely. (EAGLE's hand-written `tree_choices` lists were not
+    available to us; this reproduces the level widths of LANTERN++'s default `naive_extend_57`.)
+    """
+    parents, ranks, cost = [-1], [0], [0]
+    level = [0]
+    for width in widths:
+        pairs = sorted(((cost[p] + r, level.index(p), r, p) for p in level for r in range(top_k)))[:width]
+        if len(pairs) < width:
+            raise ValueError(f"level width {width} exceeds {len(level)} parents x top_k {top_k}")
+        pairs.sort(key=lambda x: (x[1], x[2]))  # group by parent, parents in order, ranks ascending
+        new = []
+        for c, _, r, p in pairs:
+            parents.append(p)
+            ranks.append(r)
+            cost.append(c)
+            new.append(len(parents) - 1)
+        level = new
+    return StaticShape(tuple(parents), tuple(ranks))
+
+
+STATIC_SHAPES = {
+    "naive_extend_57": (5, 13, 16, 14, 9),  # LANTERN++'s LlamaGen default: 57 drafts over 5 levels
+    "balanced_25": (4, 8, 8, 3, 2),         # the widths of mc_sim_7b_63 (LANTERN++'s Lumina default)
+    "chain": (1, 1, 1, 1, 1),
+}
+
+
+def static_shape(name: str) -> StaticShape:
+    return shape_from_widths(STATIC_SHAPES[name])
+
+
+@dataclass
+class StepOutcome:
+    """What one step committed, per row: `counts[b]` nodes (root first), the target feature of
+    each (fresh after a verification, stale on a skipped step) and the token after each."""
+    feats: Tensor      # [G, B, W, D]
+    following: Tensor  # [B, W] the token after each committed node (the last one: the next root)
+    counts: Tensor     # [B] committed nodes this step (0: the row did nothing)
+    tree: Tree
+    logits: Tensor | None = None  # [B, T, V] the target's logits over the tree (rows that verified)
+    verified: Tensor | None = None  # [B] bool

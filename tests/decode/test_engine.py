@@ -1,0 +1,85 @@
+"""The engine's AR path equals a plain reference loop; Jacobi and acceptance details."""
+import pytest
+import torch
+
+from decode.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours
+from decode.engine import generate_ar
+from decode.sampling import SamplingParams, row_generators, sample
+from decode.target import Condition
+from decode.trees import Tree, ancestry_mask
+from tests.decode.test_speculative import GREEDY, SAMPLED, world
+
+
+@torch.no_grad()
+def reference_ar(target, cond, n, sampling, generators):
+    """The textbook loop: prefill, then one forward per token."""
+    cache, out = target.start(cond, n)
+    token = sample(out.logits[:, -1], sampling, generators)
+    tokens = [token]
+    for _ in range(n - 1):
+        out = target.extend(cache, token[:, None])
+        target.commit(cache, 1)
+        token = sample(out.logits[:, -1], sampling, generators)
+        tokens.append(token)
+    return torch.stack(tokens, 1)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_k=10)])
+def test_engine_ar_equals_the_reference_loop(sampling):
+    target, _, cond, _ = world(3)
+    ref = reference_ar(target, cond, 64, sampling, row_generators([4, 5, 6]))
+    gen = generate_ar(target, cond, num_tokens=64, sampling=sampling, generators=row_generators([4, 5, 6]))
+    assert torch.equal(gen.tokens, ref)
+    assert gen.nfe.tolist() == [63] * 3 and gen.skipped.sum() == 0
+
+
+def test_neighbourhood_respects_the_tvd_and_lambda_bounds():
+    codebook = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    nb = latent_neighbours(codebook, 31)
+    d = torch.cdist(codebook, codebook)
+    assert (d.gather(1, nb).diff(dim=1) >= 0).all()  # ordered by latent distance
+    assert (nb != torch.arange(32)[:, None]).all()  # never itself
+    p = torch.softmax(torch.randn(32, generator=torch.Generator().manual_seed(1)), 0)
+    for delta in (0.0, 0.1, 0.3):
+        hood, mass = Relaxation(nb, delta).neighbourhood(p, 3)
+        assert mass <= delta + 1e-9 and mass == pytest.approx(float(p[hood].sum()))
+        # the longest prefix: one more neighbour would break the bound
+        if len(hood) < 31:
+            assert float(p[nb[3, :len(hood) + 1]].sum()) > delta
+    hood, mass = Relaxation(nb, 3.0).neighbourhood(p, 3)  # lambda: p~(x) <= 3 p(x)
+    assert float(p[3]) + mass <= 3 * float(p[3]) + 1e-9
+
+
+def test_relaxed_greedy_accepts_a_near_miss_that_plain_greedy_rejects():
+    # target logits at the root prefer token 1; token 2 is token 1's nearest latent neighbour
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.1, 0.0], [5.0, 5.0]])
+    tree = Tree(torch.tensor([[0, 2]]), torch.tensor([[-1, 0]]), torch.tensor([[0, 1]]),
+                ancestry_mask(torch.tensor([[-1, 0]])))
+    logits = torch.log(torch.tensor([[[0.05, 0.5, 0.4, 0.05], [0.25, 0.25, 0.25, 0.25]]]))
+    assert GreedyAcceptance()(tree, logits, GREEDY, None).paths == [[0]]
+    relaxed = GreedyAcceptance(Relaxation(latent_neighbours(codebook, 3), 0.5))
+    assert relaxed(tree, logits, GREEDY, None).paths == [[0, 1]]
+
+
+def test_sampled_acceptance_rows_only_touch_their_own_generator():
+    tree = Tree(torch.tensor([[0, 2], [0, 1]]), torch.tensor([[-1, 0], [-1, 0]]), torch.tensor([[0, 1], [0, 1]]),
+                ancestry_mask(torch.tensor([[-1, 0], [-1, 0]])))
+    logits = torch.randn(2, 2, 4)
+    gens = row_generators([1, 2])
+    before = gens[0].get_state().clone()
+    verdict = SampledAcceptance()(tree, logits, SAMPLED, gens, rows=[1])
+    assert verdict.paths[0] == [] and verdict.paths[1][0] == 0
+    assert torch.equal(gens[0].get_state(), before)
+
+
+def test_jacobi_window_and_inits():
+    from decode.jacobi import JacobiDrafting
+
+    target, _, cond, _ = world(1)
+    with pytest.raises(ValueError, match="init"):
+        JacobiDrafting(target, 1, 64, init="diagonal")
+    d = JacobiDrafting(target, 1, 64, window=4, init="repeat_horizon")
+    tree = d.propose(torch.tensor([7]), SAMPLED, row_generators([0]))
+    assert tree.tokens.tolist() == [[7, 7, 7, 7, 7]]  # each guess copies its left neighbour
+    assert tree.q[0, 1:].argmax(-1).tolist() == [7] * 4 and tree.parents.tolist() == [[-1, 0, 1, 2, 3]]
+    assert Condition(cond.cond, cond.mask).batch == 1

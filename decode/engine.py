@@ -41,6 +41,7 @@ class Generation:
     verified_tokens: Tensor | None = None  # [B] tokens committed on verified steps
     draft_s: float = 0.0  # drafting (drafter passes, tree building), batch
     verify_s: float = 0.0  # target passes and acceptance, batch
+    schedule_s: float = 0.0  # skip decisions (VVS schedulers), batch
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     chains: list[list[int]] = [[] for _ in range(b)]  # committed without KV yet (skipped steps)
     nfe, steps, skipped, ver_tokens = (torch.zeros(b, dtype=torch.long) for _ in range(4))
     run = torch.zeros(b, dtype=torch.long)
-    draft_s = verify_s = 0.0
+    draft_s = verify_s = schedule_s = 0.0
     step = 0
     while min(len(m) for m in made) < num_tokens:
         live = torch.tensor([len(m) < num_tokens for m in made])
@@ -120,6 +121,8 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         if skipping:
             made_n = torch.tensor([len(m) for m in made])
             skip = method.scheduler.decide(StepContext(tree, step, made_n, run.clone(), num_tokens)) & live
+            schedule_s += time.perf_counter() - tb
+            tb = time.perf_counter()
         verify = live & ~skip
         paths: list[list[int]] = [[] for _ in range(b)]
         following = [[] for _ in range(b)]
@@ -164,6 +167,8 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
             if paths[r]:
                 made[r].extend(following[r])
                 steps[r] += 1
+        if skipping:
+            method.scheduler.after_step(following)
         root = torch.tensor([f[-1] if f else int(root[r]) for r, f in enumerate(following)], device=device)
         if drafting:
             drafting.observe(_outcome(tree, logits, feats, following, verify, target, device), sampling, generators)
@@ -172,7 +177,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     t2 = time.perf_counter()
     tokens = torch.tensor([m[:num_tokens] for m in made], device=device)
     return Generation(tokens=tokens, nfe=nfe, steps=steps, prefill_s=t1 - t0, loop_s=t2 - t1, skipped=skipped,
-                      verified_tokens=ver_tokens, draft_s=draft_s, verify_s=verify_s)
+                      verified_tokens=ver_tokens, draft_s=draft_s, verify_s=verify_s, schedule_s=schedule_s)
 
 
 def _compact(target: LlamaGenTarget, cache, keep_src: list[list[int]], device, plain: bool) -> None:

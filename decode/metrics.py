@@ -40,6 +40,7 @@ class ImageStats:
     tokens_per_skip: float = 0.0  # tokens committed per skipped step (0 without skips)
     draft_s: float = 0.0  # batch: drafting (drafter passes, tree building)
     verify_s: float = 0.0  # batch: target passes + acceptance
+    schedule_s: float = 0.0  # batch: skip decisions (VVS schedulers)
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
@@ -67,7 +68,7 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"skip ratio          {mean('skip_ratio'):.3f}  (skipped / all steps; {mean('tokens_per_skip'):.2f} tokens "
         f"per skipped step)",
         f"latency per batch   {sum(l for l, _ in batches) / len(batches):.3f} s  (prefill to last token; "
-        f"draft {mean('draft_s'):.3f} s, verify {mean('verify_s'):.3f} s)",
+        f"draft {mean('draft_s'):.3f} s, verify {mean('verify_s'):.3f} s, schedule {mean('schedule_s'):.3f} s)",
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
         f"throughput          {n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s)",
     ]

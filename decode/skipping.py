@@ -49,6 +49,9 @@ class Scheduler:
     def wants_skip(self, ctx: StepContext) -> Tensor:
         raise NotImplementedError
 
+    def after_step(self, following: list[list[int]]) -> None:
+        """Told, per row, the tokens the step committed after the root (traces use it)."""
+
 
 class NeverSkip(Scheduler):
     def decide(self, ctx: StepContext) -> Tensor:
@@ -108,6 +111,9 @@ class SimilaritySkip(Scheduler):
         return path_similarity(ctx.tree, self.latents, self.decay) >= self.tau
 
 
+NUM_STEP_FEATURES = 8
+
+
 def step_features(ctx: StepContext, latents: Tensor) -> Tensor:
     """The cheap per-row features a learned scheduler sees [B, 8]: path similarity, best and mean
     leaf score of the drafter (cumulative log-probability), mean path length, leaves / nodes,
@@ -116,7 +122,7 @@ def step_features(ctx: StepContext, latents: Tensor) -> Tensor:
     b = tree.tokens.shape[0]
     sim = path_similarity(tree, latents)
     scores = tree.scores.cpu() if tree.scores is not None else torch.zeros(tree.tokens.shape)
-    feats = torch.zeros(b, 8)
+    feats = torch.zeros(b, NUM_STEP_FEATURES)
     for r in range(b):
         paths = leaf_paths(tree.parents[r].cpu())
         leaf_scores = torch.stack([scores[r, p[-1]] for p in paths])

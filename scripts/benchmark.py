@@ -37,20 +37,23 @@ from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E
 from decode.pipeline import condition_for, image_seed  # noqa: E402
 from decode.quality import FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
+from decode.scheduler import load_scheduler_policy  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.trees import TreeParams  # noqa: E402
 
-COLUMNS = ["label", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
-           "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "fid", "alignment", "precision", "recall"]
+COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
+           "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
+           "recall"]
 
 
-def method_options(name: str, overrides: dict) -> MethodOptions:
-    """conf/method/<name>.yaml (the published defaults) with the run's overrides."""
+def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
+    """conf/method/<name>.yaml (the published defaults) with the run's overrides; and the learned
+    scheduler's folder, if any."""
     conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
     conf.update(overrides or {})
     conf.pop("name", None)
-    conf.pop("scheduler_ckpt", None)
-    return MethodOptions(**conf)
+    ckpt = conf.pop("scheduler_ckpt", None)
+    return MethodOptions(**conf), ckpt
 
 
 @torch.no_grad()
@@ -70,7 +73,8 @@ def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method
             nfe, steps, skipped = int(gen.nfe[i]), int(gen.steps[i]), int(gen.skipped[i])
             stats.append(dict(nfe=nfe, step_compression=n / max(nfe, 1),
                               tau=int(gen.verified_tokens[i]) / max(nfe, 1), tau_all=(n - 1) / max(steps, 1),
-                              skip_ratio=skipped / max(steps, 1), draft_s=gen.draft_s, verify_s=gen.verify_s))
+                              skip_ratio=skipped / max(steps, 1), draft_s=gen.draft_s, verify_s=gen.verify_s,
+                              schedule_s=gen.schedule_s))
     return torch.cat(images), stats, latency
 
 
@@ -108,6 +112,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="benchmark")
 def main(cfg: DictConfig) -> None:
+    if cfg.get("replot"):  # redraw results.png from a results.json
+        saved = json.loads(Path(cfg.replot).read_text())
+        plot(saved["rows"], Path(cfg.replot).with_name("results.png"), saved["meta"])
+        return
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -135,9 +143,10 @@ def main(cfg: DictConfig) -> None:
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
     for run in cfg.runs:
-        opts = method_options(run.method, OmegaConf.to_container(run.options) if run.get("options") else {})
+        opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(run.options) if run.get("options") else {})
+        policy = load_scheduler_policy(sched_ckpt, target, drafter) if opts.scheduler == "learned" else None
         method = build_method(run.method, sampling=sampling, tree=tree, options=opts, drafter=drafter,
-                              codebook=codebook)
+                              codebook=codebook, learned_policy=policy)
         for seed in cfg.seeds:
             images, stats, latency = decode_set(target, vq, text, prompts, seed, sampling, method,
                                                 cfg.batch_size, f"{run.label} seed {seed}")
@@ -146,12 +155,13 @@ def main(cfg: DictConfig) -> None:
             align, feats = evaluate(evaluator, images, attrs)
             precision, recall = precision_recall(feat_real, feats, k=3)
             mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
-            row = dict(label=run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
+            row = dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
                        step_compression=mean("step_compression"), tau=mean("tau"), tau_all=mean("tau_all"),
                        skip_ratio=mean("skip_ratio"), latency_s=latency,
                        speedup_vs_ar=ar_latency.get(seed, float("nan")) / latency,
                        draft_s=sum(s["draft_s"] for s in stats[::cfg.batch_size]),
                        verify_s=sum(s["verify_s"] for s in stats[::cfg.batch_size]),
+                       schedule_s=sum(s["schedule_s"] for s in stats[::cfg.batch_size]),
                        fid=fid_ref(images), alignment=float(align.mean()), precision=precision, recall=recall)
             rows.append(row)
             bar.update(1)
@@ -187,6 +197,49 @@ def _write(out: Path, rows: list[dict], cfg, real, real2, inception, align_real)
         w.writeheader()
         w.writerows(rows)
     (out / "results.csv.tmp").replace(out / "results.csv")
+    plot(rows, out / "results.png", meta)
+
+
+def plot(rows: list[dict], path: Path, meta: dict) -> None:
+    """Speed (step compression, wall-clock speed-up) against quality (FID, alignment), one point per
+    run (mean over seeds); runs of the same `curve` (a knob sweep) joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[str, dict] = {}
+    for r in rows:  # mean over seeds, in run order
+        acc = runs.setdefault(r["label"], {"curve": r.get("curve") or r["label"], "n": 0, **{k: 0.0 for k in
+                                                                          ("step_compression", "speedup_vs_ar",
+                                                                           "fid", "alignment")}})
+        acc["n"] += 1
+        for k in ("step_compression", "speedup_vs_ar", "fid", "alignment"):
+            acc[k] += r[k]
+    points = {label: {k: (v / a["n"] if k not in ("curve", "n") else v) for k, v in a.items()}
+              for label, a in runs.items()}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for (xk, yk), ax in zip([(x, y) for y in ("fid", "alignment") for x in ("step_compression", "speedup_vs_ar")],
+                            axes.flat):
+        curves: dict[str, list] = {}
+        for label, p in points.items():
+            curves.setdefault(p["curve"], []).append((p[xk], p[yk], label))
+        for curve, pts in curves.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=curve)
+            for x, y, label in pts:
+                if label != curve:
+                    ax.annotate(label.removeprefix(curve).strip("_ "), (x, y), fontsize=7)
+        ax.set_xlabel({"step_compression": "step compression (tokens / target forwards)",
+                       "speedup_vs_ar": f"wall-clock speed-up vs AR ({meta['device']})"}[xk])
+        ax.set_ylabel({"fid": "FID (lower is better)", "alignment": "alignment (higher is better)"}[yk])
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{meta['num_prompts']} held-out world prompts x {len(set(r['seed'] for r in rows))} seeds, "
+                 f"batch {meta['batch_size']}; FID floor {meta['fid_floor']:.0f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,25 @@ def test_mismatched_parts_are_named():
                                            "target.block_size=16", "target.vocab_size=512"])
     with pytest.raises(ValueError, match=r"codebook \(1024\) != target vocab_size \(512\)"):
         check_compatible(instantiate(cfg.target), instantiate(cfg.tokenizer), None)
+
+
+def test_every_method_config_builds_its_method():
+    """conf/method/*.yaml: one per method of decode.methods, each knob a MethodOptions field."""
+    from omegaconf import OmegaConf
+
+    from decode.drafter import Drafter, DrafterConfig
+    from decode.methods import METHODS, MethodOptions, build_method
+    from decode.sampling import SamplingParams
+    from tests.conftest import tiny_gpt
+
+    files = sorted((REPO / "conf" / "method").glob("*.yaml"))
+    assert sorted(f.stem for f in files) == sorted(METHODS)
+    gpt = tiny_gpt()
+    drafter = Drafter(DrafterConfig.for_target(gpt))
+    for f in files:
+        conf = OmegaConf.to_container(OmegaConf.load(f))
+        assert conf.pop("name") == f.stem
+        conf.pop("scheduler_ckpt", None)
+        method = build_method(f.stem, sampling=SamplingParams(), options=MethodOptions(**conf), drafter=drafter,
+                              codebook=torch.randn(64, 8))
+        assert method.name == f.stem

@@ -1,0 +1,40 @@
+"""The benchmark's table and plot, and the cost model's prediction (pure functions; no timing)."""
+import importlib.util
+
+from tests.conftest import REPO
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ROWS = [dict(label=label, curve=curve, method=method, seed=seed, images=4, nfe=nfe, step_compression=256 / nfe,
+             tau=2.0, tau_all=2.0, skip_ratio=skip, latency_s=lat, speedup_vs_ar=1.0 / lat, draft_s=0.1, verify_s=0.2,
+             schedule_s=0.0, fid=fid, alignment=0.3, precision=0.9, recall=0.5)
+        for label, curve, method, nfe, skip, lat, fid in [("ar", "ar", "ar", 255, 0.0, 1.0, 100.0),
+                                                          ("vvs_t0.7", "vvs", "vvs", 80, 0.1, 2.0, 110.0),
+                                                          ("vvs_t0.5", "vvs", "vvs", 70, 0.2, 1.8, 115.0)]
+        for seed in (0, 1)]
+META = dict(device="cpu (1 threads)", batch_size=8, num_prompts=4, cfg_scale=4.0, sampling={}, tree={},
+            fid_floor=50.0, alignment_real=0.8)
+
+
+def test_benchmark_writes_a_table_and_a_plot(tmp_path):
+    bench = _load("benchmark")
+    text = bench.markdown(ROWS, META)
+    assert text.count("\n| vvs_t0.5 |") == 2 and "speed-up vs AR" in text and "floor" in text
+    bench.plot(ROWS, tmp_path / "results.png", META)
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_model_prediction_combines_timings_with_acceptance():
+    cm = _load("cost_model")
+    times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.0)
+    row = dict(method="eagle2", nfe=64.0, skip_ratio=0.0)
+    assert cm.predict(times, row, 256) == 256 / (64 * 2.0 + 64 * 1.0)
+    skipping = dict(method="vvs_u", nfe=48.0, skip_ratio=0.25)  # 64 steps, 16 of them skipped
+    assert cm.predict(times, skipping, 256) == 256 / (48 * 2.0 + 64 * 1.0)
+    assert cm.predict(times, dict(method="sjd", nfe=100.0, skip_ratio=0.0), 256) == 256 / 150.0

@@ -1,0 +1,70 @@
+"""The learned skip scheduler: deterministic traces, the smoke experiment, refusal of a foreign one."""
+import json
+
+import pytest
+import torch
+
+from data.traces import image_records
+from decode.drafter import Drafter, DrafterConfig
+from decode.methods import MethodOptions
+from decode.sampling import SamplingParams
+from decode.scheduler import SkipPolicy, load_scheduler_policy, save_scheduler
+from decode.target import LlamaGenTarget
+from decode.trees import TreeParams
+from tests.conftest import run_train, tiny_gpt
+from tests.decode.test_speculative import world
+
+
+class _TinyText:
+    """Caption features for tiny targets: a fixed random embedding per prompt."""
+
+    def encode(self, prompts):
+        from types import SimpleNamespace
+
+        g = torch.Generator().manual_seed(sum(map(ord, "".join(prompts))))
+        return SimpleNamespace(emb=torch.randn(len(prompts), 8, 12, generator=g),
+                               mask=torch.ones(len(prompts), 8, dtype=torch.bool))
+
+
+def test_traces_are_deterministic_for_a_seed():
+    from types import SimpleNamespace
+
+    from train.scheduler import record_traces
+
+    target, drafter, _, codebook = world(1)
+    vq = SimpleNamespace(quantize=SimpleNamespace(embedding=SimpleNamespace(weight=codebook)))
+    kw = dict(seed=3, first_image=0, sampling=SamplingParams(1.0), tree=TreeParams(12, 3, 4),
+              options=MethodOptions(lantern_k=16, delta=0.2), batch_size=2, progress=False)
+    prompts = ["a", "b", "c"]
+    one = record_traces(target, vq, _TinyText(), drafter, prompts, **kw)
+    two = record_traces(target, vq, _TinyText(), drafter, prompts, **kw)
+    assert [r["__key__"] for r in one] == ["00000000", "00000001", "00000002"]
+    assert one == two
+    other = record_traces(target, vq, _TinyText(), drafter, prompts, **{**kw, "seed": 4})
+    assert other != one
+    assert image_records([], 0, 1)[0]["__key__"] == "00000000"
+
+
+def test_smoke_experiment_trains_and_decode_uses_it(tmp_path):
+    res = run_train("scheduler", "experiment=smoke", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h")
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = tmp_path / "scheduler"
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["kind"] == "vvs_skip_policy" and "drafter_fingerprint" in meta
+    assert (folder / "README.md").is_file() and (tmp_path / "traces" / "traces.json").is_file()
+    assert "held-out AUROC" in res.stdout
+
+
+def test_a_scheduler_for_another_target_or_drafter_is_refused(tmp_path):
+    gpt = tiny_gpt(block_size=16)
+    target = LlamaGenTarget(gpt, 2.0)
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig.for_target(gpt))
+    save_scheduler(tmp_path / "s", SkipPolicy(), target, drafter)
+    assert isinstance(load_scheduler_policy(tmp_path / "s", target, drafter), SkipPolicy)
+    other_target = LlamaGenTarget(tiny_gpt(block_size=16, seed=5), 2.0)
+    with pytest.raises(ValueError, match="another target"):
+        load_scheduler_policy(tmp_path / "s", other_target, drafter)
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="another drafter"):
+        load_scheduler_policy(tmp_path / "s", target, Drafter(DrafterConfig.for_target(gpt)))

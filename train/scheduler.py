@@ -1,0 +1,172 @@
+"""`python -m train scheduler`: learn when VVS may skip a verification.
+
+1. Traces (built once, resumable per shard): the target + drafter decode world prompts with
+   LANTERN acceptance and verification at every step; `decode.scheduler.TraceRecorder` records each
+   step's cheap features and whether the verification-free selector's tokens would have been
+   exactly what verification committed ("safe"). Training prompts come from the world's training
+   scenes; held-out traces from other scenes.
+2. A small MLP (or logistic regression, model.hidden=0) learns P(safe) with binary cross-entropy.
+3. The folder (`<out_dir>/scheduler`) names the target and drafter it was trained with; decode
+   uses it with `method=vvs method.scheduler=learned method.scheduler_ckpt=FOLDER`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import BinaryAUROC
+from tqdm import tqdm
+
+from data.shards import HELDOUT_OFFSET
+from data.traces import Traces, image_records, load_traces, read_manifest, write_manifest, write_shard
+from data.world import SceneGenerator
+from decode.drafter import load_drafter
+from decode.engine import generate
+from decode.methods import MethodOptions, build_method
+from decode.pipeline import condition_for, image_seed
+from decode.sampling import SamplingParams, row_generators
+from decode.scheduler import PolicyConfig, SkipPolicy, TraceRecorder, drafter_fingerprint, save_scheduler
+from decode.target import LlamaGenTarget, load_target
+from decode.text import load_text_encoder
+from decode.trees import TreeParams
+from decode.vq import load_vq
+from train.common import build_logger, build_trainer, output_dir, write_model_card
+
+
+def decode_parts(cfg: DictConfig):
+    target = load_target(cfg.target.ckpt, cfg_scale=cfg.target.cfg_scale)
+    vq = load_vq(cfg.tokenizer)
+    text = load_text_encoder("minilm", max_length=target.config.cls_token_num)
+    drafter = load_drafter(cfg.drafter, target.gpt)
+    return target, vq, text, drafter
+
+
+@torch.no_grad()
+def record_traces(target: LlamaGenTarget, vq, text, drafter, prompts: list[str], *, seed: int, first_image: int,
+                  sampling: SamplingParams, tree: TreeParams, options: MethodOptions, batch_size: int,
+                  progress: bool = True) -> list[dict]:
+    """Decode `prompts` (verifying every step) and return one trace record per image."""
+    codebook = vq.quantize.embedding.weight.detach()
+    base = build_method("lantern", sampling=sampling, tree=tree, options=options, drafter=drafter, codebook=codebook)
+    records = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="traces", unit="batch", disable=not progress):
+        batch = prompts[start:start + batch_size]
+        ids = [first_image + start + i for i in range(len(batch))]
+        recorder = TraceRecorder(codebook, seeds=[image_seed(seed, i, 1) for i in ids], warmup=options.warmup)
+        generate(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens, sampling=sampling,
+                 generators=row_generators([image_seed(seed, i, 0) for i in ids]),
+                 method=dataclasses.replace(base, scheduler=recorder))
+        records.extend(image_records(recorder.steps, first_image + start, len(batch)))
+    return records
+
+
+def ensure_traces(cfg: DictConfig, folder: Path, parts) -> Path:
+    """Build the trace shards unless a manifest with the same settings says they are complete."""
+    target, vq, text, drafter = parts
+    t = cfg.traces
+    settings = {"format": 2, "target": str(cfg.target.ckpt), "cfg_scale": cfg.target.cfg_scale,
+                "drafter_fingerprint": drafter_fingerprint(drafter),
+                "traces": OmegaConf.to_container(t), "method": OmegaConf.to_container(cfg.method),
+                "sampling": OmegaConf.to_container(cfg.sampling), "tree": OmegaConf.to_container(cfg.tree)}
+    meta = read_manifest(folder)
+    if meta is not None and meta.get("settings") == settings:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    size = vq.config.downsample * int(round(target.num_image_tokens ** 0.5))
+    world = SceneGenerator(image_size=size, seed=t.world_seed)
+    sampling, tree = SamplingParams(**cfg.sampling), TreeParams(**cfg.tree)
+    options = MethodOptions(**OmegaConf.to_container(cfg.method))
+    shards = {}
+    for split, count, offset in (("train", t.num_images, t.start), ("heldout", t.heldout_images, HELDOUT_OFFSET)):
+        shards[split] = 0
+        for first in range(0, count, t.per_shard):
+            n = min(t.per_shard, count - first)
+            prompts = [world.scene(offset + first + i).caption for i in range(n)]
+            recs = record_traces(target, vq, text, drafter, prompts, seed=t.seed + (split == "heldout"),
+                                 first_image=first, sampling=sampling, tree=tree, options=options,
+                                 batch_size=t.batch_size)
+            write_shard(folder, split, shards[split], recs)
+            shards[split] += 1
+    write_manifest(folder, {"settings": settings, "shards": shards})
+    return folder
+
+
+class SchedulerModule(L.LightningModule):
+    def __init__(self, model: dict, lr: float = 3e-3, weight_decay: float = 0.0, pos_weight: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.policy = SkipPolicy(PolicyConfig(**model))
+        self.auroc = BinaryAUROC()
+
+    def _loss(self, batch):
+        feats, safe = batch
+        logits = self.policy.logits(feats)
+        pw = torch.tensor(self.hparams.pos_weight, device=feats.device)
+        return F.binary_cross_entropy_with_logits(logits, safe, pos_weight=pw), logits, safe
+
+    def training_step(self, batch, _: int):
+        loss, _, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, _: int) -> None:
+        loss, logits, safe = self._loss(batch)
+        pred = logits > 0
+        self.auroc.update(logits, (safe > 0.5).long())
+        self.log_dict({"val/loss": loss, "val/accuracy": (pred == (safe > 0.5)).float().mean(),
+                       "val/skip_rate_at_0.5": pred.float().mean(),
+                       "val/precision_at_0.5": ((pred & (safe > 0.5)).sum() / pred.sum().clamp_min(1)).float()},
+                      prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/auroc", self.auroc.compute(), prog_bar=True)
+        self.auroc.reset()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _loader(tr: Traces, label: str, batch_size: int, shuffle: bool) -> DataLoader:
+    return DataLoader(TensorDataset(tr.features, tr.target(label)), batch_size=batch_size, shuffle=shuffle)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out = output_dir(cfg)
+    parts = decode_parts(cfg)
+    t0 = time.perf_counter()
+    folder = ensure_traces(cfg, Path(cfg.traces.dir) if cfg.traces.dir else out / "traces", parts)
+    trace_s = time.perf_counter() - t0
+    train, held = load_traces(folder, "train"), load_traces(folder, "heldout")
+    print(f"traces: {len(train)} train steps ({float(train.safe.mean()):.3f} exactly safe, mean latent similarity "
+          f"{float(train.similarity.mean()):.3f}), {len(held)} held-out steps, built in {trace_s:.0f} s -> {folder}")
+    module = SchedulerModule(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim))
+    module.policy.set_standardisation(train.features)
+    trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "scheduler"))
+    t1 = time.perf_counter()
+    label = cfg.data.label
+    trainer.fit(module, _loader(train, label, cfg.data.batch_size, True), _loader(held, label, 4096, False),
+                ckpt_path=cfg.get("ckpt_path"))
+    wall = time.perf_counter() - t1
+    metrics = {k: float(v) for k, v in
+               trainer.validate(module, _loader(held, label, 4096, False), verbose=False)[0].items()}
+    rate = float((held.target(label) > 0.5).float().mean())
+    metrics["heldout_positive_rate"] = rate
+    if trainer.is_global_zero:
+        target, _, _, drafter = parts
+        dest = save_scheduler(out / "scheduler", module.policy.eval(), target, drafter,
+                              extra={"traces": str(folder), "features": "decode.skipping.step_features"})
+        write_model_card(dest, title="VVS learned skip scheduler", cfg=cfg, steps=trainer.global_step,
+                         wall_s=wall + trace_s, metrics=metrics,
+                         notes=f"Traces: {len(train)} training steps, {len(held)} held-out steps, built in "
+                               f"{trace_s:.0f} s. Use: python -m decode method=vvs method.scheduler=learned "
+                               f"method.scheduler_ckpt={dest}")
+        print(f"scheduler ({label} label): held-out AUROC {metrics['val/auroc']:.3f}, accuracy "
+              f"{metrics['val/accuracy']:.3f} (majority-class baseline {max(rate, 1 - rate):.3f}) -> {dest}")
+    return metrics

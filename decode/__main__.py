@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from decode.drafter import Drafter, load_drafter
 from decode.engine import generate
 from decode.evaluator import AlignmentScorer
+from decode.quality import CLIPScorer
 from decode import distributed
 from decode.distributed import Ranks, ranks_from_env
 from decode.metrics import append_jsonl, summary_table, write_summary
@@ -80,6 +81,7 @@ class Parts:
     text: TextEncoder | None
     scorer: AlignmentScorer | None
     drafter: Drafter | None = None
+    clip: CLIPScorer | None = None
 
 
 def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Parts:
@@ -98,7 +100,8 @@ def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Pa
         if not cfg.get("drafter") or not cfg.drafter.get("ckpt"):
             raise ValueError(f"method={cfg.method.name} needs a drafter: drafter.ckpt=FOLDER")
         drafter = load_drafter(cfg.drafter.ckpt, target.gpt)  # fails here if it does not fit the target
-    return Parts(target, vq, text, scorer, drafter)
+    clip = CLIPScorer(cfg.clip, device=device) if cfg.get("clip") else None
+    return Parts(target, vq, text, scorer, drafter, clip)
 
 
 def method_options(cfg: DictConfig) -> MethodOptions:
@@ -152,7 +155,7 @@ def _run_rank(cfg: DictConfig, jobs, ranks: Ranks, device: torch.device) -> dict
     rows = run_jobs(jobs[ranks.rank::ranks.world], target=target, vq=vq, text=text,
                     sampling=SamplingParams(**cfg.sampling), batch_size=int(cfg.batch_size), out_dir=out_dir,
                     method=cfg.method.name, generate=decoding_method(cfg, parts), scorer=scorer,
-                    stats_name=stats_name, progress=ranks.main)
+                    stats_name=stats_name, progress=ranks.main, clip=parts.clip)
     rows = distributed.gather(rows, ranks)
     if not ranks.main:
         return {"images": 0.0}

@@ -41,6 +41,7 @@ class ImageStats:
     draft_s: float = 0.0  # batch: drafting (drafter passes, tree building)
     verify_s: float = 0.0  # batch: target passes + acceptance
     schedule_s: float = 0.0  # batch: skip decisions (VVS schedulers)
+    clip_score: float | None = None  # raw CLIP cosine with "A photo depicts " + prompt (clip=FOLDER)
 
 
 def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
@@ -76,6 +77,9 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
     if scored:
         lines.append(f"alignment           {sum(scored) / len(scored):.3f}  (evaluator: share of the prompt's "
                      f"attributes found; {len(scored)} of {n} images had a world prompt)")
+    clipped = [r.clip_score for r in rows if r.clip_score is not None]
+    if clipped:
+        lines.append(f"CLIP score          {sum(clipped) / len(clipped):.4f}  (raw cosine, 'A photo depicts ' + prompt)")
     return "\n".join(lines)
 
 

@@ -93,12 +93,13 @@ def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: lis
 def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None,
              sampling: SamplingParams, batch_size: int, out_dir: Path, method: str = "ar",
              generate=generate_ar, scorer=None, progress: bool = True,
-             stats_name: str = "stats.jsonl") -> list[ImageStats]:
+             stats_name: str = "stats.jsonl", clip=None) -> list[ImageStats]:
     """Generate every job not already on disk; returns the stats of the images made now.
 
     `generate(target, condition, num_tokens=, sampling=, generators=) -> Generation` is the decoding
     method (plain AR by default; `decode.speculative.generate_eagle` with its drafter bound).
-    `scorer(images, prompts) -> [alignment or None]` (decode.evaluator.AlignmentScorer) adds quality.
+    `scorer(images, prompts) -> [alignment or None]` (decode.evaluator.AlignmentScorer) adds quality;
+    `clip(images, prompts) -> [cosine]` (decode.quality.CLIPScorer) adds the CLIP score.
     """
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +119,7 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
             images = vq.decode_codes(gen.tokens.to(next(vq.parameters()).device))
         t_vq = time.perf_counter() - t1
         aligned = scorer(images, [j.prompt for j in batch]) if scorer is not None else [None] * len(batch)
+        clipped = clip(images, [j.prompt for j in batch]) if clip is not None else [None] * len(batch)
         rows = []
         for i, (job, img) in enumerate(zip(batch, to_pil(images))):
             save_png(img, img_dir / job.name)
@@ -134,7 +136,7 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
                 alignment=aligned[i], steps=steps, skipped_steps=skipped, skip_ratio=skipped / max(steps, 1),
                 tau=ver_tokens / max(nfe, 1), tau_all=(n_tok - 1) / max(steps, 1),
                 tokens_per_skip=(n_tok - 1 - ver_tokens) / skipped if skipped else 0.0,
-                draft_s=gen.draft_s, verify_s=gen.verify_s, schedule_s=gen.schedule_s))
+                draft_s=gen.draft_s, verify_s=gen.verify_s, schedule_s=gen.schedule_s, clip_score=clipped[i]))
         append_jsonl(out_dir / stats_name, rows)
         made.extend(rows)
         bar.update(len(batch))

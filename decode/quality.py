@@ -93,3 +93,32 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
     return covered(fake, real), covered(real, fake)
+
+
+class CLIPScorer:
+    """CLIP score as VVS computes it: the raw cosine between CLIP's image and text embeddings (not x100,
+    not clipped at 0), the text prefixed with "A photo depicts ". Any local Hugging Face CLIP folder
+    (e.g. openai/clip-vit-base-patch32 downloaded by the user); nothing is fetched from a hub.
+    Returns one score per image, so it plugs in where the alignment scorer does."""
+
+    def __init__(self, path: str | Path, prefix: str = "A photo depicts ", device: str | torch.device = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a local CLIP folder (config.json missing); download one, e.g. "
+                                    "huggingface-cli download openai/clip-vit-base-patch32 --local-dir PATH")
+        self.model = CLIPModel.from_pretrained(str(path)).eval().to(device)
+        self.processor = CLIPProcessor.from_pretrained(str(path))
+        self.prefix, self.device = prefix, device
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: list[str]) -> list[float]:
+        """images: uint8 [N, 3, H, W] (or floats in [-1, 1], as decoded)."""
+        if images.is_floating_point():
+            images = to_uint8(images)
+        batch = self.processor(text=[self.prefix + p for p in prompts], images=list(images.cpu()),
+                               return_tensors="pt", padding=True, truncation=True).to(self.device)
+        out = self.model(**batch)  # projected embeddings of each image and its own caption
+        img, txt = F.normalize(out.image_embeds, dim=-1), F.normalize(out.text_embeds, dim=-1)
+        return (img * txt).sum(-1).float().cpu().tolist()

@@ -35,7 +35,7 @@ from decode.engine import generate  # noqa: E402
 from decode.evaluator import alignment_scores, load_evaluator  # noqa: E402
 from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E402
 from decode.pipeline import condition_for, image_seed  # noqa: E402
-from decode.quality import FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
+from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
 from decode.scheduler import load_scheduler_policy  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
@@ -43,7 +43,7 @@ from decode.trees import TreeParams  # noqa: E402
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
            "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
-           "recall"]
+           "recall", "clip_score"]
 
 
 def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
@@ -131,6 +131,7 @@ def main(cfg: DictConfig) -> None:
     prompts, attrs = [s.caption for s in scenes], [s.attributes for s in scenes]
     real = torch.stack([to_uint8(image_to_tensor(s.image)) for s in scenes])
     real2 = torch.stack([to_uint8(image_to_tensor(s.image)) for s in others])
+    clip = CLIPScorer(cfg.clip) if cfg.get("clip") else None
     inception = InceptionPool()
     fid_ref = FIDReference(real, feature=inception)
     align_real, feat_real = evaluate(evaluator, real, attrs)
@@ -163,6 +164,8 @@ def main(cfg: DictConfig) -> None:
                        verify_s=sum(s["verify_s"] for s in stats[::cfg.batch_size]),
                        schedule_s=sum(s["schedule_s"] for s in stats[::cfg.batch_size]),
                        fid=fid_ref(images), alignment=float(align.mean()), precision=precision, recall=recall)
+            if clip is not None:
+                row["clip_score"] = sum(clip(images, prompts)) / len(prompts)
             rows.append(row)
             bar.update(1)
             bar.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

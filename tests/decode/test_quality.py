@@ -89,3 +89,48 @@ def test_fid_is_zero_for_one_set_and_grows_with_a_shift():
 
 def test_inception_weights_are_installed():
     assert inception_path().stat().st_size > 50_000_000
+
+
+def tiny_clip(folder):
+    """A randomly initialised CLIP with a character-level tokenizer, saved like a downloaded one."""
+    import json
+    import string
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase) + [",", "."]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    eos = vocab["<|endoftext|>"]
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(folder)
+    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_is_the_raw_cosine_with_the_prefixed_prompt(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from decode.quality import CLIPScorer
+
+    folder = tiny_clip(tmp_path / "clip")
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    prompts = ["a red cat", "two blue dots"]
+    scores = CLIPScorer(folder)(images, prompts)
+    model, proc = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    x = proc(text=["A photo depicts " + p for p in prompts], images=list(images), return_tensors="pt", padding=True)
+    out = model(**x)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    assert scores == pytest.approx(cos.tolist(), abs=1e-5)
+    with pytest.raises(FileNotFoundError, match="CLIP folder"):
+        CLIPScorer(tmp_path / "nothing")

@@ -84,6 +84,29 @@ def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Te
     return tokens, mask, depths, w
 
 
+@dataclass
+class _Rows:
+    """Per-row loop state (lists indexed by image row)."""
+    made: list[list[int]]    # committed image tokens, the current root included
+    chains: list[list[int]]  # committed on skipped steps, KV and features not yet filled
+    counts: dict[str, Tensor]  # nfe, steps, skipped, verified_tokens, run (consecutive skips)
+
+    @classmethod
+    def start(cls, root: Tensor) -> "_Rows":
+        b = root.shape[0]
+        names = ("nfe", "steps", "skipped", "verified_tokens", "run")
+        return cls([[int(r)] for r in root.tolist()], [[] for _ in range(b)],
+                   {k: torch.zeros(b, dtype=torch.long) for k in names})
+
+
+@dataclass
+class _Commits:
+    """What this step commits per row: node indices, the token after each, their features."""
+    paths: list[list[int]]
+    following: list[list[int]]
+    feats: list
+
+
 @torch.no_grad()
 def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, sampling: SamplingParams,
              generators: list[torch.Generator] | None = None, method: Method = Method()) -> Generation:
@@ -104,80 +127,99 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     features = FeatureCache(g, b, num_tokens + 8, target.hidden_size, device, out.hidden.dtype) if skipping else None
     _sync(device)
     t1 = time.perf_counter()
-    made = [[int(r)] for r in root.tolist()]  # committed image tokens (the root included)
-    chains: list[list[int]] = [[] for _ in range(b)]  # committed without KV yet (skipped steps)
-    nfe, steps, skipped, ver_tokens = (torch.zeros(b, dtype=torch.long) for _ in range(4))
-    run = torch.zeros(b, dtype=torch.long)
-    draft_s = verify_s = schedule_s = 0.0
+    rows = _Rows.start(root)
+    timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
     step = 0
-    while min(len(m) for m in made) < num_tokens:
-        live = torch.tensor([len(m) < num_tokens for m in made])
-        ta = time.perf_counter()
+    while min(len(m) for m in rows.made) < num_tokens:
+        live = torch.tensor([len(m) < num_tokens for m in rows.made])
+        tick = time.perf_counter()
         tree = drafting.propose(root, sampling, generators) if drafting else root_only(root)
-        _sync(device)
-        tb = time.perf_counter()
-        draft_s += tb - ta
+        tick = _lap(timing, "draft", tick, device)
         skip = torch.zeros(b, dtype=torch.bool)
         if skipping:
-            made_n = torch.tensor([len(m) for m in made])
-            skip = method.scheduler.decide(StepContext(tree, step, made_n, run.clone(), num_tokens)) & live
-            schedule_s += time.perf_counter() - tb
-            tb = time.perf_counter()
-        verify = live & ~skip
-        paths: list[list[int]] = [[] for _ in range(b)]
-        following = [[] for _ in range(b)]
-        feats = [None] * b
+            made_n = torch.tensor([len(m) for m in rows.made])
+            ctx = StepContext(tree, step, made_n, rows.counts["run"].clone(), num_tokens)
+            skip = method.scheduler.decide(ctx) & live
+            tick = _lap(timing, "schedule", tick, device)
+        commits = _Commits([[] for _ in range(b)], [[] for _ in range(b)], [None] * b)
         logits = None
+        verify = live & ~skip
         if verify.any():
-            rows = verify.nonzero().flatten().tolist()
-            tokens, mask, depths, w = _with_chain(tree, [chains[r] if verify[r] else [] for r in range(b)])
-            out = target.extend(cache, tokens, block_mask=mask, depths=depths)
-            logits, hidden = out.logits[:, w:], out.hidden[:, :, w:]
-            verdict = accept(tree, logits, sampling, generators, rows=rows)
-            keep_src = [[] for _ in range(b)]
-            length = cache.length.view(g, b)[0].tolist()
-            for r in rows:
-                room = num_tokens - len(made[r])
-                path = verdict.paths[r][: room + 1]  # the root and at most `room` drafts
-                paths[r] = path
-                c = len(chains[r])
-                keep_src[r] = [length[r] + i for i in range(c)] + [length[r] + w + n for n in path]
-                following[r] = tree.tokens[r, path[1:]].tolist() + [int(verdict.next_tokens[r])]
-                feats[r] = hidden[:, r, path]  # [G, n, D]
-                if features is not None:
-                    features.append(r, out.hidden[:, r, :c])  # fresh features of the skipped tokens
-                    features.append(r, feats[r])
-                chains[r] = []
-                nfe[r] += 1
-                ver_tokens[r] += len(path)
-                run[r] = 0
-            _compact(target, cache, keep_src, device, plain=(w == 0 and all(pt in ([0], []) for pt in paths)))
-        _sync(device)
-        verify_s += time.perf_counter() - tb
-        for r in skip.nonzero().flatten().tolist():
-            nodes = select_skip_tokens(tree, r, generators[r] if generators else None)
-            nodes = nodes[: num_tokens - len(made[r]) + 1]
-            paths[r] = nodes[:-1]
-            following[r] = tree.tokens[r, nodes[1:]].tolist()
-            chains[r].extend(tree.tokens[r, nodes[:-1]].tolist())
-            feats[r] = features.stale(r, len(nodes) - 1, method.staleness)
-            skipped[r] += 1
-            run[r] += 1
+            logits = _verify(target, cache, tree, verify.nonzero().flatten().tolist(), rows, commits, accept,
+                             sampling, generators, num_tokens, features)
+        tick = _lap(timing, "verify", tick, device)
+        _skip(tree, skip.nonzero().flatten().tolist(), rows, commits, generators, num_tokens, features,
+              method.staleness)
         for r in range(b):
-            if paths[r]:
-                made[r].extend(following[r])
-                steps[r] += 1
+            if commits.paths[r]:
+                rows.made[r].extend(commits.following[r])
+                rows.counts["steps"][r] += 1
         if skipping:
-            method.scheduler.after_step(following)
-        root = torch.tensor([f[-1] if f else int(root[r]) for r, f in enumerate(following)], device=device)
+            method.scheduler.after_step(commits.following)
+        root = torch.tensor([f[-1] if f else int(root[r]) for r, f in enumerate(commits.following)], device=device)
         if drafting:
-            drafting.observe(_outcome(tree, logits, feats, following, verify, target, device), sampling, generators)
+            drafting.observe(_outcome(tree, logits, commits, verify, target, device), sampling, generators)
         step += 1
     _sync(device)
     t2 = time.perf_counter()
-    tokens = torch.tensor([m[:num_tokens] for m in made], device=device)
-    return Generation(tokens=tokens, nfe=nfe, steps=steps, prefill_s=t1 - t0, loop_s=t2 - t1, skipped=skipped,
-                      verified_tokens=ver_tokens, draft_s=draft_s, verify_s=verify_s, schedule_s=schedule_s)
+    c = rows.counts
+    return Generation(tokens=torch.tensor([m[:num_tokens] for m in rows.made], device=device), nfe=c["nfe"],
+                      steps=c["steps"], prefill_s=t1 - t0, loop_s=t2 - t1, skipped=c["skipped"],
+                      verified_tokens=c["verified_tokens"], draft_s=timing["draft"], verify_s=timing["verify"],
+                      schedule_s=timing["schedule"])
+
+
+def _lap(timing: dict[str, float], phase: str, since: float, device) -> float:
+    _sync(device)
+    now = time.perf_counter()
+    timing[phase] += now - since
+    return now
+
+
+def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, commits: _Commits, accept, sampling,
+            generators, num_tokens: int, features: FeatureCache | None) -> Tensor:
+    """One target pass over [chain ; tree] for every row (the others' results are dropped), acceptance
+    for the verifying rows, KV compaction. Returns the tree logits [B, T, V]."""
+    b, g = len(rows.made), target.groups
+    tokens, mask, depths, w = _with_chain(tree, [rows.chains[r] if r in verify_rows else [] for r in range(b)])
+    out = target.extend(cache, tokens, block_mask=mask, depths=depths)
+    logits, hidden = out.logits[:, w:], out.hidden[:, :, w:]
+    verdict = accept(tree, logits, sampling, generators, rows=verify_rows)
+    keep_src: list[list[int]] = [[] for _ in range(b)]
+    length = cache.length.view(g, b)[0].tolist()
+    for r in verify_rows:
+        room = num_tokens - len(rows.made[r])
+        path = verdict.paths[r][: room + 1]  # the root and at most `room` drafts
+        c = len(rows.chains[r])
+        keep_src[r] = [length[r] + i for i in range(c)] + [length[r] + w + n for n in path]
+        commits.paths[r] = path
+        commits.following[r] = tree.tokens[r, path[1:]].tolist() + [int(verdict.next_tokens[r])]
+        commits.feats[r] = hidden[:, r, path]  # [G, n, D]
+        if features is not None:
+            features.append(r, out.hidden[:, r, :c])  # fresh features of the skipped tokens (deferred fill)
+            features.append(r, commits.feats[r])
+        rows.chains[r] = []
+        rows.counts["nfe"][r] += 1
+        rows.counts["verified_tokens"][r] += len(path)
+        rows.counts["run"][r] = 0
+    plain = w == 0 and all(pt in ([0], []) for pt in commits.paths)
+    _compact(target, cache, keep_src, logits.device, plain=plain)
+    return logits
+
+
+def _skip(tree: Tree, skip_rows: list[int], rows: _Rows, commits: _Commits, generators, num_tokens: int,
+          features: FeatureCache | None, staleness: int) -> None:
+    """VVS's skipped step for these rows: the selector's tokens are committed unverified, stale
+    features stand in for the target's."""
+    for r in skip_rows:
+        nodes = select_skip_tokens(tree, r, generators[r] if generators else None)
+        nodes = nodes[: num_tokens - len(rows.made[r]) + 1]
+        commits.paths[r] = nodes[:-1]
+        commits.following[r] = tree.tokens[r, nodes[1:]].tolist()
+        commits.feats[r] = features.stale(r, len(nodes) - 1, staleness)
+        rows.chains[r].extend(tree.tokens[r, nodes[:-1]].tolist())
+        rows.counts["skipped"][r] += 1
+        rows.counts["run"][r] += 1
 
 
 def _compact(target: LlamaGenTarget, cache, keep_src: list[list[int]], device, plain: bool) -> None:
@@ -195,9 +237,10 @@ def _compact(target: LlamaGenTarget, cache, keep_src: list[list[int]], device, p
     cache.keep(src.repeat(g, 1), counts.repeat(g))
 
 
-def _outcome(tree: Tree, logits, feats: list, following: list[list[int]], verify: Tensor,
-             target: LlamaGenTarget, device) -> StepOutcome:
+def _outcome(tree: Tree, logits, commits: _Commits, verify: Tensor, target: LlamaGenTarget,
+             device) -> StepOutcome:
     """Pack the per-row commits into padded tensors for the drafter."""
+    feats, following = commits.feats, commits.following
     b = len(following)
     counts = torch.tensor([len(f) for f in following], device=device)
     width = max(1, int(counts.max()))

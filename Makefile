@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test-all: install
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# every decoding method on 100 held-out world prompts x 2 seeds, one process (about 40 min on 1 CPU thread)
+bench: install
+	$(BIN)/python scripts/benchmark.py threads=1 out_dir=outputs/benchmark/world_cpu
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -211,26 +211,29 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs: dict[str, dict] = {}
-    for r in rows:  # mean over seeds, in run order
-        acc = runs.setdefault(r["label"], {"curve": r.get("curve") or r["label"], "n": 0, **{k: 0.0 for k in
-                                                                          ("step_compression", "speedup_vs_ar",
-                                                                           "fid", "alignment")}})
-        acc["n"] += 1
-        for k in ("step_compression", "speedup_vs_ar", "fid", "alignment"):
-            acc[k] += r[k]
-    points = {label: {k: (v / a["n"] if k not in ("curve", "n") else v) for k, v in a.items()}
-              for label, a in runs.items()}
+    keys = ("step_compression", "speedup_vs_ar", "fid", "alignment")
+    seeds_of: dict[str, list[dict]] = {}
+    for r in rows:
+        seeds_of.setdefault(r["label"], []).append(r)
+    points = {}  # label -> mean over seeds, and the seeds' min / max of each key
+    for label, rs in seeds_of.items():
+        pt = {"curve": rs[0].get("curve") or label}
+        for k in keys:
+            vals = [r[k] for r in rs]
+            pt[k], pt[k + "_lo"], pt[k + "_hi"] = sum(vals) / len(vals), min(vals), max(vals)
+        points[label] = pt
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for (xk, yk), ax in zip([(x, y) for y in ("fid", "alignment") for x in ("step_compression", "speedup_vs_ar")],
                             axes.flat):
         curves: dict[str, list] = {}
         for label, p in points.items():
-            curves.setdefault(p["curve"], []).append((p[xk], p[yk], label))
+            curves.setdefault(p["curve"], []).append((p[xk], p[yk], label, p[yk] - p[yk + "_lo"],
+                                                      p[yk + "_hi"] - p[yk]))
         for curve, pts in curves.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=curve)
-            for x, y, label in pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[3] for p in pts], [p[4] for p in pts]],
+                        fmt="o-" if len(pts) > 1 else "o", capsize=3, label=curve)
+            for x, y, label, _, _ in pts:
                 if label != curve:
                     ax.annotate(label.removeprefix(curve).strip("_ "), (x, y), fontsize=7)
         ax.set_xlabel({"step_compression": "step compression (tokens / target forwards)",
@@ -238,8 +241,9 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
         ax.set_ylabel({"fid": "FID (lower is better)", "alignment": "alignment (higher is better)"}[yk])
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{meta['num_prompts']} held-out world prompts x {len(set(r['seed'] for r in rows))} seeds, "
-                 f"batch {meta['batch_size']}; FID floor {meta['fid_floor']:.0f}")
+    fig.suptitle(f"{meta['num_prompts']} held-out world prompts x {len(set(r['seed'] for r in rows))} seeds "
+                 f"(points: mean, bars: the seeds' range), batch {meta['batch_size']}; "
+                 f"FID floor {meta['fid_floor']:.0f}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

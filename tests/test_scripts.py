@@ -1,6 +1,8 @@
 """The benchmark's table and plot, and the cost model's prediction (pure functions; no timing)."""
 import importlib.util
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -33,8 +35,10 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
 def test_cost_model_prediction_combines_timings_with_acceptance():
     cm = _load("cost_model")
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.0)
-    row = dict(method="eagle2", nfe=64.0, skip_ratio=0.0)
+    row = dict(method="eagle2", step_compression=4.0, skip_ratio=0.0)  # 64 target passes for 256 tokens
     assert cm.predict(times, row, 256) == 256 / (64 * 2.0 + 64 * 1.0)
-    skipping = dict(method="vvs_u", nfe=48.0, skip_ratio=0.25)  # 64 steps, 16 of them skipped
-    assert cm.predict(times, skipping, 256) == 256 / (48 * 2.0 + 64 * 1.0)
-    assert cm.predict(times, dict(method="sjd", nfe=100.0, skip_ratio=0.0), 256) == 256 / 150.0
+    skipping = dict(method="vvs_u", step_compression=256 / 48, skip_ratio=0.25)  # 64 steps, 16 skipped
+    assert cm.predict(times, skipping, 256) == pytest.approx(256 / (48 * 2.0 + 64 * 1.0))
+    assert cm.predict(times, dict(method="sjd", step_compression=2.56, skip_ratio=0.0), 256) == pytest.approx(256 / 150)
+    # the compression carries over to another token count: 1024 tokens, 4x the passes
+    assert cm.predict(times, row, 1024) == pytest.approx(cm.predict(times, row, 256))

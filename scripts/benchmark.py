@@ -49,7 +49,7 @@ COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compressio
 def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
     """conf/method/<name>.yaml (the published defaults) with the run's overrides; and the learned
     scheduler's folder, if any."""
-    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"))
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"), resolve=True)
     conf.update(overrides or {})
     conf.pop("name", None)
     ckpt = conf.pop("scheduler_ckpt", None)
@@ -140,14 +140,17 @@ def main(cfg: DictConfig) -> None:
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
     codebook = vq.quantize.embedding.weight.detach()
+    methods = []  # every run's method is built first, so a bad run fails before any decoding
+    for run in cfg.runs:
+        opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(run.options, resolve=True)
+                                          if run.get("options") else {})
+        policy = load_scheduler_policy(sched_ckpt, target, drafter) if opts.scheduler == "learned" else None
+        methods.append(build_method(run.method, sampling=sampling, tree=tree, options=opts, drafter=drafter,
+                                    codebook=codebook, learned_policy=policy))
     rows, ar_latency = [], {}
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
-    for run in cfg.runs:
-        opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(run.options) if run.get("options") else {})
-        policy = load_scheduler_policy(sched_ckpt, target, drafter) if opts.scheduler == "learned" else None
-        method = build_method(run.method, sampling=sampling, tree=tree, options=opts, drafter=drafter,
-                              codebook=codebook, learned_policy=policy)
+    for run, method in zip(cfg.runs, methods):
         for seed in cfg.seeds:
             images, stats, latency = decode_set(target, vq, text, prompts, seed, sampling, method,
                                                 cfg.batch_size, f"{run.label} seed {seed}")
@@ -172,7 +175,23 @@ def main(cfg: DictConfig) -> None:
             _write(out, rows, cfg, real, real2, inception, align_real)
     bar.close()
     print(markdown(rows, _meta(cfg, fid(real, real2, feature=inception), float(align_real.mean()))))
+    if cfg.get("wandb"):
+        log_wandb(rows, out, cfg)
     print(f"results in {out}")
+
+
+def log_wandb(rows: list[dict], out: Path, cfg) -> None:
+    """The table and the plot as one W&B run (offline unless WANDB_API_KEY is set)."""
+    import os
+
+    import wandb
+
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    run = wandb.init(project=cfg.get("wandb_project") or "vvs-drafters", job_type="benchmark", dir=str(out),
+                     mode=os.environ.get("WANDB_MODE", mode), config=OmegaConf.to_container(cfg, resolve=True))
+    table = wandb.Table(columns=COLUMNS, data=[[r.get(c) for c in COLUMNS] for r in rows])
+    run.log({"results": table, "speed_quality": wandb.Image(str(out / "results.png"))})
+    run.finish()
 
 
 def _meta(cfg, floor: float, align_real: float) -> dict:

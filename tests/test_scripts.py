@@ -42,3 +42,13 @@ def test_cost_model_prediction_combines_timings_with_acceptance():
     assert cm.predict(times, dict(method="sjd", step_compression=2.56, skip_ratio=0.0), 256) == pytest.approx(256 / 150)
     # the compression carries over to another token count: 1024 tokens, 4x the passes
     assert cm.predict(times, row, 1024) == pytest.approx(cm.predict(times, row, 256))
+
+
+def test_benchmark_logs_its_table_to_wandb_offline(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    bench = _load("benchmark")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    bench.plot(ROWS, tmp_path / "results.png", META)
+    bench.log_wandb(ROWS, tmp_path, OmegaConf.create({"wandb": True, "wandb_project": "test"}))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -45,7 +45,7 @@ class MethodOptions:
     max_consecutive: int = 1      # cap on consecutive skipped steps (1 in the released code)
     warmup: int = 5               # no skip before this many tokens
     staleness: int = 0            # extra positions back for reused features (0: reuse_prev)
-    threshold: float = 0.5        # learned scheduler: skip when P(safe) >= threshold
+    threshold: float = 0.865      # learned scheduler: skip when P(safe) >= threshold (world sweep: docs/results.md)
     window: int = 16              # sjd
     init: str = "repeat_horizon"  # sjd: random | repeat_horizon | repeat_vertical
     vp_beta: float = 1.0          # sjd_vp: strength of the favouring

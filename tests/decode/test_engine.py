@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from decode.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours
-from decode.engine import generate_ar
+from decode.engine import generate, generate_ar
 from decode.sampling import SamplingParams, row_generators, sample
 from decode.target import Condition
 from decode.trees import Tree, ancestry_mask
@@ -83,3 +83,17 @@ def test_jacobi_window_and_inits():
     assert tree.tokens.tolist() == [[7, 7, 7, 7, 7]]  # each guess copies its left neighbour
     assert tree.q[0, 1:].argmax(-1).tolist() == [7] * 4 and tree.parents.tolist() == [[-1, 0, 1, 2, 3]]
     assert Condition(cond.cond, cond.mask).batch == 1
+
+
+def test_every_method_runs_in_bfloat16():
+    from decode.methods import METHODS, MethodOptions, build_method
+    from decode.trees import TreeParams
+
+    target, drafter, cond, codebook = world(2)
+    target.gpt.to(torch.bfloat16)
+    drafter.to(torch.bfloat16)
+    for name in METHODS:
+        method = build_method(name, sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+                              options=MethodOptions(lantern_k=16, tau=0.3, window=4))
+        out = generate(target, cond, num_tokens=64, sampling=SAMPLED, generators=row_generators([1, 2]), method=method)
+        assert out.tokens.shape == (2, 64) and (out.tokens >= 0).all() and (out.tokens < 64).all(), name

@@ -63,3 +63,34 @@ def test_every_method_config_builds_its_method():
         method = build_method(f.stem, sampling=SamplingParams(), options=MethodOptions(**conf), drafter=drafter,
                               codebook=torch.randn(64, 8))
         assert method.name == f.stem
+
+
+@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "cost_model"])
+def test_script_configs_compose_and_resolve(name):
+    """The scripts' root configs compose, and their runs name known methods and knobs."""
+    from omegaconf import OmegaConf
+
+    from decode.methods import METHODS, MethodOptions
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(name)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for run in resolved.get("runs", []):
+        assert run["method"] in METHODS
+        opts = dict(run.get("options") or {})
+        ckpt = opts.pop("scheduler_ckpt", None)
+        MethodOptions(**opts)
+        assert ckpt is None or (REPO / "models" / "world" / "scheduler" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("task", sorted(p.stem.removeprefix("train_") for p in CONF.glob("train_*.yaml")))
+def test_training_configs_compose_with_their_smoke_experiment(task):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(f"train_{task}")
+    if "trainer" not in cfg:  # `features` dumps target features; it trains nothing
+        return
+    assert cfg.trainer.max_steps > 0
+    smoke = CONF / "train" / task / "experiment" / "smoke.yaml"
+    assert smoke.is_file(), f"{task} has no experiment=smoke"

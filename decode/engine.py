@@ -42,6 +42,7 @@ class Generation:
     draft_s: float = 0.0  # drafting (drafter passes, tree building), batch
     verify_s: float = 0.0  # target passes and acceptance, batch
     schedule_s: float = 0.0  # skip decisions (VVS schedulers), batch
+    batch_passes: int = 0  # target passes the batch ran (a step runs one if any row verifies)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     t1 = time.perf_counter()
     rows = _Rows.start(root)
     timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
-    step = 0
+    step = passes = 0
     while min(len(m) for m in rows.made) < num_tokens:
         live = torch.tensor([len(m) < num_tokens for m in rows.made])
         tick = time.perf_counter()
@@ -145,6 +146,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         logits = None
         verify = live & ~skip
         if verify.any():
+            passes += 1
             logits = _verify(target, cache, tree, verify.nonzero().flatten().tolist(), rows, commits, accept,
                              sampling, generators, num_tokens, features)
         tick = _lap(timing, "verify", tick, device)
@@ -166,7 +168,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     return Generation(tokens=torch.tensor([m[:num_tokens] for m in rows.made], device=device), nfe=c["nfe"],
                       steps=c["steps"], prefill_s=t1 - t0, loop_s=t2 - t1, skipped=c["skipped"],
                       verified_tokens=c["verified_tokens"], draft_s=timing["draft"], verify_s=timing["verify"],
-                      schedule_s=timing["schedule"])
+                      schedule_s=timing["schedule"], batch_passes=passes)
 
 
 def _lap(timing: dict[str, float], phase: str, since: float, device) -> float:

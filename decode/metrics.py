@@ -41,6 +41,7 @@ class ImageStats:
     draft_s: float = 0.0  # batch: drafting (drafter passes, tree building)
     verify_s: float = 0.0  # batch: target passes + acceptance
     schedule_s: float = 0.0  # batch: skip decisions (VVS schedulers)
+    batch_passes: int = 0  # target passes the image's batch ran (>= NFE: a pass serves every verifying row)
     clip_score: float | None = None  # raw CLIP cosine with "A photo depicts " + prompt (clip=FOLDER)
 
 
@@ -63,7 +64,8 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"images              {n}  (method {rows[0].method}, device {rows[0].device}, dtype {rows[0].dtype}, "
         f"batch size {rows[0].batch_size})",
         f"tokens per image    {mean('tokens'):.0f}",
-        f"NFE per image       {mean('nfe'):.1f}   (target forwards after the prefill)",
+        f"NFE per image       {mean('nfe'):.1f}   (target forwards after the prefill; the batches ran "
+        f"{mean('batch_passes'):.1f} passes each: a pass runs when any row verifies)",
         f"step compression    {mean('step_compression'):.3f}  (tokens / NFE)",
         f"tau                 {mean('tau'):.3f}  (tokens per verified step; {mean('tau_all'):.3f} over all steps)",
         f"skip ratio          {mean('skip_ratio'):.3f}  (skipped / all steps; {mean('tokens_per_skip'):.2f} tokens "

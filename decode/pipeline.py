@@ -136,7 +136,8 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
                 alignment=aligned[i], steps=steps, skipped_steps=skipped, skip_ratio=skipped / max(steps, 1),
                 tau=ver_tokens / max(nfe, 1), tau_all=(n_tok - 1) / max(steps, 1),
                 tokens_per_skip=(n_tok - 1 - ver_tokens) / skipped if skipped else 0.0,
-                draft_s=gen.draft_s, verify_s=gen.verify_s, schedule_s=gen.schedule_s, clip_score=clipped[i]))
+                draft_s=gen.draft_s, verify_s=gen.verify_s, schedule_s=gen.schedule_s, clip_score=clipped[i],
+                batch_passes=gen.batch_passes))
         append_jsonl(out_dir / stats_name, rows)
         made.extend(rows)
         bar.update(len(batch))

@@ -142,3 +142,13 @@ def test_feature_cache_reuses_the_most_recent_features():
     assert torch.equal(fc.stale(0, 2), fc.store[:, 0, 2:4])
     assert torch.equal(fc.stale(0, 2, staleness=1), fc.store[:, 0, 1:3])
     assert torch.equal(fc.stale(0, 6)[:, :2], fc.store[:, 0, :1].expand(2, 2, 3))  # too few: oldest repeated
+
+
+def test_a_batch_runs_a_pass_whenever_any_row_verifies():
+    target, drafter, cond, codebook = world(3)
+    kw = dict(sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
+    vvs = run(target, cond, build_method("vvs", **kw, options=MethodOptions(lantern_k=16, tau=0.2)), SAMPLED)
+    assert vvs.batch_passes >= int(vvs.nfe.max())  # per-row NFE never exceeds the batch's passes
+    uniform = run(target, cond, build_method("vvs_u", **kw, options=MethodOptions(lantern_k=16, interval=2)),
+                  SAMPLED)
+    assert uniform.batch_passes < int(uniform.steps.max())  # synchronous skips save whole passes

@@ -92,7 +92,7 @@ def test_two_processes_write_the_images_of_one(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat face, on a blue background\none small red square in the top left\nthree dots\n")
     common = [f"prompts={prompts}", "n=2", "batch_size=2", "target=tiny_random_t2i", "tokenizer=tiny_random",
-              "target.block_size=16", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]",
+              "target.block_size=16", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]", "~evaluator",
               f"hydra.run.dir={tmp_path}/h"]
     one = _run(["-m", "decode", f"out_dir={tmp_path / 'one'}", *common])
     assert one.returncode == 0, one.stderr[-3000:]

@@ -43,6 +43,7 @@ class Generation:
     verify_s: float = 0.0  # target passes and acceptance, batch
     schedule_s: float = 0.0  # skip decisions (VVS schedulers), batch
     batch_passes: int = 0  # target passes the batch ran (a step runs one if any row verifies)
+    batch_steps: int = 0  # loop steps the batch ran (as many as its slowest row needs)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     return Generation(tokens=torch.tensor([m[:num_tokens] for m in rows.made], device=device), nfe=c["nfe"],
                       steps=c["steps"], prefill_s=t1 - t0, loop_s=t2 - t1, skipped=c["skipped"],
                       verified_tokens=c["verified_tokens"], draft_s=timing["draft"], verify_s=timing["verify"],
-                      schedule_s=timing["schedule"], batch_passes=passes)
+                      schedule_s=timing["schedule"], batch_passes=passes, batch_steps=step)
 
 
 def _lap(timing: dict[str, float], phase: str, since: float, device) -> float:

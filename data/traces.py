@@ -7,7 +7,6 @@ records the settings. `load_traces` reads them back into tensors for training.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from data.features import _npy
 from data.preprocess import _atomic_shard, _atomic_write_text
 from data.shards import shard_name, shard_pattern
 from decode.scheduler import TraceStep
@@ -48,12 +48,6 @@ class Traces:
 
     def __len__(self) -> int:
         return self.features.shape[0]
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def image_records(steps: list[TraceStep], first_image: int, num_rows: int) -> list[dict]:

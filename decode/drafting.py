@@ -25,7 +25,7 @@ from decode.drafter import Drafter
 from decode.sampling import SamplingParams, probabilities
 from decode.target import LlamaGenTarget
 from decode.target.llamagen import TargetOutput
-from decode.trees import StepOutcome, Tree, TreeParams, ancestry_mask, static_shape
+from decode.trees import StaticShape, StepOutcome, Tree, TreeParams, ancestry_mask, static_shape
 
 
 @dataclass
@@ -37,13 +37,46 @@ class Pending:
     count: Tensor   # [B] entries per row (>= 1 for live rows; the last one is the current root's entry)
 
 
+@dataclass(frozen=True)
+class StaticPlan:
+    """What a static shape fixes once for every step: each node's children, the nodes expanded at
+    each level with their ancestry among expanded nodes, and the tree's parents, depths and mask."""
+    kids: list[list[int]]
+    levels: list[tuple[int, list[int], Tensor]]  # (level, expanded nodes, [n, earlier + n] ancestry)
+    parents: Tensor  # [T]
+    depths: Tensor   # [T]
+    mask: Tensor     # [T, T]
+
+
+def plan_static(shape: StaticShape) -> StaticPlan:
+    kids = [shape.children(n) for n in range(shape.size)]
+    depths = shape.depths()
+    levels, expanded = [], []
+    for level in range(1, max(depths)):
+        nodes = [n for n in range(shape.size) if depths[n] == level and kids[n]]
+        if not nodes:
+            break
+        slot = {n: i for i, n in enumerate(expanded + nodes)}
+        anc = torch.zeros(len(nodes), len(expanded) + len(nodes), dtype=torch.bool)
+        for j, n in enumerate(nodes):  # each node sees its expanded ancestors and itself
+            a = n
+            while a > 0:
+                anc[j, slot[a]] = True
+                a = shape.parents[a]
+        levels.append((level, nodes, anc))
+        expanded.extend(nodes)
+    parents = torch.tensor(shape.parents)
+    return StaticPlan(kids, levels, parents, torch.tensor(depths), ancestry_mask(parents[None])[0])
+
+
 class EagleDrafting:
     """The drafter side of one generation: its KV cache, its pending entries, and the trees."""
 
     def __init__(self, drafter: Drafter, target: LlamaGenTarget, tree: TreeParams, batch: int, num_tokens: int):
         self.drafter, self.target, self.params = drafter, target, tree
         self.shape = static_shape(tree.static) if tree.static else None
-        widest = max(len(self.shape.children(n)) for n in range(self.shape.size)) if self.shape else tree.top_k
+        self.plan = plan_static(self.shape) if self.shape else None
+        widest = max(len(k) for k in self.plan.kids) if self.plan else tree.top_k
         if widest > target.vocab_size:
             raise ValueError(f"the draft tree gives a node {widest} children; the vocabulary has {target.vocab_size}")
         scratch = self.shape.size if self.shape else tree.depth * tree.top_k
@@ -200,8 +233,7 @@ class EagleDrafting:
         """Fill the static shape level by level: each node with children is expanded once; its
         children are the drafter's top picks (greedy) or draws without replacement from its
         processed distribution q, each stored with the q it was drawn from (q minus earlier siblings)."""
-        shape, b, dev = self.shape, root_token.shape[0], root_token.device
-        depths = shape.depths()
+        shape, plan, b, dev = self.shape, self.plan, root_token.shape[0], root_token.device
         drawn = not sampling.greedy
         tokens = torch.zeros(b, shape.size, dtype=torch.long, device=dev)
         tokens[:, 0] = root_token
@@ -209,38 +241,21 @@ class EagleDrafting:
         q = torch.zeros(b, shape.size, self.target.vocab_size, device=dev) if drawn else None
         out_of = {0: root_feat}  # node -> the drafter's output feature there [G*B, 1, D]
         self._draw_children(0, root_feat, tokens, scores, q, sampling, generators)
-        expanded: list[int] = []  # scratch order of expanded nodes
+        written = 0  # scratch entries of this step (one per expanded node)
         root_pos = self.cache.length.view(self.target.groups, b)[0] - 1
-        for level in range(1, max(depths)):
-            nodes = [n for n in range(shape.size) if depths[n] == level and shape.children(n)]
-            if not nodes:
-                break
-            anc = self._static_ancestry(nodes, expanded).to(dev).expand(b, -1, -1)
+        for level, nodes, anc in plan.levels:
             feats = torch.cat([out_of[shape.parents[n]] for n in nodes], 1)
-            out = self._expand(tokens[:, nodes], feats, root_pos + level, anc, len(expanded))
-            expanded.extend(nodes)
+            out = self._expand(tokens[:, nodes], feats, root_pos + level, anc.to(dev).expand(b, -1, -1), written)
+            written += len(nodes)
             for j, n in enumerate(nodes):
                 out_of[n] = out[:, j:j + 1]
                 self._draw_children(n, out_of[n], tokens, scores, q, sampling, generators)
-        parents = torch.tensor(shape.parents, device=dev).expand(b, -1)
-        return Tree(tokens, parents, torch.tensor(depths, device=dev).expand(b, -1),
-                    ancestry_mask(parents), q=q, scores=scores)
-
-    def _static_ancestry(self, nodes: list[int], expanded: list[int]) -> Tensor:
-        """[n, len(expanded) + n]: each node sees its expanded ancestors and itself."""
-        par = self.shape.parents
-        mask = torch.zeros(len(nodes), len(expanded) + len(nodes), dtype=torch.bool)
-        slot = {n: i for i, n in enumerate(expanded + nodes)}
-        for j, n in enumerate(nodes):
-            a = n
-            while a > 0:
-                mask[j, slot[a]] = True
-                a = par[a]
-        return mask
+        return Tree(tokens, plan.parents.to(dev).expand(b, -1), plan.depths.to(dev).expand(b, -1),
+                    plan.mask.to(dev).expand(b, -1, -1), q=q, scores=scores)
 
     def _draw_children(self, node: int, feat: Tensor, tokens: Tensor, scores: Tensor, q: Tensor | None,
                        sampling: SamplingParams, generators) -> None:
-        kids = self.shape.children(node)
+        kids = self.plan.kids[node]
         if not kids:
             return
         logits = self.target.guide(feat).logits[:, 0].float()  # [B, V]

@@ -159,6 +159,18 @@ def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> At
     return model.eval().to(device)
 
 
+@torch.no_grad()
+def score_images(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes: list[dict],
+                 chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """(alignment [N], evaluator features [N, F]) of uint8 images against their prompts' attributes."""
+    aligns, feats = [], []
+    for start in range(0, len(images_u8), chunk):
+        pred = evaluator.predict(images_u8[start:start + chunk].float() / 127.5 - 1.0)
+        aligns.append(alignment_scores(pred, evaluator.targets(attributes[start:start + chunk])))
+        feats.append(pred.features)
+    return torch.cat(aligns), torch.cat(feats)
+
+
 class AlignmentScorer:
     """Alignment of generated images with their prompts; None for a prompt outside the world's grammar."""
 

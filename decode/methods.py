@@ -97,8 +97,6 @@ def _scheduler(name: str, o: MethodOptions, codebook: Tensor | None, learned_pol
 
 
 def _eagle(target, batch: int, num_tokens: int, *, drafter: Drafter, tree: TreeParams) -> EagleDrafting:
-    if tree.top_k > target.vocab_size:
-        raise ValueError(f"tree.top_k={tree.top_k} exceeds the vocabulary ({target.vocab_size})")
     return EagleDrafting(drafter, target, tree, batch, num_tokens)
 
 

@@ -45,6 +45,18 @@ class ImageStats:
     clip_score: float | None = None  # raw CLIP cosine with "A photo depicts " + prompt (clip=FOLDER)
 
 
+def speed_stats(gen, i: int) -> dict:
+    """Row i of a `decode.engine.Generation` -> its per-image speed figures (definitions above)."""
+    n = int(gen.tokens.shape[1])
+    nfe, steps = int(gen.nfe[i]), int(gen.steps[i])
+    skipped = int(gen.skipped[i]) if gen.skipped is not None else 0
+    ver_tokens = int(gen.verified_tokens[i]) if gen.verified_tokens is not None else nfe
+    return dict(tokens=n, nfe=nfe, steps=steps, skipped_steps=skipped, step_compression=n / max(nfe, 1),
+                skip_ratio=skipped / max(steps, 1), tau=ver_tokens / max(nfe, 1), tau_all=(n - 1) / max(steps, 1),
+                tokens_per_skip=(n - 1 - ver_tokens) / skipped if skipped else 0.0, draft_s=gen.draft_s,
+                verify_s=gen.verify_s, schedule_s=gen.schedule_s, batch_passes=gen.batch_passes)
+
+
 def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
     """Append rows; each write is one flushed call, so an interrupted run leaves whole lines."""
     with open(path, "a") as f:

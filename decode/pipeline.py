@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from decode.engine import generate_ar
-from decode.metrics import ImageStats, append_jsonl
+from decode.metrics import ImageStats, append_jsonl, speed_stats
 from decode.sampling import SamplingParams, row_generators
 from decode.target import Condition, LlamaGenTarget
 from decode.text import TextEncoder, check_prompts
@@ -123,21 +123,11 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
         rows = []
         for i, (job, img) in enumerate(zip(batch, to_pil(images))):
             save_png(img, img_dir / job.name)
-            nfe, steps = int(gen.nfe[i]), int(gen.steps[i])
-            skipped = int(gen.skipped[i]) if gen.skipped is not None else 0
-            ver_tokens = int(gen.verified_tokens[i]) if gen.verified_tokens is not None else nfe
-            n_tok = int(gen.tokens.shape[1])
             rows.append(ImageStats(
                 prompt_index=job.prompt_index, sample_index=job.sample_index, prompt=job.prompt, seed=job.seed,
-                method=method, tokens=int(gen.tokens.shape[1]), nfe=nfe,
-                step_compression=gen.tokens.shape[1] / max(nfe, 1), latency_s=gen.prefill_s + gen.loop_s,
-                prefill_s=gen.prefill_s, text_encode_s=t_text, vq_decode_s=t_vq, batch_size=len(batch),
-                device=str(device), dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name),
-                alignment=aligned[i], steps=steps, skipped_steps=skipped, skip_ratio=skipped / max(steps, 1),
-                tau=ver_tokens / max(nfe, 1), tau_all=(n_tok - 1) / max(steps, 1),
-                tokens_per_skip=(n_tok - 1 - ver_tokens) / skipped if skipped else 0.0,
-                draft_s=gen.draft_s, verify_s=gen.verify_s, schedule_s=gen.schedule_s, clip_score=clipped[i],
-                batch_passes=gen.batch_passes))
+                method=method, latency_s=gen.prefill_s + gen.loop_s, prefill_s=gen.prefill_s, text_encode_s=t_text,
+                vq_decode_s=t_vq, batch_size=len(batch), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                image=str(img_dir / job.name), alignment=aligned[i], clip_score=clipped[i], **speed_stats(gen, i)))
         append_jsonl(out_dir / stats_name, rows)
         made.extend(rows)
         bar.update(len(batch))

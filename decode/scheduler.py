@@ -119,8 +119,7 @@ class TraceRecorder(Scheduler):
 
     def decide(self, ctx: StepContext) -> Tensor:
         b = ctx.made.shape[0]
-        allowed = (ctx.made > self.warmup) & (ctx.made < ctx.num_tokens)
-        allowed &= (ctx.tree.parents.cpu() >= 0).any(-1)
+        allowed = self.eligible(ctx)  # never skipping, the consecutive-skip run is always 0
         self._open = {}
         if allowed.any():
             feats = step_features(ctx, self.latents)

@@ -38,10 +38,14 @@ class Scheduler:
             raise ValueError(f"the cap on consecutive skips must be >= 1, got {max_consecutive}")
         self.max_consecutive, self.warmup = int(max_consecutive), int(warmup)
 
+    def eligible(self, ctx: StepContext) -> Tensor:
+        """[B] bool: rows past the warm-up, under the cap, unfinished, with drafts to take."""
+        allowed = (ctx.made > self.warmup) & (ctx.run < self.max_consecutive) & (ctx.made < ctx.num_tokens)
+        return allowed & (ctx.tree.parents.cpu() >= 0).any(-1)  # a root-only tree has nothing to take
+
     def decide(self, ctx: StepContext) -> Tensor:
         """[B] bool: skip verification this step."""
-        allowed = (ctx.made > self.warmup) & (ctx.run < self.max_consecutive)
-        allowed &= (ctx.tree.parents.cpu() >= 0).any(-1)  # a root-only tree has nothing to take
+        allowed = self.eligible(ctx)
         if not allowed.any():
             return allowed
         return allowed & self.wants_skip(ctx)

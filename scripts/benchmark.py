@@ -32,8 +32,9 @@ from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
 from decode.drafter import load_drafter  # noqa: E402
 from decode.engine import generate  # noqa: E402
-from decode.evaluator import alignment_scores, load_evaluator  # noqa: E402
+from decode.evaluator import load_evaluator, score_images  # noqa: E402
 from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E402
+from decode.metrics import speed_stats  # noqa: E402
 from decode.pipeline import condition_for, image_seed  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
@@ -68,24 +69,8 @@ def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method
                  sampling=sampling, generators=gens)
         latency += gen.prefill_s + gen.loop_s
         images.append(to_uint8(vq.decode_codes(gen.tokens)))
-        n = gen.tokens.shape[1]
-        for i in range(len(batch)):
-            nfe, steps, skipped = int(gen.nfe[i]), int(gen.steps[i]), int(gen.skipped[i])
-            stats.append(dict(nfe=nfe, step_compression=n / max(nfe, 1),
-                              tau=int(gen.verified_tokens[i]) / max(nfe, 1), tau_all=(n - 1) / max(steps, 1),
-                              skip_ratio=skipped / max(steps, 1), draft_s=gen.draft_s, verify_s=gen.verify_s,
-                              schedule_s=gen.schedule_s, batch_passes=gen.batch_passes,
-                              batch_steps=gen.batch_steps))
+        stats.extend({**speed_stats(gen, i), "batch_steps": gen.batch_steps} for i in range(len(batch)))
     return torch.cat(images), stats, latency
-
-
-def evaluate(evaluator, images_u8, attributes):
-    aligns, feats = [], []
-    for start in range(0, len(images_u8), 128):
-        pred = evaluator.predict(images_u8[start:start + 128].float() / 127.5 - 1.0)
-        aligns.append(alignment_scores(pred, evaluator.targets(attributes[start:start + 128])))
-        feats.append(pred.features)
-    return torch.cat(aligns), torch.cat(feats)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -139,7 +124,8 @@ def main(cfg: DictConfig) -> None:
     clip = CLIPScorer(cfg.clip) if cfg.get("clip") else None
     inception = InceptionPool()
     fid_ref = FIDReference(real, feature=inception)
-    align_real, feat_real = evaluate(evaluator, real, attrs)
+    align_real, feat_real = score_images(evaluator, real, attrs)
+    meta = _meta(cfg, fid(real, real2, feature=inception), float(align_real.mean()))
     sampling = SamplingParams(**cfg.sampling)
     tree = TreeParams(**cfg.tree)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
@@ -161,7 +147,7 @@ def main(cfg: DictConfig) -> None:
                                                 cfg.batch_size, f"{run.label} seed {seed}")
             if run.method == "ar":
                 ar_latency.setdefault(seed, latency)
-            align, feats = evaluate(evaluator, images, attrs)
+            align, feats = score_images(evaluator, images, attrs)
             precision, recall = precision_recall(feat_real, feats, k=3)
             mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
             row = dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
@@ -178,9 +164,9 @@ def main(cfg: DictConfig) -> None:
             rows.append(row)
             bar.update(1)
             bar.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            _write(out, rows, cfg, real, real2, inception, align_real)
+            _write(out, rows, meta)
     bar.close()
-    print(markdown(rows, _meta(cfg, fid(real, real2, feature=inception), float(align_real.mean()))))
+    print(markdown(rows, meta))
     if cfg.get("wandb"):
         log_wandb(rows, out, cfg)
     print(f"results in {out}")
@@ -207,14 +193,8 @@ def _meta(cfg, floor: float, align_real: float) -> dict:
                 sampling=dict(cfg.sampling), tree=dict(cfg.tree), fid_floor=floor, alignment_real=align_real)
 
 
-_FLOOR: dict = {}
-
-
-def _write(out: Path, rows: list[dict], cfg, real, real2, inception, align_real) -> None:
+def _write(out: Path, rows: list[dict], meta: dict) -> None:
     """Rewrite the results after every run, atomically, so an interrupted benchmark keeps its rows."""
-    if "floor" not in _FLOOR:
-        _FLOOR["floor"] = fid(real, real2, feature=inception)
-    meta = _meta(cfg, _FLOOR["floor"], float(align_real.mean()))
     for name, text in (("results.md", markdown(rows, meta)),
                        ("results.json", json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")):
         tmp = out / (name + ".tmp")

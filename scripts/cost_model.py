@@ -120,7 +120,7 @@ def predict(times: dict[str, float], row: dict, n: int) -> float:
     ar = n * times["t_ar"]
     if row["method"] == "ar":
         return 1.0
-    if "batch_passes" in row and row.get("n_tokens", n) == n:
+    if "batch_passes" in row:
         passes, steps = row["batch_passes"], row["batch_steps"]
     else:
         passes = n / row["step_compression"]  # the measured compression carried to this token count

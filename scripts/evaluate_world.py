@@ -26,7 +26,7 @@ from data.images import image_to_tensor  # noqa: E402
 from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
 from decode.engine import generate_ar  # noqa: E402
-from decode.evaluator import alignment_scores, load_evaluator  # noqa: E402
+from decode.evaluator import load_evaluator, score_images  # noqa: E402
 from decode.pipeline import condition_for, image_seed  # noqa: E402
 from decode.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
@@ -65,17 +65,6 @@ def sample_images(target, vq, text, prompts: list[str], seed: int, sampling: Sam
     return torch.cat(out)
 
 
-def evaluator_scores(evaluator, images_u8: torch.Tensor, attributes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alignment [N], features [N, F]) of uint8 images against the attributes of their prompts."""
-    aligns, feats = [], []
-    for start in range(0, len(images_u8), 128):
-        x = images_u8[start:start + 128].float() / 127.5 - 1.0
-        pred = evaluator.predict(x)
-        aligns.append(alignment_scores(pred, evaluator.targets(attributes[start:start + 128])))
-        feats.append(pred.features)
-    return torch.cat(aligns), torch.cat(feats)
-
-
 def save_grid(rows: list[torch.Tensor], path: Path) -> None:
     """rows of uint8 [K, 3, H, W] -> one PNG, a row each."""
     from PIL import Image
@@ -107,10 +96,10 @@ def main(argv=None) -> dict:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=1.0)
     fake = sample_images(target, vq, text, [s.caption for s in scenes], args.seed, sampling, args.batch_size)
     attrs = [s.attributes for s in scenes]
-    align_fake, feat_fake = evaluator_scores(evaluator, fake, attrs)
-    align_real, feat_real = evaluator_scores(evaluator, real, attrs)
+    align_fake, feat_fake = score_images(evaluator, fake, attrs)
+    align_real, feat_real = score_images(evaluator, real, attrs)
     recon = to_uint8(vq.decode_codes(vq.encode(real.float() / 127.5 - 1.0)))
-    align_recon, _ = evaluator_scores(evaluator, recon, attrs)
+    align_recon, _ = score_images(evaluator, recon, attrs)
     precision, recall = precision_recall(feat_real, feat_fake, k=3)
     inception = InceptionPool()  # loaded once for the three FIDs
     report = {

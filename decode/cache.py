@@ -83,6 +83,10 @@ class KVCache:
             self.valid[rows[keep], slots[keep]] = ok[keep]
         self.length += n
 
+    def rows(self, index: Tensor) -> "CacheRows":
+        """The cache seen by a forward pass over some of its rows only (the others sit this step out)."""
+        return CacheRows(k=self.k, v=self.v, valid=self.valid[index], length=self.length[index], index=index)
+
     def keep(self, src: Tensor, count: Tensor) -> None:
         """Compact accepted entries: move slots `src` [B, A] (absolute) to the row's next slots.
 
@@ -100,3 +104,29 @@ class KVCache:
             moved = store[:, rows, :, src]  # [B, A, L, H, Dh]
             store[:, rows, :, dst] = moved
         self.commit(count)
+
+
+@dataclass
+class CacheRows(KVCache):
+    """Rows `index` of a cache, for a pass over a sub-batch: keys and values are written to and read
+    from the shared storage; `valid` and `length` are copies of those rows' (a pass writes scratch
+    slots only; committing goes through the whole cache afterwards)."""
+    index: Tensor = None  # [R] rows of the full cache
+
+    @property
+    def batch(self) -> int:
+        return self.index.shape[0]
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        rows = self.index[:, None]
+        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+
+    def read(self, layer: int, upto: int) -> tuple[Tensor, Tensor]:
+        return self.k[layer, self.index, :, :upto], self.v[layer, self.index, :, :upto]  # gathered copies
+
+    def commit(self, num_new, key_valid=None) -> None:
+        raise RuntimeError("commit through the whole cache, not a view of some of its rows")
+
+    def keep(self, src: Tensor, count: Tensor) -> None:
+        raise RuntimeError("compact through the whole cache, not a view of some of its rows")

@@ -26,7 +26,7 @@ from torch import Tensor
 from decode.acceptance import make_acceptance
 from decode.sampling import SamplingParams, sample
 from decode.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
-from decode.target import Condition, LlamaGenTarget
+from decode.target import Condition, LlamaGenTarget, TargetOutput
 from decode.trees import StepOutcome, Tree, root_only
 
 
@@ -42,7 +42,7 @@ class Generation:
     draft_s: float = 0.0  # drafting (drafter passes, tree building), batch
     verify_s: float = 0.0  # target passes and acceptance, batch
     schedule_s: float = 0.0  # skip decisions (VVS schedulers), batch
-    batch_passes: int = 0  # target passes the batch ran (a step runs one if any row verifies)
+    batch_passes: int = 0  # target passes the batch ran (a step runs one, over its verifying rows, if any)
     batch_steps: int = 0  # loop steps the batch ran (as many as its slowest row needs)
 
 
@@ -181,11 +181,11 @@ def _lap(timing: dict[str, float], phase: str, since: float, device) -> float:
 
 def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, commits: _Commits, accept, sampling,
             generators, num_tokens: int, features: FeatureCache | None) -> Tensor:
-    """One target pass over [chain ; tree] for every row (the others' results are dropped), acceptance
-    for the verifying rows, KV compaction. Returns the tree logits [B, T, V]."""
+    """One target pass over [chain ; tree] for the verifying rows, acceptance for them, KV compaction.
+    Returns the tree logits [B, T, V] (zeros for the rows that sat the pass out)."""
     b, g = len(rows.made), target.groups
     tokens, mask, depths, w = _with_chain(tree, [rows.chains[r] if r in verify_rows else [] for r in range(b)])
-    out = target.extend(cache, tokens, block_mask=mask, depths=depths)
+    out = _pass(target, cache, tokens, mask, depths, verify_rows)
     logits, hidden = out.logits[:, w:], out.hidden[:, :, w:]
     verdict = accept(tree, logits, sampling, generators, rows=verify_rows)
     keep_src: list[list[int]] = [[] for _ in range(b)]
@@ -208,6 +208,20 @@ def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, comm
     plain = w == 0 and all(pt in ([0], []) for pt in commits.paths)
     _compact(target, cache, keep_src, logits.device, plain=plain)
     return logits
+
+
+def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_rows: list[int]) -> TargetOutput:
+    """The target pass of a step. Rows that skip this step or have finished sit it out; their
+    entries in the returned logits [B, T, V] and hidden [G, B, T, D] are zeros, never read."""
+    b = tokens.shape[0]
+    if len(verify_rows) == b:
+        return target.extend(cache, tokens, block_mask=mask, depths=depths)
+    idx = torch.tensor(verify_rows, device=tokens.device)
+    part = target.extend(cache, tokens[idx], block_mask=mask[idx], depths=depths[idx], rows=idx)
+    logits = part.logits.new_zeros(b, *part.logits.shape[1:])
+    hidden = part.hidden.new_zeros(part.hidden.shape[0], b, *part.hidden.shape[2:])
+    logits[idx], hidden[:, idx] = part.logits, part.hidden
+    return TargetOutput(logits=logits, hidden=hidden)
 
 
 def _skip(tree: Tree, skip_rows: list[int], rows: _Rows, commits: _Commits, generators, num_tokens: int,

@@ -136,7 +136,7 @@ class LlamaGenTarget:
 
     @torch.no_grad()
     def extend(self, cache: KVCache, tokens: Tensor, block_mask: Tensor | None = None,
-               depths: Tensor | None = None) -> TargetOutput:
+               depths: Tensor | None = None, rows: Tensor | None = None) -> TargetOutput:
         """Forward new tokens [B, T] after each row's committed part; KV is written but not committed.
 
         Args:
@@ -144,7 +144,12 @@ class LlamaGenTarget:
             tokens: [B, T] token ids.
             block_mask: [B, T, T] bool among the new tokens (default causal; a tree passes ancestry).
             depths: [B, T] position offsets from the row's length (default 0..T-1; a tree passes depth).
+            rows: [R] image rows of the cache to run (the others skip this pass); tokens, block_mask
+                and depths are then those rows' [R, ...], and so is the output.
         """
+        if rows is not None:
+            full = cache.batch // self.groups
+            cache = cache.rows(torch.cat([rows + i * full for i in range(self.groups)]))  # both CFG halves
         b, t = tokens.shape
         if block_mask is None:
             block_mask = causal_mask(t, tokens.device).expand(b, t, t)

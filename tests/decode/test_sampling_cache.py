@@ -51,3 +51,21 @@ def test_cache_mask_hides_padding_and_uncommitted_slots():
     cache.commit(1)
     mask = cache.attention_mask(torch.ones(1, 2, 2, dtype=torch.bool).tril(), upto=6)
     assert mask[0].tolist() == [[False, True, True, True, True, False], [False, True, True, True, True, True]]
+
+
+def test_a_pass_over_some_rows_matches_the_full_pass_and_leaves_the_others_alone():
+    torch.manual_seed(0)
+    target = LlamaGenTarget(tiny_gpt(), cfg_scale=3.0)  # CFG: both halves of a row must be selected
+    text, mask = padded_captions(3, seed=5)
+    cache, _ = target.start(Condition(text, mask), max_new_tokens=8, extra_slots=4)
+    tokens = torch.randint(target.vocab_size, (3, 4))
+    before = cache.k.clone()
+    rows = torch.tensor([0, 2])
+    part = target.extend(cache, tokens[rows], rows=rows)
+    touched = cache.k.clone()
+    full = target.extend(cache, tokens)
+    torch.testing.assert_close(part.logits, full.logits[rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(part.hidden, full.hidden[:, rows], rtol=1e-4, atol=1e-5)
+    sat_out = torch.tensor([1, 4])  # row 1 in both CFG halves (batch 3)
+    assert torch.equal(touched[:, sat_out], before[:, sat_out])
+    assert not torch.equal(touched[:, rows], before[:, rows])

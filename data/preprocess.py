@@ -315,6 +315,18 @@ class CodeShards(IterableDataset):
         yield from rank_stream(read, rank, world, self.repeat, self.skip)
 
 
+def _same_world(world: Path, data) -> bool:
+    """Whether the world shards under `world` (if any) match today's generator (seed, size, texture)."""
+    from data.shards import MANIFEST
+    from data.world import WORLD_TEXTURE
+
+    path = world / MANIFEST
+    if not path.is_file():
+        return True  # nothing built yet
+    m = json.loads(path.read_text())
+    return (m.get("seed"), m.get("image_size"), m.get("texture", 0.0)) == (data.seed, data.image_size, WORLD_TEXTURE)
+
+
 def _complete_manifests(codes: Path, data) -> tuple[str, str] | None:
     patterns = []
     for split, count in (("train", data.build_train), ("heldout", data.build_heldout)):
@@ -342,6 +354,9 @@ def ensure_code_shards(data, out: Path) -> tuple[str, str]:
     from data.shards import split_urls, write_world_shards
 
     world, codes = out / "world", out / "codes"
+    if not _same_world(world, data):  # its codes would be reused as if they were today's world's
+        raise ValueError(f"{world} holds scenes of another world (seed, image size or texture differ from "
+                         f"data/world.py today): use another out_dir, or delete {world} and {codes}")
     done = _complete_manifests(codes, data)
     if done:  # a resumed run, or a DDP rank started after rank 0 built them
         return done

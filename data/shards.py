@@ -121,6 +121,7 @@ def write_world_shards(out_dir: str | os.PathLike, num_train: int, num_heldout: 
     manifest = {
         "format": "webdataset", "members": {"png": "image", "txt": "caption", "json": "attributes"},
         "generator": "data.world.SceneGenerator", "seed": seed, "image_size": image_size,
+        "texture": generator.texture,
         "shard_size": shard_size, "heldout_index_offset": HELDOUT_OFFSET, "splits": splits,
         "attribution": ATTRIBUTION, "license": "images made from OpenMoji: CC BY-SA 4.0",
     }

@@ -32,6 +32,9 @@ COLOURS = {
     "white": (242, 242, 242), "black": (22, 22, 22),
 }
 PATTERNS = ("vertical gradient", "horizontal gradient", "stripes", "checks", "noise")
+# Amplitude of the fractal grain laid over every background (see `fractal_noise`): it decides how
+# ambiguous the target's next-token distributions are (DESIGN.md 4, the realism bar).
+WORLD_TEXTURE = 0.0
 PHOTO_PATTERN = "photo"  # only with SceneGenerator(photos=True): needs scikit-image, not a dependency
 
 # --- the emoji catalogue ------------------------------------------------------------------------
@@ -237,6 +240,18 @@ def _background(rng: np.random.Generator, pattern: str, size: int, c1: np.ndarra
     return c1 + (c2 - c1) * t[..., None]
 
 
+def fractal_noise(rng: np.random.Generator, size: int, octaves: int = 5) -> np.ndarray:
+    """[size, size] noise with unit standard deviation whose detail spans coarse blobs to near-pixel
+    grain (value noise, bicubic-upsampled grids of 4, 8, 16, ... cells; amplitude ~ cells^-1/2, so
+    fine grain keeps a large share, as in natural textures)."""
+    total = np.zeros((size, size), np.float32)
+    for octave in range(octaves):
+        cells = min(size, 4 * 2 ** octave)
+        grid = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32), "F")
+        total += np.asarray(grid.resize((size, size), Image.BICUBIC), np.float32) * cells ** -0.5
+    return (total - total.mean()) / max(float(total.std()), 1e-6)
+
+
 @functools.lru_cache(maxsize=1)
 def _skimage_photos() -> tuple[np.ndarray, ...]:
     """scikit-image's bundled photos as grey [0, 1] arrays; an error if it is not installed."""
@@ -338,13 +353,14 @@ class SceneGenerator:
     """Scene i depends only on (seed, i); fonts and emoji glyphs are rendered once and cached."""
 
     def __init__(self, image_size: int = 64, seed: int = 0, *, supersample: int = 2, emoji_share: float = 0.6,
-                 max_objects: int = 3, photos: bool = False):
+                 max_objects: int = 3, photos: bool = False, texture: float = WORLD_TEXTURE):
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
-        if seed < 0 or not 1 <= max_objects <= len(CELLS) or supersample < 1:
-            raise ValueError("seed must be >= 0, max_objects in 1..9 and supersample >= 1")
+        if seed < 0 or not 1 <= max_objects <= len(CELLS) or supersample < 1 or not 0.0 <= texture <= 1.0:
+            raise ValueError("seed must be >= 0, max_objects in 1..9, supersample >= 1 and texture in [0, 1]")
         self.image_size, self.seed, self.supersample = int(image_size), int(seed), int(supersample)
         self.emoji_share, self.max_objects = float(emoji_share), int(max_objects)
+        self.texture = float(texture)
         self.patterns = PATTERNS + ((PHOTO_PATTERN,) if photos else ())
         self._photos = _skimage_photos() if photos else ()
         self._emoji = emoji_catalogue()
@@ -401,8 +417,10 @@ class SceneGenerator:
         shade = np.zeros(3, np.float32) if c1.mean() > 128 else np.full(3, 255, np.float32)
         c2 = c1 + (shade - c1) * rng.uniform(0.2, 0.35)
         photo = self._photos[int(rng.integers(len(self._photos)))] if background["pattern"] == PHOTO_PATTERN else None
-        canvas = Image.fromarray(np.clip(_background(rng, background["pattern"], side, c1, c2, photo), 0, 255)
-                                 .astype(np.uint8))
+        ground = _background(rng, background["pattern"], side, c1, c2, photo)
+        if self.texture > 0:  # grain the caption does not describe: the tokens it makes stay ambiguous
+            ground = ground + (self.texture * 64.0) * fractal_noise(rng, side)[..., None]
+        canvas = Image.fromarray(np.clip(ground, 0, 255).astype(np.uint8))
         for i in rng.permutation(len(objects)):  # drawing order decides which overlap is on top
             self._draw_object(canvas, objects[i], placements[i])
         image = np.asarray(canvas.resize((self.image_size,) * 2, Image.LANCZOS), np.float32)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from data.images import WorldScenes, collate_scenes
 from data.world import evaluator_labels
-from decode.checkpoint import save_model_folder
+from decode.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
 from decode.evaluator import AttributeEvaluator, EvaluatorConfig, alignment_scores
 from train.common import build_logger, build_trainer, output_dir, write_model_card
 
@@ -65,11 +65,22 @@ class EvaluatorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def start_from(model, folder: str) -> None:
+    """Fine-tuning: start from an exported evaluator of the same architecture (labels and width)."""
+    meta, state = read_model_folder(folder, kind="world_evaluator")
+    if meta["config"] != model.config.to_dict():
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != model.config.to_dict().get(k))
+        raise ValueError(f"init={folder} is an evaluator with another configuration ({', '.join(changed)} differ)")
+    load_state_dict_strict(model, state, source=str(folder))
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     model_cfg = {**evaluator_labels(), "image_size": cfg.data.image_size, "width": cfg.model.width}
     module = EvaluatorModule(model=model_cfg, **OmegaConf.to_container(cfg.optim, resolve=True))
+    if cfg.get("init"):
+        start_from(module.model, cfg.init)
     d = cfg.data
     loader = lambda n, start, shuffle: DataLoader(  # noqa: E731
         WorldScenes(n, image_size=d.image_size, seed=d.seed, start=start), batch_size=d.batch_size,

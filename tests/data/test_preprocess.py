@@ -201,3 +201,16 @@ def test_hf_imagefolder_gives_the_same_codes_as_its_webdataset(world_urls, vq, t
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key].codes, sb[key].codes) and sa[key].caption == sb[key].caption
+
+
+def test_codes_of_another_world_are_refused_not_reused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from data.preprocess import ensure_code_shards
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "manifest.json").write_text(json.dumps({"seed": 0, "image_size": 64, "texture": 0.123}))
+    data = OmegaConf.create({"train_urls": None, "heldout_urls": None, "build": True, "seed": 0, "image_size": 64})
+    with pytest.raises(ValueError, match="another world"):
+        ensure_code_shards(data, tmp_path)

@@ -183,3 +183,19 @@ def test_bad_arguments_are_named(tmp_path):
         SceneGenerator(image_size=8)
     with pytest.raises(ValueError, match="shard_size"):
         write_world_shards(tmp_path, 1, 1, shard_size=0)
+
+
+def test_texture_grains_the_background_only_and_keeps_layout_and_caption():
+    plain, grained = SceneGenerator(64, seed=3, texture=0.0).scene(2), SceneGenerator(64, seed=3, texture=0.3).scene(2)
+    assert (plain.caption, plain.attributes) == (grained.caption, grained.attributes)
+    diff = np.abs(_pixels(plain).astype(float) - _pixels(grained).astype(float))
+    assert diff.mean() > 3.0  # the grain is visible, not a rounding difference
+    with pytest.raises(ValueError, match="texture"):
+        SceneGenerator(texture=1.5)
+
+
+def test_world_shards_record_their_texture(tmp_path):
+    from data.world import WORLD_TEXTURE
+
+    manifest = write_world_shards(tmp_path, num_train=2, num_heldout=1, progress=False)
+    assert manifest["texture"] == WORLD_TEXTURE

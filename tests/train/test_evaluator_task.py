@@ -14,3 +14,21 @@ def test_smoke_run_writes_a_loadable_evaluator(tmp_path):
     assert 0.0 <= metrics["val/alignment"] <= 1.0 and "val/object_acc" in metrics
     pred = load_evaluator(tmp_path / "evaluator").predict(torch.zeros(2, 3, 64, 64))
     assert pred.cell_object.shape == (2, 9) and pred.features.shape[0] == 2
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_architecture(tmp_path):
+    import pytest
+
+    from data.world import evaluator_labels
+    from decode.checkpoint import save_model_folder
+    from decode.evaluator import AttributeEvaluator, EvaluatorConfig
+    from train.evaluator import start_from
+
+    make = lambda width: AttributeEvaluator(EvaluatorConfig(**evaluator_labels(), image_size=64, width=width))  # noqa: E731
+    torch.manual_seed(0)
+    source, fresh = make(8), make(8)
+    save_model_folder(tmp_path / "ev", source, source.config.to_dict(), kind="world_evaluator")
+    start_from(fresh, str(tmp_path / "ev"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ValueError, match="width"):
+        start_from(make(16), str(tmp_path / "ev"))

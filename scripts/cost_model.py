@@ -34,8 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from decode.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
 from decode.drafting import EagleDrafting  # noqa: E402
-from decode.engine import _sync  # noqa: E402
+from decode.engine import _sync, generate_ar  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
+from decode.sampling import SamplingParams  # noqa: E402
 from decode.skipping import path_similarity  # noqa: E402
 from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.trees import StepOutcome, TreeParams  # noqa: E402
@@ -110,6 +111,31 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, device, 
     }
 
 
+@torch.no_grad()
+def plain_ar(target: LlamaGenTarget, cond: Condition, n: int) -> torch.Tensor:
+    """A plain eager loop (prefill, then one cached forward and a greedy pick per token): what the
+    engine's AR baseline is checked against, so that speed-ups are not taken over a slow baseline."""
+    cache, out = target.start(cond, n)
+    token = out.logits[:, -1].argmax(-1)
+    for _ in range(n - 1):
+        out = target.extend(cache, token[:, None])
+        target.commit(cache, 1)
+        token = out.logits[:, -1].argmax(-1)
+    return token
+
+
+def ar_throughput(cfg: DictConfig, target: LlamaGenTarget, device) -> dict[str, float]:
+    """Tokens per second of greedy AR for `ar_tokens` tokens (prefill included): the engine's
+    `generate_ar` and the plain loop, on the same inputs."""
+    b, n = cfg.batch, min(cfg.ar_tokens, target.num_image_tokens)
+    p, c = target.prefix_len, target.config.caption_dim
+    cond = Condition(torch.randn(b, p, c, device=device) * 0.1, torch.ones(b, p, dtype=torch.bool, device=device))
+    greedy = SamplingParams(temperature=0.0)
+    engine = timed(lambda: generate_ar(target, cond, num_tokens=n, sampling=greedy), 3, device)
+    plain = timed(lambda: plain_ar(target, cond, n), 3, device)
+    return {"ar_tokens_per_s_engine": b * n / engine, "ar_tokens_per_s_plain_loop": b * n / plain}
+
+
 def component_times(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, device) -> dict[str, float]:
     """Mean over cache fills of 1/4, 1/2 and 3/4 of the image: the average over a whole decode
     (attention cost grows with the cache)."""
@@ -166,13 +192,17 @@ def main(cfg: DictConfig) -> None:
         saved_times = json.loads(Path(cfg.times_from).read_text())
         times, name = saved_times["times"], saved_times["device"]
     else:
-        times = component_times(cfg, target, drafter, device)
+        times = {**component_times(cfg, target, drafter, device), **ar_throughput(cfg, target, device)}
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     lines = [f"# Cost model: {cfg.size} (dim {target.hidden_size}, {target.config.n_layer} layers, vocab "
              f"{target.vocab_size}, {target.num_image_tokens} tokens), {name}, {cfg.dtype}, batch {cfg.batch}", "",
              "| component | ms |", "|---|---|"]
     lines += [f"| {k} | {v * 1e3:.2f} |" for k, v in times.items() if k.startswith("t_")]
     lines += [f"| tree nodes | {times['tree_nodes']:.0f} |", ""]
+    if "ar_tokens_per_s_engine" in times:
+        lines += [f"AR baseline, greedy, {min(cfg.ar_tokens, target.num_image_tokens)} tokens x {cfg.batch} images "
+                  f"(prefill included): the engine's `generate_ar` {times['ar_tokens_per_s_engine']:.0f} tokens/s, "
+                  f"a plain eager loop {times['ar_tokens_per_s_plain_loop']:.0f} tokens/s.", ""]
     if cfg.results:
         saved = json.loads(Path(cfg.results).read_text())
         lines += ["| run | seed | step compression | skip ratio | predicted speed-up | measured (benchmark) | "

@@ -25,7 +25,7 @@ from decode.quality import CLIPScorer
 from decode import distributed
 from decode.distributed import Ranks, ranks_from_env
 from decode.metrics import append_jsonl, summary_table, write_summary
-from decode.pipeline import check_compatible, plan_jobs, run_jobs
+from decode.pipeline import DTYPES, check_compatible, pick_device, plan_jobs, run_jobs
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
 from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method
@@ -63,15 +63,6 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts")
     return prompts
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

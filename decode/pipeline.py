@@ -76,6 +76,16 @@ def save_png(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: list[str]) -> Condition:
     if target.config.model_type == "c2i":
         try:

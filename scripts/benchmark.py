@@ -35,7 +35,7 @@ from decode.engine import generate  # noqa: E402
 from decode.evaluator import load_evaluator, score_images  # noqa: E402
 from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E402
 from decode.metrics import speed_stats  # noqa: E402
-from decode.pipeline import condition_for, image_seed  # noqa: E402
+from decode.pipeline import DTYPES, condition_for, image_seed, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
 from decode.scheduler import load_scheduler_policy  # noqa: E402
@@ -64,11 +64,11 @@ def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method
     fn = functools.partial(generate, method=method)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
-        gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))])
+        gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))], target.device)
         gen = fn(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens,
                  sampling=sampling, generators=gens)
         latency += gen.prefill_s + gen.loop_s
-        images.append(to_uint8(vq.decode_codes(gen.tokens)))
+        images.append(to_uint8(vq.decode_codes(gen.tokens)).cpu())  # scored on the CPU
         stats.extend({**speed_stats(gen, i), "batch_steps": gen.batch_steps} for i in range(len(batch)))
     return torch.cat(images), stats, latency
 
@@ -85,7 +85,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
     notes = [
-        "", f"Device {meta['device']}, dtype float32, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
+        "", f"Device {meta['device']}, dtype {meta.get('dtype', 'float32')}, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
         f"world prompts per seed, sampling {meta['sampling']}, CFG {meta['cfg_scale']}, tree {meta['tree']}.",
         "Definitions (DESIGN.md section 6): step compression = image tokens / target forwards after the prefill; "
         "tau = tokens committed per verified step (the target's own token included); skip ratio = skipped / all "
@@ -111,8 +111,12 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target, vq, text = instantiate(cfg.target), instantiate(cfg.tokenizer), None
-    text = instantiate(cfg.text_encoder, max_length=target.config.cls_token_num)
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    device = pick_device(cfg.device)
+    target, vq = instantiate(cfg.target), instantiate(cfg.tokenizer).to(device)
+    target.gpt.to(device=device, dtype=DTYPES[cfg.dtype])  # the drafter follows the target's
+    text = instantiate(cfg.text_encoder, max_length=target.config.cls_token_num, device=str(device))
     evaluator = load_evaluator(cfg.evaluator_ckpt)
     size = vq.config.downsample * int(round(target.num_image_tokens ** 0.5))
     world = SceneGenerator(image_size=size, seed=cfg.world_seed)
@@ -125,7 +129,7 @@ def main(cfg: DictConfig) -> None:
     inception = InceptionPool()
     fid_ref = FIDReference(real, feature=inception)
     align_real, feat_real = score_images(evaluator, real, attrs)
-    meta = _meta(cfg, fid(real, real2, feature=inception), float(align_real.mean()))
+    meta = _meta(cfg, device, fid(real, real2, feature=inception), float(align_real.mean()))
     sampling = SamplingParams(**cfg.sampling)
     tree = TreeParams(**cfg.tree)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
@@ -186,9 +190,9 @@ def log_wandb(rows: list[dict], out: Path, cfg) -> None:
     run.finish()
 
 
-def _meta(cfg, floor: float, align_real: float) -> dict:
-    return dict(device=f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available()
-                else torch.cuda.get_device_name(),
+def _meta(cfg, device: torch.device, floor: float, align_real: float) -> dict:
+    return dict(device=f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu"
+                else torch.cuda.get_device_name(device), dtype=cfg.dtype,
                 batch_size=cfg.batch_size, num_prompts=cfg.num_prompts, cfg_scale=cfg.target.cfg_scale,
                 sampling=dict(cfg.sampling), tree=dict(cfg.tree), fid_floor=floor, alignment_real=align_real)
 

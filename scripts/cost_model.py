@@ -35,13 +35,12 @@ sys.path.insert(0, str(REPO))
 from decode.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
 from decode.drafting import EagleDrafting  # noqa: E402
 from decode.engine import _sync, generate_ar  # noqa: E402
+from decode.pipeline import DTYPES, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
 from decode.sampling import SamplingParams  # noqa: E402
 from decode.skipping import path_similarity  # noqa: E402
 from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.trees import StepOutcome, TreeParams  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def timed(fn, repeats: int, device) -> float:
@@ -186,7 +185,7 @@ def main(cfg: DictConfig) -> None:
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
     target, drafter = build(cfg, device, DTYPES[cfg.dtype])
     if cfg.times_from:  # reuse timings written by an earlier run (e.g. on a GPU machine)
         saved_times = json.loads(Path(cfg.times_from).read_text())

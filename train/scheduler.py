@@ -150,6 +150,9 @@ def compare_with_similarity_rule(policy: SkipPolicy, held: Traces) -> dict[str, 
         if 0 < int(y.sum()) < len(y):
             out[f"heldout/auroc_{label}_learned"] = float(binary_auroc(prob, y))
             out[f"heldout/auroc_{label}_similarity_rule"] = float(binary_auroc(rule, y))
+    for q in (0.9, 0.75, 0.5, 0.25):  # knob values that approve the top 10 ... 75% of held-out steps (sweeps)
+        out[f"heldout/threshold_q{int(q * 100)}_learned"] = float(prob.quantile(q))
+        out[f"heldout/tau_q{int(q * 100)}_similarity_rule"] = float(rule.quantile(q))
     for rate in (0.1, 0.25, 0.5):
         k = max(1, int(rate * len(prob)))
         out[f"heldout/similarity_of_top{int(rate * 100)}pct_learned"] = float(held.similarity[prob.topk(k).indices].mean())

@@ -68,3 +68,23 @@ def test_a_scheduler_for_another_target_or_drafter_is_refused(tmp_path):
     torch.manual_seed(1)
     with pytest.raises(ValueError, match="another drafter"):
         load_scheduler_policy(tmp_path / "s", target, Drafter(DrafterConfig.for_target(gpt)))
+
+
+def test_held_out_comparison_gives_ordered_knob_quantiles_for_sweeps():
+    from data.traces import Traces
+    from decode.scheduler import PolicyConfig
+    from train.scheduler import compare_with_similarity_rule
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    feats = torch.rand(n, 8, generator=g)
+    similarity = feats[:, 0] * 0.5 + 0.5 * torch.rand(n, generator=g)
+    held = Traces(features=feats, proposed=torch.full((n,), 3), kept=(similarity * 4).long().clamp(max=3),
+                  similarity=similarity, image=torch.arange(n) // 40)
+    policy = SkipPolicy(PolicyConfig(num_features=8, hidden=4))
+    policy.set_standardisation(feats)
+    out = compare_with_similarity_rule(policy, held)
+    for kind in ("threshold_q{}_learned", "tau_q{}_similarity_rule"):
+        values = [out[f"heldout/{kind.format(q)}"] for q in (90, 75, 50, 25)]
+        assert values == sorted(values, reverse=True) and values[0] > values[-1]
+    assert out["heldout/tau_q50_similarity_rule"] == pytest.approx(float(feats[:, 0].quantile(0.5)))

@@ -26,10 +26,9 @@ class WorldImages(Dataset):
 
     def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0,
                  texture: float | None = None):
-        from data.world import WORLD_TEXTURE, SceneGenerator
+        from data.world import SceneGenerator
 
-        self.generator = SceneGenerator(image_size=image_size, seed=seed,
-                                        texture=WORLD_TEXTURE if texture is None else texture)
+        self.generator = SceneGenerator(image_size=image_size, seed=seed, texture=texture)
         self.length, self.start = int(length), int(start)
 
     def __len__(self) -> int:
@@ -58,10 +57,9 @@ class WorldScenes(Dataset):
 
     def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0,
                  texture: float | None = None):
-        from data.world import WORLD_TEXTURE, SceneGenerator
+        from data.world import SceneGenerator
 
-        self.generator = SceneGenerator(image_size=image_size, seed=seed,
-                                        texture=WORLD_TEXTURE if texture is None else texture)
+        self.generator = SceneGenerator(image_size=image_size, seed=seed, texture=texture)
         self.length, self.start = int(length), int(start)
 
     def __len__(self) -> int:

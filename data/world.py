@@ -353,14 +353,15 @@ class SceneGenerator:
     """Scene i depends only on (seed, i); fonts and emoji glyphs are rendered once and cached."""
 
     def __init__(self, image_size: int = 64, seed: int = 0, *, supersample: int = 2, emoji_share: float = 0.6,
-                 max_objects: int = 3, photos: bool = False, texture: float = WORLD_TEXTURE):
+                 max_objects: int = 3, photos: bool = False, texture: float | None = None):
+        texture = WORLD_TEXTURE if texture is None else float(texture)  # None: the world's grain
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
         if seed < 0 or not 1 <= max_objects <= len(CELLS) or supersample < 1 or not 0.0 <= texture <= 1.0:
             raise ValueError("seed must be >= 0, max_objects in 1..9, supersample >= 1 and texture in [0, 1]")
         self.image_size, self.seed, self.supersample = int(image_size), int(seed), int(supersample)
         self.emoji_share, self.max_objects = float(emoji_share), int(max_objects)
-        self.texture = float(texture)
+        self.texture = texture
         self.patterns = PATTERNS + ((PHOTO_PATTERN,) if photos else ())
         self._photos = _skimage_photos() if photos else ()
         self._emoji = emoji_catalogue()

@@ -47,10 +47,14 @@ class KVCache:
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Write k, v [B, H, T, Dh] into slots [B, T] of one layer (scratch until committed)."""
-        rows = torch.arange(self.batch, device=slots.device)[:, None]
+        rows = self._row_index(slots.device)[:, None]
         # advanced indices on dims 0 and 2 put (B, T) first: the value is [B, T, H, Dh]
         self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+
+    def _row_index(self, device) -> Tensor:
+        """Rows of the storage this cache's batch rows are (all of them; a `CacheRows` view: some)."""
+        return torch.arange(self.batch, device=device)
 
     def read(self, layer: int, upto: int) -> tuple[Tensor, Tensor]:
         return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
@@ -117,10 +121,8 @@ class CacheRows(KVCache):
     def batch(self) -> int:
         return self.index.shape[0]
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        rows = self.index[:, None]
-        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+    def _row_index(self, device) -> Tensor:
+        return self.index
 
     def read(self, layer: int, upto: int) -> tuple[Tensor, Tensor]:
         return self.k[layer, self.index, :, :upto], self.v[layer, self.index, :, :upto]  # gathered copies

@@ -12,6 +12,20 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+
+def next_token_stats(logits: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NLL, top-1 accuracy, mean top-1 probability and entropy (nats) of next-token distributions
+    logits [B, N, V] against the codes [B, N] that followed (the realism bar uses the last two)."""
+    logp = logits.float().log_softmax(-1)  # [B, N, V]
+    p = logp.exp()
+    return {"nll": F.nll_loss(logp.flatten(0, 1), codes.flatten()),
+            "top1_acc": (logits.argmax(-1) == codes).float().mean(),
+            "top1_prob": p.max(-1).values.mean(),
+            "entropy": -(p * logp).sum(-1).mean()}
+
 
 @dataclass(frozen=True)
 class ImageStats:

@@ -29,6 +29,7 @@ from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
 from decode.engine import generate_ar  # noqa: E402
 from decode.evaluator import load_evaluator, score_images  # noqa: E402
+from decode.metrics import next_token_stats  # noqa: E402
 from decode.pipeline import condition_for, image_seed  # noqa: E402
 from decode.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
@@ -73,13 +74,14 @@ def next_token_confidence(gpt, cfg_scale: float, text, captions: list[str], code
     """The realism bar (DESIGN.md 4): mean top-1 probability and entropy (nats) of the target's
     next-token distributions along real held-out images (teacher forcing; cfg 1 = the conditional model)."""
     target = LlamaGenTarget(gpt, cfg_scale=cfg_scale)
-    top1, entropy = [], []
+    sums = {"top1_prob": 0.0, "entropy": 0.0}
     for start in range(0, len(captions), batch_size):
-        cond = condition_for(target, text, captions[start:start + batch_size])
-        logp = target.teacher_forced(cond, codes[start:start + batch_size]).logits.float().log_softmax(-1)
-        top1.append(logp.exp().amax(-1).flatten())
-        entropy.append(-(logp.exp() * logp).sum(-1).flatten())
-    return {"top1_prob": float(torch.cat(top1).mean()), "entropy": float(torch.cat(entropy).mean())}
+        batch = codes[start:start + batch_size]
+        stats = next_token_stats(target.teacher_forced(condition_for(target, text, captions[start:start + batch_size]),
+                                                       batch).logits, batch)
+        for k in sums:  # batch means weighted by rows: every row has the same number of tokens
+            sums[k] += float(stats[k]) * len(batch)
+    return {k: v / len(captions) for k, v in sums.items()}
 
 
 def psnr(real: torch.Tensor, other: torch.Tensor) -> float:

@@ -68,8 +68,9 @@ class EvaluatorModule(L.LightningModule):
 def start_from(model, folder: str) -> None:
     """Fine-tuning: start from an exported evaluator of the same architecture (labels and width)."""
     meta, state = read_model_folder(folder, kind="world_evaluator")
-    if meta["config"] != model.config.to_dict():
-        changed = sorted(k for k in meta["config"] if meta["config"][k] != model.config.to_dict().get(k))
+    mine = model.config.to_dict()
+    if meta["config"] != mine:
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != mine.get(k))
         raise ValueError(f"init={folder} is an evaluator with another configuration ({', '.join(changed)} differ)")
     load_state_dict_strict(model, state, source=str(folder))
 

@@ -18,18 +18,9 @@ from torch.utils.data import DataLoader
 
 from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
 from decode.checkpoint import save_model_folder
+from decode.metrics import next_token_stats
 from decode.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
 from train.common import build_logger, build_trainer, output_dir, write_model_card
-
-def next_token_stats(logits: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """NLL, top-1 accuracy, mean top-1 probability and entropy (nats) of next-token distributions."""
-    logp = logits.float().log_softmax(-1)  # [B, N, V]
-    p = logp.exp()
-    return {"nll": F.nll_loss(logp.flatten(0, 1), codes.flatten()),
-            "top1_acc": (logits.argmax(-1) == codes).float().mean(),
-            "top1_prob": p.max(-1).values.mean(),
-            "entropy": -(p * logp).sum(-1).mean()}
-
 
 class TargetModule(L.LightningModule):
     def __init__(self, gpt: dict, lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 200,

@@ -25,7 +25,7 @@ from decode.quality import CLIPScorer
 from decode import distributed
 from decode.distributed import Ranks, ranks_from_env
 from decode.metrics import append_jsonl, summary_table, write_summary
-from decode.pipeline import DTYPES, check_compatible, pick_device, plan_jobs, run_jobs
+from decode.pipeline import DTYPES, check_compatible, compile_models, pick_device, plan_jobs, run_jobs
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
 from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method
@@ -91,6 +91,8 @@ def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Pa
         if not cfg.get("drafter") or not cfg.drafter.get("ckpt"):
             raise ValueError(f"method={cfg.method.name} needs a drafter: drafter.ckpt=FOLDER")
         drafter = load_drafter(cfg.drafter.ckpt, target.gpt)  # fails here if it does not fit the target
+    if cfg.get("compile"):
+        compile_models(target.gpt, drafter)
     clip = CLIPScorer(cfg.clip, device=device) if cfg.get("clip") else None
     return Parts(target, vq, text, scorer, drafter, clip)
 

@@ -47,10 +47,13 @@ class KVCache:
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Write k, v [B, H, T, Dh] into slots [B, T] of one layer (scratch until committed)."""
-        rows = self._row_index(slots.device)[:, None]
-        # advanced indices on dims 0 and 2 put (B, T) first: the value is [B, T, H, Dh]
-        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+        rows = self._row_index(slots.device)[:, None].expand_as(slots)  # [B, T]
+        layers = torch.full_like(slots, layer)
+        # One index_put on the whole storage, not on the view `k[layer]`: under torch.compile a
+        # write into a view of a graph input is replayed as a copy of the whole cache every call.
+        # Advanced indices on dims 0, 1 and 3 put (B, T) first: the value is [B, T, H, Dh].
+        self.k[layers, rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layers, rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
 
     def _row_index(self, device) -> Tensor:
         """Rows of the storage this cache's batch rows are (all of them; a `CacheRows` view: some)."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from decode.cache import KVCache
 from decode.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, save_model_folder
-from decode.target.llamagen_gpt import GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
+from decode.target.llamagen_gpt import BlockStack, GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
 
 KIND = "eagle_drafter"
 
@@ -79,7 +79,7 @@ def target_fingerprint(gpt: LlamaGenGPT) -> str:
     return h.hexdigest()[:16]
 
 
-class Drafter(nn.Module):
+class Drafter(BlockStack, nn.Module):
     def __init__(self, cfg: DrafterConfig, rope_extra: int = 32):
         super().__init__()
         self.config = cfg
@@ -114,9 +114,7 @@ class Drafter(nn.Module):
         x = self.fc(torch.cat([token_emb.to(features.dtype), features], dim=-1))
         rope = self.rope[positions]
         slots = cache.new_slots(x.shape[1], offset) if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i, slots)
-        return x
+        return self.run_blocks(x, rope, mask, cache, slots)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.fc.weight

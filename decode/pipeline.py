@@ -86,6 +86,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compile_models(*models) -> None:
+    """`compile=true`: torch.compile the layer stack of each model given (target GPT, drafter; None
+    is passed over). Same tokens as eager; the first images of each shape kind pay the tracing."""
+    for m in models:
+        if m is not None:
+            m.compile_blocks()
+
+
 def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: list[str]) -> Condition:
     if target.config.model_type == "c2i":
         try:

@@ -35,7 +35,7 @@ from decode.engine import generate  # noqa: E402
 from decode.evaluator import load_evaluator, score_images  # noqa: E402
 from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E402
 from decode.metrics import speed_stats  # noqa: E402
-from decode.pipeline import DTYPES, condition_for, image_seed, pick_device  # noqa: E402
+from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
 from decode.scheduler import load_scheduler_policy  # noqa: E402
@@ -85,7 +85,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
     notes = [
-        "", f"Device {meta['device']}, dtype {meta.get('dtype', 'float32')}, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
+        "", f"Device {meta['device']}, dtype {meta.get('dtype', 'float32')}{_compiled(meta)}, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
         f"world prompts per seed, sampling {meta['sampling']}, CFG {meta['cfg_scale']}, tree {meta['tree']}.",
         "Definitions (DESIGN.md section 6): step compression = image tokens / target forwards after the prefill; "
         "tau = tokens committed per verified step (the target's own token included); skip ratio = skipped / all "
@@ -98,6 +98,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _compiled(meta: dict) -> str:
+    """How the layers ran and whether each method had an untimed warm-up batch (older results: no note)."""
+    if "compiled" not in meta:
+        return ""
+    return (", layers torch.compile'd" if meta["compiled"] else ", eager") + \
+        (", one untimed warm-up batch per run" if meta.get("warmup") else ", no warm-up batch")
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="benchmark")
@@ -134,6 +142,8 @@ def main(cfg: DictConfig) -> None:
     tree = TreeParams(**cfg.tree)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
+    if cfg.compile:
+        compile_models(target.gpt, drafter)
     codebook = vq.quantize.embedding.weight.detach()
     methods = []  # every run's method is built first, so a bad run fails before any decoding
     for run in cfg.runs:
@@ -146,6 +156,9 @@ def main(cfg: DictConfig) -> None:
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
     for run, method in zip(cfg.runs, methods):
+        if cfg.warmup:  # one untimed batch first: tracing (compile=true), allocator and kernel set-up
+            decode_set(target, vq, text, prompts[:cfg.batch_size], cfg.seeds[0], sampling, method, cfg.batch_size,
+                       f"{run.label} warm-up")
         for seed in cfg.seeds:
             images, stats, latency = decode_set(target, vq, text, prompts, seed, sampling, method,
                                                 cfg.batch_size, f"{run.label} seed {seed}")
@@ -192,7 +205,7 @@ def log_wandb(rows: list[dict], out: Path, cfg) -> None:
 
 def _meta(cfg, device: torch.device, floor: float, align_real: float) -> dict:
     return dict(device=f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu"
-                else torch.cuda.get_device_name(device), dtype=cfg.dtype,
+                else torch.cuda.get_device_name(device), dtype=cfg.dtype, compiled=bool(cfg.compile), warmup=bool(cfg.warmup),
                 batch_size=cfg.batch_size, num_prompts=cfg.num_prompts, cfg_scale=cfg.target.cfg_scale,
                 sampling=dict(cfg.sampling), tree=dict(cfg.tree), fid_floor=floor, alignment_real=align_real)
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from decode.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
 from decode.drafting import EagleDrafting  # noqa: E402
 from decode.engine import _sync, generate_ar  # noqa: E402
-from decode.pipeline import DTYPES, pick_device  # noqa: E402
+from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
 from decode.sampling import SamplingParams  # noqa: E402
 from decode.skipping import path_similarity  # noqa: E402
@@ -123,16 +123,18 @@ def plain_ar(target: LlamaGenTarget, cond: Condition, n: int) -> torch.Tensor:
     return token
 
 
-def ar_throughput(cfg: DictConfig, target: LlamaGenTarget, device) -> dict[str, float]:
+def ar_throughput(cfg: DictConfig, target: LlamaGenTarget, device, plain_loop: bool = True) -> dict[str, float]:
     """Tokens per second of greedy AR for `ar_tokens` tokens (prefill included): the engine's
-    `generate_ar` and the plain loop, on the same inputs."""
+    `generate_ar` and (`plain_loop`) the plain loop, on the same inputs."""
     b, n = cfg.batch, min(cfg.ar_tokens, target.num_image_tokens)
     p, c = target.prefix_len, target.config.caption_dim
     cond = Condition(torch.randn(b, p, c, device=device) * 0.1, torch.ones(b, p, dtype=torch.bool, device=device))
     greedy = SamplingParams(temperature=0.0)
-    engine = timed(lambda: generate_ar(target, cond, num_tokens=n, sampling=greedy), 3, device)
-    plain = timed(lambda: plain_ar(target, cond, n), 3, device)
-    return {"ar_tokens_per_s_engine": b * n / engine, "ar_tokens_per_s_plain_loop": b * n / plain}
+    out = {"ar_tokens_per_s_engine": b * n / timed(lambda: generate_ar(target, cond, num_tokens=n, sampling=greedy),
+                                                    3, device)}
+    if plain_loop:
+        out["ar_tokens_per_s_plain_loop"] = b * n / timed(lambda: plain_ar(target, cond, n), 3, device)
+    return out
 
 
 def component_times(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, device) -> dict[str, float]:
@@ -191,7 +193,12 @@ def main(cfg: DictConfig) -> None:
         saved_times = json.loads(Path(cfg.times_from).read_text())
         times, name = saved_times["times"], saved_times["device"]
     else:
-        times = {**component_times(cfg, target, drafter, device), **ar_throughput(cfg, target, device)}
+        ar = ar_throughput(cfg, target, device)  # eager, the plain loop beside it
+        if cfg.compile:  # from here on the layers run compiled: the engine's AR again, then the components
+            compile_models(target.gpt, drafter)
+            ar["ar_tokens_per_s_engine_compiled"] = ar_throughput(cfg, target, device, plain_loop=False)[
+                "ar_tokens_per_s_engine"]
+        times = {**component_times(cfg, target, drafter, device), **ar}
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     lines = [f"# Cost model: {cfg.size} (dim {target.hidden_size}, {target.config.n_layer} layers, vocab "
              f"{target.vocab_size}, {target.num_image_tokens} tokens), {name}, {cfg.dtype}, batch {cfg.batch}", "",
@@ -199,9 +206,13 @@ def main(cfg: DictConfig) -> None:
     lines += [f"| {k} | {v * 1e3:.2f} |" for k, v in times.items() if k.startswith("t_")]
     lines += [f"| tree nodes | {times['tree_nodes']:.0f} |", ""]
     if "ar_tokens_per_s_engine" in times:
+        compiled = times.get("ar_tokens_per_s_engine_compiled")
         lines += [f"AR baseline, greedy, {min(cfg.ar_tokens, target.num_image_tokens)} tokens x {cfg.batch} images "
-                  f"(prefill included): the engine's `generate_ar` {times['ar_tokens_per_s_engine']:.0f} tokens/s, "
-                  f"a plain eager loop {times['ar_tokens_per_s_plain_loop']:.0f} tokens/s.", ""]
+                  f"(prefill included): a plain eager loop {times['ar_tokens_per_s_plain_loop']:.0f} tokens/s, the "
+                  f"engine's `generate_ar` {times['ar_tokens_per_s_engine']:.0f} tokens/s eager"
+                  + (f", {compiled:.0f} tokens/s with compiled layers" if compiled else "") + ".", ""]
+    if times.get("ar_tokens_per_s_engine_compiled"):
+        lines += ["Component times are with compiled layers (compile=true).", ""]
     if cfg.results:
         saved = json.loads(Path(cfg.results).read_text())
         lines += ["| run | seed | step compression | skip ratio | predicted speed-up | measured (benchmark) | "

@@ -28,6 +28,9 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
     bench = _load("benchmark")
     text = bench.markdown(ROWS, META)
     assert text.count("\n| vvs_t0.5 |") == 2 and "speed-up vs AR" in text and "floor" in text
+    assert "compile" not in text  # older results did not record how the layers ran: no claim either way
+    compiled = bench.markdown(ROWS, {**META, "compiled": True, "warmup": True})
+    assert "layers torch.compile'd, one untimed warm-up batch per run" in compiled
     bench.plot(ROWS, tmp_path / "results.png", META)
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

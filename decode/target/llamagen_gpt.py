@@ -191,6 +191,29 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class BlockStack:
+    """Running a module's decoder layers (`self.layers`, TransformerBlocks) over an optional KV
+    cache; shared by the target and the drafter. `compile_blocks` swaps in a `torch.compile`d
+    version: one graph for every layer, cache writes and reads included, so nothing in it
+    waits on the host. Shapes are dynamic (the cache fills, trees and row counts change), so a
+    new graph is traced only when a shape's kind changes (prefill, one token, a tree, a sub-batch)."""
+
+    _compiled_blocks = None
+
+    def run_blocks(self, h: Tensor, rope: Tensor, mask: Tensor, cache: KVCache | None,
+                   slots: Tensor | None) -> Tensor:
+        fn = self._compiled_blocks or self._eager_blocks
+        return fn(h, rope, mask, cache, slots)
+
+    def _eager_blocks(self, h, rope, mask, cache, slots):
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, cache, i, slots)
+        return h
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        self._compiled_blocks = torch.compile(self._eager_blocks, dynamic=True, fullgraph=True, backend=backend)
+
+
 class CaptionEmbedder(nn.Module):
     """Caption features -> width `dim` (MLP with tanh-GELU, no bias); holds the learned null caption."""
 
@@ -217,7 +240,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)[:, None]  # [B, 1, D]
 
 
-class LlamaGenGPT(nn.Module):
+class LlamaGenGPT(BlockStack, nn.Module):
     """LlamaGen transformer. State-dict keys equal the official ones."""
 
     def __init__(self, cfg: GPTConfig, rope_extra: int = 16):
@@ -270,10 +293,7 @@ class LlamaGenGPT(nn.Module):
         """
         rope = self.rope[positions]  # [B, T, Dh/2, 2]
         slots = cache.new_slots(x.shape[1]) if cache is not None else None
-        h = x
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, cache, i, slots)
-        return self.norm(h)
+        return self.norm(self.run_blocks(x, rope, mask, cache, slots))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.output.weight

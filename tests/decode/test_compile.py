@@ -1,0 +1,59 @@
+"""compile=true: the torch.compile'd layer stacks decode the eager tokens, and trace in one graph.
+
+The tests trace with the `aot_eager` backend (the graph capture and functionalization that
+inductor also goes through, without generating C++), so they take seconds on a CPU; `inductor`
+itself was checked by the benchmark (docs/results.md, "compiled layers")."""
+import copy
+
+import pytest
+import torch
+
+from decode.methods import MethodOptions, build_method
+from decode.target import LlamaGenTarget
+from decode.trees import TreeParams
+from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
+
+
+def compiled_copy(target, drafter):
+    gpt = copy.deepcopy(target.gpt)
+    gpt.compile_blocks(backend="aot_eager")
+    fast_drafter = copy.deepcopy(drafter)
+    fast_drafter.compile_blocks(backend="aot_eager")
+    return LlamaGenTarget(gpt, cfg_scale=target.cfg_scale), fast_drafter
+
+
+@pytest.mark.parametrize("name,sampling", [("ar", GREEDY), ("vvs_u", SAMPLED)])
+def test_compiled_layers_decode_the_eager_tokens(name, sampling):
+    """vvs_u with interval 2 makes rows skip, so target passes also run over sub-batches (CacheRows)."""
+    torch._dynamo.reset()
+    target, drafter, cond, codebook = world(3)
+    fast_target, fast_drafter = compiled_copy(target, drafter)
+    opts = MethodOptions(lantern_k=16, interval=2)
+
+    def decode(t, d):
+        method = build_method(name, sampling=sampling, tree=TreeParams(12, 3, 4), drafter=d, codebook=codebook,
+                              options=opts)
+        return run(t, cond, method, sampling, n=20)
+
+    eager, fast = decode(target, drafter), decode(fast_target, fast_drafter)
+    assert torch.equal(fast.tokens, eager.tokens)
+    assert torch.equal(fast.nfe, eager.nfe) and torch.equal(fast.skipped, eager.skipped)
+    if name == "vvs_u":
+        assert int(fast.skipped.sum()) > 0  # the sub-batch path ran
+
+
+def test_the_layer_stack_traces_without_graph_breaks():
+    """fullgraph=True turns a graph break (a host read such as .item() inside the layers) into an error,
+    so this fails if one creeps in; and the compiled stack writes the same KV as the eager one."""
+    torch._dynamo.reset()
+    target, drafter, cond, _ = world(2)
+    fast_target, _ = compiled_copy(target, drafter)
+    caches = []
+    for t in (target, fast_target):
+        cache, out = t.start(cond, 8, extra_slots=4)
+        t.extend(cache, torch.tensor([[3, 5], [7, 1]]))
+        caches.append((cache, out))
+    (c_eager, o_eager), (c_fast, o_fast) = caches
+    torch.testing.assert_close(o_fast.logits, o_eager.logits)
+    torch.testing.assert_close(c_fast.k, c_eager.k)
+    torch.testing.assert_close(c_fast.v, c_eager.v)

@@ -8,6 +8,7 @@ results.json into out_dir.
 
 python scripts/benchmark.py num_prompts=100 seeds=[0,1] batch_size=8
 python scripts/benchmark.py runs='[{label: vvs_tau08, method: vvs, options: {tau: 0.8}}]'
+python scripts/benchmark.py runs='[{label: ar, method: ar}, {label: lantern_t20, method: lantern, tree: {total_tokens: 20}}]'
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from decode.trees import TreeParams  # noqa: E402
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
            "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
-           "recall", "clip_score", "batch_passes", "batch_steps"]
+           "recall", "clip_score", "batch_passes", "batch_steps", "batch_size", "tree_size", "tree_depth", "tree_top_k"]
 
 
 def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
@@ -58,6 +59,16 @@ def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | Non
 
 
 @torch.no_grad()
+def run_settings(cfg: DictConfig, run) -> tuple[TreeParams, int]:
+    """A run's draft tree and batch size: the benchmark's, with the run's `tree` / `batch_size`
+    overrides (a tree-size or batch-size sweep; speed-ups are taken against AR at the same batch size)."""
+    tree = TreeParams(**{**cfg.tree, **(run.get("tree") or {})})
+    batch_size = int(run.get("batch_size") or cfg.batch_size)
+    if batch_size < 1:
+        raise ValueError(f"run {run.label}: batch_size must be >= 1, got {batch_size}")
+    return tree, batch_size
+
+
 def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method, batch_size: int, desc: str):
     """One image per prompt -> (uint8 images, per-image stats, summed batch latency)."""
     images, stats, latency = [], [], 0.0
@@ -80,7 +91,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [head, "|" + "---|" * (13 if batch else 12)]
     for r in rows:
         passes = f"{r['batch_passes']:.1f} | " if batch else ""
-        lines.append(f"| {r['label']} | {r['seed']} | {r['step_compression']:.3f} | {r['tau']:.3f} | "
+        lines.append(f"| {r['label']}{_overrides(r, meta)} | {r['seed']} | {r['step_compression']:.3f} | {r['tau']:.3f} | "
                      f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {passes}{r['latency_s']:.1f} | "
                      f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
@@ -98,6 +109,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _overrides(row: dict, meta: dict) -> str:
+    """What a run set differently from the benchmark's tree and batch size, for its table cell."""
+    out = []
+    if "batch_size" in row and row["batch_size"] != meta["batch_size"]:
+        out.append(f"batch {row['batch_size']}")
+    tree = meta.get("tree") or {}
+    mine = {k: row.get(f"tree_{'size' if k == 'total_tokens' else k}") for k in ("total_tokens", "depth", "top_k")}
+    if row["method"] not in ("ar", "sjd", "sjd_vp") and all(mine.values()) and tree and \
+            any(mine[k] != tree.get(k) for k in mine):
+        out.append(f"tree {mine['total_tokens']}/{mine['depth']}/{mine['top_k']}")
+    return f" ({', '.join(out)})" if out else ""
 
 
 def _compiled(meta: dict) -> str:
@@ -139,7 +163,6 @@ def main(cfg: DictConfig) -> None:
     align_real, feat_real = score_images(evaluator, real, attrs)
     meta = _meta(cfg, device, fid(real, real2, feature=inception), float(align_real.mean()))
     sampling = SamplingParams(**cfg.sampling)
-    tree = TreeParams(**cfg.tree)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
     if cfg.compile:
@@ -147,6 +170,7 @@ def main(cfg: DictConfig) -> None:
     codebook = vq.quantize.embedding.weight.detach()
     methods = []  # every run's method is built first, so a bad run fails before any decoding
     for run in cfg.runs:
+        tree, _ = run_settings(cfg, run)
         opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(run.options, resolve=True)
                                           if run.get("options") else {})
         policy = load_scheduler_policy(sched_ckpt, target, drafter) if opts.scheduler == "learned" else None
@@ -156,24 +180,27 @@ def main(cfg: DictConfig) -> None:
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
     for run, method in zip(cfg.runs, methods):
+        tree, batch_size = run_settings(cfg, run)
         if cfg.warmup:  # one untimed batch first: tracing (compile=true), allocator and kernel set-up
-            decode_set(target, vq, text, prompts[:cfg.batch_size], cfg.seeds[0], sampling, method, cfg.batch_size,
+            decode_set(target, vq, text, prompts[:batch_size], cfg.seeds[0], sampling, method, batch_size,
                        f"{run.label} warm-up")
         for seed in cfg.seeds:
             images, stats, latency = decode_set(target, vq, text, prompts, seed, sampling, method,
-                                                cfg.batch_size, f"{run.label} seed {seed}")
-            if run.method == "ar":
-                ar_latency.setdefault(seed, latency)
+                                                batch_size, f"{run.label} seed {seed}")
+            if run.method == "ar":  # the reference of every run with this seed and batch size
+                ar_latency.setdefault((seed, batch_size), latency)
             align, feats = score_images(evaluator, images, attrs)
             precision, recall = precision_recall(feat_real, feats, k=3)
             mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
             row = dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
                        step_compression=mean("step_compression"), tau=mean("tau"), tau_all=mean("tau_all"),
                        skip_ratio=mean("skip_ratio"), latency_s=latency,
-                       speedup_vs_ar=ar_latency.get(seed, float("nan")) / latency,
-                       draft_s=sum(s["draft_s"] for s in stats[::cfg.batch_size]),
-                       verify_s=sum(s["verify_s"] for s in stats[::cfg.batch_size]),
-                       schedule_s=sum(s["schedule_s"] for s in stats[::cfg.batch_size]),
+                       speedup_vs_ar=ar_latency.get((seed, batch_size), float("nan")) / latency,
+                       draft_s=sum(s["draft_s"] for s in stats[::batch_size]),
+                       verify_s=sum(s["verify_s"] for s in stats[::batch_size]),
+                       schedule_s=sum(s["schedule_s"] for s in stats[::batch_size]),
+                       batch_size=batch_size, tree_size=tree.total_tokens, tree_depth=tree.depth,
+                       tree_top_k=tree.top_k,
                        batch_passes=mean("batch_passes"), batch_steps=mean("batch_steps"),
                        fid=fid_ref(images), alignment=float(align.mean()), precision=precision, recall=recall)
             if clip is not None:

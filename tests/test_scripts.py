@@ -29,9 +29,14 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
     text = bench.markdown(ROWS, META)
     assert text.count("\n| vvs_t0.5 |") == 2 and "speed-up vs AR" in text and "floor" in text
     assert "compile" not in text  # older results did not record how the layers ran: no claim either way
+    swept = [{**r, "batch_size": 8, "tree_size": 59, "tree_depth": 4, "tree_top_k": 10} for r in ROWS]
+    swept[2] = {**swept[2], "batch_size": 1, "tree_size": 20}
+    tree = dict(total_tokens=59, depth=4, top_k=10)
+    text = bench.markdown(swept, {**META, "tree": tree})
+    assert "\n| vvs_t0.7 (batch 1, tree 20/4/10) | 0 |" in text and "\n| vvs_t0.7 | 1 |" in text
     compiled = bench.markdown(ROWS, {**META, "compiled": True, "warmup": True})
     assert "layers torch.compile'd, one untimed warm-up batch per run" in compiled
-    bench.plot(ROWS, tmp_path / "results.png", META)
+    bench.plot(swept, tmp_path / "results.png", META)
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -68,3 +73,17 @@ def test_cost_model_uses_the_batch_counts_when_the_benchmark_recorded_them():
     assert cm.predict(with_part, row, 256, batch=8) == pytest.approx(256 / (80 * 0.4 + 512 * 0.2 + 90 * 1.5))
     full_rows = dict(row, nfe=80.0)  # every pass over every row: the full-pass cost again
     assert cm.predict(with_part, full_rows, 256, batch=8) == pytest.approx(cm.predict(times, full_rows, 256))
+
+
+def test_a_run_can_set_its_own_tree_and_batch_size():
+    from omegaconf import OmegaConf
+
+    bench = _load("benchmark")
+    cfg = OmegaConf.create({"batch_size": 8, "tree": {"total_tokens": 59, "depth": 4, "top_k": 10}})
+    tree, batch = bench.run_settings(cfg, OmegaConf.create({"label": "a", "method": "lantern"}))
+    assert (tree.total_tokens, tree.depth, tree.top_k, batch) == (59, 4, 10, 8)
+    run = OmegaConf.create({"label": "b", "method": "lantern", "tree": {"total_tokens": 20}, "batch_size": 1})
+    tree, batch = bench.run_settings(cfg, run)
+    assert (tree.total_tokens, tree.depth, tree.top_k, batch) == (20, 4, 10, 1)
+    with pytest.raises(ValueError, match="run c: batch_size"):
+        bench.run_settings(cfg, OmegaConf.create({"label": "c", "method": "ar", "batch_size": -2}))

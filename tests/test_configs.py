@@ -65,12 +65,13 @@ def test_every_method_config_builds_its_method():
         assert method.name == f.stem
 
 
-@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "cost_model"])
+@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "benchmark_trees", "cost_model"])
 def test_script_configs_compose_and_resolve(name):
-    """The scripts' root configs compose, and their runs name known methods and knobs."""
+    """The scripts' root configs compose, and their runs name known methods, knobs and trees."""
     from omegaconf import OmegaConf
 
     from decode.methods import METHODS, MethodOptions
+    from decode.trees import TreeParams
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -82,6 +83,7 @@ def test_script_configs_compose_and_resolve(name):
         ckpt = opts.pop("scheduler_ckpt", None)
         MethodOptions(**opts)
         assert ckpt is None or (REPO / "models" / "world" / "scheduler" / "config.json").is_file()
+        TreeParams(**{**resolved["tree"], **(run.get("tree") or {})})
 
 
 @pytest.mark.parametrize("task", sorted(p.stem.removeprefix("train_") for p in CONF.glob("train_*.yaml")))

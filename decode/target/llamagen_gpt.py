@@ -202,8 +202,8 @@ class BlockStack:
 
     def run_blocks(self, h: Tensor, rope: Tensor, mask: Tensor, cache: KVCache | None,
                    slots: Tensor | None) -> Tensor:
-        fn = self._compiled_blocks or self._eager_blocks
-        return fn(h, rope, mask, cache, slots)
+        fn = self._compiled_blocks or BlockStack._eager_blocks
+        return fn(self, h, rope, mask, cache, slots)
 
     def _eager_blocks(self, h, rope, mask, cache, slots):
         for i, layer in enumerate(self.layers):
@@ -211,7 +211,8 @@ class BlockStack:
         return h
 
     def compile_blocks(self, backend: str = "inductor") -> None:
-        self._compiled_blocks = torch.compile(self._eager_blocks, dynamic=True, fullgraph=True, backend=backend)
+        # the plain function, not the bound method: a deep copy of this module then runs its own layers
+        self._compiled_blocks = torch.compile(BlockStack._eager_blocks, dynamic=True, fullgraph=True, backend=backend)
 
 
 class CaptionEmbedder(nn.Module):

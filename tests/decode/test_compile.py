@@ -57,3 +57,18 @@ def test_the_layer_stack_traces_without_graph_breaks():
     torch.testing.assert_close(o_fast.logits, o_eager.logits)
     torch.testing.assert_close(c_fast.k, c_eager.k)
     torch.testing.assert_close(c_fast.v, c_eager.v)
+
+
+def test_a_copy_of_a_compiled_model_runs_its_own_layers():
+    torch._dynamo.reset()
+    target, _, cond, _ = world(1)
+    target.gpt.compile_blocks(backend="aot_eager")
+    other = copy.deepcopy(target.gpt)
+    with torch.no_grad():
+        other.layers[0].attention.wo.weight.mul_(3.0)
+    first = target.start(cond, 4)[1].logits
+    second = LlamaGenTarget(other, cfg_scale=target.cfg_scale).start(cond, 4)[1].logits
+    other._compiled_blocks = None  # the same copy, eager
+    eager = LlamaGenTarget(other, cfg_scale=target.cfg_scale).start(cond, 4)[1].logits
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, eager)

@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench device-wheels clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ demo: install
 # every decoding method on 100 held-out world prompts x 2 seeds, one process (about 40 min on 1 CPU thread)
 bench: install
 	$(BIN)/python scripts/benchmark.py threads=1 out_dir=outputs/benchmark/world_cpu
+
+# the pure-Python packages the GPU machine's image lacks, as wheels to carry there (scripts/gpu_check.sh)
+device-wheels: install
+	mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+	$(BIN)/pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -49,8 +49,9 @@ class KVCache:
         """Write k, v [B, H, T, Dh] into slots [B, T] of one layer (scratch until committed)."""
         rows = self._row_index(slots.device)[:, None].expand_as(slots)  # [B, T]
         layers = torch.full_like(slots, layer)
-        # One index_put on the whole storage, not on the view `k[layer]`: under torch.compile a
-        # write into a view of a graph input is replayed as a copy of the whole cache every call.
+        # One index_put on the whole storage, not on the view `k[layer]`: compiled, the write through
+        # the view made AR 2.6x slower than eager on a CPU (the functionalized graph copies the view
+        # back), the write on the storage 1.3x faster.
         # Advanced indices on dims 0, 1 and 3 put (B, T) first: the value is [B, T, H, Dh].
         self.k[layers, rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layers, rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)

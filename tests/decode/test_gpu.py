@@ -1,0 +1,56 @@
+"""The engine on a CUDA device. Deselected by default (`-m gpu`) and skipped without CUDA; run by
+scripts/gpu_check.sh on a GPU machine. The same invariants as the CPU tests, on the GPU."""
+import copy
+
+import pytest
+import torch
+
+from decode.engine import generate, generate_ar
+from decode.methods import MethodOptions, build_method
+from decode.sampling import row_generators
+from decode.target import LlamaGenTarget
+from decode.trees import TreeParams
+from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def cuda_world(batch: int):
+    target, drafter, cond, codebook = world(batch)
+    target.gpt.to("cuda")
+    return target, drafter.to("cuda"), cond, codebook.to("cuda")
+
+
+def test_greedy_eagle2_makes_the_greedy_ar_tokens_on_the_gpu():
+    target, drafter, cond, codebook = cuda_world(3)
+    ar = generate_ar(target, cond, num_tokens=target.num_image_tokens, sampling=GREEDY)
+    spec = run(target, cond, build_method("eagle2", sampling=GREEDY, tree=TreeParams(12, 3, 4), drafter=drafter,
+                                          codebook=codebook), GREEDY)
+    assert ar.tokens.device.type == "cuda"
+    assert torch.equal(spec.tokens, ar.tokens)
+    assert (spec.nfe < ar.nfe).all()
+
+
+def test_sampled_vvs_runs_with_cuda_generators():
+    target, drafter, cond, codebook = cuda_world(3)
+    method = build_method("vvs_u", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+                          options=MethodOptions(lantern_k=16, interval=2))
+    gen = generate(target, cond, num_tokens=32, sampling=SAMPLED, generators=row_generators([0, 1, 2], "cuda"),
+                   method=method)
+    assert gen.tokens.shape == (3, 32) and int(gen.tokens.max()) < target.vocab_size
+    assert (gen.nfe + gen.skipped == gen.steps).all() and int(gen.skipped.sum()) > 0
+
+
+def test_compiled_layers_decode_the_eager_tokens_on_the_gpu():
+    torch._dynamo.reset()
+    target, drafter, cond, codebook = cuda_world(2)
+    gpt, fast_drafter = copy.deepcopy(target.gpt), copy.deepcopy(drafter)
+    gpt.compile_blocks()
+    fast_drafter.compile_blocks()
+    fast = LlamaGenTarget(gpt, cfg_scale=target.cfg_scale)
+
+    def decode(t, d):
+        method = build_method("eagle2", sampling=GREEDY, tree=TreeParams(12, 3, 4), drafter=d, codebook=codebook)
+        return run(t, cond, method, GREEDY, n=24)
+
+    assert torch.equal(decode(fast, fast_drafter).tokens, decode(target, drafter).tokens)

@@ -88,7 +88,9 @@ def pick_device(name: str) -> torch.device:
 
 def compile_models(*models) -> None:
     """`compile=true`: torch.compile the layer stack of each model given (target GPT, drafter; None
-    is passed over). Same tokens as eager; the first images of each shape kind pay the tracing."""
+    is passed over). The same computation, but inductor's fused kernels round differently from
+    eager ones, so a sampled image can differ from its eager twin (the distribution does not).
+    The first batch of each shape kind (prefill, one token, a tree, a sub-batch) pays the tracing."""
     for m in models:
         if m is not None:
             m.compile_blocks()

@@ -10,33 +10,46 @@
 #    layers, combined with the v2 world's acceptance: predicted speed-ups and the AR baseline's tokens/s
 #    next to a plain eager loop's;
 # 3. the same at the world's size (the shipped target and drafter, batch 8).
-# Each step has its own time limit, so a slow one (inductor tracing 36 layers) does not cost the others.
-# Results: $OUT (the device tool's folder) or outputs/gpu_check.
-# A dry run of the plumbing on a CPU: DEVICE=cpu SIZE=tiny DTYPE=float32 bash scripts/gpu_check.sh
+# Each step has its own time limit, so a slow one does not cost the others. The compiled XL run comes
+# last: on the 2-core CPU here, inductor took 70-80 s per shape kind of the 36-layer stack (prefill,
+# one token, a tree; the cost model meets about six kinds), so it may not finish in its 300 s.
+# Results in $OUT (the device tool's folder) or outputs/gpu_check: log.txt (every step's output), and each
+# cost-model run's table and timings (xl_eager, xl_compiled, world: .md and .json; the .json feeds
+# `scripts/cost_model.py times_from=...` on any machine).
+# A dry run of the plumbing on a CPU: PY=.venv/bin/python DEVICE=cpu SIZE=tiny DTYPE=float32 bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_check}
-DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-XL} DTYPE=${DTYPE:-bfloat16}
-mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-XL} DTYPE=${DTYPE:-bfloat16} PY=${PY:-python3}
+WORK=${WORK:-/tmp/gpu_check}  # scratch; only 7 files go to $OUT (the device tool returns 8 at most)
+mkdir -p "$OUT" "$WORK"
+LOG=$OUT/log.txt
+: >"$LOG"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 ACCEPT=docs/results/world_v2_cpu/results.json
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, say how it ended
+step() {  # step NAME SECONDS COMMAND...: run with a limit, append its output to the log, say how it ended
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+  echo "=== $name: $*" >>"$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available()
-else 'no CUDA device')" | tee "$OUT/gpu.txt"
-step tests 120 python3 -m pytest -q -m gpu tests/decode/test_gpu.py -p no:cacheprovider
-step xl_eager 120 python3 scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
-  results=$ACCEPT out_dir="$OUT/xl_eager"
-step xl_compiled 240 python3 scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
-  compile=true results=$ACCEPT out_dir="$OUT/xl_compiled"
-step world 60 python3 scripts/cost_model.py size=world batch=8 device=$DEVICE dtype=float32 repeats=20 \
-  results=$ACCEPT out_dir="$OUT/world"
-cat "$OUT/steps.txt"
+keep() {  # keep NAME SIZE: the cost model's table and timings from the scratch folder into $OUT
+  cp "$WORK/$1/cost_model_$2.md" "$OUT/$1.md" 2>/dev/null; cp "$WORK/$1/cost_model_$2.json" "$OUT/$1.json" 2>/dev/null
+}
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available()
+else 'no CUDA device')" 2>&1 | tee -a "$LOG"
+step tests 120 $PY -m pytest -q -m gpu tests/decode/test_gpu.py -p no:cacheprovider
+step xl_eager 120 $PY scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
+  results=$ACCEPT out_dir="$WORK/xl_eager"
+keep xl_eager "$SIZE"
+step world 60 $PY scripts/cost_model.py size=world batch=8 device=$DEVICE dtype=float32 repeats=20 \
+  results=$ACCEPT out_dir="$WORK/world"
+keep world world
+step xl_compiled 300 $PY scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
+  compile=true results=$ACCEPT out_dir="$WORK/xl_compiled"
+keep xl_compiled "$SIZE"

@@ -91,8 +91,7 @@ def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Pa
         if not cfg.get("drafter") or not cfg.drafter.get("ckpt"):
             raise ValueError(f"method={cfg.method.name} needs a drafter: drafter.ckpt=FOLDER")
         drafter = load_drafter(cfg.drafter.ckpt, target.gpt)  # fails here if it does not fit the target
-    if cfg.get("compile"):
-        compile_models(target.gpt, drafter)
+    compile_models(cfg.get("compile"), target.gpt, drafter)
     clip = CLIPScorer(cfg.clip, device=device) if cfg.get("clip") else None
     return Parts(target, vq, text, scorer, drafter, clip)
 

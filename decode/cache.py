@@ -45,23 +45,19 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {int(slots.max()) + 1} slots needed, capacity {self.capacity}")
         return slots
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write k, v [B, H, T, Dh] into slots [B, T] of one layer (scratch until committed)."""
-        rows = self._row_index(slots.device)[:, None].expand_as(slots)  # [B, T]
-        layers = torch.full_like(slots, layer)
-        # One index_put on the whole storage, not on the view `k[layer]`: compiled, the write through
-        # the view made AR 2.6x slower than eager on a CPU (the functionalized graph copies the view
-        # back), the write on the storage 1.3x faster.
-        # Advanced indices on dims 0, 1 and 3 put (B, T) first: the value is [B, T, H, Dh].
-        self.k[layers, rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layers, rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+    def layer(self, i: int, slots: Tensor, own_tensor: bool = False) -> "LayerKV":
+        """Layer i's keys and values for a pass writing to `slots` [B, T]: addressed through the whole
+        storage, or (`own_tensor`) through that layer's tensor, for a graph compiled per layer."""
+        rows = self._row_index(slots.device)
+        if own_tensor:
+            return LayerKV(self.k[i], self.v[i], None, rows, slots, self.gathered)
+        return LayerKV(self.k, self.v, i, rows, slots, self.gathered)
+
+    gathered = False  # a pass over some rows reads copies of them (CacheRows); the whole cache, views
 
     def _row_index(self, device) -> Tensor:
         """Rows of the storage this cache's batch rows are (all of them; a `CacheRows` view: some)."""
         return torch.arange(self.batch, device=device)
-
-    def read(self, layer: int, upto: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
 
     def attention_mask(self, block_mask: Tensor, upto: int) -> Tensor:
         """Mask [B, T, upto] for T new tokens written at `new_slots(T, offset)`.
@@ -125,14 +121,51 @@ class CacheRows(KVCache):
     def batch(self) -> int:
         return self.index.shape[0]
 
+    gathered = True
+
     def _row_index(self, device) -> Tensor:
         return self.index
-
-    def read(self, layer: int, upto: int) -> tuple[Tensor, Tensor]:
-        return self.k[layer, self.index, :, :upto], self.v[layer, self.index, :, :upto]  # gathered copies
 
     def commit(self, num_new, key_valid=None) -> None:
         raise RuntimeError("commit through the whole cache, not a view of some of its rows")
 
     def keep(self, src: Tensor, count: Tensor) -> None:
         raise RuntimeError("compact through the whole cache, not a view of some of its rows")
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's keys and values as its attention sees them in one pass: where the pass's new
+    entries go and what it reads back.
+
+    `k`, `v` are either the whole storage [L, B, H, S, Dh] with `layer` naming the layer, or the
+    layer's own tensor [B, H, S, Dh] with `layer` None. The first keeps a graph compiled over all
+    layers writing in place: compiled, a write through the view `k[layer]` made AR 2.6x slower than
+    eager on a CPU, since the graph copies the view back. The second lets one graph compiled for a
+    single layer serve every layer: the layer's tensor comes in as an input, so the graph holds no
+    layer index to specialize on.
+    """
+    k: Tensor
+    v: Tensor
+    layer: int | None
+    rows: Tensor   # [B] storage rows of this pass
+    slots: Tensor  # [B, T] where the new entries go
+    gathered: bool  # read these rows' copies (a pass over some rows) rather than views of all rows
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Write k, v [B, H, T, Dh] into the slots (scratch until committed)."""
+        rows = self.rows[:, None].expand_as(self.slots)  # [B, T]
+        if self.layer is None:
+            index = (rows, slice(None), self.slots)
+        else:
+            index = (torch.full_like(self.slots, self.layer), rows, slice(None), self.slots)
+        # advanced indices around one slice put (B, T) first: the value is [B, T, H, Dh]
+        self.k[index] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[index] = v.transpose(1, 2).to(self.v.dtype)
+
+    def read(self, upto: int) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, H, upto, Dh] of this pass's rows."""
+        k, v = (self.k, self.v) if self.layer is None else (self.k[self.layer], self.v[self.layer])
+        if self.gathered:
+            return k[self.rows, :, :upto], v[self.rows, :, :upto]
+        return k[:, :, :upto], v[:, :, :upto]

@@ -21,6 +21,7 @@ from decode.engine import generate_ar
 from decode.metrics import ImageStats, append_jsonl, speed_stats
 from decode.sampling import SamplingParams, row_generators
 from decode.target import Condition, LlamaGenTarget
+from decode.target.llamagen_gpt import COMPILE_SCOPES
 from decode.text import TextEncoder, check_prompts
 from decode.vq import VQModel
 
@@ -86,14 +87,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def compile_models(*models) -> None:
-    """`compile=true`: torch.compile the layer stack of each model given (target GPT, drafter; None
-    is passed over). The same computation, but inductor's fused kernels round differently from
-    eager ones, so a sampled image can differ from its eager twin (the distribution does not).
-    The first batch of each shape kind (prefill, one token, a tree, a sub-batch) pays the tracing."""
+def compile_models(setting, *models) -> str | None:
+    """The `compile` option: false (eager), true or "stack" (one graph over each model's layers),
+    "layer" (one graph per block, shared by the layers; much quicker to trace on deep models).
+    Compiles each model given (target GPT, drafter; None is passed over) and returns the scope.
+
+    The same computation, but inductor's fused kernels round differently from eager ones, so a
+    sampled image can differ from its eager twin (the distribution does not). The first batch of
+    each shape kind (prefill, one token, a tree, a sub-batch) pays the tracing."""
+    if setting in (None, False):
+        return None
+    scope = "stack" if setting is True else setting
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile must be false, true, 'stack' or 'layer'; got {setting!r}")
     for m in models:
         if m is not None:
-            m.compile_blocks()
+            m.compile_blocks(scope)
+    return scope
 
 
 def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: list[str]) -> Condition:

@@ -128,7 +128,9 @@ def _compiled(meta: dict) -> str:
     """How the layers ran and whether each method had an untimed warm-up batch (older results: no note)."""
     if "compiled" not in meta:
         return ""
-    return (", layers torch.compile'd" if meta["compiled"] else ", eager") + \
+    compiled = meta["compiled"]
+    scope = {True: "stack"}.get(compiled, compiled)
+    return (f", layers torch.compile'd ({scope})" if compiled else ", eager") + \
         (", one untimed warm-up batch per run" if meta.get("warmup") else ", no warm-up batch")
 
 
@@ -165,8 +167,7 @@ def main(cfg: DictConfig) -> None:
     sampling = SamplingParams(**cfg.sampling)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
-    if cfg.compile:
-        compile_models(target.gpt, drafter)
+    compile_models(cfg.compile, target.gpt, drafter)
     codebook = vq.quantize.embedding.weight.detach()
     methods = []  # every run's method is built first, so a bad run fails before any decoding
     for run in cfg.runs:
@@ -232,7 +233,7 @@ def log_wandb(rows: list[dict], out: Path, cfg) -> None:
 
 def _meta(cfg, device: torch.device, floor: float, align_real: float) -> dict:
     return dict(device=f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu"
-                else torch.cuda.get_device_name(device), dtype=cfg.dtype, compiled=bool(cfg.compile), warmup=bool(cfg.warmup),
+                else torch.cuda.get_device_name(device), dtype=cfg.dtype, compiled=cfg.compile, warmup=bool(cfg.warmup),
                 batch_size=cfg.batch_size, num_prompts=cfg.num_prompts, cfg_scale=cfg.target.cfg_scale,
                 sampling=dict(cfg.sampling), tree=dict(cfg.tree), fid_floor=floor, alignment_real=align_real)
 

@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--scope", default="stack", choices=["stack", "layer"], help="what one compiled graph covers")
     p.add_argument("--out", default="outputs/compile_check")
     return p.parse_args(argv)
 
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
     drafter = load_drafter(REPO / "models/world/drafter", gpt)
     codebook = load_vq(str(REPO / "models/world/tokenizer")).quantize.embedding.weight.detach().to(device)
     fast_gpt, fast_drafter = copy.deepcopy(gpt), copy.deepcopy(drafter)
-    compile_models(fast_gpt, fast_drafter)
+    compile_models(args.scope, fast_gpt, fast_drafter)
     fast = LlamaGenTarget(fast_gpt, cfg_scale=args.cfg_scale)
     conds = conditions(args, target)
     rows = []
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
               f"{r['median_first_difference']} | {r['eager_s']:.1f} | {r['compiled_s']:.1f} |" for r in rows]
     where = f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
     lines += ["", f"{args.num} {args.prompts} prompts, temperature 1, CFG {args.cfg_scale}, batch {args.batch_size}, "
-                  f"{where}, {args.dtype}; the same seeds eager and compiled (inductor)."]
+                  f"{where}, {args.dtype}; the same seeds eager and compiled (inductor, scope {args.scope})."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compile_check.md").write_text("\n".join(lines) + "\n")

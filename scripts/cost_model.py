@@ -194,8 +194,7 @@ def main(cfg: DictConfig) -> None:
         times, name = saved_times["times"], saved_times["device"]
     else:
         ar = ar_throughput(cfg, target, device)  # eager, the plain loop beside it
-        if cfg.compile:  # from here on the layers run compiled: the engine's AR again, then the components
-            compile_models(target.gpt, drafter)
+        if compile_models(cfg.compile, target.gpt, drafter):  # from here on compiled: AR again, the components
             ar["ar_tokens_per_s_engine_compiled"] = ar_throughput(cfg, target, device, plain_loop=False)[
                 "ar_tokens_per_s_engine"]
         times = {**component_times(cfg, target, drafter, device), **ar}
@@ -212,7 +211,7 @@ def main(cfg: DictConfig) -> None:
                   f"engine's `generate_ar` {times['ar_tokens_per_s_engine']:.0f} tokens/s eager"
                   + (f", {compiled:.0f} tokens/s with compiled layers" if compiled else "") + ".", ""]
     if times.get("ar_tokens_per_s_engine_compiled"):
-        lines += ["Component times are with compiled layers (compile=true).", ""]
+        lines += [f"Component times are with compiled layers (compile={cfg.compile}).", ""]
     if cfg.results:
         saved = json.loads(Path(cfg.results).read_text())
         lines += ["| run | seed | step compression | skip ratio | predicted speed-up | measured (benchmark) | "

@@ -35,7 +35,8 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
     text = bench.markdown(swept, {**META, "tree": tree})
     assert "\n| vvs_t0.7 (batch 1, tree 20/4/10) | 0 |" in text and "\n| vvs_t0.7 | 1 |" in text
     compiled = bench.markdown(ROWS, {**META, "compiled": True, "warmup": True})
-    assert "layers torch.compile'd, one untimed warm-up batch per run" in compiled
+    assert "layers torch.compile'd (stack), one untimed warm-up batch per run" in compiled
+    assert "torch.compile'd (layer)" in bench.markdown(ROWS, {**META, "compiled": "layer", "warmup": False})
     bench.plot(swept, tmp_path / "results.png", META)
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decode.cache import KVCache
+from decode.cache import KVCache, LayerKV
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -149,8 +149,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, cache: KVCache | None, layer: int,
-                slots: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, cache: LayerKV | None) -> Tensor:
         b, t, d = x.shape
         kv = self.kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([d, kv, kv], dim=-1)
@@ -158,8 +157,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, t, self.kv_heads, self.head_dim), rope).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
-            cache.write(layer, slots, k, v)
-            k, v = cache.read(layer, mask.shape[-1])  # [B, Hkv, S, Dh]
+            cache.write(k, v)
+            k, v = cache.read(mask.shape[-1])  # [B, Hkv, S, Dh]
         if self.kv_heads != self.n_head:
             k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
@@ -186,33 +185,54 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, mask, cache, layer, slots):
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, layer, slots)
+    def forward(self, x, rope, mask, kv=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, kv)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _call_block(block: nn.Module, h: Tensor, rope: Tensor, mask: Tensor, kv: LayerKV | None) -> Tensor:
+    return block(h, rope, mask, kv)
+
+
+COMPILE_SCOPES = ("stack", "layer")
 
 
 class BlockStack:
     """Running a module's decoder layers (`self.layers`, TransformerBlocks) over an optional KV
-    cache; shared by the target and the drafter. `compile_blocks` swaps in a `torch.compile`d
-    version: one graph for every layer, cache writes and reads included, so nothing in it
-    waits on the host. Shapes are dynamic (the cache fills, trees and row counts change), so a
-    new graph is traced only when a shape's kind changes (prefill, one token, a tree, a sub-batch)."""
+    cache; shared by the target and the drafter.
 
-    _compiled_blocks = None
+    `compile_blocks(scope)` swaps in `torch.compile`d code, shapes dynamic, `fullgraph` (nothing in
+    a graph waits on the host), KV writes and reads inside:
+    - "stack": one graph over every layer. The fastest on a small model (fewest calls), but tracing
+      grows with the depth: a 36-layer stack takes minutes per shape kind.
+    - "layer": one graph for a single block, shared by every layer (each gets its own KV tensor as
+      an input). Tracing costs one layer's; each layer is then a call of its own.
+    A new graph is traced when a shape's kind changes (prefill, one token, a tree, a sub-batch)."""
+
+    _compiled = None
+    _compile_scope = None
 
     def run_blocks(self, h: Tensor, rope: Tensor, mask: Tensor, cache: KVCache | None,
                    slots: Tensor | None) -> Tensor:
-        fn = self._compiled_blocks or BlockStack._eager_blocks
-        return fn(self, h, rope, mask, cache, slots)
+        if self._compile_scope == "stack":
+            return self._compiled(self, h, rope, mask, cache, slots)
+        return BlockStack._layers(self, h, rope, mask, cache, slots)
 
-    def _eager_blocks(self, h, rope, mask, cache, slots):
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, cache, i, slots)
+    def _layers(self, h, rope, mask, cache, slots):
+        per_layer = self._compile_scope == "layer"
+        call = self._compiled if per_layer else _call_block
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else cache.layer(i, slots, own_tensor=per_layer)
+            h = call(block, h, rope, mask, kv)
         return h
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
-        # the plain function, not the bound method: a deep copy of this module then runs its own layers
-        self._compiled_blocks = torch.compile(BlockStack._eager_blocks, dynamic=True, fullgraph=True, backend=backend)
+    def compile_blocks(self, scope: str = "stack", backend: str = "inductor") -> None:
+        if scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+        # plain functions, not bound methods: a deep copy of this module then runs its own layers
+        fn = BlockStack._layers if scope == "stack" else _call_block
+        self._compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        self._compile_scope = scope
 
 
 class CaptionEmbedder(nn.Module):

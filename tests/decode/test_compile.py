@@ -14,20 +14,21 @@ from decode.trees import TreeParams
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
 
-def compiled_copy(target, drafter):
+def compiled_copy(target, drafter, scope="stack"):
     gpt = copy.deepcopy(target.gpt)
-    gpt.compile_blocks(backend="aot_eager")
+    gpt.compile_blocks(scope, backend="aot_eager")
     fast_drafter = copy.deepcopy(drafter)
-    fast_drafter.compile_blocks(backend="aot_eager")
+    fast_drafter.compile_blocks(scope, backend="aot_eager")
     return LlamaGenTarget(gpt, cfg_scale=target.cfg_scale), fast_drafter
 
 
-@pytest.mark.parametrize("name,sampling", [("ar", GREEDY), ("vvs_u", SAMPLED)])
-def test_compiled_layers_decode_the_eager_tokens(name, sampling):
+@pytest.mark.parametrize("name,sampling,scope", [("ar", GREEDY, "stack"), ("vvs_u", SAMPLED, "stack"),
+                                                 ("vvs_u", SAMPLED, "layer")])
+def test_compiled_layers_decode_the_eager_tokens(name, sampling, scope):
     """vvs_u with interval 2 makes rows skip, so target passes also run over sub-batches (CacheRows)."""
     torch._dynamo.reset()
     target, drafter, cond, codebook = world(3)
-    fast_target, fast_drafter = compiled_copy(target, drafter)
+    fast_target, fast_drafter = compiled_copy(target, drafter, scope)
     opts = MethodOptions(lantern_k=16, interval=2)
 
     def decode(t, d):
@@ -42,12 +43,13 @@ def test_compiled_layers_decode_the_eager_tokens(name, sampling):
         assert int(fast.skipped.sum()) > 0  # the sub-batch path ran
 
 
-def test_the_layer_stack_traces_without_graph_breaks():
+@pytest.mark.parametrize("scope", ["stack", "layer"])
+def test_the_layers_trace_without_graph_breaks(scope):
     """fullgraph=True turns a graph break (a host read such as .item() inside the layers) into an error,
-    so this fails if one creeps in; and the compiled stack writes the same KV as the eager one."""
+    so this fails if one creeps in; and the compiled layers write the same KV as the eager ones."""
     torch._dynamo.reset()
     target, drafter, cond, _ = world(2)
-    fast_target, _ = compiled_copy(target, drafter)
+    fast_target, _ = compiled_copy(target, drafter, scope)
     caches = []
     for t in (target, fast_target):
         cache, out = t.start(cond, 8, extra_slots=4)
@@ -59,16 +61,33 @@ def test_the_layer_stack_traces_without_graph_breaks():
     torch.testing.assert_close(c_fast.v, c_eager.v)
 
 
-def test_a_copy_of_a_compiled_model_runs_its_own_layers():
+@pytest.mark.parametrize("scope", ["stack", "layer"])
+def test_a_copy_of_a_compiled_model_runs_its_own_layers(scope):
     torch._dynamo.reset()
     target, _, cond, _ = world(1)
-    target.gpt.compile_blocks(backend="aot_eager")
+    target.gpt.compile_blocks(scope, backend="aot_eager")
     other = copy.deepcopy(target.gpt)
     with torch.no_grad():
         other.layers[0].attention.wo.weight.mul_(3.0)
     first = target.start(cond, 4)[1].logits
     second = LlamaGenTarget(other, cfg_scale=target.cfg_scale).start(cond, 4)[1].logits
-    other._compiled_blocks = None  # the same copy, eager
+    other._compile_scope = other._compiled = None  # the same copy, eager
     eager = LlamaGenTarget(other, cfg_scale=target.cfg_scale).start(cond, 4)[1].logits
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, eager)
+
+
+def test_an_unknown_compile_scope_is_named():
+    target, _, _, _ = world(1)
+    with pytest.raises(ValueError, match="compile scope must be one of"):
+        target.gpt.compile_blocks("everything")
+
+
+def test_the_compile_option_names_its_bad_values():
+    from decode.pipeline import compile_models
+
+    target, _, _, _ = world(1)
+    assert compile_models(False, target.gpt) is None and target.gpt._compiled is None
+    with pytest.raises(ValueError, match="compile must be false, true, 'stack' or 'layer'"):
+        compile_models("yes", target.gpt)
+    assert compile_models(True, target.gpt, None) == "stack"

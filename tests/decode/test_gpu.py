@@ -41,12 +41,13 @@ def test_sampled_vvs_runs_with_cuda_generators():
     assert (gen.nfe + gen.skipped == gen.steps).all() and int(gen.skipped.sum()) > 0
 
 
-def test_compiled_layers_decode_the_eager_tokens_on_the_gpu():
+@pytest.mark.parametrize("scope", ["stack", "layer"])
+def test_compiled_layers_decode_the_eager_tokens_on_the_gpu(scope):
     torch._dynamo.reset()
     target, drafter, cond, codebook = cuda_world(2)
     gpt, fast_drafter = copy.deepcopy(target.gpt), copy.deepcopy(drafter)
-    gpt.compile_blocks()
-    fast_drafter.compile_blocks()
+    gpt.compile_blocks(scope)
+    fast_drafter.compile_blocks(scope)
     fast = LlamaGenTarget(gpt, cfg_scale=target.cfg_scale)
 
     def decode(t, d):

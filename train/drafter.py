@@ -187,6 +187,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
+    # again: building the shards draws random numbers, finding them built does not; the model's
+    # initialisation and the run must not depend on which happened
+    L.seed_everything(cfg.seed, workers=True)
     module = DrafterModule(target=OmegaConf.to_container(cfg.target, resolve=True),
                            drafter=OmegaConf.to_container(cfg.drafter, resolve=True), seed=int(cfg.seed),
                            **{"total_steps": int(cfg.trainer.max_steps),

@@ -167,6 +167,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     folder = ensure_traces(cfg, Path(cfg.traces.dir) if cfg.traces.dir else out / "traces", parts)
     trace_s = time.perf_counter() - t0
+    L.seed_everything(cfg.seed, workers=True)  # again: making traces draws random numbers, reusing them does not
     train, held = load_traces(folder, "train"), load_traces(folder, "heldout")
     print(f"traces: {len(train)} train steps ({float(train.safe.mean()):.3f} exactly safe, mean latent similarity "
           f"{float(train.similarity.mean()):.3f}), {len(held)} held-out steps, built in {trace_s:.0f} s -> {folder}")

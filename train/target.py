@@ -116,6 +116,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
+    # again: building the shards draws random numbers, finding them built does not; the model's
+    # initialisation and the run must not depend on which happened
+    L.seed_everything(cfg.seed, workers=True)
     gpt_cfg = OmegaConf.to_container(cfg.gpt, resolve=True)  # plain containers: weights_only reloads
     module = TargetModule(gpt=gpt_cfg, total_steps=int(cfg.trainer.max_steps),
                           **OmegaConf.to_container(cfg.optim, resolve=True))

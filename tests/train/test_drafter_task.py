@@ -6,7 +6,7 @@ import torch
 
 from decode.checkpoint import save_model_folder
 from decode.drafter import load_drafter
-from tests.conftest import run_train, tiny_gpt
+from tests.conftest import REPO, run_train, tiny_gpt
 
 TOKENIZER = "{codebook_size:64,encoder_ch_mult:[1,1,1],decoder_ch_mult:[1,1,1],z_channels:32,ch:32,num_res_blocks:1}"
 
@@ -91,3 +91,26 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert res.returncode != 0 and "train/loss is nan" in res.stderr
     assert ckpt.read_bytes() == before  # the last good checkpoint is untouched
     assert torch.load(ckpt, weights_only=False)["global_step"] == 5
+
+
+def test_a_rerun_over_built_shards_trains_the_same_drafter(tmp_path):
+    """Building the code shards draws random numbers, finding them built does not: the second run
+    into the same out_dir must still start from the same initialisation and train the same drafter."""
+    from safetensors.torch import load_file
+
+    # the shipped tokenizer, as in `make demo`: loading it draws random numbers (module init)
+    gpt = tiny_gpt(vocab_size=1024, block_size=256, cls_token_num=16, caption_dim=384)
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    out = tmp_path / "run"
+
+    def run():
+        res = run_train("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
+                        f"data.tokenizer={REPO / 'models/world/tokenizer'}", "data.image_size=64",
+                        "data.max_length=16", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                        f"out_dir={out}", f"hydra.run.dir={out}/hydra")
+        assert res.returncode == 0, res.stderr[-3000:]
+        return load_file(str(out / "drafter" / "model.safetensors"))
+
+    first, second = run(), run()  # the second finds the shards the first built
+    for k in first:
+        torch.testing.assert_close(second[k], first[k], atol=0, rtol=0)

@@ -16,7 +16,6 @@ import csv
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 import hydra

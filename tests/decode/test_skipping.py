@@ -3,11 +3,9 @@ features as a direct pass; the selector, similarity and schedulers follow ALGORI
 import pytest
 import torch
 
-from decode.engine import Method, _with_chain, generate
+from decode.engine import _with_chain
 from decode.methods import MethodOptions, build_method
-from decode.sampling import SamplingParams, row_generators
 from decode.skipping import FeatureCache, StepContext, UniformSkip, path_similarity, select_skip_tokens
-from decode.target import Condition
 from decode.trees import Tree, TreeParams, ancestry_mask
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 

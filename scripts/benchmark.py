@@ -57,7 +57,6 @@ def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | Non
     return MethodOptions(**conf), ckpt
 
 
-@torch.no_grad()
 def run_settings(cfg: DictConfig, run) -> tuple[TreeParams, int]:
     """A run's draft tree and batch size: the benchmark's, with the run's `tree` / `batch_size`
     overrides (a tree-size or batch-size sweep; speed-ups are taken against AR at the same batch size)."""
@@ -68,6 +67,7 @@ def run_settings(cfg: DictConfig, run) -> tuple[TreeParams, int]:
     return tree, batch_size
 
 
+@torch.no_grad()
 def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method, batch_size: int, desc: str):
     """One image per prompt -> (uint8 images, per-image stats, summed batch latency)."""
     images, stats, latency = [], [], 0.0
@@ -168,9 +168,9 @@ def main(cfg: DictConfig) -> None:
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
     compile_models(cfg.compile, target.gpt, drafter)
     codebook = vq.quantize.embedding.weight.detach()
+    settings = [run_settings(cfg, run) for run in cfg.runs]  # (tree, batch size) per run
     methods = []  # every run's method is built first, so a bad run fails before any decoding
-    for run in cfg.runs:
-        tree, _ = run_settings(cfg, run)
+    for run, (tree, _) in zip(cfg.runs, settings):
         opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(run.options, resolve=True)
                                           if run.get("options") else {})
         policy = load_scheduler_policy(sched_ckpt, target, drafter) if opts.scheduler == "learned" else None
@@ -179,8 +179,7 @@ def main(cfg: DictConfig) -> None:
     rows, ar_latency = [], {}
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
-    for run, method in zip(cfg.runs, methods):
-        tree, batch_size = run_settings(cfg, run)
+    for run, method, (tree, batch_size) in zip(cfg.runs, methods, settings):
         if cfg.warmup:  # one untimed batch first: tracing (compile=true), allocator and kernel set-up
             decode_set(target, vq, text, prompts[:batch_size], cfg.seeds[0], sampling, method, batch_size,
                        f"{run.label} warm-up")

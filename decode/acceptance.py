@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from decode.host import fetch, to_device
 from decode.sampling import SamplingParams, filter_logits, probabilities
 from decode.trees import Tree
 
@@ -43,17 +44,19 @@ def latent_neighbours(codebook: Tensor, k: int, chunk: int = 4096) -> Tensor:
 
 @dataclass(frozen=True)
 class Relaxation:
-    """LANTERN's latent proximity sets: `neighbours` [V, k]; `delta` <= 1 is a total-variation bound,
-    `delta` > 1 is LANTERN++'s multiplicative bound lambda."""
+    """LANTERN's latent proximity sets: `neighbours` [V, k] (kept on the host, where acceptance walks
+    the tree); `delta` <= 1 is a total-variation bound, `delta` > 1 is LANTERN++'s multiplicative
+    bound lambda."""
     neighbours: Tensor
     delta: float
 
     def __post_init__(self):
         if self.delta < 0:
             raise ValueError(f"lantern delta must be >= 0, got {self.delta}")
+        object.__setattr__(self, "neighbours", self.neighbours.cpu())
 
     def neighbourhood(self, p: Tensor, x: int) -> tuple[Tensor, float]:
-        """A(x) and its mass under p [V]."""
+        """A(x) and its mass under p [V] (host tensors)."""
         nb = self.neighbours[x]
         cum = p[nb].cumsum(0)  # c_j = mass of x's j nearest neighbours
         bound = self.delta if self.delta <= 1 else (self.delta - 1) * float(p[x])
@@ -63,38 +66,54 @@ class Relaxation:
 
 @dataclass(frozen=True)
 class Verdict:
-    paths: list[list[int]]  # per row: accepted node indices, root first ([] for rows not asked)
-    next_tokens: Tensor     # [B] the next root
+    paths: list[list[int]]  # per row, on the host: accepted node indices, root first ([] for rows not asked)
+    next_tokens: Tensor     # [B] on the device: the next root (unspecified for rows not asked)
+
+
+def _asked(tree: Tree, rows) -> list[int]:
+    return list(range(tree.tokens.shape[0])) if rows is None else list(rows)
+
+
+def _root_only(rows: list[int], batch: int, next_tokens: Tensor) -> Verdict:
+    """A tree without drafts (AR): nothing to walk, the next token stays on the device."""
+    asked = set(rows)
+    return Verdict([[0] if r in asked else [] for r in range(batch)], next_tokens)
 
 
 class GreedyAcceptance:
     """Accept the target's argmax path (with `relax`: LANTERN's greedy rule, x accepted iff its
-    relaxed probability is the largest)."""
+    relaxed probability is the largest). One wait for the device per call (none without drafts)."""
 
     def __init__(self, relax: Relaxation | None = None):
         self.relax = relax
 
     def __call__(self, tree: Tree, logits: Tensor, sampling: SamplingParams, generators,
                  rows: list[int] | None = None) -> Verdict:
-        choice = logits.argmax(-1).cpu()  # [B, T]
-        tokens, parents = tree.tokens.cpu(), tree.parents.cpu()
-        soft = None
+        asked, b = _asked(tree, rows), tree.tokens.shape[0]
+        choice = logits.argmax(-1)  # [B, T]
+        if tree.size == 1:
+            return _root_only(asked, b, choice[:, 0])
+        parts = [choice]
         if self.relax is not None:  # greedy LANTERN compares relaxed probabilities at temperature 1
             plain = SamplingParams(temperature=1.0, top_k=sampling.top_k, top_p=sampling.top_p)
-            soft = filter_logits(logits.float(), plain).softmax(-1).cpu()
-        paths, nxt = [[] for _ in range(tokens.shape[0])], [-1] * tokens.shape[0]
-        for b in range(tokens.shape[0]) if rows is None else rows:
+            parts.append(filter_logits(logits.float(), plain).softmax(-1))
+        host = tree.host
+        fetched = fetch(*parts, *([] if host else [tree.tokens, tree.parents]))
+        choice, soft = fetched[0], fetched[1] if self.relax is not None else None
+        tokens, parents = (host.tokens, host.parents) if host else fetched[-2:]
+        paths, nxt = [[] for _ in range(b)], [0] * b
+        for r in asked:
             node, path = 0, [0]
             while True:
-                kids = (parents[b] == node).nonzero().flatten().tolist()
-                hit = next((c for c in kids if self._accepts(int(tokens[b, c]), int(choice[b, node]),
-                                                              None if soft is None else soft[b, node])), None)
+                kids = (parents[r] == node).nonzero().flatten().tolist()
+                hit = next((c for c in kids if self._accepts(int(tokens[r, c]), int(choice[r, node]),
+                                                              None if soft is None else soft[r, node])), None)
                 if hit is None:
                     break
                 node = hit
                 path.append(node)
-            paths[b], nxt[b] = path, int(choice[b, node])
-        return Verdict(paths, torch.tensor(nxt, device=logits.device))
+            paths[r], nxt[r] = path, int(choice[r, node])
+        return Verdict(paths, to_device(nxt, logits.device))
 
     def _accepts(self, x: int, best: int, p: Tensor | None) -> bool:
         if x == best:
@@ -106,7 +125,11 @@ class GreedyAcceptance:
 
 
 class SampledAcceptance:
-    """Multi-candidate speculative sampling (exact without `relax`, LANTERN/LANTERN++ with it)."""
+    """Multi-candidate speculative sampling (exact without `relax`, LANTERN/LANTERN++ with it).
+
+    One wait for the device per call: the target's distributions over the tree, the drafts' q and
+    each row's uniform draws (drawn up front on the row's generator: one per child test, one for
+    the next token) come to the host together, and the tree is walked there."""
 
     def __init__(self, relax: Relaxation | None = None):
         self.relax = relax
@@ -115,29 +138,45 @@ class SampledAcceptance:
                  rows: list[int] | None = None) -> Verdict:
         if generators is None:
             raise ValueError("sampled acceptance needs one generator per image")
+        asked, b, t = _asked(tree, rows), tree.tokens.shape[0], tree.size
         p_all = probabilities(logits.float(), sampling)  # [B, T, V]
-        parents, tokens = tree.parents.cpu(), tree.tokens.cpu()
-        paths, nxt = [[] for _ in generators], [-1] * len(generators)
-        for b in range(len(generators)) if rows is None else rows:
-            gen, node, path = generators[b], 0, [0]
+        if t == 1:  # AR: draw on the device, only from the asked rows' generators
+            nxt = torch.zeros(b, dtype=torch.long, device=logits.device)
+            for r in asked:
+                nxt[r] = torch.multinomial(p_all[r, 0][None], 1, generator=generators[r])[0, 0]
+            return _root_only(asked, b, nxt)
+        pick = None if len(asked) == b else to_device(asked, logits.device)
+        sub = (lambda x: x) if pick is None else (lambda x: x[pick])  # noqa: E731
+        u = torch.stack([torch.rand(t + 1, generator=generators[r], device=generators[r].device) for r in asked])
+        parts = [sub(p_all), u] + ([sub(tree.q)] if tree.q is not None else [])
+        host = tree.host
+        fetched = fetch(*parts, *([] if host else [tree.tokens, tree.parents]))
+        p_host, u_host = fetched[0], fetched[1].tolist()
+        q_host = fetched[2] if tree.q is not None else None
+        tokens, parents = (host.tokens, host.parents) if host else fetched[-2:]
+        paths, nxt = [[] for _ in range(b)], [0] * b
+        for i, r in enumerate(asked):
+            draws, node, path = iter(u_host[i]), 0, [0]
+            p = p_host[i, 0]
             while True:
-                p = p_all[b, node]
-                hit, p = self._try_children(b, node, p, tree, parents[b], tokens[b], gen)
+                hit, p = self._try_children(node, p, None if q_host is None else q_host[i], parents[r], tokens[r], draws)
                 if hit is None:
                     break
                 node = hit
                 path.append(node)
-            paths[b], nxt[b] = path, int(torch.multinomial(p[None], 1, generator=gen)[0])
-        return Verdict(paths, torch.tensor(nxt, device=logits.device))
+                p = p_host[i, node]
+            paths[r], nxt[r] = path, _inverse_cdf(p, u_host[i][-1])
+        return Verdict(paths, to_device(nxt, logits.device))
 
-    def _try_children(self, b: int, node: int, p: Tensor, tree: Tree, parents: Tensor, tokens: Tensor,
-                      gen: torch.Generator) -> tuple[int | None, Tensor]:
-        """Test the children of `node` in order against p [V]; (accepted child or None, the
-        distribution the next token is drawn from if none is accepted)."""
+    def _try_children(self, node: int, p: Tensor, q: Tensor | None, parents: Tensor, tokens: Tensor,
+                      draws) -> tuple[int | None, Tensor]:
+        """Test the children of `node` in order against p [V] (host tensors; q [T, V] the drafts'
+        distributions or None for deterministic drafts); (accepted child or None, the distribution
+        the next token is drawn from if none is accepted)."""
         for c in (parents == node).nonzero().flatten().tolist():
             x = int(tokens[c])
-            q = tree.q[b, c].float() if tree.q is not None else None
-            qx = float(q[x]) if q is not None else 1.0
+            qc = q[c].float() if q is not None else None
+            qx = float(qc[x]) if qc is not None else 1.0
             if qx <= 0:
                 continue
             if self.relax is not None:
@@ -146,17 +185,24 @@ class SampledAcceptance:
                     p = p.clone()
                     p[x] += mass
                     p[hood] = 0
-            u = float(torch.rand((), generator=gen, device=gen.device))
-            if u * qx <= float(p[x]):  # accept with probability min(1, p(x) / q(x))
+            if next(draws) * qx <= float(p[x]):  # accept with probability min(1, p(x) / q(x))
                 return c, p
-            if q is None:
+            if qc is None:
                 residual = p.clone()
                 residual[x] = 0
             else:
-                residual = (p - q).clamp_min(0)
+                residual = (p - qc).clamp_min(0)
             total = residual.sum()
             p = residual / total if total > 0 else torch.full_like(p, 1.0 / p.numel())
         return None, p
+
+
+def _inverse_cdf(p: Tensor, u: float) -> int:
+    """The token a uniform draw u in [0, 1) picks from p [V] (host): the first whose cumulative mass
+    exceeds u times the total. A zero-probability token is never picked."""
+    cum = p.double().cumsum(0)
+    i = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=torch.float64), right=True)[0])
+    return min(i, int(p.nonzero()[-1]))  # u * total rounded up to the total: the last token with mass
 
 
 def make_acceptance(sampling: SamplingParams, relax: Relaxation | None = None):

@@ -8,9 +8,12 @@ speculative decoding commits a different number of tokens per row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from decode.host import to_device
 
 
 @dataclass
@@ -19,6 +22,7 @@ class KVCache:
     v: Tensor  # [L, B, H, S, Dh]
     valid: Tensor  # [B, S] bool: a committed key that later tokens may attend to (caption padding is not)
     length: Tensor  # [B] long: committed slots per row; new tokens are written from here on
+    host_length: Tensor  # [B] long, on the host: `length`'s copy, so sizing a pass never reads the device
 
     @classmethod
     def allocate(cls, *, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int,
@@ -27,7 +31,8 @@ class KVCache:
         return cls(k=torch.zeros(shape, dtype=dtype, device=device),
                    v=torch.zeros(shape, dtype=dtype, device=device),
                    valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
-                   length=torch.zeros(batch, dtype=torch.long, device=device))
+                   length=torch.zeros(batch, dtype=torch.long, device=device),
+                   host_length=torch.zeros(batch, dtype=torch.long))
 
     @property
     def batch(self) -> int:
@@ -37,13 +42,18 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def longest(self) -> int:
+        """The longest row's committed length (read on the host)."""
+        return int(self.host_length.max()) if self.batch else 0
+
     def new_slots(self, num_new: int, offset: int = 0) -> Tensor:
         """Slots [B, T] that T new tokens are written to: right after each row's committed part
         (and after `offset` scratch entries written earlier in the same step, e.g. a draft tree)."""
-        slots = self.length[:, None] + offset + torch.arange(num_new, device=self.length.device)
-        if num_new and int(slots.max()) >= self.capacity:
-            raise ValueError(f"KV cache overflow: {int(slots.max()) + 1} slots needed, capacity {self.capacity}")
-        return slots
+        if num_new and self.longest + offset + num_new > self.capacity:
+            raise ValueError(f"KV cache overflow: {self.longest + offset + num_new} slots needed, "
+                             f"capacity {self.capacity}")
+        return self.length[:, None] + offset + torch.arange(num_new, device=self.length.device)
 
     def layer(self, i: int, slots: Tensor, own_tensor: bool = False) -> "LayerKV":
         """Layer i's keys and values for a pass writing to `slots` [B, T]: addressed through the whole
@@ -74,32 +84,42 @@ class KVCache:
         gathered = torch.gather(block_mask, 2, rel.clamp(0, max(width - 1, 0))[:, None, :].expand(b, t, upto))
         return committed[:, None, :] | (in_block[:, None, :] & gathered)
 
-    def commit(self, num_new: int | Tensor, key_valid: Tensor | None = None) -> None:
-        """Mark the next `num_new` slots of each row as committed (optionally some as not attendable)."""
-        n = torch.as_tensor(num_new, device=self.length.device).expand(self.batch)
-        width = int(n.max()) if n.numel() else 0
+    def commit(self, num_new: int | Sequence[int] | Tensor, key_valid: Tensor | None = None) -> None:
+        """Mark the next `num_new` slots of each row as committed (optionally some as not attendable).
+
+        `num_new` is an int or per-row counts, best given on the host (a device tensor is read)."""
+        n_host = torch.as_tensor(num_new).cpu().expand(self.batch).clone()
+        width = int(n_host.max()) if self.batch else 0
         if width:
-            offs = torch.arange(width, device=n.device)[None, :]
-            slots = self.length[:, None] + offs  # [B, W]
-            keep = offs < n[:, None]
-            ok = keep if key_valid is None else keep & key_valid[:, :width].bool()
-            rows = torch.arange(self.batch, device=n.device)[:, None].expand_as(slots)
-            self.valid[rows[keep], slots[keep]] = ok[keep]
-        self.length += n
+            n = to_device(n_host, self.length.device)
+            rel = torch.arange(self.capacity, device=n.device)[None, :] - self.length[:, None]  # [B, S]
+            inside = (rel >= 0) & (rel < n[:, None])
+            if key_valid is None:
+                self.valid |= inside
+            else:  # elementwise, no boolean-mask index (whose size the host would have to read)
+                ok = torch.gather(key_valid[:, :width].bool(), 1, rel.clamp(0, width - 1))
+                self.valid.copy_(torch.where(inside, ok, self.valid))
+            self.length += n
+        self.host_length += n_host
 
-    def rows(self, index: Tensor) -> "CacheRows":
+    def rows(self, index: Sequence[int]) -> "CacheRows":
         """The cache seen by a forward pass over some of its rows only (the others sit this step out)."""
-        return CacheRows(k=self.k, v=self.v, valid=self.valid[index], length=self.length[index], index=index)
+        index = list(index)
+        dev = to_device(index, self.length.device)
+        return CacheRows(k=self.k, v=self.v, valid=self.valid[dev], length=self.length[dev],
+                         host_length=self.host_length[index], index=dev)
 
-    def keep(self, src: Tensor, count: Tensor) -> None:
+    def keep(self, src: Tensor, count: Sequence[int] | Tensor) -> None:
         """Compact accepted entries: move slots `src` [B, A] (absolute) to the row's next slots.
 
-        Row b keeps `count[b]` entries; its entries past that are ignored. The moved slots are
-        committed. Used after tree verification, where accepted nodes are scattered in the tree.
+        Row b keeps `count[b]` entries (host counts); its entries past that are ignored. The moved
+        slots are committed. Used after tree verification, where accepted nodes are scattered in the tree.
         """
         b, a = src.shape
         if a == 0:
             return
+        count_host = torch.as_tensor(count).cpu()
+        count = to_device(count_host, src.device)
         dst = self.length[:, None] + torch.arange(a, device=src.device)[None, :]
         use = torch.arange(a, device=src.device)[None, :] < count[:, None]
         dst = torch.where(use, dst, src)  # unused entries copy onto themselves
@@ -107,7 +127,7 @@ class KVCache:
         for store in (self.k, self.v):
             moved = store[:, rows, :, src]  # [B, A, L, H, Dh]
             store[:, rows, :, dst] = moved
-        self.commit(count)
+        self.commit(count_host)
 
 
 @dataclass

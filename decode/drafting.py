@@ -22,6 +22,7 @@ from torch import Tensor
 
 from decode.cache import KVCache
 from decode.drafter import Drafter
+from decode.host import to_device
 from decode.sampling import SamplingParams, probabilities
 from decode.target import LlamaGenTarget
 from decode.target.llamagen import TargetOutput
@@ -34,7 +35,7 @@ class Pending:
     emb: Tensor     # [G*B, M, D]
     feats: Tensor   # [G*B, M, D]
     valid: Tensor   # [G*B, M] attendable (caption padding is not)
-    count: Tensor   # [B] entries per row (>= 1 for live rows; the last one is the current root's entry)
+    count: Tensor   # [B] on the host: entries per row (>= 1 for live rows; the last is the current root's)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class StaticPlan:
     parents: Tensor  # [T]
     depths: Tensor   # [T]
     mask: Tensor     # [T, T]
+
+    def to(self, device) -> "StaticPlan":
+        """The plan with its tensors on `device` (moved once, not at every step)."""
+        return StaticPlan(self.kids, [(lv, nodes, anc.to(device)) for lv, nodes, anc in self.levels],
+                          self.parents.to(device), self.depths.to(device), self.mask.to(device))
 
 
 def plan_static(shape: StaticShape) -> StaticPlan:
@@ -75,7 +81,7 @@ class EagleDrafting:
     def __init__(self, drafter: Drafter, target: LlamaGenTarget, tree: TreeParams, batch: int, num_tokens: int):
         self.drafter, self.target, self.params = drafter, target, tree
         self.shape = static_shape(tree.static) if tree.static else None
-        self.plan = plan_static(self.shape) if self.shape else None
+        self.plan = plan_static(self.shape).to(target.device) if self.shape else None
         widest = max(len(k) for k in self.plan.kids) if self.plan else tree.top_k
         if widest > target.vocab_size:
             raise ValueError(f"the draft tree gives a node {widest} children; the vocabulary has {target.vocab_size}")
@@ -91,8 +97,7 @@ class EagleDrafting:
         feats = prefix.hidden.reshape(g * b, p, -1)
         emb = torch.zeros_like(feats)
         emb[:, -1] = self.target.gpt.embed_tokens(root).repeat(g, 1).to(emb.dtype)
-        self.pending = Pending(emb=emb, feats=feats, valid=prefix_valid.clone(),
-                               count=torch.full((b,), p, dtype=torch.long, device=root.device))
+        self.pending = Pending(emb=emb, feats=feats, valid=prefix_valid.clone(), count=torch.full((b,), p))
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
         root_feat = self.consume(self.pending)
@@ -115,16 +120,17 @@ class EagleDrafting:
 
     def consume(self, pending: Pending) -> Tensor:
         """Feed the pending entries; commit them; returns the root's predicted feature [G*B, 1, D]."""
-        g = self.target.groups
-        count = pending.count.repeat(g)
+        g, dev = self.target.groups, pending.emb.device
+        count = pending.count.repeat(g)  # host
         m = pending.emb.shape[1]
-        causal = torch.ones(m, m, dtype=torch.bool, device=count.device).tril()
-        block = causal[None] & (pending.valid[:, None, :] | torch.eye(m, dtype=torch.bool, device=count.device))
-        pos = self.cache.length[:, None] + torch.arange(m, device=count.device)
-        upto = int(self.cache.length.max()) + m
+        causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+        block = causal[None] & (pending.valid[:, None, :] | torch.eye(m, dtype=torch.bool, device=dev))
+        pos = self.cache.length[:, None] + torch.arange(m, device=dev)
+        upto = self.cache.longest + m
         out = self.drafter(pending.emb, pending.feats, pos, self.cache.attention_mask(block, upto), self.cache)
         self.cache.commit(count, key_valid=pending.valid)
-        return out[torch.arange(out.shape[0]), count - 1][:, None]  # the root's entry is each row's last
+        last = to_device(count - 1, dev)  # the root's entry is each row's last
+        return out[torch.arange(out.shape[0], device=dev), last][:, None]
 
     def grow(self, root_token: Tensor, root_feat: Tensor) -> Tree:
         """EAGLE-2 dynamic tree from the root token [B] and the root's predicted feature [G*B, 1, D]:
@@ -171,7 +177,7 @@ class EagleDrafting:
         g, (b, n) = self.target.groups, tokens.shape
         emb = self.target.gpt.embed_tokens(tokens).repeat(g, 1, 1)
         pos = positions[:, None].expand(b, n).repeat(g, 1)
-        upto = int(self.cache.length.max()) + written + n
+        upto = self.cache.longest + written + n
         mask = self.cache.attention_mask(anc.repeat(g, 1, 1), upto)
         return self.drafter(emb.to(feats.dtype), feats, pos, mask, self.cache, offset=written)
 
@@ -193,7 +199,7 @@ class EagleDrafting:
         mask = torch.zeros(b, k, written + k, dtype=torch.bool, device=par_scratch.device)
         if written:
             has = par_scratch >= 0
-            rows = scratch_anc[torch.arange(b)[:, None], par_scratch.clamp_min(0)]  # [B, k, written]
+            rows = scratch_anc[torch.arange(b, device=par_scratch.device)[:, None], par_scratch.clamp_min(0)]
             mask[:, :, :written] = rows & has[:, :, None]
         mask[:, :, written:] = torch.eye(k, dtype=torch.bool, device=par_scratch.device)
         return mask
@@ -245,13 +251,13 @@ class EagleDrafting:
         root_pos = self.cache.length.view(self.target.groups, b)[0] - 1
         for level, nodes, anc in plan.levels:
             feats = torch.cat([out_of[shape.parents[n]] for n in nodes], 1)
-            out = self._expand(tokens[:, nodes], feats, root_pos + level, anc.to(dev).expand(b, -1, -1), written)
+            out = self._expand(tokens[:, nodes], feats, root_pos + level, anc.expand(b, -1, -1), written)
             written += len(nodes)
             for j, n in enumerate(nodes):
                 out_of[n] = out[:, j:j + 1]
                 self._draw_children(n, out_of[n], tokens, scores, q, sampling, generators)
-        return Tree(tokens, plan.parents.to(dev).expand(b, -1), plan.depths.to(dev).expand(b, -1),
-                    plan.mask.to(dev).expand(b, -1, -1), q=q, scores=scores)
+        return Tree(tokens, plan.parents.expand(b, -1), plan.depths.expand(b, -1), plan.mask.expand(b, -1, -1),
+                    q=q, scores=scores)
 
     def _draw_children(self, node: int, feat: Tensor, tokens: Tensor, scores: Tensor, q: Tensor | None,
                        sampling: SamplingParams, generators) -> None:
@@ -265,13 +271,16 @@ class EagleDrafting:
             scores[:, kids] = scores[:, node:node + 1] + logp
             return
         dist = probabilities(logits, sampling)
+        placeholder = torch.zeros_like(dist)
+        placeholder[:, 0] = 1.0
         for kid in kids:
             total = dist.sum(-1, keepdim=True)
             # q minus the siblings drawn before; a row whose support ran out (top-k / top-p sampling
-            # smaller than the shape) gets a placeholder with q = 0, which acceptance never takes
+            # smaller than the shape) gets token 0 as a placeholder with q = 0, which acceptance never
+            # takes (chosen on the device: the host never looks)
             cur = torch.where(total > 0, dist / total.clamp_min(1e-30), torch.zeros_like(dist))
-            x = torch.cat([torch.multinomial(c[None], 1, generator=g)[0] if c.sum() > 0
-                           else torch.zeros(1, dtype=torch.long, device=c.device) for c, g in zip(cur, generators)])
+            draw_from = torch.where(total > 0, cur, placeholder)
+            x = torch.cat([torch.multinomial(c[None], 1, generator=g)[0] for c, g in zip(draw_from, generators)])
             tokens[:, kid] = x
             q[:, kid] = cur
             scores[:, kid] = scores[:, node] + cur.gather(1, x[:, None])[:, 0].clamp_min(1e-30).log()

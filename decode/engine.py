@@ -16,6 +16,8 @@ finish at different steps (a finished row idles until the batch is done).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,10 +26,11 @@ import torch
 from torch import Tensor
 
 from decode.acceptance import make_acceptance
+from decode.host import fetch, to_device
 from decode.sampling import SamplingParams, sample
 from decode.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
 from decode.target import Condition, LlamaGenTarget, TargetOutput
-from decode.trees import StepOutcome, Tree, root_only
+from decode.trees import HostTree, StepOutcome, Tree, root_only
 
 
 @dataclass(frozen=True)
@@ -62,62 +65,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Target input [B, W + T]: each row's chain of unverified tokens (padded to W), then its tree.
-    Chain tokens are causal; tree nodes see the row's whole chain and their ancestors; padding is
-    seen by nobody. Returns tokens, block mask [B, W+T, W+T], depths [B, W+T], W."""
-    b, t = tree.tokens.shape
-    w = max((len(c) for c in chains), default=0)
-    if w == 0:
-        return tree.tokens, tree.mask, tree.depths, 0
-    dev = tree.tokens.device
-    tokens = torch.zeros(b, w + t, dtype=torch.long, device=dev)
-    mask = torch.zeros(b, w + t, w + t, dtype=torch.bool, device=dev)
-    depths = torch.zeros(b, w + t, dtype=torch.long, device=dev)
-    tokens[:, w:], mask[:, w:, w:] = tree.tokens, tree.mask
-    mask[:, torch.arange(w), torch.arange(w)] = True  # padding sees itself only (no empty rows)
-    for r, chain in enumerate(chains):
-        c = len(chain)
-        tokens[r, :c] = torch.tensor(chain, device=dev)
-        mask[r, :c, :c] = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
-        mask[r, w:, :c] = True
-        depths[r, :c] = torch.arange(c, device=dev)
-        depths[r, w:] = c + tree.depths[r]
-    return tokens, mask, depths, w
-
-
 @dataclass
 class _Rows:
-    """Per-row loop state (lists indexed by image row)."""
-    made: list[list[int]]    # committed image tokens, the current root included
-    chains: list[list[int]]  # committed on skipped steps, KV and features not yet filled
+    """Per-row loop state, on the host; the tokens themselves stay on the device."""
+    made: list[int]          # committed image tokens per row, the current root included
+    chains: list[list[int]]  # tokens committed on skipped steps, KV and features not yet filled
     counts: dict[str, Tensor]  # nfe, steps, skipped, verified_tokens, run (consecutive skips)
 
     @classmethod
-    def start(cls, root: Tensor) -> "_Rows":
-        b = root.shape[0]
+    def start(cls, b: int) -> "_Rows":
         names = ("nfe", "steps", "skipped", "verified_tokens", "run")
-        return cls([[int(r)] for r in root.tolist()], [[] for _ in range(b)],
-                   {k: torch.zeros(b, dtype=torch.long) for k in names})
+        return cls([1] * b, [[] for _ in range(b)], {k: torch.zeros(b, dtype=torch.long) for k in names})
 
 
 @dataclass
 class _Commits:
-    """What this step commits per row: node indices, the token after each, their features."""
+    """What this step commits per row, as host indices: the committed tree nodes (root first) and
+    the tokens after them, as indices into [tree tokens ; the target's next token] (index T: the
+    next token). Verified rows also say how many chain tokens the pass filled; skipped rows carry
+    the stale features that stand in for the target's."""
     paths: list[list[int]]
     following: list[list[int]]
-    feats: list
+    filled: dict[int, int]
+    stale: dict[int, Tensor]
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """The step's target pass: logits over the tree [B, T, V], features over the whole input
+    [G, B, W + T, D] (the chain of W skipped tokens first) and the next token of each row [B]."""
+    logits: Tensor
+    hidden: Tensor
+    chain_width: int
+    next_tokens: Tensor
 
 
 @torch.no_grad()
 def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, sampling: SamplingParams,
-             generators: list[torch.Generator] | None = None, method: Method = Method()) -> Generation:
+             generators: list[torch.Generator] | None = None, method: Method = Method(),
+             phase_times: bool | None = None) -> Generation:
+    """Decode `num_tokens` image tokens per row.
+
+    The loop reads the device at most once a step for a speculative method (acceptance's fetch;
+    VVS adds one, for its scheduler, before the pass) and never for AR: the host keeps the counts,
+    the device keeps the tokens. `phase_times` times drafting, verification and scheduling apart,
+    which waits for the device three times a step: off on a GPU unless asked for, on on a CPU
+    (where it costs nothing)."""
     if not sampling.greedy and generators is None:
         raise ValueError(f"sampled decoding ({method.name}) needs one generator per image")
     device, g = target.device, target.groups
     b, p = condition.batch, target.prefix_len
     accept = method.acceptance or make_acceptance(sampling)
     skipping = not isinstance(method.scheduler, NeverSkip)
+    timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
+    lap = functools.partial(_lap, timing, device if (device.type != "cuda" if phase_times is None else phase_times)
+                            else None)
     _sync(device)
     t0 = time.perf_counter()
     drafting = method.drafting(target, b, num_tokens) if method.drafting else None
@@ -127,87 +129,132 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     if drafting:
         drafting.begin(out, cache.valid[:, :p], root)
     features = FeatureCache(g, b, num_tokens + 8, target.hidden_size, device, out.hidden.dtype) if skipping else None
+    selectors = _selector_generators(generators) if skipping else None
+    # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
+    made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
+    made[:, 0] = root
     _sync(device)
     t1 = time.perf_counter()
-    rows = _Rows.start(root)
-    timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
+    rows = _Rows.start(b)
     step = passes = 0
-    while min(len(m) for m in rows.made) < num_tokens:
-        live = torch.tensor([len(m) < num_tokens for m in rows.made])
+    while min(rows.made) < num_tokens:
+        live = torch.tensor([m < num_tokens for m in rows.made])
         tick = time.perf_counter()
         tree = drafting.propose(root, sampling, generators) if drafting else root_only(root)
-        tick = _lap(timing, "draft", tick, device)
-        skip = torch.zeros(b, dtype=torch.bool)
-        if skipping:
-            made_n = torch.tensor([len(m) for m in rows.made])
-            ctx = StepContext(tree, step, made_n, rows.counts["run"].clone(), num_tokens)
+        tick = lap("draft", tick)
+        skip, picks = torch.zeros(b, dtype=torch.bool), None
+        if skipping and tree.size > 1:
+            tree, picks = _fetch_for_scheduler(tree, selectors)
+            ctx = StepContext(tree.host, step, torch.tensor(rows.made), rows.counts["run"].clone(), num_tokens)
             skip = method.scheduler.decide(ctx) & live
-            tick = _lap(timing, "schedule", tick, device)
-        commits = _Commits([[] for _ in range(b)], [[] for _ in range(b)], [None] * b)
-        logits = None
+            tick = lap("schedule", tick)
+        commits = _Commits([[] for _ in range(b)], [[] for _ in range(b)], {}, {})
+        verified = None
         verify = live & ~skip
         if verify.any():
             passes += 1
-            logits = _verify(target, cache, tree, verify.nonzero().flatten().tolist(), rows, commits, accept,
-                             sampling, generators, num_tokens, features)
-        tick = _lap(timing, "verify", tick, device)
-        _skip(tree, skip.nonzero().flatten().tolist(), rows, commits, generators, num_tokens, features,
-              method.staleness)
-        for r in range(b):
-            if commits.paths[r]:
-                rows.made[r].extend(commits.following[r])
-                rows.counts["steps"][r] += 1
+            verified = _verify(target, cache, tree, verify.nonzero().flatten().tolist(), rows, commits, accept,
+                               sampling, generators, num_tokens)
+        tick = lap("verify", tick)
+        _skip(tree, skip.nonzero().flatten().tolist(), picks, rows, commits, num_tokens, features, method.staleness)
+        outcome = _outcome(tree, verified, commits, verify, target)
+        if features is not None and verified is not None:
+            _remember(features, verified, outcome, commits)
+        root = _commit_tokens(made, rows, outcome, root)
         if skipping:
-            method.scheduler.after_step(commits.following)
-        root = torch.tensor([f[-1] if f else int(root[r]) for r, f in enumerate(commits.following)], device=device)
+            method.scheduler.after_step(outcome.following, outcome.counts)
         if drafting:
-            drafting.observe(_outcome(tree, logits, commits, verify, target, device), sampling, generators)
+            drafting.observe(outcome, sampling, generators)
         step += 1
     _sync(device)
     t2 = time.perf_counter()
     c = rows.counts
-    return Generation(tokens=torch.tensor([m[:num_tokens] for m in rows.made], device=device), nfe=c["nfe"],
-                      steps=c["steps"], prefill_s=t1 - t0, loop_s=t2 - t1, skipped=c["skipped"],
-                      verified_tokens=c["verified_tokens"], draft_s=timing["draft"], verify_s=timing["verify"],
-                      schedule_s=timing["schedule"], batch_passes=passes, batch_steps=step)
+    return Generation(tokens=made[:, :num_tokens], nfe=c["nfe"], steps=c["steps"], prefill_s=t1 - t0,
+                      loop_s=t2 - t1, skipped=c["skipped"], verified_tokens=c["verified_tokens"],
+                      draft_s=timing["draft"], verify_s=timing["verify"], schedule_s=timing["schedule"],
+                      batch_passes=passes, batch_steps=step)
 
 
-def _lap(timing: dict[str, float], phase: str, since: float, device) -> float:
+def _lap(timing: dict[str, float], device, phase: str, since: float) -> float:
+    """Charge the time since `since` to `phase` (device None: phases are not timed)."""
+    if device is None:
+        return since
     _sync(device)
     now = time.perf_counter()
     timing[phase] += now - since
     return now
 
 
+def _selector_generators(generators) -> list[torch.Generator] | None:
+    """The VVS selector's own stream per row, seeded from the row's seed: its path pick is drawn
+    before the skip decision, and drawing it from the row's generator would change what a step
+    that does not skip samples (a VVS that never skips decodes exactly what its base method does)."""
+    if generators is None:
+        return None
+    mix = lambda seed: (seed * 6364136223846793005 + 1442695040888963407) % 2 ** 63  # noqa: E731
+    return [torch.Generator(device=gen.device).manual_seed(mix(gen.initial_seed())) for gen in generators]
+
+
+def _fetch_for_scheduler(tree: Tree, generators) -> tuple[Tree, list[float]]:
+    """One wait before a skip decision: the tree's structure and a uniform draw per row (the
+    selector's path pick, should the row skip) come to the host together."""
+    b = tree.tokens.shape[0]
+    u = (torch.stack([torch.rand((), generator=gen, device=gen.device) for gen in generators])
+         if generators else torch.rand(b))
+    parts = [tree.tokens, tree.parents] + ([tree.scores] if tree.scores is not None else [])
+    *host, picks = fetch(*parts, u)
+    return dataclasses.replace(tree, host=HostTree(*host)), picks.tolist()
+
+
+def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Target input [B, W + T]: each row's chain of unverified tokens (padded to W), then its tree.
+    Chain tokens are causal; tree nodes see the row's whole chain and their ancestors; padding is
+    seen by nobody. The chains are host lists, so their part is built on the host and sent down
+    without a wait. Returns tokens, block mask [B, W+T, W+T], depths [B, W+T], W."""
+    lens = torch.tensor([len(c) for c in chains])
+    w = int(lens.max()) if len(chains) else 0
+    if w == 0:
+        return tree.tokens, tree.mask, tree.depths, 0
+    dev, (b, t) = tree.tokens.device, tree.tokens.shape
+    ar = torch.arange(w)
+    in_chain = ar[None, :] < lens[:, None]  # [B, W]
+    # the chain's columns, seen by: chain tokens (causally), padding (itself only), tree nodes (all)
+    head = torch.zeros(b, w + t, w, dtype=torch.bool)
+    head[:, :w] = torch.ones(w, w, dtype=torch.bool).tril()[None] & in_chain[:, :, None]
+    head[:, :w] |= torch.eye(w, dtype=torch.bool)[None] & ~in_chain[:, :, None]
+    head[:, w:] = in_chain[:, None, :]
+    tail = torch.cat([torch.zeros(b, w, t, dtype=torch.bool, device=dev), tree.mask], 1)  # the tree's columns
+    chain_tokens = torch.tensor([c + [0] * (w - len(c)) for c in chains])
+    tokens = torch.cat([to_device(chain_tokens, dev), tree.tokens], 1)
+    mask = torch.cat([to_device(head, dev), tail], 2)
+    depths = torch.cat([to_device(ar * in_chain, dev), to_device(lens, dev)[:, None] + tree.depths], 1)
+    return tokens, mask, depths, w
+
+
 def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, commits: _Commits, accept, sampling,
-            generators, num_tokens: int, features: FeatureCache | None) -> Tensor:
-    """One target pass over [chain ; tree] for the verifying rows, acceptance for them, KV compaction.
-    Returns the tree logits [B, T, V] (zeros for the rows that sat the pass out)."""
+            generators, num_tokens: int) -> _Verified:
+    """One target pass over [chain ; tree] for the verifying rows, acceptance for them, KV compaction."""
     b, g = len(rows.made), target.groups
     tokens, mask, depths, w = _with_chain(tree, [rows.chains[r] if r in verify_rows else [] for r in range(b)])
     out = _pass(target, cache, tokens, mask, depths, verify_rows)
-    logits, hidden = out.logits[:, w:], out.hidden[:, :, w:]
+    logits = out.logits[:, w:]
     verdict = accept(tree, logits, sampling, generators, rows=verify_rows)
     keep_src: list[list[int]] = [[] for _ in range(b)]
-    length = cache.length.view(g, b)[0].tolist()
+    length = cache.host_length.view(g, b)[0].tolist()
+    t = tree.size
     for r in verify_rows:
-        room = num_tokens - len(rows.made[r])
+        room = num_tokens - rows.made[r]
         path = verdict.paths[r][: room + 1]  # the root and at most `room` drafts
         c = len(rows.chains[r])
         keep_src[r] = [length[r] + i for i in range(c)] + [length[r] + w + n for n in path]
-        commits.paths[r] = path
-        commits.following[r] = tree.tokens[r, path[1:]].tolist() + [int(verdict.next_tokens[r])]
-        commits.feats[r] = hidden[:, r, path]  # [G, n, D]
-        if features is not None:
-            features.append(r, out.hidden[:, r, :c])  # fresh features of the skipped tokens (deferred fill)
-            features.append(r, commits.feats[r])
+        commits.paths[r], commits.following[r], commits.filled[r] = path, path[1:] + [t], c
         rows.chains[r] = []
         rows.counts["nfe"][r] += 1
         rows.counts["verified_tokens"][r] += len(path)
         rows.counts["run"][r] = 0
     plain = w == 0 and all(pt in ([0], []) for pt in commits.paths)
     _compact(target, cache, keep_src, logits.device, plain=plain)
-    return logits
+    return _Verified(logits, out.hidden, w, verdict.next_tokens)
 
 
 def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_rows: list[int]) -> TargetOutput:
@@ -216,61 +263,87 @@ def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_ro
     b = tokens.shape[0]
     if len(verify_rows) == b:
         return target.extend(cache, tokens, block_mask=mask, depths=depths)
-    idx = torch.tensor(verify_rows, device=tokens.device)
-    part = target.extend(cache, tokens[idx], block_mask=mask[idx], depths=depths[idx], rows=idx)
+    idx = to_device(verify_rows, tokens.device)
+    part = target.extend(cache, tokens[idx], block_mask=mask[idx], depths=depths[idx], rows=verify_rows)
     logits = part.logits.new_zeros(b, *part.logits.shape[1:])
     hidden = part.hidden.new_zeros(part.hidden.shape[0], b, *part.hidden.shape[2:])
     logits[idx], hidden[:, idx] = part.logits, part.hidden
     return TargetOutput(logits=logits, hidden=hidden)
 
 
-def _skip(tree: Tree, skip_rows: list[int], rows: _Rows, commits: _Commits, generators, num_tokens: int,
-          features: FeatureCache | None, staleness: int) -> None:
+def _skip(tree: Tree, skip_rows: list[int], picks: list[float] | None, rows: _Rows, commits: _Commits,
+          num_tokens: int, features: FeatureCache | None, staleness: int) -> None:
     """VVS's skipped step for these rows: the selector's tokens are committed unverified, stale
     features stand in for the target's."""
     for r in skip_rows:
-        nodes = select_skip_tokens(tree, r, generators[r] if generators else None)
-        nodes = nodes[: num_tokens - len(rows.made[r]) + 1]
-        commits.paths[r] = nodes[:-1]
-        commits.following[r] = tree.tokens[r, nodes[1:]].tolist()
-        commits.feats[r] = features.stale(r, len(nodes) - 1, staleness)
-        rows.chains[r].extend(tree.tokens[r, nodes[:-1]].tolist())
+        nodes = select_skip_tokens(tree.host, r, picks[r])
+        nodes = nodes[: num_tokens - rows.made[r] + 1]
+        commits.paths[r], commits.following[r] = nodes[:-1], nodes[1:]
+        commits.stale[r] = features.stale(r, len(nodes) - 1, staleness)
+        rows.chains[r].extend(tree.host.tokens[r, nodes[:-1]].tolist())
         rows.counts["skipped"][r] += 1
         rows.counts["run"][r] += 1
 
 
 def _compact(target: LlamaGenTarget, cache, keep_src: list[list[int]], device, plain: bool) -> None:
     """Commit each row's kept slots (chain, then accepted tree nodes) in order; AR just commits."""
-    g, b = target.groups, len(keep_src)
-    counts = torch.tensor([len(s) for s in keep_src], device=device)
+    g = target.groups
+    counts = torch.tensor([len(s) for s in keep_src])
     if plain:
         target.commit(cache, counts)
         return
     width = max(1, int(counts.max()))
-    src = torch.zeros(b, width, dtype=torch.long, device=device)
-    for r, s in enumerate(keep_src):
-        if s:
-            src[r, :len(s)] = torch.tensor(s, device=device)
-    cache.keep(src.repeat(g, 1), counts.repeat(g))
+    src = torch.tensor([s + [0] * (width - len(s)) for s in keep_src])
+    cache.keep(to_device(src, device).repeat(g, 1), counts.repeat(g))
 
 
-def _outcome(tree: Tree, logits, commits: _Commits, verify: Tensor, target: LlamaGenTarget,
-             device) -> StepOutcome:
-    """Pack the per-row commits into padded tensors for the drafter."""
-    feats, following = commits.feats, commits.following
-    b = len(following)
-    counts = torch.tensor([len(f) for f in following], device=device)
+def _outcome(tree: Tree, verified: _Verified | None, commits: _Commits, verify: Tensor,
+             target: LlamaGenTarget) -> StepOutcome:
+    """Pack the per-row commits into padded device tensors, with one copy of host indices: the
+    committed nodes' features [G, B, W, D] and the token after each [B, W]; counts on the host."""
+    dev, (b, t) = tree.tokens.device, tree.tokens.shape
+    counts = torch.tensor([len(f) for f in commits.following])
     width = max(1, int(counts.max()))
-    ref = next((f for f in feats if f is not None), None)
+    pad = lambda idx, fill: idx + [fill] * (width - len(idx))  # noqa: E731
+    index = to_device(torch.tensor([pad(n, 0) for n in commits.paths] + [pad(f, t) for f in commits.following]), dev)
+    nodes, after = index[:b], index[b:]  # [B, W] each
+    nxt = verified.next_tokens if verified is not None else torch.zeros(b, dtype=torch.long, device=dev)
+    following = torch.cat([tree.tokens, nxt[:, None]], 1).gather(1, after)
     g, d = target.groups, target.hidden_size
-    packed = torch.zeros(g, b, width, d, device=device, dtype=ref.dtype if ref is not None else torch.float32)
-    nxt = torch.zeros(b, width, dtype=torch.long, device=device)
+    if verified is not None:
+        hidden = verified.hidden[:, :, verified.chain_width:]  # [G, B, T, D]
+        feats = hidden.gather(2, nodes[None, :, :, None].expand(g, b, width, d))
+    else:
+        feats = torch.zeros(g, b, width, d, device=dev, dtype=target.gpt.output.weight.dtype)
+    for r, stale in commits.stale.items():
+        feats[:, r, :stale.shape[1]] = stale
+    return StepOutcome(feats=feats, following=following, counts=counts, tree=tree,
+                       logits=verified.logits if verified is not None else None, verified=verify)
+
+
+def _remember(features: FeatureCache, verified: _Verified, outcome: StepOutcome, commits: _Commits) -> None:
+    """VVS's feature cache: each verified row's fresh features, its filled chain's first."""
+    for r, c in commits.filled.items():
+        features.append(r, verified.hidden[:, r, :c])  # the skipped tokens' features (deferred fill)
+        features.append(r, outcome.feats[:, r, :int(outcome.counts[r])])
+
+
+def _commit_tokens(made: Tensor, rows: _Rows, outcome: StepOutcome, root: Tensor) -> Tensor:
+    """Write each row's new tokens into `made` (host-known positions, one copy down) and return the
+    next roots [B]: each row's last new token (a row that did nothing keeps its root)."""
+    b, width = outcome.following.shape
+    counts = outcome.counts.tolist()
+    dump = made.shape[1] - 1
+    pos = torch.tensor([[rows.made[r] + j if j < counts[r] else dump for j in range(width)] for r in range(b)])
+    last = torch.tensor([max(n - 1, 0) for n in counts])
+    index = to_device(torch.cat([pos, last[:, None], (torch.tensor(counts) > 0).long()[:, None]], 1), made.device)
+    made.scatter_(1, index[:, :width], outcome.following)
     for r in range(b):
-        if following[r]:
-            n = len(following[r])
-            packed[:, r, :n] = feats[r]
-            nxt[r, :n] = torch.tensor(following[r], device=device)
-    return StepOutcome(feats=packed, following=nxt, counts=counts, tree=tree, logits=logits, verified=verify)
+        if counts[r]:
+            rows.made[r] += counts[r]
+            rows.counts["steps"][r] += 1
+    new_root = outcome.following.gather(1, index[:, width:width + 1])[:, 0]
+    return torch.where(index[:, width + 1].bool(), new_root, root)
 
 
 def generate_ar(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, sampling: SamplingParams,

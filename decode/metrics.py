@@ -97,7 +97,9 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"skip ratio          {mean('skip_ratio'):.3f}  (skipped / all steps; {mean('tokens_per_skip'):.2f} tokens "
         f"per skipped step)",
         f"latency per batch   {sum(l for l, _ in batches) / len(batches):.3f} s  (prefill to last token; "
-        f"draft {mean('draft_s'):.3f} s, verify {mean('verify_s'):.3f} s, schedule {mean('schedule_s'):.3f} s)",
+        + (f"draft {mean('draft_s'):.3f} s, verify {mean('verify_s'):.3f} s, schedule {mean('schedule_s'):.3f} s)"
+           if mean('draft_s') + mean('verify_s') + mean('schedule_s') > 0
+           else "phases not timed: on a GPU that needs three waits a step, phase_times=True in generate)"),
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
         f"throughput          {n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s)",
     ]

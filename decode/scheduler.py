@@ -124,13 +124,14 @@ class TraceRecorder(Scheduler):
         if allowed.any():
             feats = step_features(ctx, self.latents)
             for r in allowed.nonzero().flatten().tolist():
-                nodes = select_skip_tokens(ctx.tree, r, self.gens[r])
+                nodes = select_skip_tokens(ctx.tree, r, float(torch.rand((), generator=self.gens[r])))
                 self._open[r] = (ctx.step, feats[r].tolist(), ctx.tree.tokens[r, nodes[1:]].tolist())
         return torch.zeros(b, dtype=torch.bool)
 
-    def after_step(self, following: list[list[int]]) -> None:
+    def after_step(self, following: Tensor, counts: Tensor) -> None:
+        rows = following.tolist() if self._open else []
         for r, (step, feats, proposed) in self._open.items():
-            verified = following[r]
+            verified = rows[r][:int(counts[r])]
             kept = 0
             while kept < min(len(proposed), len(verified)) and proposed[kept] == verified[kept]:
                 kept += 1

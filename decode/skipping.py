@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.trees import Tree, leaf_paths
+from decode.trees import HostTree, Tree, leaf_paths
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a scheduler may look at, per row, before deciding (all cheap at decode time)."""
-    tree: Tree
+    """What a scheduler may look at, per row, before deciding (all cheap at decode time, all on the host)."""
+    tree: HostTree
     step: int              # decode steps so far (verified + skipped)
     made: Tensor           # [B] tokens committed so far
     run: Tensor            # [B] consecutive skipped steps just before this one
@@ -41,7 +41,7 @@ class Scheduler:
     def eligible(self, ctx: StepContext) -> Tensor:
         """[B] bool: rows past the warm-up, under the cap, unfinished, with drafts to take."""
         allowed = (ctx.made > self.warmup) & (ctx.run < self.max_consecutive) & (ctx.made < ctx.num_tokens)
-        return allowed & (ctx.tree.parents.cpu() >= 0).any(-1)  # a root-only tree has nothing to take
+        return allowed & (ctx.tree.parents >= 0).any(-1)  # a root-only tree has nothing to take
 
     def decide(self, ctx: StepContext) -> Tensor:
         """[B] bool: skip verification this step."""
@@ -53,8 +53,9 @@ class Scheduler:
     def wants_skip(self, ctx: StepContext) -> Tensor:
         raise NotImplementedError
 
-    def after_step(self, following: list[list[int]]) -> None:
-        """Told, per row, the tokens the step committed after the root (traces use it)."""
+    def after_step(self, following: Tensor, counts: Tensor) -> None:
+        """Told the tokens the step committed after the root: following [B, W] on the device, the
+        first counts[b] (host) of row b (traces use it; reading them is theirs to pay for)."""
 
 
 class NeverSkip(Scheduler):
@@ -75,7 +76,7 @@ class UniformSkip(Scheduler):
         return torch.full((ctx.made.shape[0],), ctx.step % self.interval == 1 % self.interval and self.interval > 1)
 
 
-def path_similarity(tree: Tree, latents: Tensor, decay: float = 0.9, stride: int = 2) -> Tensor:
+def path_similarity(tree: Tree | HostTree, latents: Tensor, decay: float = 0.9, stride: int = 2) -> Tensor:
     """VVS's similarity of the tree's candidate paths, per row [B] (ALGORITHMS.md 1.6).
 
     Every `stride`-th root-to-leaf path, root dropped, codes embedded with the raw VQ codebook rows
@@ -151,14 +152,14 @@ class LearnedScheduler(Scheduler):
         return prob.flatten().cpu() >= self.threshold
 
 
-def select_skip_tokens(tree: Tree, row: int, generator: torch.Generator | None) -> list[int]:
-    """VVS's verification-free selector for one row: a uniformly drawn root-to-leaf path, truncated
-    to the tree's mean path length (`dynamical truncation`). Returns its first L + 1 nodes: the
-    first L are committed unverified, the last becomes the next root (ALGORITHMS.md 1.4)."""
+def select_skip_tokens(tree: Tree | HostTree, row: int, u: float) -> list[int]:
+    """VVS's verification-free selector for one row: a uniformly drawn root-to-leaf path (path
+    floor(u * paths) for a uniform draw u in [0, 1)), truncated to the tree's mean path length
+    (`dynamical truncation`). Returns its first L + 1 nodes: the first L are committed unverified,
+    the last becomes the next root (ALGORITHMS.md 1.4)."""
     paths = leaf_paths(tree.parents[row].cpu())
     mean_len = sum(len(p) for p in paths) // len(paths)  # root included
-    pick = int(torch.randint(len(paths), (1,), generator=generator, device=generator.device if generator else "cpu"))
-    path = paths[pick]
+    path = paths[min(int(u * len(paths)), len(paths) - 1)]
     take = max(1, min(len(path) - 1, mean_len - 1))  # >= 1: at least the root is committed
     return path[: take + 1]
 
@@ -180,5 +181,7 @@ class FeatureCache:
         """The n most recent features, `staleness` positions further back (0: the released code's
         `reuse_prev`), repeating the oldest available one when fewer exist. -> [G, n, D]."""
         end = max(1, self.count[row] - staleness)
-        idx = torch.arange(end - n, end).clamp_min(0)
+        if end >= n:
+            return self.store[:, row, end - n:end]
+        idx = torch.arange(end - n, end, device=self.store.device).clamp_min(0)
         return self.store[:, row, idx]

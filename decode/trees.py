@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from decode.host import fetch
+
 
 @dataclass(frozen=True)
 class TreeParams:
@@ -34,6 +36,26 @@ class Tree:
     mask: Tensor     # [B, T, T] bool: node i attends to node j (j an ancestor of i, or i itself)
     q: Tensor | None = None       # [B, T, V] sampled drafts: the distribution each node was drawn from
     scores: Tensor | None = None  # [B, T] drafter cumulative log-probability of each node (root 0)
+    host: "HostTree | None" = None  # the host's copy of the structure, once the engine has fetched it
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+    def on_host(self) -> "HostTree":
+        """The host copy: the one already fetched, or one fetched now (a wait for the device)."""
+        if self.host is not None:
+            return self.host
+        parts = fetch(self.tokens, self.parents, *([] if self.scores is None else [self.scores]))
+        return HostTree(*parts)
+
+
+@dataclass(frozen=True)
+class HostTree:
+    """A tree's structure on the host, where the engine, the skip schedulers and acceptance walk it."""
+    tokens: Tensor   # [B, T]
+    parents: Tensor  # [B, T]
+    scores: Tensor | None = None  # [B, T]
 
     @property
     def size(self) -> int:
@@ -134,7 +156,7 @@ class StepOutcome:
     each (fresh after a verification, stale on a skipped step) and the token after each."""
     feats: Tensor      # [G, B, W, D]
     following: Tensor  # [B, W] the token after each committed node (the last one: the next root)
-    counts: Tensor     # [B] committed nodes this step (0: the row did nothing)
+    counts: Tensor     # [B] on the host: committed nodes this step (0: the row did nothing)
     tree: Tree
     logits: Tensor | None = None  # [B, T, V] the target's logits over the tree (rows that verified)
     verified: Tensor | None = None  # [B] bool

@@ -11,7 +11,9 @@
 #    world's acceptance: predicted speed-ups, and the AR baseline's tokens/s next to a plain eager loop's;
 # 3. the cost model at the world's size (the shipped target and drafter, batch 8), compiled as one graph;
 # 4. XL again with a compiled graph per block (compile=layer);
-# 5. what compiling XL's whole stack as one graph costs up front (scripts/compile_time.py).
+# 5. where the decode loop synchronizes with the GPU, per step and method (scripts/host_syncs.py with the
+#    CUDA sync debug mode next to the CPU model's count; the table goes to the log);
+# 6. what compiling XL's whole stack as one graph costs up front (scripts/compile_time.py).
 # Each step has its own time limit, so a slow one does not cost the others. The compiled XL run comes
 # last, per block: on the 2-core CPU here, tracing XL's 36-layer stack as one graph took 70-80 s per
 # shape kind, per block about 8 s.
@@ -52,8 +54,9 @@ keep xl_eager "$SIZE"
 step world 90 $PY scripts/cost_model.py size=world batch=8 device=$DEVICE dtype=float32 repeats=20 \
   compile=true results=$ACCEPT out_dir="$WORK/world"
 keep world world
+step syncs 60 $PY scripts/host_syncs.py --device $DEVICE --cuda-debug --out "$WORK/syncs"
 step xl_compiled 150 $PY scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
   compile=layer results=$ACCEPT out_dir="$WORK/xl_compiled"
 keep xl_compiled "$SIZE"
-step compile_stack 120 $PY scripts/compile_time.py --size $SIZE --scope stack --device $DEVICE --dtype $DTYPE \
+step compile_stack 60 $PY scripts/compile_time.py --size $SIZE --scope stack --device $DEVICE --dtype $DTYPE \
   --out "$OUT/compile_stack.json"

@@ -9,6 +9,7 @@ states come back for both CFG halves, because the drafter runs on CFG pairs like
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -136,7 +137,7 @@ class LlamaGenTarget:
 
     @torch.no_grad()
     def extend(self, cache: KVCache, tokens: Tensor, block_mask: Tensor | None = None,
-               depths: Tensor | None = None, rows: Tensor | None = None) -> TargetOutput:
+               depths: Tensor | None = None, rows: Sequence[int] | None = None) -> TargetOutput:
         """Forward new tokens [B, T] after each row's committed part; KV is written but not committed.
 
         Args:
@@ -144,12 +145,12 @@ class LlamaGenTarget:
             tokens: [B, T] token ids.
             block_mask: [B, T, T] bool among the new tokens (default causal; a tree passes ancestry).
             depths: [B, T] position offsets from the row's length (default 0..T-1; a tree passes depth).
-            rows: [R] image rows of the cache to run (the others skip this pass); tokens, block_mask
-                and depths are then those rows' [R, ...], and so is the output.
+            rows: R image rows of the cache to run (host ints; the others skip this pass); tokens,
+                block_mask and depths are then those rows' [R, ...], and so is the output.
         """
         if rows is not None:
-            full = cache.batch // self.groups
-            cache = cache.rows(torch.cat([rows + i * full for i in range(self.groups)]))  # both CFG halves
+            full, rows = cache.batch // self.groups, [int(r) for r in rows]
+            cache = cache.rows([r + i * full for i in range(self.groups) for r in rows])  # both CFG halves
         b, t = tokens.shape
         if block_mask is None:
             block_mask = causal_mask(t, tokens.device).expand(b, t, t)
@@ -160,12 +161,12 @@ class LlamaGenTarget:
         x = self.gpt.embed_tokens(tokens.repeat(self.groups, 1))
         # past the last image position (trees at the final steps) RoPE rows are zero padding
         pos = (cache.length[:, None] + depths2).clamp_max(self.gpt.max_positions - 1)
-        upto = int(cache.length.max()) + t
+        upto = cache.longest + t
         hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto), cache)
         return self.guide(hidden)
 
     def commit(self, cache: KVCache, num_new: int | Tensor) -> None:
-        """Commit the next `num_new` (per image row) written slots, for both CFG halves."""
+        """Commit the next `num_new` (per image row; best a host tensor) written slots, for both CFG halves."""
         if isinstance(num_new, Tensor):
             num_new = num_new.repeat(self.groups)
         cache.commit(num_new)

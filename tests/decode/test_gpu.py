@@ -55,3 +55,29 @@ def test_compiled_layers_decode_the_eager_tokens_on_the_gpu(scope):
         return run(t, cond, method, GREEDY, n=24)
 
     assert torch.equal(decode(fast, fast_drafter).tokens, decode(target, drafter).tokens)
+
+
+def cuda_syncs(fn) -> int:
+    """Synchronisations of fn() with the device, as the CUDA sync debug mode reports them."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_the_loop_synchronizes_at_most_once_a_step_and_ar_never():
+    target, drafter, cond, codebook = cuda_world(2)
+    gens = lambda: row_generators([0, 1], "cuda")  # noqa: E731
+    ar = lambda n: generate_ar(target, cond, num_tokens=n, sampling=SAMPLED, generators=gens())  # noqa: E731
+    assert cuda_syncs(lambda: ar(24)) == cuda_syncs(lambda: ar(1))
+    method = build_method("lantern", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+                          options=MethodOptions(lantern_k=16))
+    spec = lambda n: generate(target, cond, num_tokens=n, sampling=SAMPLED, generators=gens(), method=method)  # noqa: E731
+    steps = spec(24).batch_steps
+    assert cuda_syncs(lambda: spec(24)) - cuda_syncs(lambda: spec(1)) <= steps

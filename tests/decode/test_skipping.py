@@ -84,11 +84,9 @@ def test_deferred_fill_gives_the_kv_and_features_of_a_direct_pass():
 def test_selector_truncates_to_the_mean_path_length():
     # paths: [0,1,3,4] (len 4), [0,2] (len 2) -> mean 3 -> take at most 2 tokens + the next root
     tree = small_tree([5, 9, 3, 7, 8], [-1, 0, 0, 1, 3])
-    seen = set()
-    for seed in range(20):
-        nodes = select_skip_tokens(tree, 0, torch.Generator().manual_seed(seed))
-        seen.add(tuple(nodes))
-    assert seen == {(0, 1, 3), (0, 2)}
+    # the uniform draw picks a path, leaves in node order: [0, 0.5) leaf 2's, [0.5, 1) leaf 4's
+    assert [tuple(select_skip_tokens(tree, 0, u)) for u in (0.0, 0.49, 0.5, 0.999)] == \
+        [(0, 2), (0, 2), (0, 1, 3), (0, 1, 3)]
 
 
 def test_path_similarity_is_one_for_identical_paths_and_lower_otherwise():

@@ -1,0 +1,62 @@
+"""The decode loop waits for the device at most once a step (VVS: twice), and AR never: counted on a
+CPU by decode.host.SyncCounter, which models where a CUDA run would wait."""
+import pytest
+import torch
+
+from decode.engine import Method
+from decode.host import SyncCounter, fetch, to_device
+from decode.methods import MethodOptions, build_method
+from decode.trees import TreeParams
+from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
+
+
+def counted(target, drafter, cond, method, sampling, n):
+    counter = SyncCounter(target.gpt, drafter)
+    with counter:
+        gen = run(target, cond, method, sampling, n=n)
+    return counter, gen
+
+
+def test_the_counter_sees_device_reads_and_ignores_host_bookkeeping():
+    layer = torch.nn.Linear(4, 4)
+    counter = SyncCounter(layer)
+    with counter:
+        y = layer(to_device(torch.ones(2, 4), "cpu"))  # a device tensor (made from the parameters)
+        host = torch.tensor([1, 2, 3])       # host bookkeeping
+        assert int(host.sum()) == 6 and host.tolist() == [1, 2, 3]
+        assert counter.waits == 0
+        int(y.argmax())                      # a host read
+        y[y > 0]                             # a boolean mask: its size is on the device
+        torch.tensor([0, 1], device=y.device)  # a blocking copy down
+        y[torch.tensor([0, 1])]              # a host index into a device tensor: an implicit copy
+        (copy,) = fetch(y)                   # the planned wait; its result is on the host
+        float(copy.sum())
+        y[to_device([0, 1], y.device)]       # a staged copy down: no wait
+    assert counter.counts == {"read": 2, "copy": 1, "mixed": 1, "fetch": 1}
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED])
+def test_ar_never_waits_for_the_device_inside_the_loop(sampling):
+    target, drafter, cond, _ = world(2)
+    prefill, _ = counted(target, drafter, cond, Method(), sampling, n=1)
+    full, gen = counted(target, drafter, cond, Method(), sampling, n=24)
+    assert gen.batch_steps == 23 and full.waits == prefill.waits, full.sites
+
+
+@pytest.mark.parametrize("name,options,per_step", [
+    ("eagle2", MethodOptions(), 1),
+    ("lantern", MethodOptions(lantern_k=16), 1),
+    ("lantern_pp", MethodOptions(lantern_k=16, static_tree="balanced_25"), 1),
+    ("vvs_u", MethodOptions(lantern_k=16, interval=2, warmup=2), 2),  # + the scheduler's look at the tree
+])
+def test_speculative_steps_wait_once_and_vvs_twice(name, options, per_step):
+    target, drafter, cond, codebook = world(2)
+    method = build_method(name, sampling=SAMPLED, tree=TreeParams(12, 3, 4), options=options, drafter=drafter,
+                          codebook=codebook)
+    prefill, _ = counted(target, drafter, cond, method, SAMPLED, n=1)
+    full, gen = counted(target, drafter, cond, method, SAMPLED, n=40)
+    in_loop = {k: full.counts[k] - prefill.counts.get(k, 0) for k in full.counts}
+    assert {k for k, v in in_loop.items() if v} == {"fetch"}, full.sites
+    assert gen.batch_steps < in_loop["fetch"] + 1 <= per_step * gen.batch_steps + 1
+    if name == "vvs_u":
+        assert gen.skipped.sum() > 0  # skipped steps ran no pass, hence no acceptance fetch

@@ -31,8 +31,9 @@ _COUNTERS: list["SyncCounter"] = []
 def fetch(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Host copies of device tensors behind a single wait for the device."""
     copies = tuple(t.to("cpu", non_blocking=True) for t in tensors)
-    if any(t.is_cuda for t in tensors):
-        torch.cuda.current_stream(tensors[0].device).synchronize()
+    on_gpu = next((t.device for t in tensors if t.is_cuda), None)
+    if on_gpu is not None:
+        torch.cuda.current_stream(on_gpu).synchronize()  # the copies above landed in pinned memory
     for counter in _COUNTERS:
         counter.note("fetch", skip=1)
     return copies

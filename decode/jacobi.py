@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from decode.host import fetch, to_device
 from decode.sampling import SamplingParams, probabilities
 from decode.target import LlamaGenTarget
 from decode.target.llamagen import TargetOutput
@@ -40,17 +41,18 @@ class JacobiDrafting:
         self.drafts: list[list[int]] = [[] for _ in range(batch)]
         self.q: list[list[Tensor | None]] = [[] for _ in range(batch)]     # None: a one-hot guess
         self.prev: list[list[Tensor | None]] = [[] for _ in range(batch)]  # last target prediction there
+        self.roots: list[int] = []  # each row's current root, on the host (read with the step's fetch)
         self.num_tokens = num_tokens
 
     def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor) -> None:
-        pass
+        self.roots = root.tolist()  # the prefill's one read
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
         b, dev, v = root.shape[0], root.device, self.target.vocab_size
         for r in range(b):
-            self._refill(r, int(root[r]), generators[r] if generators else None)
+            self._refill(r, self.roots[r], generators[r] if generators else None)
         t = 1 + self.window
-        tokens = torch.tensor([[int(root[r])] + self.drafts[r] for r in range(b)], device=dev)
+        tokens = to_device([[self.roots[r]] + self.drafts[r] for r in range(b)], dev)
         q = torch.zeros(b, t, v, device=dev)
         for r in range(b):
             for j, (tok, dist) in enumerate(zip(self.drafts[r], self.q[r])):
@@ -62,22 +64,30 @@ class JacobiDrafting:
         return Tree(tokens, parents, torch.arange(t, device=dev).expand(b, t), ancestry_mask(parents), q=q)
 
     def observe(self, step: StepOutcome, sampling: SamplingParams, generators) -> None:
-        """Jacobi update from this pass: accepted drafts leave the window, the tail is redrawn."""
-        for r in range(step.counts.shape[0]):
-            c = int(step.counts[r])
-            if c == 0:
-                continue
-            self.history[r].extend(step.tree.tokens[r, :c].tolist())
-            tail = range(c + 1, 1 + self.window)  # old chain nodes past the new root
-            new_d, new_q, new_p = [], [], []
+        """Jacobi update from this pass: accepted drafts leave the window, the tail is redrawn (on the
+        device; the new drafts, the committed tokens and the next roots come up in one fetch)."""
+        counts = step.counts.tolist()
+        rows = [r for r, c in enumerate(counts) if c]
+        draws = []
+        for r in rows:
+            tail = range(counts[r] + 1, 1 + self.window)  # old chain nodes past the new root
+            new_q, new_p = [], []
             for node in tail:
                 p = probabilities(step.logits[r, node - 1].float(), sampling)
                 q = self._favour(p, self.prev[r][node - 1]) if self.beta > 0 else p
-                new_d.append(int(q.argmax()) if sampling.greedy
-                             else int(torch.multinomial(q[None], 1, generator=generators[r])[0]))
+                draws.append(q.argmax()[None] if sampling.greedy
+                             else torch.multinomial(q[None], 1, generator=generators[r])[0])
                 new_q.append(q)
                 new_p.append(p)
-            self.drafts[r], self.q[r], self.prev[r] = new_d, new_q, new_p
+            self.q[r], self.prev[r] = new_q, new_p
+        tokens, following, *drawn = fetch(step.tree.tokens, step.following, *([torch.cat(draws)] if draws else []))
+        drawn = drawn[0].tolist() if drawn else []
+        for r in rows:
+            c = counts[r]
+            self.history[r].extend(tokens[r, :c].tolist())
+            k = len(range(c + 1, 1 + self.window))
+            self.drafts[r], drawn = drawn[:k], drawn[k:]
+            self.roots[r] = int(following[r, c - 1])
 
     # --- helpers ---------------------------------------------------------------------------------
     def _favour(self, p: Tensor, before: Tensor | None) -> Tensor:

@@ -105,7 +105,10 @@ def main(argv=None) -> None:
         real = f" (CUDA: {r['cuda_per_step']:.2f})" if "cuda_per_step" in r else ""
         lines.append(f"| {r['method']} | {r['batch']} | {r['steps']} | {r['per_step']:.2f}{real} | {kinds} | {sites} |")
     lines += ["", f"{args.tokens} tokens per image, temperature {args.temperature}, CFG 4, {device}, {args.dtype}; "
-                  "waits counted by decode.host.SyncCounter (a model of a CUDA run)."]
+                  "waits counted by decode.host.SyncCounter (a model of a CUDA run). Per step: the loop's waits "
+                  "(a whole decode's minus the prefill's) over the batch's steps; call sites: the whole decode, "
+                  "set-up included (a tensor made with an explicit device= counts as on the device there, "
+                  "even on the host)."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "host_syncs.md").write_text("\n".join(lines) + "\n")

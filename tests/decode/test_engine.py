@@ -79,6 +79,7 @@ def test_jacobi_window_and_inits():
     with pytest.raises(ValueError, match="init"):
         JacobiDrafting(target, 1, 64, init="diagonal")
     d = JacobiDrafting(target, 1, 64, window=4, init="repeat_horizon")
+    d.begin(None, None, torch.tensor([7]))  # the engine's call after the prefill: the first root
     tree = d.propose(torch.tensor([7]), SAMPLED, row_generators([0]))
     assert tree.tokens.tolist() == [[7, 7, 7, 7, 7]]  # each guess copies its left neighbour
     assert tree.q[0, 1:].argmax(-1).tolist() == [7] * 4 and tree.parents.tolist() == [[-1, 0, 1, 2, 3]]

@@ -1,5 +1,5 @@
-"""The decode loop waits for the device at most once a step (VVS: twice), and AR never: counted on a
-CPU by decode.host.SyncCounter, which models where a CUDA run would wait."""
+"""The decode loop waits for the device at most once a step (VVS and SJD: twice), and AR never: counted
+on a CPU by decode.host.SyncCounter, which models where a CUDA run would wait."""
 import pytest
 import torch
 
@@ -48,6 +48,7 @@ def test_ar_never_waits_for_the_device_inside_the_loop(sampling):
     ("lantern", MethodOptions(lantern_k=16), 1),
     ("lantern_pp", MethodOptions(lantern_k=16, static_tree="balanced_25"), 1),
     ("vvs_u", MethodOptions(lantern_k=16, interval=2, warmup=2), 2),  # + the scheduler's look at the tree
+    ("sjd", MethodOptions(window=4), 2),  # + the Jacobi update's redrawn window
 ])
 def test_speculative_steps_wait_once_and_vvs_twice(name, options, per_step):
     target, drafter, cond, codebook = world(2)

@@ -10,9 +10,9 @@
 # 2. the cost model at LlamaGen-XL dimensions (random weights, bf16, batch 1), eager, combined with the v2
 #    world's acceptance: predicted speed-ups, and the AR baseline's tokens/s next to a plain eager loop's;
 # 3. the cost model at the world's size (the shipped target and drafter, batch 8), compiled as one graph;
-# 4. XL again with a compiled graph per block (compile=layer);
-# 5. where the decode loop synchronizes with the GPU, per step and method (scripts/host_syncs.py with the
+# 4. where the decode loop synchronizes with the GPU, per step and method (scripts/host_syncs.py with the
 #    CUDA sync debug mode next to the CPU model's count; the table goes to the log);
+# 5. XL again with a compiled graph per block (compile=layer);
 # 6. what compiling XL's whole stack as one graph costs up front (scripts/compile_time.py).
 # Each step has its own time limit, so a slow one does not cost the others. The compiled XL run comes
 # last, per block: on the 2-core CPU here, tracing XL's 36-layer stack as one graph took 70-80 s per

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import traceback
+import warnings
 import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -46,6 +47,19 @@ def to_device(values: Sequence | Tensor, device: torch.device, dtype: torch.dtyp
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
+
+
+def cuda_syncs(fn) -> int:
+    """How many times fn() synchronizes with a CUDA device, as `torch.cuda.set_sync_debug_mode`
+    reports it (the real count, where `SyncCounter` models it)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 # --- the counter --------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from decode.drafter import load_drafter  # noqa: E402
 from decode.engine import generate  # noqa: E402
-from decode.host import SyncCounter  # noqa: E402
+from decode.host import SyncCounter, cuda_syncs  # noqa: E402
 from decode.methods import MethodOptions, build_method  # noqa: E402
 from decode.pipeline import DTYPES, pick_device  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
@@ -57,18 +56,6 @@ def decode(target, drafter, codebook, name: str, batch: int, tokens: int, sampli
         return generate(target, cond, num_tokens=tokens, sampling=sampling, generators=gens, method=method)
     with counter:
         return generate(target, cond, num_tokens=tokens, sampling=sampling, generators=gens, method=method)
-
-
-def cuda_syncs(fn) -> int:
-    """Real synchronisations of fn() on a CUDA device (warnings of the sync debug mode)."""
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 @torch.no_grad()

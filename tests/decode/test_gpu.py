@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from decode.engine import generate, generate_ar
+from decode.host import cuda_syncs
 from decode.methods import MethodOptions, build_method
 from decode.sampling import row_generators
 from decode.target import LlamaGenTarget
@@ -55,20 +56,6 @@ def test_compiled_layers_decode_the_eager_tokens_on_the_gpu(scope):
         return run(t, cond, method, GREEDY, n=24)
 
     assert torch.equal(decode(fast, fast_drafter).tokens, decode(target, drafter).tokens)
-
-
-def cuda_syncs(fn) -> int:
-    """Synchronisations of fn() with the device, as the CUDA sync debug mode reports them."""
-    import warnings
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def test_the_loop_synchronizes_at_most_once_a_step_and_ar_never():

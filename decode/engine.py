@@ -118,8 +118,9 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     accept = method.acceptance or make_acceptance(sampling)
     skipping = not isinstance(method.scheduler, NeverSkip)
     timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
-    lap = functools.partial(_lap, timing, device if (device.type != "cuda" if phase_times is None else phase_times)
-                            else None)
+    if phase_times is None:
+        phase_times = device.type != "cuda"
+    lap = functools.partial(_lap, timing, device if phase_times else None)
     _sync(device)
     t0 = time.perf_counter()
     drafting = method.drafting(target, b, num_tokens) if method.drafting else None

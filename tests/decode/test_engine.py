@@ -98,3 +98,14 @@ def test_every_method_runs_in_bfloat16():
                               options=MethodOptions(lantern_k=16, tau=0.3, window=4))
         out = generate(target, cond, num_tokens=64, sampling=SAMPLED, generators=row_generators([1, 2]), method=method)
         assert out.tokens.shape == (2, 64) and (out.tokens >= 0).all() and (out.tokens < 64).all(), name
+
+
+def test_inverse_cdf_draws_follow_p_and_never_pick_a_zero():
+    from decode.acceptance import _inverse_cdf
+
+    p = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    us = torch.rand(20000, generator=torch.Generator().manual_seed(0)).tolist()
+    counts = torch.bincount(torch.tensor([_inverse_cdf(p, u) for u in us]), minlength=6).float() / len(us)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert (counts - p).abs().max() < 0.015
+    assert _inverse_cdf(p, 0.0) == 1 and _inverse_cdf(p, 1.0 - 1e-12) == 4 and _inverse_cdf(p, 1.0) == 4

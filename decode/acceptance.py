@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from decode.host import fetch, to_device
-from decode.sampling import SamplingParams, filter_logits, probabilities
+from decode.sampling import SamplingParams, draw, filter_logits, probabilities
 from decode.trees import Tree
 
 
@@ -143,7 +143,7 @@ class SampledAcceptance:
         if t == 1:  # AR: draw on the device, only from the asked rows' generators
             nxt = torch.zeros(b, dtype=torch.long, device=logits.device)
             for r in asked:
-                nxt[r] = torch.multinomial(p_all[r, 0][None], 1, generator=generators[r])[0, 0]
+                nxt[r] = draw(p_all[r, 0], generators[r])
             return _root_only(asked, b, nxt)
         pick = None if len(asked) == b else to_device(asked, logits.device)
         sub = (lambda x: x) if pick is None else (lambda x: x[pick])  # noqa: E731
@@ -185,7 +185,7 @@ class SampledAcceptance:
                     p = p.clone()
                     p[x] += mass
                     p[hood] = 0
-            if next(draws) * qx <= float(p[x]):  # accept with probability min(1, p(x) / q(x))
+            if next(draws) * qx < float(p[x]):  # u in [0, 1): accept with probability min(1, p(x) / q(x))
                 return c, p
             if qc is None:
                 residual = p.clone()

@@ -23,7 +23,7 @@ from torch import Tensor
 from decode.cache import KVCache
 from decode.drafter import Drafter
 from decode.host import to_device
-from decode.sampling import SamplingParams, probabilities
+from decode.sampling import SamplingParams, draw, probabilities
 from decode.target import LlamaGenTarget
 from decode.target.llamagen import TargetOutput
 from decode.trees import StaticShape, StepOutcome, Tree, TreeParams, ancestry_mask, static_shape
@@ -91,7 +91,7 @@ class EagleDrafting:
         self.pending: Pending | None = None
 
     # --- the engine's interface -----------------------------------------------------------------
-    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor) -> None:
+    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
         """First entries: the prefix features, no tokens (zero embeddings) except the root's."""
         g, b, p = prefix.hidden.shape[:3]
         feats = prefix.hidden.reshape(g * b, p, -1)
@@ -280,7 +280,7 @@ class EagleDrafting:
             # takes (chosen on the device: the host never looks)
             cur = torch.where(total > 0, dist / total.clamp_min(1e-30), torch.zeros_like(dist))
             draw_from = torch.where(total > 0, cur, placeholder)
-            x = torch.cat([torch.multinomial(c[None], 1, generator=g)[0] for c, g in zip(draw_from, generators)])
+            x = torch.cat([draw(c[None], g) for c, g in zip(draw_from, generators)])
             tokens[:, kid] = x
             q[:, kid] = cur
             scores[:, kid] = scores[:, node] + cur.gather(1, x[:, None])[:, 0].clamp_min(1e-30).log()

@@ -128,7 +128,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
                               all_positions=drafting is not None)
     root = sample(out.logits[:, -1], sampling, generators)  # [B]
     if drafting:
-        drafting.begin(out, cache.valid[:, :p], root)
+        drafting.begin(out, cache.valid[:, :p], root, generators)
     features = FeatureCache(g, b, num_tokens + 8, target.hidden_size, device, out.hidden.dtype) if skipping else None
     selectors = _selector_generators(generators) if skipping else None
     # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes

@@ -44,6 +44,8 @@ def to_device(values: Sequence | Tensor, device: torch.device, dtype: torch.dtyp
     """Host values (a list or a host tensor) as a device tensor, without waiting for the device: a
     copy from pageable memory would wait for the queued work, one staged in pinned memory does not."""
     host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    if host.device.type != "cpu":  # already on a device: no staging
+        return host.to(device, non_blocking=True)
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
@@ -65,7 +67,9 @@ def cuda_syncs(fn) -> int:
 # --- the counter --------------------------------------------------------------------------------
 _READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__, Tensor.__index__,
           Tensor.numpy, Tensor.cpu, Tensor.nonzero, torch.nonzero, Tensor.argwhere, torch.argwhere,
-          Tensor.masked_select, torch.masked_select, torch.unique, Tensor.unique, torch.equal}
+          Tensor.masked_select, torch.masked_select, torch.unique, Tensor.unique, torch.equal,
+          # these check or size their output on the host inside PyTorch: a wait per call on CUDA
+          torch.multinomial, Tensor.multinomial, torch.bincount, Tensor.bincount}
 _INDEXING = {Tensor.__getitem__, Tensor.__setitem__, Tensor.index_put_, Tensor.index_put}
 
 
@@ -145,7 +149,7 @@ class SyncCounter(TorchFunctionMode):
             out = out.detach()  # a copy on the device (on a CPU `to` returns the host object itself)
             self._mark(out)
             return out
-        if (device_in or kwargs.get("device") is not None) and func not in _READS:
+        if device_in or kwargs.get("device") is not None:  # (reads to the host return no tensors)
             for t in _tensors([out]):
                 self._mark(t)
         return out

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from decode.host import fetch, to_device
-from decode.sampling import SamplingParams, probabilities
+from decode.sampling import SamplingParams, draw, probabilities
 from decode.target import LlamaGenTarget
 from decode.target.llamagen import TargetOutput
 from decode.trees import StepOutcome, Tree, ancestry_mask
@@ -42,10 +42,14 @@ class JacobiDrafting:
         self.q: list[list[Tensor | None]] = [[] for _ in range(batch)]     # None: a one-hot guess
         self.prev: list[list[Tensor | None]] = [[] for _ in range(batch)]  # last target prediction there
         self.roots: list[int] = []  # each row's current root, on the host (read with the step's fetch)
+        self.spare: list[list[int]] = [[] for _ in range(batch)]  # init=random: guesses drawn ahead
         self.num_tokens = num_tokens
 
-    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor) -> None:
-        self.roots = root.tolist()  # the prefill's one read
+    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
+        """The first roots (and, for init=random, the first window of guesses), read in the prefill."""
+        fresh = [g for r in range(root.shape[0]) for g in self._guesses(self.window, generators[r] if generators else None)]
+        root, *guesses = fetch(root, *fresh)
+        self.roots, self.spare = root.tolist(), [g.tolist() for g in guesses] or self.spare
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
         b, dev, v = root.shape[0], root.device, self.target.vocab_size
@@ -75,11 +79,11 @@ class JacobiDrafting:
             for node in tail:
                 p = probabilities(step.logits[r, node - 1].float(), sampling)
                 q = self._favour(p, self.prev[r][node - 1]) if self.beta > 0 else p
-                draws.append(q.argmax()[None] if sampling.greedy
-                             else torch.multinomial(q[None], 1, generator=generators[r])[0])
+                draws.append(q.argmax()[None] if sampling.greedy else draw(q[None], generators[r]))
                 new_q.append(q)
                 new_p.append(p)
             self.q[r], self.prev[r] = new_q, new_p
+            draws += self._guesses(self.window - len(tail), generators[r] if generators else None)
         tokens, following, *drawn = fetch(step.tree.tokens, step.following, *([torch.cat(draws)] if draws else []))
         drawn = drawn[0].tolist() if drawn else []
         for r in rows:
@@ -87,9 +91,18 @@ class JacobiDrafting:
             self.history[r].extend(tokens[r, :c].tolist())
             k = len(range(c + 1, 1 + self.window))
             self.drafts[r], drawn = drawn[:k], drawn[k:]
+            if self.init == "random":  # the guesses the next refill takes
+                self.spare[r], drawn = drawn[:self.window - k], drawn[self.window - k:]
             self.roots[r] = int(following[r, c - 1])
 
     # --- helpers ---------------------------------------------------------------------------------
+    def _guesses(self, n: int, gen: torch.Generator | None) -> list[Tensor]:
+        """init=random: n uniform codes drawn ahead on the row's generator (they come up with the
+        step's fetch, so a refill reads nothing); other inits draw nothing."""
+        if self.init != "random" or n <= 0:
+            return []
+        return [torch.randint(self.target.vocab_size, (n,), generator=gen, device=gen.device if gen else "cpu")]
+
     def _favour(self, p: Tensor, before: Tensor | None) -> Tensor:
         """SJD-VP: boost tokens whose probability rose since the last prediction at this slot."""
         if before is None:
@@ -104,8 +117,7 @@ class JacobiDrafting:
             pos = len(self.history[r]) + 1 + len(self.drafts[r])  # raster position of the new guess
             seq = self.history[r] + [root] + self.drafts[r]
             if self.init == "random":
-                tok = int(torch.randint(self.target.vocab_size, (1,), generator=gen,
-                                        device=gen.device if gen is not None else "cpu"))
+                tok = self.spare[r].pop(0)
             elif self.init == "repeat_vertical" and pos >= self.grid:
                 tok = seq[pos - self.grid]
             else:

@@ -70,10 +70,20 @@ def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Genera
         return logits.argmax(-1)
     probs = probabilities(logits, params)
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
+        return draw(probs)
     if len(generators) != probs.shape[0]:
         raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
+    return torch.cat([draw(p[None], g) for p, g in zip(probs, generators)])
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token from each row of probs [..., V] -> [...] long.
+
+    This is torch.multinomial's own one-sample method: the argmax of p / E, with E ~ Exp(1). The same
+    generator gives the same tokens. What it leaves out are multinomial's input checks, which read
+    the device twice per call: on a GPU, two waits per draw."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 def row_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

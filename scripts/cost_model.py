@@ -83,14 +83,14 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, device, 
     drafting.begin(out, cache.valid[:, :p], root)
     tree = drafting.propose(root, None, None)  # consumes the prefix entries
     if filled:  # the drafter's cache also holds one entry per image token
-        drafting.observe(StepOutcome(hidden[:, :, :filled], tokens, torch.full((b,), filled, device=device), tree),
+        drafting.observe(StepOutcome(hidden[:, :, :filled], tokens, torch.full((b,), filled), tree),  # host counts
                          None, None)
         tree = drafting.propose(root, None, None)
 
     def draft_round():  # consume the entries of ~3 committed tokens, grow the tree
         feats = torch.randn(g, b, 3, target.hidden_size, device=device, dtype=out.hidden.dtype)
         following = torch.randint(target.vocab_size, (b, 3), device=device)
-        drafting.observe(StepOutcome(feats, following, torch.full((b,), 3, device=device), tree), None, None)
+        drafting.observe(StepOutcome(feats, following, torch.full((b,), 3), tree), None, None)
         return drafting.propose(root, None, None)
 
     chain = torch.randint(target.vocab_size, (b, cfg.sjd_window + 1), device=device)

@@ -6,6 +6,7 @@ import torch
 from decode.engine import Method
 from decode.host import SyncCounter, fetch, to_device
 from decode.methods import MethodOptions, build_method
+from decode.sampling import draw
 from decode.trees import TreeParams
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
@@ -32,7 +33,9 @@ def test_the_counter_sees_device_reads_and_ignores_host_bookkeeping():
         (copy,) = fetch(y)                   # the planned wait; its result is on the host
         float(copy.sum())
         y[to_device([0, 1], y.device)]       # a staged copy down: no wait
-    assert counter.counts == {"read": 2, "copy": 1, "mixed": 1, "fetch": 1}
+        torch.multinomial(y.softmax(-1), 1)  # checks its input on the host inside PyTorch
+        draw(y.softmax(-1))                  # the same draw without the checks: no wait
+    assert counter.counts == {"read": 3, "copy": 1, "mixed": 1, "fetch": 1}
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED])
@@ -49,6 +52,7 @@ def test_ar_never_waits_for_the_device_inside_the_loop(sampling):
     ("lantern_pp", MethodOptions(lantern_k=16, static_tree="balanced_25"), 1),
     ("vvs_u", MethodOptions(lantern_k=16, interval=2, warmup=2), 2),  # + the scheduler's look at the tree
     ("sjd", MethodOptions(window=4), 2),  # + the Jacobi update's redrawn window
+    ("sjd", MethodOptions(window=4, init="random"), 2),  # random guesses drawn ahead, read with it
 ])
 def test_speculative_steps_wait_once_and_vvs_twice(name, options, per_step):
     target, drafter, cond, codebook = world(2)

@@ -3,7 +3,7 @@ import torch
 
 from decode.cache import KVCache
 from decode.engine import generate_ar
-from decode.sampling import SamplingParams, filter_logits, row_generators, sample
+from decode.sampling import SamplingParams, draw, filter_logits, row_generators, sample
 from decode.target import Condition, LlamaGenTarget
 from tests.conftest import padded_captions, tiny_gpt
 
@@ -69,3 +69,14 @@ def test_a_pass_over_some_rows_matches_the_full_pass_and_leaves_the_others_alone
     sat_out = torch.tensor([1, 4])  # row 1 in both CFG halves (batch 3)
     assert torch.equal(touched[:, sat_out], before[:, sat_out])
     assert not torch.equal(touched[:, rows], before[:, rows])
+
+
+def test_draw_makes_torch_multinomials_draws():
+    """`draw` is multinomial's one-sample method without its host-side checks: same generator state,
+    same tokens (so seeded images did not change when the engine switched to it)."""
+    probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3, -1)
+    probs[2, :25] = 0
+    probs[2] /= probs[2].sum()
+    for seed in range(20):
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+        assert torch.equal(draw(probs, torch.Generator().manual_seed(seed)), want)

@@ -68,3 +68,12 @@ def test_the_loop_synchronizes_at_most_once_a_step_and_ar_never():
     spec = lambda n: generate(target, cond, num_tokens=n, sampling=SAMPLED, generators=gens(), method=method)  # noqa: E731
     steps = spec(24).batch_steps
     assert cuda_syncs(lambda: spec(24)) - cuda_syncs(lambda: spec(1)) <= steps
+
+
+def test_draw_makes_multinomials_draws_on_the_gpu():
+    from decode.sampling import draw
+
+    probs = torch.softmax(torch.randn(6, 50, device="cuda") * 3, -1)
+    for seed in range(10):
+        want = torch.multinomial(probs, 1, generator=torch.Generator("cuda").manual_seed(seed))[:, 0]
+        assert torch.equal(draw(probs, torch.Generator("cuda").manual_seed(seed)), want)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.host import fetch, to_device
+from decode.host import to_device
 from decode.sampling import SamplingParams, draw, filter_logits, probabilities
 from decode.trees import Tree
 
@@ -97,10 +97,9 @@ class GreedyAcceptance:
         if self.relax is not None:  # greedy LANTERN compares relaxed probabilities at temperature 1
             plain = SamplingParams(temperature=1.0, top_k=sampling.top_k, top_p=sampling.top_p)
             parts.append(filter_logits(logits.float(), plain).softmax(-1))
-        host = tree.host
-        fetched = fetch(*parts, *([] if host else [tree.tokens, tree.parents]))
+        fetched, tree = tree.fetch_with(*parts)
         choice, soft = fetched[0], fetched[1] if self.relax is not None else None
-        tokens, parents = (host.tokens, host.parents) if host else fetched[-2:]
+        tokens, parents = tree.host.tokens, tree.host.parents
         paths, nxt = [[] for _ in range(b)], [0] * b
         for r in asked:
             node, path = 0, [0]
@@ -149,17 +148,17 @@ class SampledAcceptance:
         sub = (lambda x: x) if pick is None else (lambda x: x[pick])  # noqa: E731
         u = torch.stack([torch.rand(t + 1, generator=generators[r], device=generators[r].device) for r in asked])
         parts = [sub(p_all), u] + ([sub(tree.q)] if tree.q is not None else [])
-        host = tree.host
-        fetched = fetch(*parts, *([] if host else [tree.tokens, tree.parents]))
+        fetched, tree = tree.fetch_with(*parts)
         p_host, u_host = fetched[0], fetched[1].tolist()
         q_host = fetched[2] if tree.q is not None else None
-        tokens, parents = (host.tokens, host.parents) if host else fetched[-2:]
+        tokens, parents = tree.host.tokens, tree.host.parents
         paths, nxt = [[] for _ in range(b)], [0] * b
         for i, r in enumerate(asked):
             draws, node, path = iter(u_host[i]), 0, [0]
             p = p_host[i, 0]
             while True:
-                hit, p = self._try_children(node, p, None if q_host is None else q_host[i], parents[r], tokens[r], draws)
+                q = None if q_host is None else q_host[i]
+                hit, p = self._try_children(node, p, q, parents[r], tokens[r], draws)
                 if hit is None:
                     break
                 node = hit

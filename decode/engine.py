@@ -16,7 +16,6 @@ finish at different steps (a finished row idles until the batch is done).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ import torch
 from torch import Tensor
 
 from decode.acceptance import make_acceptance
-from decode.host import fetch, to_device
+from decode.host import to_device
 from decode.sampling import SamplingParams, sample
 from decode.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
 from decode.target import Condition, LlamaGenTarget, TargetOutput
-from decode.trees import HostTree, StepOutcome, Tree, root_only
+from decode.trees import StepOutcome, Tree, root_only
 
 
 @dataclass(frozen=True)
@@ -202,9 +201,8 @@ def _fetch_for_scheduler(tree: Tree, generators) -> tuple[Tree, list[float]]:
     b = tree.tokens.shape[0]
     u = (torch.stack([torch.rand((), generator=gen, device=gen.device) for gen in generators])
          if generators else torch.rand(b))
-    parts = [tree.tokens, tree.parents] + ([tree.scores] if tree.scores is not None else [])
-    *host, picks = fetch(*parts, u)
-    return dataclasses.replace(tree, host=HostTree(*host)), picks.tolist()
+    (picks,), tree = tree.fetch_with(u)
+    return tree, picks.tolist()
 
 
 def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -337,7 +335,7 @@ def _commit_tokens(made: Tensor, rows: _Rows, outcome: StepOutcome, root: Tensor
     dump = made.shape[1] - 1
     pos = torch.tensor([[rows.made[r] + j if j < counts[r] else dump for j in range(width)] for r in range(b)])
     last = torch.tensor([max(n - 1, 0) for n in counts])
-    index = to_device(torch.cat([pos, last[:, None], (torch.tensor(counts) > 0).long()[:, None]], 1), made.device)
+    index = to_device(torch.cat([pos, last[:, None], (outcome.counts > 0).long()[:, None]], 1), made.device)
     made.scatter_(1, index[:, :width], outcome.following)
     for r in range(b):
         if counts[r]:

@@ -47,14 +47,15 @@ class JacobiDrafting:
 
     def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
         """The first roots (and, for init=random, the first window of guesses), read in the prefill."""
-        fresh = [g for r in range(root.shape[0]) for g in self._guesses(self.window, generators[r] if generators else None)]
+        gens = generators or [None] * root.shape[0]
+        fresh = [g for r in range(root.shape[0]) for g in self._guesses(self.window, gens[r])]
         root, *guesses = fetch(root, *fresh)
         self.roots, self.spare = root.tolist(), [g.tolist() for g in guesses] or self.spare
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
         b, dev, v = root.shape[0], root.device, self.target.vocab_size
         for r in range(b):
-            self._refill(r, self.roots[r], generators[r] if generators else None)
+            self._refill(r, self.roots[r])
         t = 1 + self.window
         tokens = to_device([[self.roots[r]] + self.drafts[r] for r in range(b)], dev)
         q = torch.zeros(b, t, v, device=dev)
@@ -111,7 +112,7 @@ class JacobiDrafting:
         q = p * gain
         return q / q.sum()
 
-    def _refill(self, r: int, root: int, gen: torch.Generator | None) -> None:
+    def _refill(self, r: int, root: int) -> None:
         """Top the window up to `window` guesses after the root."""
         while len(self.drafts[r]) < self.window:
             pos = len(self.history[r]) + 1 + len(self.drafts[r])  # raster position of the new guess

@@ -6,6 +6,7 @@ verifies all nodes in one pass with an ancestry mask; node positions are root po
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,16 @@ class Tree:
     def size(self) -> int:
         return self.tokens.shape[1]
 
-    def on_host(self) -> "HostTree":
-        """The host copy: the one already fetched, or one fetched now (a wait for the device)."""
+    def fetch_with(self, *tensors: Tensor) -> tuple[tuple[Tensor, ...], "Tree"]:
+        """Host copies of `tensors` and of the tree's structure, behind one wait for the device (the
+        structure is not fetched again once the tree carries it). Returns the copies and the tree
+        with its `host` set."""
         if self.host is not None:
-            return self.host
-        parts = fetch(self.tokens, self.parents, *([] if self.scores is None else [self.scores]))
-        return HostTree(*parts)
+            return fetch(*tensors), self
+        parts = [self.tokens, self.parents] + ([] if self.scores is None else [self.scores])
+        copies = fetch(*tensors, *parts)
+        n = len(tensors)
+        return copies[:n], dataclasses.replace(self, host=HostTree(*copies[n:]))
 
 
 @dataclass(frozen=True)

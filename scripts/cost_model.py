@@ -6,12 +6,17 @@ image, on this process's device and dtype, at `batch` images, x2 rows under CFG)
   t_ar      one AR decode step (1 token per row)
   t_verify  one target pass over a draft tree (the default EAGLE-2 tree) / a Jacobi chain
             (`_part`: the same over half of the rows, as when the other rows skip or have finished)
-  t_draft   one drafter round: consume the last step's entries + grow the tree
+  t_draft   one drafter round: consume the last step's entries + grow the tree (`_static`: LANTERN++'s
+            static tree, drafts sampled)
+  t_jacobi  one SJD Jacobi round: update the window after a pass, propose the next chain
   t_sched   one VVS similarity decision
-Prediction per image of N tokens: AR = N t_ar; a drafted method = NFE t_verify + steps t_draft
-(+ steps t_sched for vvs), with NFE = N / step compression and steps = NFE / (1 - skip ratio);
-SJD = NFE t_verify(window + 1). Step compression and skip ratio come from a benchmark's
-results.json (scripts/benchmark.py), as are the measured speed-ups the model is checked against
+  t_accept  one sampled acceptance over the verified tree, the target's fetched distributions
+            walked on the host: exact (eagle2), `_relaxed` (LANTERN's delta bound: lantern, vvs_u,
+            vvs), `_static` (LANTERN++'s lambda bound on its sampled static tree), `_chain` (SJD)
+Prediction per image of N tokens: AR = N t_ar; a drafted method = NFE (t_verify + t_accept) +
+steps t_draft (+ steps t_sched for vvs), with NFE = N / step compression and steps = NFE / (1 - skip
+ratio); SJD = NFE (t_verify(window + 1) + t_accept_chain + t_jacobi). Step compression and skip
+ratio come from a benchmark's results.json (scripts/benchmark.py), as are the measured speed-ups the model is checked against
 when `size=world`.
 
 python scripts/cost_model.py size=world results=outputs/benchmark/world_cpu/results.json batch=8 threads=1
@@ -23,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -32,15 +38,25 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from decode.acceptance import Relaxation, SampledAcceptance, latent_neighbours  # noqa: E402
 from decode.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
 from decode.drafting import EagleDrafting  # noqa: E402
 from decode.engine import _sync, generate_ar  # noqa: E402
+from decode.jacobi import JacobiDrafting  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
-from decode.sampling import SamplingParams  # noqa: E402
+from decode.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.skipping import path_similarity  # noqa: E402
 from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
-from decode.trees import StepOutcome, TreeParams  # noqa: E402
+from decode.trees import StepOutcome, Tree, TreeParams  # noqa: E402
+from decode.vq import load_vq  # noqa: E402
+
+# which acceptance timing each method pays once per target pass
+ACCEPT_KIND = {"eagle2": "t_accept", "lantern": "t_accept_relaxed", "vvs_u": "t_accept_relaxed",
+               "vvs": "t_accept_relaxed", "lantern_pp": "t_accept_static", "sjd": "t_accept_chain",
+               "sjd_vp": "t_accept_chain"}
+# which drafting timing each method pays once per step (t_draft otherwise)
+DRAFT_KIND = {"lantern_pp": "t_draft_static", "sjd": "t_jacobi", "sjd_vp": "t_jacobi"}
 
 
 def timed(fn, repeats: int, device) -> float:
@@ -68,44 +84,120 @@ def build(cfg: DictConfig, device, dtype):
     return LlamaGenTarget(gpt, cfg_scale=cfg.cfg_scale), drafter
 
 
+def load_codebook(cfg: DictConfig, vocab: int, device) -> torch.Tensor:
+    """The VQ codebook LANTERN's neighbourhoods come from: the world's, or random rows at other sizes."""
+    if cfg.size == "world":
+        return load_vq(str(REPO / "models/world/tokenizer")).quantize.embedding.weight.detach().to(device)
+    return torch.randn(vocab, 8, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def relaxations(cfg: DictConfig, codebook: torch.Tensor) -> dict[str, Relaxation]:
+    """LANTERN's (delta bound) and LANTERN++'s (lambda bound) latent neighbourhoods."""
+    return {name: Relaxation(latent_neighbours(codebook, cfg[name].lantern_k), cfg[name].delta)
+            for name in ("lantern", "lantern_pp")}
+
+
+class Drafts:
+    """The drafting side of one cache fill: an EAGLE drafter (dynamic tree or a static shape) whose
+    cache holds the prefix and the `filled` image tokens, and the tree it proposes."""
+
+    def __init__(self, target: LlamaGenTarget, drafter: Drafter, params: TreeParams, fill: "Fill", sampling, gens):
+        b, p = fill.root.shape[0], target.prefix_len
+        self.target, self.sampling, self.gens, self.root = target, sampling, gens, fill.root
+        self.drafting = EagleDrafting(drafter, target, params, b, target.num_image_tokens)
+        self.drafting.begin(fill.out, fill.cache.valid[:, :p], fill.root)
+        self.tree = self.drafting.propose(fill.root, sampling, gens)  # consumes the prefix entries
+        if fill.tokens.shape[1]:  # the drafter's cache also holds one entry per image token
+            n = fill.tokens.shape[1]
+            self.drafting.observe(StepOutcome(fill.hidden[:, :, :n], fill.tokens, torch.full((b,), n), self.tree),
+                                  sampling, gens)  # host counts
+            self.tree = self.drafting.propose(fill.root, sampling, gens)
+
+    def round(self) -> Tree:
+        """One drafter round: consume the entries of ~3 committed tokens, grow the tree."""
+        g, (b, d) = self.target.groups, (self.root.shape[0], self.target.hidden_size)
+        dev, dtype = self.root.device, next(self.drafting.drafter.parameters()).dtype
+        feats = torch.randn(g, b, 3, d, device=dev, dtype=dtype)
+        following = torch.randint(self.target.vocab_size, (b, 3), device=dev)
+        self.drafting.observe(StepOutcome(feats, following, torch.full((b,), 3), self.tree), self.sampling, self.gens)
+        return self.drafting.propose(self.root, self.sampling, self.gens)
+
+
+@dataclass
+class Fill:
+    """The target's cache with `filled` random image tokens committed after a random caption."""
+    cache: object
+    out: object
+    tokens: torch.Tensor  # [B, filled]
+    hidden: torch.Tensor | None
+    root: torch.Tensor    # [B]
+
+    @classmethod
+    def make(cls, target: LlamaGenTarget, batch: int, filled: int, device) -> "Fill":
+        p, c = target.prefix_len, target.config.caption_dim
+        cond = Condition(torch.randn(batch, p, c, device=device) * 0.1,
+                         torch.ones(batch, p, dtype=torch.bool, device=device))
+        cache, out = target.start(cond, target.num_image_tokens, extra_slots=256, all_positions=True)
+        tokens = torch.randint(target.vocab_size, (batch, filled), device=device)
+        hidden = target.extend(cache, tokens).hidden if filled else None
+        target.commit(cache, filled)
+        return cls(cache, out, tokens, hidden, torch.randint(target.vocab_size, (batch,), device=device))
+
+    def verify(self, target: LlamaGenTarget, tree: Tree, rows: torch.Tensor | None = None):
+        """One target pass over `tree` (over `rows` only, when given); nothing is committed."""
+        if rows is None:
+            return target.extend(self.cache, tree.tokens, block_mask=tree.mask, depths=tree.depths)
+        return target.extend(self.cache, tree.tokens[rows], block_mask=tree.mask[rows], depths=tree.depths[rows],
+                             rows=rows)
+
+
+def jacobi_chain(fill: Fill, target: LlamaGenTarget, window: int, sampling, gens):
+    """SJD at this fill: its drafting, the chain it proposes, and a Jacobi round (the update after a
+    pass that committed 3 nodes per row, the measured compression's order, then the next proposal)."""
+    b, dev = fill.root.shape[0], fill.root.device
+    jacobi = JacobiDrafting(target, b, target.num_image_tokens, window=window)
+    jacobi.begin(fill.out, fill.cache.valid[:, :target.prefix_len], fill.root, gens)
+    chain = jacobi.propose(fill.root, sampling, gens)
+    logits = fill.verify(target, chain).logits
+    following = torch.randint(target.vocab_size, chain.tokens.shape, device=dev)
+
+    def round_() -> Tree:
+        step = StepOutcome(torch.zeros(0), following, torch.full((b,), 3), chain, logits=logits)
+        jacobi.observe(step, sampling, gens)
+        return jacobi.propose(fill.root, sampling, gens)
+    return chain, logits, round_
+
+
 @torch.no_grad()
-def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, device, filled: int) -> dict[str, float]:
+def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, relax: dict[str, Relaxation], device,
+             filled: int) -> dict[str, float]:
     """Component timings with `filled` image tokens already in the target's and the drafter's caches."""
-    b, n = cfg.batch, target.num_image_tokens
-    p, c, g = target.prefix_len, target.config.caption_dim, target.groups
-    cond = Condition(torch.randn(b, p, c, device=device) * 0.1, torch.ones(b, p, dtype=torch.bool, device=device))
-    cache, out = target.start(cond, n, extra_slots=256, all_positions=True)
-    tokens = torch.randint(target.vocab_size, (b, filled), device=device)
-    hidden = target.extend(cache, tokens).hidden if filled else None
-    target.commit(cache, filled)
-    root = torch.randint(target.vocab_size, (b,), device=device)
-    drafting = EagleDrafting(drafter, target, TreeParams(**cfg.tree), b, n)
-    drafting.begin(out, cache.valid[:, :p], root)
-    tree = drafting.propose(root, None, None)  # consumes the prefix entries
-    if filled:  # the drafter's cache also holds one entry per image token
-        drafting.observe(StepOutcome(hidden[:, :, :filled], tokens, torch.full((b,), filled), tree),  # host counts
-                         None, None)
-        tree = drafting.propose(root, None, None)
-
-    def draft_round():  # consume the entries of ~3 committed tokens, grow the tree
-        feats = torch.randn(g, b, 3, target.hidden_size, device=device, dtype=out.hidden.dtype)
-        following = torch.randint(target.vocab_size, (b, 3), device=device)
-        drafting.observe(StepOutcome(feats, following, torch.full((b,), 3), tree), None, None)
-        return drafting.propose(root, None, None)
-
-    chain = torch.randint(target.vocab_size, (b, cfg.sjd_window + 1), device=device)
+    b, r = cfg.batch, cfg.repeats
+    sampling, gens = SamplingParams(**cfg.sampling), row_generators(range(b), device)
+    fill = Fill.make(target, b, filled, device)
+    dynamic = Drafts(target, drafter, TreeParams(**cfg.tree), fill, None, None)  # EAGLE-2: deterministic top-k
+    static = Drafts(target, drafter, TreeParams(static=cfg.lantern_pp.static_tree), fill, sampling, gens)
+    chain, chain_logits, jacobi_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens)
+    tree, s_tree = dynamic.tree, static.tree
+    logits, s_logits = fill.verify(target, tree).logits, fill.verify(target, s_tree).logits
+    exact = SampledAcceptance()
+    relaxed, relaxed_pp = SampledAcceptance(relax["lantern"]), SampledAcceptance(relax["lantern_pp"])
     latents = torch.randn(target.vocab_size, 8)
     half = torch.arange(max(1, b // 2), device=device)  # a pass over part of the batch (rows that verify)
     return {
-        "t_ar": timed(lambda: target.extend(cache, root[:, None]), cfg.repeats, device),
-        "t_verify": timed(lambda: target.extend(cache, tree.tokens, block_mask=tree.mask, depths=tree.depths),
-                          cfg.repeats, device),
-        "t_verify_chain": timed(lambda: target.extend(cache, chain), cfg.repeats, device),
-        "t_verify_part": timed(lambda: target.extend(cache, tree.tokens[half], block_mask=tree.mask[half],
-                                                     depths=tree.depths[half], rows=half), cfg.repeats, device),
-        "t_verify_chain_part": timed(lambda: target.extend(cache, chain[half], rows=half), cfg.repeats, device),
-        "t_draft": timed(draft_round, min(cfg.repeats, 10), device),
-        "t_sched": timed(lambda: path_similarity(tree, latents), cfg.repeats, device),
+        "t_ar": timed(lambda: target.extend(fill.cache, fill.root[:, None]), r, device),
+        "t_verify": timed(lambda: fill.verify(target, tree), r, device),
+        "t_verify_chain": timed(lambda: fill.verify(target, chain), r, device),
+        "t_verify_part": timed(lambda: fill.verify(target, tree, half), r, device),
+        "t_verify_chain_part": timed(lambda: fill.verify(target, chain, half), r, device),
+        "t_draft": timed(dynamic.round, min(r, 10), device),
+        "t_draft_static": timed(static.round, min(r, 10), device),
+        "t_jacobi": timed(jacobi_round, min(r, 10), device),
+        "t_sched": timed(lambda: path_similarity(tree, latents), r, device),
+        "t_accept": timed(lambda: exact(tree, logits, sampling, gens), r, device),
+        "t_accept_relaxed": timed(lambda: relaxed(tree, logits, sampling, gens), r, device),
+        "t_accept_static": timed(lambda: relaxed_pp(s_tree, s_logits, sampling, gens), r, device),
+        "t_accept_chain": timed(lambda: exact(chain, chain_logits, sampling, gens), r, device),
         "tree_nodes": float(tree.tokens.shape[1]),
     }
 
@@ -141,7 +233,8 @@ def component_times(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, d
     """Mean over cache fills of 1/4, 1/2 and 3/4 of the image: the average over a whole decode
     (attention cost grows with the cache)."""
     n = target.num_image_tokens
-    probes = [times_at(cfg, target, drafter, device, int(f * n)) for f in (0.25, 0.5, 0.75)]
+    relax = relaxations(cfg, load_codebook(cfg, target.vocab_size, device))
+    probes = [times_at(cfg, target, drafter, relax, device, int(f * n)) for f in (0.25, 0.5, 0.75)]
     return {k: sum(pr[k] for pr in probes) / len(probes) for k in probes[0]}
 
 
@@ -153,17 +246,25 @@ def predict(times: dict[str, float], row: dict, n: int, batch: int = 1) -> float
     if row["method"] == "ar":
         return 1.0
     kind = "t_verify_chain" if row["method"] in ("sjd", "sjd_vp") else "t_verify"
+    accept = times.get(ACCEPT_KIND.get(row["method"], ""), 0.0)  # 0: timings from before acceptance was timed
     if "batch_passes" in row:
         passes, steps = row["batch_passes"], row["batch_steps"]
         verify = pass_cost(times, kind, batch, passes, row_passes=row["nfe"] * batch)
+        verify += row["nfe"] * accept  # acceptance walks each verifying row: t_accept / batch per row
     else:
         passes = n / row["step_compression"]  # the measured compression carried to this token count
         steps = passes / max(1e-9, 1 - row["skip_ratio"])
-        verify = passes * times[kind]
-    if row["method"] in ("sjd", "sjd_vp"):
-        return ar / verify
+        verify = passes * (times[kind] + accept)
     sched = steps * times["t_sched"] if row["method"] in ("vvs",) else 0.0
-    return ar / (verify + steps * times["t_draft"] + sched)
+    return ar / (verify + steps * draft_time(times, row["method"]) + sched)
+
+
+def draft_time(times: dict[str, float], method: str) -> float:
+    """One step's drafting: a drafter round (a static tree's for LANTERN++) or SJD's Jacobi round.
+    Timings saved before these were split off fall back to the dynamic tree's round, and to nothing
+    for SJD."""
+    kind = DRAFT_KIND.get(method, "t_draft")
+    return times.get(kind, 0.0 if kind == "t_jacobi" else times["t_draft"])
 
 
 def pass_cost(times: dict[str, float], kind: str, batch: int, passes: float, row_passes: float) -> float:
@@ -227,8 +328,10 @@ def main(cfg: DictConfig) -> None:
                          f"{pred:.3f} | {measured} | {ratio} |")
         lines += ["", f"Acceptance statistics from {cfg.results} ({saved['meta']['num_prompts']} world prompts, "
                       f"batch {saved['meta']['batch_size']}, {saved['meta']['device']}). The model counts target "
-                      "passes, drafter rounds and scheduler decisions only (the engine's per-row bookkeeping is "
-                      "left out); at the world's size it uses the benchmark's batch passes and steps (a pass over r "
+                      "passes, " + ("acceptances, drafting rounds (the drafter's, or SJD's Jacobi update) "
+                                   if "t_accept" in times else "drafter rounds ") +
+                      "and scheduler decisions only (the engine's per-row bookkeeping is left out" + ("" if "t_accept" in times else "; these timings predate the acceptance "
+                                    "timings, so acceptance is left out too") + "); at the world's size it uses the benchmark's batch passes and steps (a pass over r "
                       "of the batch's rows costs a + b r, fitted to t_verify and t_verify_part), at another size the "
                       "per-image step compression and skip ratio."]
     text = "\n".join(lines) + "\n"

@@ -34,7 +34,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-ACCEPT=docs/results/world_v2_cpu/results.json
+ACCEPT=docs/results/world_v2_cpu_r2/results.json
 step() {  # step NAME SECONDS COMMAND...: run with a limit, append its output to the log, say how it ended
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS

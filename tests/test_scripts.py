@@ -1,5 +1,6 @@
 """The benchmark's table and plot, and the cost model's prediction (pure functions; no timing)."""
 import importlib.util
+import sys
 
 import pytest
 
@@ -9,6 +10,7 @@ from tests.conftest import REPO
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is made
     spec.loader.exec_module(mod)
     return mod
 
@@ -51,6 +53,43 @@ def test_cost_model_prediction_combines_timings_with_acceptance():
     assert cm.predict(times, dict(method="sjd", step_compression=2.56, skip_ratio=0.0), 256) == pytest.approx(256 / 150)
     # the compression carries over to another token count: 1024 tokens, 4x the passes
     assert cm.predict(times, row, 1024) == pytest.approx(cm.predict(times, row, 256))
+
+
+def test_cost_model_charges_each_method_its_own_acceptance_and_drafting():
+    cm = _load("cost_model")
+    times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_draft_static=3.0, t_jacobi=0.5,
+                 t_sched=0.5, t_accept=0.25, t_accept_relaxed=0.5, t_accept_static=0.75, t_accept_chain=0.1)
+    row = dict(method="eagle2", step_compression=4.0, skip_ratio=0.0)  # 64 passes, 64 steps
+    assert cm.predict(times, row, 256) == pytest.approx(256 / (64 * (2.0 + 0.25) + 64 * 1.0))
+    assert cm.predict(times, dict(row, method="lantern"), 256) == pytest.approx(256 / (64 * 2.5 + 64 * 1.0))
+    assert cm.predict(times, dict(row, method="lantern_pp"), 256) == pytest.approx(256 / (64 * 2.75 + 64 * 3.0))
+    sjd = dict(method="sjd", step_compression=2.56, skip_ratio=0.0)  # 100 passes
+    assert cm.predict(times, sjd, 256) == pytest.approx(256 / (100 * (1.5 + 0.1 + 0.5)))
+    # with the batch's counts: acceptance walks each verifying row, t_accept / batch per row pass
+    vvs = dict(method="vvs", step_compression=4.0, skip_ratio=0.1, batch_passes=80.0, batch_steps=90.0, nfe=64.0)
+    assert cm.predict(times, vvs, 256, batch=8) == pytest.approx(256 / (80 * 2.0 + 64 * 0.5 + 90 * (1.0 + 0.5)))
+    # timings saved before acceptance and the per-method drafting were timed: as before
+    old = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.0)
+    assert cm.predict(old, dict(row, method="lantern_pp"), 256) == pytest.approx(256 / (64 * 2.0 + 64 * 1.0))
+    assert cm.predict(old, sjd, 256) == pytest.approx(256 / 150)
+
+
+def test_cost_model_times_every_component_on_a_tiny_model():
+    import torch
+    from omegaconf import OmegaConf
+
+    cm = _load("cost_model")
+    cfg = OmegaConf.create(dict(size="tiny", vocab_size=64, block_size=16, cls_token_num=4, caption_dim=8,
+                                cfg_scale=2.0, batch=2, repeats=1, tree=dict(total_tokens=8, depth=2, top_k=3),
+                                sjd_window=4, sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
+                                lantern=dict(lantern_k=4, delta=0.2),
+                                lantern_pp=dict(lantern_k=2, delta=5.0, static_tree="balanced_25")))
+    cpu = torch.device("cpu")
+    target, drafter = cm.build(cfg, cpu, torch.float32)
+    relax = cm.relaxations(cfg, cm.load_codebook(cfg, target.vocab_size, cpu))
+    times = cm.times_at(cfg, target, drafter, relax, cpu, filled=4)
+    assert set(cm.ACCEPT_KIND.values()) | set(cm.DRAFT_KIND.values()) <= set(times)
+    assert all(v > 0 for v in times.values()) and times["tree_nodes"] == 8
 
 
 def test_benchmark_logs_its_table_to_wandb_offline(tmp_path, monkeypatch):

@@ -69,12 +69,13 @@ class _Rows:
     """Per-row loop state, on the host; the tokens themselves stay on the device."""
     made: list[int]          # committed image tokens per row, the current root included
     chains: list[list[int]]  # tokens committed on skipped steps, KV and features not yet filled
-    counts: dict[str, Tensor]  # nfe, steps, skipped, verified_tokens, run (consecutive skips)
+    counts: dict[str, list[int]]  # nfe, steps, skipped, verified_tokens, run (consecutive skips)
 
     @classmethod
     def start(cls, b: int) -> "_Rows":
+        # Python ints: the loop bumps them per row and step, where a tensor element costs microseconds
         names = ("nfe", "steps", "skipped", "verified_tokens", "run")
-        return cls([1] * b, [[] for _ in range(b)], {k: torch.zeros(b, dtype=torch.long) for k in names})
+        return cls([1] * b, [[] for _ in range(b)], {k: [0] * b for k in names})
 
 
 @dataclass
@@ -145,7 +146,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         skip, picks = torch.zeros(b, dtype=torch.bool), None
         if skipping and tree.size > 1:
             tree, picks = _fetch_for_scheduler(tree, selectors)
-            ctx = StepContext(tree.host, step, torch.tensor(rows.made), rows.counts["run"].clone(), num_tokens)
+            ctx = StepContext(tree.host, step, torch.tensor(rows.made), torch.tensor(rows.counts["run"]), num_tokens)
             skip = method.scheduler.decide(ctx) & live
             tick = lap("schedule", tick)
         commits = _Commits([[] for _ in range(b)], [[] for _ in range(b)], {}, {})
@@ -168,7 +169,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         step += 1
     _sync(device)
     t2 = time.perf_counter()
-    c = rows.counts
+    c = {k: torch.tensor(v) for k, v in rows.counts.items()}
     return Generation(tokens=made[:, :num_tokens], nfe=c["nfe"], steps=c["steps"], prefill_s=t1 - t0,
                       loop_s=t2 - t1, skipped=c["skipped"], verified_tokens=c["verified_tokens"],
                       draft_s=timing["draft"], verify_s=timing["verify"], schedule_s=timing["schedule"],

@@ -16,7 +16,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from decode.drafter import Drafter, load_drafter
 from decode.engine import generate
@@ -25,7 +25,8 @@ from decode.quality import CLIPScorer
 from decode import distributed
 from decode.distributed import Ranks, ranks_from_env
 from decode.metrics import append_jsonl, summary_table, write_summary
-from decode.pipeline import DTYPES, check_compatible, compile_models, pick_device, plan_jobs, run_jobs
+from decode.pipeline import (DTYPES, check_compatible, check_run_folder, compile_models, pick_device, plan_jobs,
+                             record_run_folder, run_jobs)
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
 from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method
@@ -106,9 +107,8 @@ def method_options(cfg: DictConfig) -> MethodOptions:
     return MethodOptions(**opts)
 
 
-def decoding_method(cfg: DictConfig, parts: Parts):
+def decoding_method(cfg: DictConfig, parts: Parts, options: MethodOptions):
     """The generate function of `method=`, with its policies bound."""
-    options = method_options(cfg)
     policy = None
     if options.scheduler == "learned" and cfg.method.get("scheduler_ckpt"):
         from decode.scheduler import load_scheduler_policy  # the learned skip policy (train scheduler)
@@ -121,32 +121,60 @@ def decoding_method(cfg: DictConfig, parts: Parts):
     return functools.partial(generate, method=method)
 
 
+def integer(cfg: DictConfig, key: str, least: int | None = None) -> int:
+    """An integer option, named in the error when it is not one (or below `least`)."""
+    try:
+        value = int(cfg[key])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key} must be an integer, got {cfg[key]!r}") from err
+    if least is not None and value < least:
+        raise ValueError(f"{key} must be >= {least}, got {value}")
+    return value
+
+
+def run_settings(cfg: DictConfig, prompts: list[str]) -> dict:
+    """What decides the images of a run folder (not the batch size or the device): a rerun with
+    other settings must not resume it."""
+    part = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None  # noqa: E731
+    drafter = part("drafter") if cfg.method.name in NEEDS_DRAFTER else None
+    return {"prompts": prompts, "n": integer(cfg, "n"), "seed": integer(cfg, "seed"), "method": part("method"),
+            "sampling": part("sampling"), "tree": part("tree"), "target": part("target"),
+            "tokenizer": part("tokenizer"), "text_encoder": part("text_encoder"), "drafter": drafter,
+            "dtype": cfg.dtype}
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not available; available: {', '.join(METHODS)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     prompts = read_prompts(cfg)
-    jobs = plan_jobs(prompts, int(cfg.n), int(cfg.seed))
+    jobs = plan_jobs(prompts, integer(cfg, "n"), integer(cfg, "seed"))
+    integer(cfg, "batch_size", least=1)
+    options = method_options(cfg)  # bad knobs fail before any model loads
     ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
     try:
-        return _run_rank(cfg, jobs, ranks, device)
+        return _run_rank(cfg, jobs, options, run_settings(cfg, prompts), ranks, device)
     finally:
         distributed.finish(ranks)
 
 
-def _run_rank(cfg: DictConfig, jobs, ranks: Ranks, device: torch.device) -> dict[str, float]:
+def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ranks: Ranks,
+              device: torch.device) -> dict[str, float]:
+    out_dir = Path(distributed.share(str(cfg.out_dir or HydraConfig.get().runtime.output_dir), ranks))
+    check_run_folder(out_dir, settings)
     parts = build_parts(cfg, device, DTYPES[cfg.dtype])
+    if ranks.main:
+        record_run_folder(out_dir, settings)
     target, vq, text, scorer = parts.target, parts.vq, parts.text, parts.scorer
     if cfg.get("note") and ranks.main:
         log.warning(cfg.note)
-    out_dir = Path(distributed.share(str(cfg.out_dir or HydraConfig.get().runtime.output_dir), ranks))
     stats_name = f"stats.rank{ranks.rank}.jsonl" if ranks.distributed else "stats.jsonl"
     t0 = time.perf_counter()
     rows = run_jobs(jobs[ranks.rank::ranks.world], target=target, vq=vq, text=text,
                     sampling=SamplingParams(**cfg.sampling), batch_size=int(cfg.batch_size), out_dir=out_dir,
-                    method=cfg.method.name, generate=decoding_method(cfg, parts), scorer=scorer,
+                    method=cfg.method.name, generate=decoding_method(cfg, parts, options), scorer=scorer,
                     stats_name=stats_name, progress=ranks.main, clip=parts.clip)
     rows = distributed.gather(rows, ranks)
     if not ranks.main:
@@ -154,7 +182,14 @@ def _run_rank(cfg: DictConfig, jobs, ranks: Ranks, device: torch.device) -> dict
     if ranks.distributed:  # one stats.jsonl for the run, in job order
         rows.sort(key=lambda r: (r.prompt_index, r.sample_index))
         append_jsonl(out_dir / "stats.jsonl", rows)
+    if not rows:  # a finished run folder: its summary stays
+        print(f"nothing to do: all {len(jobs)} images are already in {out_dir} (summary.txt is from the run "
+              f"that made them)")
+        return {"images": 0.0}
     summary = summary_table(rows, time.perf_counter() - t0)
+    if len(rows) < len(jobs):
+        summary += (f"\nresumed             this run made {len(rows)} of {len(jobs)} images; the other "
+                    f"{len(jobs) - len(rows)} were already there (their stats are in stats.jsonl)")
     if ranks.distributed:
         summary += f"\nranks               {ranks.world} (each decoded every {ranks.world}-th image)"
     write_summary(out_dir / "summary.txt", summary)

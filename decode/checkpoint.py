@@ -157,6 +157,10 @@ def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[
     """(meta, state) of a folder written by `save_model_folder`; checks its kind."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist (expected a {kind} model folder)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is a file; expected a {kind} model folder (config.json + weights)")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (is this a model folder of this project?)")
     try:

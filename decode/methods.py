@@ -23,10 +23,10 @@ from decode.acceptance import Relaxation, latent_neighbours, make_acceptance
 from decode.drafter import Drafter
 from decode.drafting import EagleDrafting
 from decode.engine import Method
-from decode.jacobi import JacobiDrafting
+from decode.jacobi import INITS, JacobiDrafting
 from decode.sampling import SamplingParams
 from decode.skipping import LearnedScheduler, NeverSkip, SimilaritySkip, UniformSkip
-from decode.trees import TreeParams
+from decode.trees import STATIC_SHAPES, TreeParams
 
 METHODS = ("ar", "eagle2", "lantern", "lantern_pp", "vvs_u", "vvs", "sjd", "sjd_vp")
 NEEDS_DRAFTER = ("eagle2", "lantern", "lantern_pp", "vvs_u", "vvs")
@@ -50,6 +50,26 @@ class MethodOptions:
     init: str = "repeat_horizon"  # sjd: random | repeat_horizon | repeat_vertical
     vp_beta: float = 1.0          # sjd_vp: strength of the favouring
     vp_cap: float = 10.0          # sjd_vp: largest probability ratio rewarded
+
+    def __post_init__(self):  # nonsense fails here, before any model loads or image is made
+        checks = [
+            (self.lantern_k >= 1, f"method.lantern_k must be >= 1 (neighbours per token), got {self.lantern_k}"),
+            (self.delta >= 0, f"method.delta must be >= 0, got {self.delta}"),
+            (self.interval >= 1, f"method.interval must be >= 1, got {self.interval}"),
+            (self.tau <= 1, f"method.tau={self.tau} can never be reached: path similarity is at most 1"),
+            (0 < self.decay <= 1, f"method.decay must be in (0, 1], got {self.decay}"),
+            (self.max_consecutive >= 0 and self.warmup >= 0 and self.staleness >= 0,
+             "method.max_consecutive, method.warmup and method.staleness must be >= 0"),
+            (self.window >= 1, f"method.window (sjd) must be >= 1, got {self.window}"),
+            (self.init in INITS, f"method.init={self.init!r} is unknown; known: {', '.join(INITS)}"),
+            (self.vp_cap >= 1, f"method.vp_cap must be >= 1, got {self.vp_cap}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.static_tree is not None and self.static_tree not in STATIC_SHAPES:
+            raise ValueError(f"method.static_tree={self.static_tree!r} is not a known shape; known: "
+                             f"{', '.join(STATIC_SHAPES)}")
 
 
 def build_method(name: str, *, sampling: SamplingParams, tree: TreeParams = TreeParams(),
@@ -91,7 +111,7 @@ def _scheduler(name: str, o: MethodOptions, codebook: Tensor | None, learned_pol
         return SimilaritySkip(codebook, o.tau, o.decay, **cap)
     if kind == "learned":
         if learned_policy is None:
-            raise ValueError("scheduler=learned needs scheduler.ckpt=FOLDER (python -m train scheduler)")
+            raise ValueError("scheduler=learned needs method.scheduler_ckpt=FOLDER (python -m train scheduler)")
         return LearnedScheduler(learned_policy, codebook, o.threshold, **cap)
     raise ValueError(f"scheduler={kind!r} is unknown; known: never, uniform, similarity, learned")
 

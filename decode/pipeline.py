@@ -7,6 +7,7 @@ Images are written to a temporary name and renamed; a rerun skips images already
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -81,10 +82,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; otherwise the named device."""
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device, if it is there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but this torch sees no CUDA device "
+                             f"(torch {torch.__version__}); use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def compile_models(setting, *models) -> str | None:
@@ -118,6 +129,33 @@ def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: lis
         return Condition(torch.tensor(labels))
     feats = text.encode(prompts)
     return Condition(feats.emb, feats.mask)
+
+
+RUN_FILE = "run.json"
+
+
+def check_run_folder(out_dir: Path, settings: dict) -> None:
+    """A rerun into `out_dir` resumes it (images already written are skipped) only if it makes the
+    same images: same prompts, n, seed, method, sampling, tree and models. With other settings the
+    earlier images would stand under the new settings' names, so the rerun is refused."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir={out_dir} is a file, not a folder")
+    path = out_dir / RUN_FILE
+    if not path.is_file() or not any((out_dir / "images").glob("*.png")):
+        return
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(f"out_dir={out_dir} holds images made with other settings ({', '.join(changed)} "
+                         f"differ; see {path}); pick a new out_dir, or rerun with the same settings to resume")
+
+
+def record_run_folder(out_dir: Path, settings: dict) -> None:
+    """Write the settings that made this folder's images (see `check_run_folder`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / RUN_FILE)
 
 
 def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None,

@@ -37,8 +37,16 @@ def test_decode_writes_images_and_stats(tmp_path):
     res2 = _run(["-m", "decode", "prompt=a cat face, on a blue background", "n=2", f"out_dir={out}",
                  "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]",
                  f"hydra.run.dir={tmp_path / 'hydra'}"])
-    assert res2.returncode == 0 and "no images were generated" in res2.stdout
+    assert res2.returncode == 0 and "nothing to do: all 2 images" in res2.stdout
     assert len((out / "stats.jsonl").read_text().splitlines()) == 2
+    assert "step compression" in (out / "summary.txt").read_text()  # the first run's summary stays
+    # a rerun with other settings would leave these images under its name: refused, nothing touched
+    before = [p.read_bytes() for p in pngs]
+    res3 = _run(["-m", "decode", "prompt=a cat face, on a blue background", "n=2", "seed=7", f"out_dir={out}",
+                 "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64", "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]",
+                 f"hydra.run.dir={tmp_path / 'hydra'}"])
+    assert res3.returncode != 0 and "other settings (seed differ" in res3.stderr, res3.stderr[-2000:]
+    assert [p.read_bytes() for p in sorted((out / "images").glob("*.png"))] == before
 
 
 def test_decode_empty_prompt_fails_clearly(tmp_path):
@@ -108,4 +116,4 @@ def test_two_processes_write_the_images_of_one(tmp_path):
     assert "ranks               2" in two.stdout
     again = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m", "decode",
                   f"out_dir={tmp_path / 'two'}", *common])
-    assert again.returncode == 0 and "no images were generated" in again.stdout
+    assert again.returncode == 0 and "nothing to do: all 6 images" in again.stdout

@@ -1,0 +1,65 @@
+"""Bad decode input fails early, with the option named (no model is loaded here)."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from decode.__main__ import integer
+from decode.methods import MethodOptions
+from decode.pipeline import check_run_folder, pick_device, record_run_folder
+
+
+@pytest.mark.parametrize("knob,value,words", [
+    ("tau", 2.0, "can never be reached"),
+    ("lantern_k", 0, "method.lantern_k"),
+    ("window", 0, "method.window"),
+    ("init", "bogus", "method.init='bogus' is unknown"),
+    ("static_tree", "oak", "method.static_tree='oak'"),
+    ("interval", 0, "method.interval"),
+])
+def test_method_knobs_out_of_range_name_themselves(knob, value, words):
+    with pytest.raises(ValueError, match=words):
+        MethodOptions(**{knob: value})
+    MethodOptions(tau=1.0, lantern_k=1, window=1, init="random", static_tree="chain")  # the edges are fine
+
+
+def test_integer_options_name_the_option():
+    cfg = OmegaConf.create({"n": "two", "batch_size": -1, "seed": 3})
+    with pytest.raises(ValueError, match="n must be an integer, got 'two'"):
+        integer(cfg, "n")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
+        integer(cfg, "batch_size", least=1)
+    assert integer(cfg, "seed") == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_that_is_not_there_is_refused():
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        pick_device("gpu")
+    assert pick_device("auto").type == "cpu"
+
+
+def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path):
+    settings = {"prompts": ["a"], "n": 2, "seed": 0, "method": {"name": "ar"}}
+    check_run_folder(tmp_path / "new", settings)  # nothing there yet
+    record_run_folder(tmp_path, settings)
+    check_run_folder(tmp_path, {**settings, "seed": 1})  # no images yet: nothing to mix up
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "00000_000.png").write_bytes(b"png")
+    check_run_folder(tmp_path, dict(settings))  # the same settings resume
+    with pytest.raises(ValueError, match=r"other settings \(method, seed differ"):
+        check_run_folder(tmp_path, {**settings, "seed": 1, "method": {"name": "vvs"}})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_run_folder(tmp_path / "file", settings)
+
+
+def test_a_model_folder_that_is_missing_or_a_file_says_so(tmp_path):
+    from decode.checkpoint import read_model_folder
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_model_folder(tmp_path / "nope", kind="eagle_drafter")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        read_model_folder(tmp_path / "f", kind="eagle_drafter")

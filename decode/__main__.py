@@ -29,7 +29,7 @@ from decode.pipeline import (DTYPES, check_compatible, check_run_folder, compile
                              record_run_folder, run_jobs)
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
-from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method
+from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config
 from decode.trees import TreeParams
 from decode.target import LlamaGenTarget
 from decode.text import TextEncoder
@@ -97,16 +97,6 @@ def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Pa
     return Parts(target, vq, text, scorer, drafter, clip)
 
 
-def method_options(cfg: DictConfig) -> MethodOptions:
-    """conf/method/<name>.yaml -> MethodOptions; an unknown knob fails with the list of known ones."""
-    opts = {k: v for k, v in cfg.method.items() if k not in ("name", "scheduler_ckpt")}
-    known = set(MethodOptions.__dataclass_fields__)
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise ValueError(f"unknown method option(s) {unknown}; known: {', '.join(sorted(known))}")
-    return MethodOptions(**opts)
-
-
 def decoding_method(cfg: DictConfig, parts: Parts, options: MethodOptions):
     """The generate function of `method=`, with its policies bound."""
     policy = None
@@ -151,7 +141,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     prompts = read_prompts(cfg)
     jobs = plan_jobs(prompts, integer(cfg, "n"), integer(cfg, "seed"))
     integer(cfg, "batch_size", least=1)
-    options = method_options(cfg)  # bad knobs fail before any model loads
+    options = options_from_config(cfg.method)  # bad knobs fail before any model loads
     ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
     try:

@@ -72,6 +72,17 @@ class MethodOptions:
                              f"{', '.join(STATIC_SHAPES)}")
 
 
+def options_from_config(conf) -> MethodOptions:
+    """A method's config (conf/method/<name>.yaml, with overrides) as MethodOptions; an unknown knob
+    fails with the list of known ones."""
+    opts = {k: v for k, v in conf.items() if k not in ("name", "scheduler_ckpt")}
+    known = set(MethodOptions.__dataclass_fields__)
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"unknown method option(s) {unknown}; known: {', '.join(sorted(known))}")
+    return MethodOptions(**opts)
+
+
 def build_method(name: str, *, sampling: SamplingParams, tree: TreeParams = TreeParams(),
                  options: MethodOptions = MethodOptions(), drafter: Drafter | None = None,
                  codebook: Tensor | None = None, learned_policy=None) -> Method:

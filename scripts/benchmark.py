@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ from data.world import SceneGenerator  # noqa: E402
 from decode.drafter import load_drafter  # noqa: E402
 from decode.engine import generate  # noqa: E402
 from decode.evaluator import load_evaluator, score_images  # noqa: E402
-from decode.methods import NEEDS_DRAFTER, MethodOptions, build_method  # noqa: E402
+from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config  # noqa: E402
 from decode.metrics import speed_stats  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
@@ -49,22 +49,102 @@ COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compressio
 
 def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
     """conf/method/<name>.yaml (the published defaults) with the run's overrides; and the learned
-    scheduler's folder, if any."""
+    scheduler's folder, if any. An unknown method or option key fails naming it and what is known."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; available: {', '.join(METHODS)}")
+    register_resolvers()  # the defaults name their folders with ${repo:...}
     conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"), resolve=True)
     conf.update(overrides or {})
-    conf.pop("name", None)
-    ckpt = conf.pop("scheduler_ckpt", None)
-    return MethodOptions(**conf), ckpt
+    ckpt = conf.get("scheduler_ckpt")
+    return options_from_config(conf), ckpt
 
 
 def run_settings(cfg: DictConfig, run) -> tuple[TreeParams, int]:
     """A run's draft tree and batch size: the benchmark's, with the run's `tree` / `batch_size`
     overrides (a tree-size or batch-size sweep; speed-ups are taken against AR at the same batch size)."""
-    tree = TreeParams(**{**cfg.tree, **(run.get("tree") or {})})
-    batch_size = int(run.get("batch_size") or cfg.batch_size)
-    if batch_size < 1:
-        raise ValueError(f"run {run.label}: batch_size must be >= 1, got {batch_size}")
+    if run.get("tree") is not None and not isinstance(run.tree, DictConfig):
+        raise ValueError(f"run {run.label}: tree must be a mapping like {{total_tokens: 20}}, got {_show(run.tree)}")
+    tree = {**cfg.tree, **(run.get("tree") or {})}
+    unknown = sorted(set(tree) - set(TreeParams.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"run {run.label}: unknown tree key(s) {unknown}; known: "
+                         f"{', '.join(TreeParams.__dataclass_fields__)}")
+    try:
+        tree = TreeParams(**tree)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"run {run.label}: {e}") from None
+    batch_size = run.get("batch_size")
+    batch_size = cfg.batch_size if batch_size is None else batch_size  # a run's batch_size=0 is refused, not ignored
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"run {run.label}: batch_size must be an integer >= 1, got {batch_size!r}")
     return tree, batch_size
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse bad input before anything heavy loads (models, Inception, the FID reference): each
+    error names the option, the value and what is allowed. Builds no model."""
+    register_resolvers()  # drafter_ckpt and the methods' defaults name folders with ${repo:...}
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    n = cfg.get("num_prompts")
+    if not _is_int(n) or n < PR_K + 1:
+        raise ValueError(f"num_prompts must be an integer >= {PR_K + 1} (precision/recall with k={PR_K} needs more "
+                         f"than {PR_K} images, FID at least 2), got {n!r}")
+    seeds = cfg.get("seeds")
+    if not isinstance(seeds, ListConfig) or len(seeds) == 0 or not all(_is_int(s) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1]; got {_show(seeds)}")
+    if not _is_int(cfg.get("batch_size")) or cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {cfg.get('batch_size')!r}")
+    try:
+        SamplingParams(**cfg.sampling)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sampling: {e}") from None
+    runs = cfg.get("runs")
+    if not isinstance(runs, ListConfig) or len(runs) == 0:
+        raise ValueError(f"runs must be a non-empty list of {{label, method}} entries, e.g. "
+                         f"runs='[{{label: ar, method: ar}}]'; got {_show(runs)}. Methods: {', '.join(METHODS)}")
+    labels = set()
+    needs_drafter = False
+    for i, run in enumerate(runs):
+        if not isinstance(run, DictConfig) or not run.get("label") or not run.get("method"):
+            raise ValueError(f"runs[{i}] must be a mapping with a label and a method, e.g. "
+                             f"{{label: ar, method: ar}}; got {_show(run)}")
+        label = str(run.label)
+        if label in labels:
+            raise ValueError(f"runs[{i}]: label {label!r} is used by another run; each run needs its own label")
+        labels.add(label)
+        unknown = sorted(set(run) - set(RUN_KEYS))
+        if unknown:
+            raise ValueError(f"run {label}: unknown key(s) {unknown}; known: {', '.join(RUN_KEYS)}")
+        options = run.get("options")
+        if options is not None and not isinstance(options, DictConfig):
+            raise ValueError(f"run {label}: options must be a mapping like {{tau: 0.8}}, got {_show(options)}")
+        try:
+            opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(options, resolve=True)
+                                              if options else {})
+        except (TypeError, ValueError) as e:  # an unknown method or option key, or an option's bad value
+            raise ValueError(f"run {label}: {e}") from None
+        if opts.scheduler == "learned" and not (sched_ckpt and Path(sched_ckpt).is_dir()):
+            raise ValueError(f"run {label}: scheduler=learned needs options.scheduler_ckpt=FOLDER "
+                             f"(python -m train scheduler), got {sched_ckpt!r}")
+        run_settings(cfg, run)
+        needs_drafter = needs_drafter or run.method in NEEDS_DRAFTER
+    if needs_drafter and not (cfg.get("drafter_ckpt") and Path(cfg.drafter_ckpt).is_dir()):
+        raise ValueError(f"drafter_ckpt={cfg.get('drafter_ckpt')!r} is not a folder; methods "
+                         f"{', '.join(NEEDS_DRAFTER)} need one (python -m train drafter)")
+
+
+RUN_KEYS = ("label", "method", "options", "curve", "tree", "batch_size")
+PR_K = 3  # precision/recall's k-NN: each image set needs more than PR_K images
+
+
+def _show(value):
+    """A config value as the user typed it (lists and mappings as plain Python)."""
+    return repr(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value)
 
 
 @torch.no_grad()
@@ -139,13 +219,12 @@ def main(cfg: DictConfig) -> None:
         saved = json.loads(Path(cfg.replot).read_text())
         plot(saved["rows"], Path(cfg.replot).with_name("results.png"), saved["meta"])
         return
+    check_config(cfg)  # before the models, Inception and the FID reference load, and before out_dir exists
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     device = pick_device(cfg.device)
     target, vq = instantiate(cfg.target), instantiate(cfg.tokenizer).to(device)
     target.gpt.to(device=device, dtype=DTYPES[cfg.dtype])  # the drafter follows the target's
@@ -189,7 +268,7 @@ def main(cfg: DictConfig) -> None:
             if run.method == "ar":  # the reference of every run with this seed and batch size
                 ar_latency.setdefault((seed, batch_size), latency)
             align, feats = score_images(evaluator, images, attrs)
-            precision, recall = precision_recall(feat_real, feats, k=3)
+            precision, recall = precision_recall(feat_real, feats, k=PR_K)
             mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
             row = dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
                        step_compression=mean("step_compression"), tau=mean("tau"), tau_all=mean("tau_all"),

@@ -118,7 +118,7 @@ def _check_not_empty(what: str, counter: CorruptCounter, reads_before: int) -> N
         raise EmptyDatasetError(f"no usable samples in {what} ({counter.report()})")
 
 
-def _local_shards(urls: str | list[str]) -> list[str]:
+def local_shards(urls: str | list[str]) -> list[str]:
     """Expand brace patterns and check that local shards exist (a missing shard is a config error)."""
     from braceexpand import braceexpand
 
@@ -141,7 +141,7 @@ def read_webdataset(urls: str | list[str], *, strict: bool = False, counter: Cor
     or URLs. Shards are read in order; under DDP each rank reads its share of the shards."""
     import webdataset as wds
 
-    shards = _local_shards(urls)
+    shards = local_shards(urls)
     counter = counter if counter is not None else CorruptCounter()
     before = counter.read
 

@@ -39,7 +39,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     drafter = REPO / "models" / "world" / "drafter"
     if os.environ.get("DEMO_TRAIN", "1") != "0":
-        run([sys.executable, "-m", "train", "drafter", "experiment=demo", f"out_dir={out / 'drafter'}",
+        run([sys.executable, "-m", "train", "drafter", "experiment=demo", "overwrite=true", f"out_dir={out / 'drafter'}",
              f"hydra.run.dir={out / 'drafter' / 'hydra'}"])
         drafter = out / "drafter" / "drafter"
     prompts = out / "prompts.txt"

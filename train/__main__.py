@@ -36,7 +36,8 @@ def usage() -> str:
         state = "" if available(name) else "   [not in this version yet]"
         lines.append(f"  {name:<10} {what}{state}")
     lines += ["", "common options: experiment=smoke (a ~1 minute CPU run), trainer=cpu|gpu|ddp|deepspeed,",
-              "logger=csv|wandb, ckpt_path=last (resume), seed=N"]
+              "logger=csv|wandb, out_dir=FOLDER, ckpt_path=last (resume the run in out_dir),",
+              "overwrite=true (train over a finished run in out_dir), seed=N"]
     return "\n".join(lines)
 
 

@@ -10,14 +10,17 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from train.strategies import build_strategy
@@ -25,14 +28,88 @@ from train.strategies import build_strategy
 log = logging.getLogger(__name__)
 
 
-def output_dir(cfg: DictConfig) -> Path:
-    """The run's folder: `out_dir=` if given, else Hydra's run directory."""
-    if cfg.get("out_dir"):
-        path = Path(cfg.out_dir)
-    else:
-        path = Path(HydraConfig.get().runtime.output_dir)
+def output_dir(cfg: DictConfig, model: str | None = None) -> Path:
+    """The run's folder: `out_dir=` if given, else Hydra's run directory.
+
+    `model` names the sub-folder the task saves its result to: a folder that already holds it, or
+    Lightning checkpoints, is refused unless the run resumes (ckpt_path) or says overwrite=true.
+    Retraining into it would replace the model, and Lightning would write last-v1.ckpt beside the
+    old run's last.ckpt, which a later ckpt_path=last would resume.
+    """
+    path = Path(cfg.out_dir) if cfg.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out_dir={path} is a file, not a folder")
+    if model is not None and not cfg.get("ckpt_path"):
+        _check_fresh(path, model, overwrite=bool(cfg.get("overwrite")))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _check_fresh(path: Path, model: str, overwrite: bool) -> None:
+    ckpts = path / "checkpoints"
+    held = [p.name for p in (path / model, ckpts) if p.is_dir() and any(p.iterdir())]
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(f"out_dir={path} already holds a run ({' and '.join(held)}): give a new out_dir, "
+                         f"resume it with ckpt_path=last, or train over it with overwrite=true (its "
+                         f"checkpoints are deleted, its {model} folder replaced at the end)")
+    # the old run's last.ckpt must not outlive it: ckpt_path=last would resume it
+    if ckpts.is_dir() and rank_zero_only.rank == 0:
+        log.warning("overwrite=true: deleting %s", ckpts)
+        shutil.rmtree(ckpts)
+
+
+def resume_step(cfg: DictConfig, out: Path) -> int:
+    """The global step the run resumes from (0 for a fresh run). Read up front, so a missing or
+    unreadable checkpoint stops the run before any model is built or data is made."""
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return 0
+    path = out / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():  # a DeepSpeed checkpoint folder: rank 0's model states (ZeRO-3: zero_pp_rank_0_...)
+        found = sorted((path / "checkpoint").glob("*mp_rank_00_model_states.pt"))
+        path = found[0] if found else path / "checkpoint" / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}{_resume_hint(cfg, out)}")
+    try:  # mmap: the weights are not read, only the small pickle around them
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception as e:  # torch.load raises whatever a stray file's bytes lead it to
+        why = (f"{type(e).__name__}: {e}" if zipfile.is_zipfile(path)
+               else "not a torch.save zip archive: truncated, or another kind of file")
+        raise ValueError(f"ckpt_path={ckpt_path}: {path} is not a readable Lightning checkpoint ({why})") from e
+
+
+def _resume_hint(cfg: DictConfig, out: Path) -> str:
+    if cfg.get("ckpt_path") != "last":
+        return ""
+    if not cfg.get("out_dir"):
+        return (f" (ckpt_path=last resumes the run in out_dir; without out_dir= this run got a fresh folder, "
+                f"{out}: give out_dir=<the earlier run's folder>)")
+    return f" (ckpt_path=last resumes the run in out_dir={out}: is that the earlier run's folder?)"
+
+
+def require_ints(cfg: DictConfig, minimum: int, *keys: str, why: str = "") -> None:
+    """Whole-number options that must be >= minimum, checked before any model is built: torch
+    reports a zero batch size deep in its sampler, and Lightning reads max_steps=-1 as no limit."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key} must be a whole number >= {minimum}, got {value!r}{why and f' ({why})'}")
+
+
+def require_shards(cfg: DictConfig, *keys: str) -> None:
+    """Local shards named by the options `keys` (those given) must exist: checked now, not when
+    Lightning's sanity check first opens them, after the model is built."""
+    from data.sources import local_shards
+
+    for key in keys:
+        urls = OmegaConf.select(cfg, key)
+        if urls:
+            try:
+                local_shards(urls)
+            except (FileNotFoundError, ValueError) as e:  # ValueError: EmptyDatasetError
+                raise type(e)(f"{key}={urls}: {e}") from None
 
 
 def build_logger(cfg: DictConfig | None, out_dir: Path, name: str):
@@ -65,8 +142,9 @@ class StopOnNaN(Callback):
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, logger, extra_callbacks: list | None = None) -> L.Trainer:
+    # no version counter: last.ckpt is always the newest, the one ckpt_path=last resumes (never a last-v1.ckpt)
     ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
-                           every_n_train_steps=int(cfg.get("checkpoint_every", 500)))
+                           every_n_train_steps=int(cfg.get("checkpoint_every", 500)), enable_version_counter=False)
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["strategy"] = build_strategy(t.get("strategy"), str(t.get("accelerator", "auto")), t.get("devices", 1))
     if not isinstance(t["strategy"], str) and str(t.get("accelerator")) == "auto":

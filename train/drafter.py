@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,7 +29,15 @@ from decode.engine import generate
 from decode.methods import build_method
 from decode.trees import TreeParams
 from decode.target import Condition, LlamaGenTarget, load_target
-from train.common import build_logger, build_trainer, output_dir, write_model_card
+from train.common import (
+    build_logger,
+    build_trainer,
+    output_dir,
+    require_ints,
+    require_shards,
+    resume_step,
+    write_model_card,
+)
 from train.strategies import full_parameters
 
 
@@ -171,21 +178,25 @@ class DrafterModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def resumed_step(out, ckpt_path) -> int:
-    """The global step a run resumes from (0 for a fresh run)."""
-    if not ckpt_path:
-        return 0
-    path = out / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if path.is_dir():  # a DeepSpeed checkpoint folder
-        path = path / "checkpoint" / "mp_rank_00_model_states.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+def check_options(cfg: DictConfig) -> None:
+    """Bad values stop the run here, before shards are built or the target is loaded."""
+    require_ints(cfg, 1, "trainer.max_steps", "optim.total_steps",
+                 why="the LR schedule's length; the training stream is endless, so max_steps is its only end")
+    require_ints(cfg, 1, "data.batch_size", "data.max_length", "data.shard_size", "data.build_train",
+                 "data.build_heldout")
+    if cfg.data.num_workers not in (0, 1):
+        raise ValueError(f"data.num_workers must be 0 or 1 (more workers would interleave the stream), "
+                         f"got {cfg.data.num_workers!r}")
+    require_shards(cfg, "data.train_urls", "data.heldout_urls", "data.features")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
+    check_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    out = output_dir(cfg)
+    out = output_dir(cfg, "drafter")
+    # Exact resume: the stream restarts where the checkpoint's step left it (Lightning does not
+    # restore an iterable dataset's position), and each step's randomness depends on the step.
+    skip = resume_step(cfg, out) * int(cfg.data.batch_size)
     train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
     # again: building the shards draws random numbers, finding them built does not; the model's
     # initialisation and the run must not depend on which happened
@@ -194,12 +205,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                            drafter=OmegaConf.to_container(cfg.drafter, resolve=True), seed=int(cfg.seed),
                            **{"total_steps": int(cfg.trainer.max_steps),
                               **OmegaConf.to_container(cfg.optim, resolve=True)})
-    # Exact resume: the stream restarts where the checkpoint's step left it (Lightning does not
-    # restore an iterable dataset's position), and each step's randomness depends on the step.
-    skip = resumed_step(out, cfg.get("ckpt_path")) * int(cfg.data.batch_size)
     bs, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
-    if workers > 1:
-        raise ValueError("data.num_workers must be 0 or 1: more workers would interleave the stream")
     if cfg.data.get("features"):  # offline: stream dumped target features; validation stays online
         train_loader = DataLoader(FeatureShards(cfg.data.features, repeat=True, skip=skip), batch_size=bs,
                                   collate_fn=collate_features, num_workers=workers)

@@ -9,11 +9,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.features import dump_features
 from decode.target import load_target
+from train.common import require_ints, require_shards
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.codes or not cfg.out:
         raise ValueError("give codes=CODE_SHARDS (a brace pattern of data/preprocess.py shards) and out=FOLDER")
+    require_ints(cfg, 1, "batch_size", "shard_size")
+    require_shards(cfg, "codes")  # before the target is loaded
     args = {k: v for k, v in OmegaConf.to_container(cfg.target, resolve=True).items()
             if k not in ("_target_", "cfg_scale")}
     target = load_target(**args, cfg_scale=1.0)

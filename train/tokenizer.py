@@ -16,7 +16,15 @@ from torch.utils.data import DataLoader
 from data.images import ShardImages, WorldImages
 from decode.checkpoint import save_model_folder
 from decode.vq import VQConfig, VQModel
-from train.common import build_logger, build_trainer, output_dir, write_model_card
+from train.common import (
+    build_logger,
+    build_trainer,
+    output_dir,
+    require_ints,
+    require_shards,
+    resume_step,
+    write_model_card,
+)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,9 +95,26 @@ def build_images(data: DictConfig, split: str):
     raise ValueError(f"data.source must be 'world' or 'webdataset', got {data.source!r}")
 
 
+def check_options(cfg: DictConfig) -> None:
+    """Bad values stop the run here, before the model is built."""
+    require_ints(cfg, 1, "data.batch_size", "data.image_size")
+    require_ints(cfg, 0, "data.num_workers")
+    if cfg.data.source == "world":
+        require_ints(cfg, 1, "data.num_train", "data.num_heldout")
+    elif cfg.data.source == "webdataset":
+        for key in ("data.train_urls", "data.heldout_urls"):
+            if not OmegaConf.select(cfg, key):
+                raise ValueError(f"data.source=webdataset needs {key} (image-text shards)")
+        require_shards(cfg, "data.train_urls", "data.heldout_urls")
+    else:
+        raise ValueError(f"data.source must be 'world' or 'webdataset', got {cfg.data.source!r}")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
+    check_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    out = output_dir(cfg)
+    out = output_dir(cfg, "tokenizer")
+    resume_step(cfg, out)  # a missing or unreadable checkpoint stops the run now
     # plain containers: checkpoints must reload with torch.load(weights_only=True)
     module = TokenizerModule(vq=OmegaConf.to_container(cfg.vq, resolve=True),
                              **OmegaConf.to_container(cfg.optim, resolve=True))

@@ -103,14 +103,16 @@ def test_a_rerun_over_built_shards_trains_the_same_drafter(tmp_path):
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
     out = tmp_path / "run"
 
-    def run():
+    def run(*extra):
         res = run_train("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
                         f"data.tokenizer={REPO / 'models/world/tokenizer'}", "data.image_size=64",
                         "data.max_length=16", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                        f"out_dir={out}", f"hydra.run.dir={out}/hydra")
+                        f"out_dir={out}", f"hydra.run.dir={out}/hydra", *extra)
         assert res.returncode == 0, res.stderr[-3000:]
         return load_file(str(out / "drafter" / "model.safetensors"))
 
-    first, second = run(), run()  # the second finds the shards the first built
+    first, second = run(), run("overwrite=true")  # the second finds the shards the first built
     for k in first:
         torch.testing.assert_close(second[k], first[k], atol=0, rtol=0)
+    # the first run's checkpoint is gone, not kept beside the second's (as last.ckpt / last-v1.ckpt)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]

@@ -15,6 +15,7 @@ Published defaults live in conf/method/*.yaml (ALGORITHMS.md 1.9 and 2.5).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -56,7 +57,6 @@ class MethodOptions:
             (self.lantern_k >= 1, f"method.lantern_k must be >= 1 (neighbours per token), got {self.lantern_k}"),
             (self.delta >= 0, f"method.delta must be >= 0, got {self.delta}"),
             (self.interval >= 1, f"method.interval must be >= 1, got {self.interval}"),
-            (self.tau <= 1, f"method.tau={self.tau} can never be reached: path similarity is at most 1"),
             (0 < self.decay <= 1, f"method.decay must be in (0, 1], got {self.decay}"),
             (self.max_consecutive >= 0 and self.warmup >= 0 and self.staleness >= 0,
              "method.max_consecutive, method.warmup and method.staleness must be >= 0"),
@@ -67,6 +67,9 @@ class MethodOptions:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.tau > 1:  # allowed: the rule's cost without its skips (tests use it); but never silently
+            warnings.warn(f"method.tau={self.tau} > 1: path similarity never reaches it, so VVS's similarity "
+                          "rule never skips (method.scheduler=never skips nothing without computing it)")
         if self.static_tree is not None and self.static_tree not in STATIC_SHAPES:
             raise ValueError(f"method.static_tree={self.static_tree!r} is not a known shape; known: "
                              f"{', '.join(STATIC_SHAPES)}")

@@ -9,7 +9,6 @@ from decode.pipeline import check_run_folder, pick_device, record_run_folder
 
 
 @pytest.mark.parametrize("knob,value,words", [
-    ("tau", 2.0, "can never be reached"),
     ("lantern_k", 0, "method.lantern_k"),
     ("window", 0, "method.window"),
     ("init", "bogus", "method.init='bogus' is unknown"),
@@ -20,6 +19,11 @@ def test_method_knobs_out_of_range_name_themselves(knob, value, words):
     with pytest.raises(ValueError, match=words):
         MethodOptions(**{knob: value})
     MethodOptions(tau=1.0, lantern_k=1, window=1, init="random", static_tree="chain")  # the edges are fine
+
+
+def test_a_tau_above_one_warns_that_vvs_will_never_skip():
+    with pytest.warns(UserWarning, match="never skips"):
+        MethodOptions(tau=2.0)
 
 
 def test_integer_options_name_the_option():

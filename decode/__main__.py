@@ -29,7 +29,8 @@ from decode.pipeline import (DTYPES, check_compatible, check_run_folder, compile
                              record_run_folder, run_jobs)
 from decode.resolvers import REPO, register_resolvers
 from decode.sampling import SamplingParams
-from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config
+from decode.methods import (METHODS, NEEDS_DRAFTER, USES_TREE, MethodOptions, build_method, knobs_used,
+                            options_from_config)
 from decode.trees import TreeParams
 from decode.target import LlamaGenTarget
 from decode.text import TextEncoder
@@ -122,15 +123,31 @@ def integer(cfg: DictConfig, key: str, least: int | None = None) -> int:
     return value
 
 
-def run_settings(cfg: DictConfig, prompts: list[str]) -> dict:
-    """What decides the images of a run folder (not the batch size or the device): a rerun with
-    other settings must not resume it."""
-    part = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None  # noqa: E731
-    drafter = part("drafter") if cfg.method.name in NEEDS_DRAFTER else None
-    return {"prompts": prompts, "n": integer(cfg, "n"), "seed": integer(cfg, "seed"), "method": part("method"),
-            "sampling": part("sampling"), "tree": part("tree"), "target": part("target"),
-            "tokenizer": part("tokenizer"), "text_encoder": part("text_encoder"), "drafter": drafter,
-            "dtype": cfg.dtype}
+def run_settings(cfg: DictConfig, options: MethodOptions, prompts: list[str]) -> dict:
+    """What decides the images of a run folder: a rerun with other settings must not resume it. Not
+    the batch size, device or n (images are seeded and named by prompt, sample and seed), nor knobs
+    the method does not read; model paths as seen from the repository, so a moved checkout resumes."""
+    name = cfg.method.name
+    part = lambda key: _portable(OmegaConf.to_container(cfg[key], resolve=True)) if cfg.get(key) else None  # noqa: E731
+    knobs = knobs_used(name, options)
+    if knobs.get("scheduler") == "learned" or (name == "vvs" and "threshold" in knobs):
+        knobs["scheduler_ckpt"] = _portable(cfg.method.get("scheduler_ckpt"))
+    return {"prompts": prompts, "seed": integer(cfg, "seed"), "method": name, "knobs": knobs,
+            "sampling": part("sampling"), "tree": part("tree") if name in USES_TREE else None,
+            "target": part("target"), "tokenizer": part("tokenizer"), "text_encoder": part("text_encoder"),
+            "drafter": part("drafter") if name in NEEDS_DRAFTER else None, "dtype": cfg.dtype}
+
+
+def _portable(value):
+    """Paths that exist, relative to the repository when inside it (settings compare across checkouts)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and value and Path(value).exists():
+        real = Path(value).resolve()
+        return str(real.relative_to(REPO)) if real.is_relative_to(REPO) else str(real)
+    return value
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -145,7 +162,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
     try:
-        return _run_rank(cfg, jobs, options, run_settings(cfg, prompts), ranks, device)
+        return _run_rank(cfg, jobs, options, run_settings(cfg, options, prompts), ranks, device)
     finally:
         distributed.finish(ranks)
 
@@ -154,9 +171,10 @@ def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ran
               device: torch.device) -> dict[str, float]:
     out_dir = Path(distributed.share(str(cfg.out_dir or HydraConfig.get().runtime.output_dir), ranks))
     check_run_folder(out_dir, settings)
-    parts = build_parts(cfg, device, DTYPES[cfg.dtype])
-    if ranks.main:
+    if ranks.main:  # before any rank writes an image: a crash later must not leave images unrecorded
         record_run_folder(out_dir, settings)
+    distributed.share(None, ranks)  # every rank waits for the record
+    parts = build_parts(cfg, device, DTYPES[cfg.dtype])
     target, vq, text, scorer = parts.target, parts.vq, parts.text, parts.scorer
     if cfg.get("note") and ranks.main:
         log.warning(cfg.note)
@@ -173,13 +191,14 @@ def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ran
         rows.sort(key=lambda r: (r.prompt_index, r.sample_index))
         append_jsonl(out_dir / "stats.jsonl", rows)
     if not rows:  # a finished run folder: its summary stays
-        print(f"nothing to do: all {len(jobs)} images are already in {out_dir} (summary.txt is from the run "
-              f"that made them)")
+        print(f"nothing to do: all {len(jobs)} images are already in {out_dir} (a summary.txt there is from "
+              f"the run that made them)")
         return {"images": 0.0}
     summary = summary_table(rows, time.perf_counter() - t0)
     if len(rows) < len(jobs):
         summary += (f"\nresumed             this run made {len(rows)} of {len(jobs)} images; the other "
-                    f"{len(jobs) - len(rows)} were already there (their stats are in stats.jsonl)")
+                    f"{len(jobs) - len(rows)} were already there (their stats: stats.jsonl, or stats.rank*.jsonl "
+                    f"from an interrupted multi-process run)")
     if ranks.distributed:
         summary += f"\nranks               {ranks.world} (each decoded every {ranks.world}-th image)"
     write_summary(out_dir / "summary.txt", summary)

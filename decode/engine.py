@@ -139,25 +139,27 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     rows = _Rows.start(b)
     step = passes = 0
     while min(rows.made) < num_tokens:
-        live = torch.tensor([m < num_tokens for m in rows.made])
+        live = [m < num_tokens for m in rows.made]  # host lists: a host tensor op costs microseconds
         tick = time.perf_counter()
         tree = drafting.propose(root, sampling, generators) if drafting else root_only(root)
         tick = lap("draft", tick)
-        skip, picks = torch.zeros(b, dtype=torch.bool), None
+        skip, picks = [False] * b, None
         if skipping and tree.size > 1:
             tree, picks = _fetch_for_scheduler(tree, selectors)
             ctx = StepContext(tree.host, step, torch.tensor(rows.made), torch.tensor(rows.counts["run"]), num_tokens)
-            skip = method.scheduler.decide(ctx) & live
+            skip = [s and alive for s, alive in zip(method.scheduler.decide(ctx).tolist(), live)]
             tick = lap("schedule", tick)
         commits = _Commits([[] for _ in range(b)], [[] for _ in range(b)], {}, {})
         verified = None
-        verify = live & ~skip
-        if verify.any():
+        verify_rows = [r for r in range(b) if live[r] and not skip[r]]
+        if verify_rows:
             passes += 1
-            verified = _verify(target, cache, tree, verify.nonzero().flatten().tolist(), rows, commits, accept,
-                               sampling, generators, num_tokens)
+            verified = _verify(target, cache, tree, verify_rows, rows, commits, accept, sampling, generators,
+                               num_tokens)
         tick = lap("verify", tick)
-        _skip(tree, skip.nonzero().flatten().tolist(), picks, rows, commits, num_tokens, features, method.staleness)
+        _skip(tree, [r for r in range(b) if skip[r]], picks, rows, commits, num_tokens, features, method.staleness)
+        verify = torch.zeros(b, dtype=torch.bool)
+        verify[verify_rows] = True
         outcome = _outcome(tree, verified, commits, verify, target)
         if features is not None and verified is not None:
             _remember(features, verified, outcome, commits)
@@ -211,10 +213,10 @@ def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Te
     Chain tokens are causal; tree nodes see the row's whole chain and their ancestors; padding is
     seen by nobody. The chains are host lists, so their part is built on the host and sent down
     without a wait. Returns tokens, block mask [B, W+T, W+T], depths [B, W+T], W."""
-    lens = torch.tensor([len(c) for c in chains])
-    w = int(lens.max()) if len(chains) else 0
+    w = max((len(c) for c in chains), default=0)
     if w == 0:
         return tree.tokens, tree.mask, tree.depths, 0
+    lens = torch.tensor([len(c) for c in chains])
     dev, (b, t) = tree.tokens.device, tree.tokens.shape
     ar = torch.arange(w)
     in_chain = ar[None, :] < lens[:, None]  # [B, W]

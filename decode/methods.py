@@ -31,6 +31,22 @@ from decode.trees import STATIC_SHAPES, TreeParams
 
 METHODS = ("ar", "eagle2", "lantern", "lantern_pp", "vvs_u", "vvs", "sjd", "sjd_vp")
 NEEDS_DRAFTER = ("eagle2", "lantern", "lantern_pp", "vvs_u", "vvs")
+USES_TREE = ("eagle2", "lantern", "vvs_u", "vvs")  # lantern_pp's static shape fixes its own
+SCHEDULERS = ("never", "uniform", "similarity", "learned")
+_LANTERN = ("lantern_k", "delta")
+_SKIP = ("scheduler", "max_consecutive", "warmup", "staleness")
+KNOBS = {  # the MethodOptions each method reads, its skip scheduler's aside
+    "ar": (), "eagle2": (), "lantern": _LANTERN, "lantern_pp": _LANTERN + ("static_tree",),
+    "vvs_u": _LANTERN, "vvs": _LANTERN, "sjd": ("window", "init"), "sjd_vp": ("window", "init", "vp_beta", "vp_cap"),
+}
+SCHEDULER_KNOBS = {"never": (), "uniform": ("interval",), "similarity": ("tau", "decay"), "learned": ("threshold",)}
+
+
+def knobs_used(name: str, options: "MethodOptions") -> dict:
+    """The knobs that can change what method `name` makes (the others it never reads)."""
+    kind = _scheduler_kind(name, options) if name in NEEDS_DRAFTER else "never"  # AR and SJD never skip
+    used = KNOBS[name] + ((_SKIP + SCHEDULER_KNOBS[kind]) if kind != "never" else ())
+    return {k: getattr(options, k) for k in used}
 
 
 @dataclass(frozen=True)
@@ -58,8 +74,8 @@ class MethodOptions:
             (self.delta >= 0, f"method.delta must be >= 0, got {self.delta}"),
             (self.interval >= 1, f"method.interval must be >= 1, got {self.interval}"),
             (0 < self.decay <= 1, f"method.decay must be in (0, 1], got {self.decay}"),
-            (self.max_consecutive >= 0 and self.warmup >= 0 and self.staleness >= 0,
-             "method.max_consecutive, method.warmup and method.staleness must be >= 0"),
+            (self.max_consecutive >= 1, f"method.max_consecutive must be >= 1, got {self.max_consecutive}"),
+            (self.warmup >= 0 and self.staleness >= 0, "method.warmup and method.staleness must be >= 0"),
             (self.window >= 1, f"method.window (sjd) must be >= 1, got {self.window}"),
             (self.init in INITS, f"method.init={self.init!r} is unknown; known: {', '.join(INITS)}"),
             (self.vp_cap >= 1, f"method.vp_cap must be >= 1, got {self.vp_cap}"),
@@ -67,6 +83,8 @@ class MethodOptions:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"method.scheduler={self.scheduler!r} is unknown; known: {', '.join(SCHEDULERS)}")
         if self.tau > 1:  # allowed: the rule's cost without its skips (tests use it); but never silently
             warnings.warn(f"method.tau={self.tau} > 1: path similarity never reaches it, so VVS's similarity "
                           "rule never skips (method.scheduler=never skips nothing without computing it)")
@@ -114,8 +132,12 @@ def build_method(name: str, *, sampling: SamplingParams, tree: TreeParams = Tree
                   scheduler=_scheduler(name, options, codebook, learned_policy), staleness=options.staleness)
 
 
+def _scheduler_kind(name: str, o: MethodOptions) -> str:
+    return o.scheduler or {"vvs_u": "uniform", "vvs": "similarity"}.get(name, "never")
+
+
 def _scheduler(name: str, o: MethodOptions, codebook: Tensor | None, learned_policy):
-    kind = o.scheduler or {"vvs_u": "uniform", "vvs": "similarity"}.get(name, "never")
+    kind = _scheduler_kind(name, o)
     cap = dict(max_consecutive=o.max_consecutive, warmup=o.warmup)
     if kind == "never":
         return NeverSkip()
@@ -127,7 +149,7 @@ def _scheduler(name: str, o: MethodOptions, codebook: Tensor | None, learned_pol
         if learned_policy is None:
             raise ValueError("scheduler=learned needs method.scheduler_ckpt=FOLDER (python -m train scheduler)")
         return LearnedScheduler(learned_policy, codebook, o.threshold, **cap)
-    raise ValueError(f"scheduler={kind!r} is unknown; known: never, uniform, similarity, learned")
+    raise ValueError(f"scheduler={kind!r} is unknown; known: {', '.join(SCHEDULERS)}")
 
 
 def _eagle(target, batch: int, num_tokens: int, *, drafter: Drafter, tree: TreeParams) -> EagleDrafting:

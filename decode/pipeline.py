@@ -136,15 +136,21 @@ RUN_FILE = "run.json"
 
 def check_run_folder(out_dir: Path, settings: dict) -> None:
     """A rerun into `out_dir` resumes it (images already written are skipped) only if it makes the
-    same images: same prompts, n, seed, method, sampling, tree and models. With other settings the
-    earlier images would stand under the new settings' names, so the rerun is refused."""
+    same images: same settings (see `decode.__main__.run_settings`) and, for every image already
+    there, the same prompt at its index. Otherwise the earlier images would stand under the new
+    settings' names, so the rerun is refused. More prompts or a larger n extend a run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir={out_dir} is a file, not a folder")
     path = out_dir / RUN_FILE
-    if not path.is_file() or not any((out_dir / "images").glob("*.png")):
+    made = {int(png.name[:5]) for png in (out_dir / "images").glob("[0-9]" * 5 + "_*.png")}
+    if not path.is_file() or not made:
         return
     before = json.loads(path.read_text())
-    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    changed = sorted(k for k in set(before) | set(settings)
+                     if k != "prompts" and before.get(k) != settings.get(k))
+    old, new = before.get("prompts", []), settings.get("prompts", [])
+    if any(i < len(old) and i < len(new) and old[i] != new[i] for i in made):
+        changed.append("prompts")
     if changed:
         raise ValueError(f"out_dir={out_dir} holds images made with other settings ({', '.join(changed)} "
                          f"differ; see {path}); pick a new out_dir, or rerun with the same settings to resume")

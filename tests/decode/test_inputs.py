@@ -67,3 +67,33 @@ def test_a_model_folder_that_is_missing_or_a_file_says_so(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileNotFoundError, match="is a file"):
         read_model_folder(tmp_path / "f", kind="eagle_drafter")
+
+
+def test_a_run_folder_takes_more_prompts_but_not_other_prompts_for_its_images(tmp_path):
+    settings = {"prompts": ["a", "b"], "seed": 0, "method": "ar"}
+    record_run_folder(tmp_path, settings)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "00001_000.png").write_bytes(b"png")  # made from prompt 1, "b"
+    check_run_folder(tmp_path, {**settings, "prompts": ["a", "b", "c"]})  # appended prompts extend the run
+    check_run_folder(tmp_path, {**settings, "prompts": ["x", "b"]})  # prompt 0 has no image yet
+    with pytest.raises(ValueError, match=r"\(prompts differ"):
+        check_run_folder(tmp_path, {**settings, "prompts": ["a", "y"]})
+
+
+def test_run_settings_ignore_what_cannot_change_the_images(tmp_path):
+    from decode.__main__ import run_settings
+    from decode.methods import knobs_used
+    from decode.resolvers import REPO, register_resolvers
+
+    register_resolvers()
+    vvs = MethodOptions(scheduler="similarity")
+    assert "threshold" not in knobs_used("vvs", vvs) and "tau" in knobs_used("vvs", vvs)
+    assert "tau" not in knobs_used("lantern", MethodOptions()) and knobs_used("ar", vvs) == {}
+    assert "tau" in knobs_used("lantern", vvs)  # a scheduler set on lantern makes it skip
+    base = {"n": 2, "seed": 0, "dtype": "float32", "method": {"name": "ar", "tau": 0.7}, "sampling": {"top_k": 0},
+            "tree": {"total_tokens": 59}, "target": {"ckpt": "${repo:models/world/target}"}}
+    one = run_settings(OmegaConf.create(base), MethodOptions(), ["p"])
+    other = OmegaConf.create({**base, "n": 4, "tree": {"total_tokens": 20}, "method": {"name": "ar", "tau": 0.1},
+                              "target": {"ckpt": str(REPO / "models" / "world" / ".." / "world" / "target")}})
+    assert run_settings(other, MethodOptions(tau=0.1), ["p"]) == one  # n, AR's tree and tau, the path's spelling
+    assert one["target"] == {"ckpt": "models/world/target"}

@@ -3,7 +3,7 @@ statistics measured on the embedded world, and predict each method's speed-up ov
 
 Components (median of `repeats` timings, averaged over caches filled to 1/4, 1/2 and 3/4 of the
 image, on this process's device and dtype, at `batch` images, x2 rows under CFG):
-  t_ar      one AR decode step (1 token per row)
+  t_ar      one AR decode step (1 token per row, sampled with the benchmark's settings)
   t_verify  one target pass over a draft tree (the default EAGLE-2 tree) / a Jacobi chain
             (`_part`: the same over half of the rows, as when the other rows skip or have finished)
   t_draft   one drafter round: consume the last step's entries + grow the tree (`_static`: LANTERN++'s
@@ -45,7 +45,7 @@ from decode.engine import _sync, generate_ar  # noqa: E402
 from decode.jacobi import JacobiDrafting  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers  # noqa: E402
-from decode.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.sampling import SamplingParams, row_generators, sample  # noqa: E402
 from decode.skipping import path_similarity  # noqa: E402
 from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.trees import StepOutcome, Tree, TreeParams  # noqa: E402
@@ -185,7 +185,8 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, relax: d
     latents = torch.randn(target.vocab_size, 8)
     half = torch.arange(max(1, b // 2), device=device)  # a pass over part of the batch (rows that verify)
     return {
-        "t_ar": timed(lambda: target.extend(fill.cache, fill.root[:, None]), r, device),
+        "t_ar": timed(lambda: sample(target.extend(fill.cache, fill.root[:, None]).logits[:, -1], sampling, gens),
+                      r, device),  # the engine's AR step: the pass and the sampled next token
         "t_verify": timed(lambda: fill.verify(target, tree), r, device),
         "t_verify_chain": timed(lambda: fill.verify(target, chain), r, device),
         "t_verify_part": timed(lambda: fill.verify(target, tree, half), r, device),

@@ -8,6 +8,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(mod)
+    return mod
 FIXTURES = REPO.parent / "shared" / "fixtures" / "llamagen"
 
 os.environ.setdefault("WANDB_MODE", "disabled")

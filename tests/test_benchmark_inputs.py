@@ -1,20 +1,9 @@
 """scripts/benchmark.py refuses bad input up front (check_config), naming the option, before any model,
 Inception or FID reference loads."""
-import importlib.util
-import sys
-
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import REPO, load_script as _load
 
 
 @pytest.fixture(scope="module")

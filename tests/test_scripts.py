@@ -1,18 +1,7 @@
 """The benchmark's table and plot, and the cost model's prediction (pure functions; no timing)."""
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import REPO
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import load_script as _load
 
 
 ROWS = [dict(label=label, curve=curve, method=method, seed=seed, images=4, nfe=nfe, step_compression=256 / nfe,

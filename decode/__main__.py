@@ -27,7 +27,7 @@ from decode.distributed import Ranks, ranks_from_env
 from decode.metrics import append_jsonl, summary_table, write_summary
 from decode.pipeline import (DTYPES, check_compatible, check_run_folder, compile_models, pick_device, plan_jobs,
                              record_run_folder, run_jobs)
-from decode.resolvers import REPO, register_resolvers
+from decode.resolvers import REPO, register_resolvers, reporting_input_errors
 from decode.sampling import SamplingParams
 from decode.methods import (METHODS, NEEDS_DRAFTER, USES_TREE, MethodOptions, build_method, knobs_used,
                             options_from_config)
@@ -210,7 +210,7 @@ def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ran
 def main() -> None:
     register_resolvers()
     sys.argv = quote_prompt_args(sys.argv)
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="decode")(run)()
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="decode")(reporting_input_errors(run))()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def test_decode_writes_images_and_stats(tmp_path):
 
 def test_decode_empty_prompt_fails_clearly(tmp_path):
     res = _run(["-m", "decode", "prompt= ", f"hydra.run.dir={tmp_path}"])
-    assert res.returncode != 0 and "prompt 0 is empty" in res.stderr
+    assert res.returncode == 1 and "error: prompt 0 is empty" in res.stderr
+    assert "Traceback" not in res.stderr and "Error executing job" not in res.stderr  # one line, not a traceback
 
 
 def test_help_texts():

@@ -70,14 +70,15 @@ def main() -> None:
         sys.exit(f"task {task!r} is not in this version of the project yet\n\n{usage()}")
     import hydra
 
-    from decode.resolvers import register_resolvers
+    from decode.resolvers import register_resolvers, reporting_input_errors
 
     register_resolvers()
     if not any(a.startswith("hydra.searchpath=") for a in sys.argv):  # a DDP child already has it
         sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
     run = importlib.import_module(TASKS[task][0]).run
     try:
-        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(run)()
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(
+            reporting_input_errors(run))()
     finally:
         import torch.distributed as dist
 

@@ -403,4 +403,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from decode.resolvers import reporting_input_errors
+
+    reporting_input_errors(main)()

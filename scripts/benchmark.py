@@ -37,7 +37,7 @@ from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, 
 from decode.metrics import speed_stats  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
-from decode.resolvers import register_resolvers  # noqa: E402
+from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 from decode.scheduler import load_scheduler_policy  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.trees import TreeParams  # noqa: E402
@@ -214,6 +214,7 @@ def _compiled(meta: dict) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="benchmark")
+@reporting_input_errors  # bad input: its one-line message, exit status 1
 def main(cfg: DictConfig) -> None:
     if cfg.get("replot"):  # redraw results.png from a results.json
         saved = json.loads(Path(cfg.replot).read_text())

@@ -44,7 +44,7 @@ from decode.drafting import EagleDrafting  # noqa: E402
 from decode.engine import _sync, generate_ar  # noqa: E402
 from decode.jacobi import JacobiDrafting  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
-from decode.resolvers import register_resolvers  # noqa: E402
+from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 from decode.sampling import SamplingParams, row_generators, sample  # noqa: E402
 from decode.skipping import path_similarity  # noqa: E402
 from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
@@ -285,6 +285,7 @@ def _per_image(row: dict) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="cost_model")
+@reporting_input_errors  # bad input: its one-line message, exit status 1
 def main(cfg: DictConfig) -> None:
     torch.set_grad_enabled(False)
     if cfg.threads:

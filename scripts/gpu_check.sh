@@ -33,7 +33,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1  # full tracebacks: a device call is too dear to rerun for one
 ACCEPT=docs/results/world_v2_cpu_r2/results.json
 step() {  # step NAME SECONDS COMMAND...: run with a limit, append its output to the log, say how it ended
   local name=$1 limit=$2; shift 2

@@ -130,7 +130,7 @@ def run_settings(cfg: DictConfig, options: MethodOptions, prompts: list[str]) ->
     name = cfg.method.name
     part = lambda key: _portable(OmegaConf.to_container(cfg[key], resolve=True)) if cfg.get(key) else None  # noqa: E731
     knobs = knobs_used(name, options)
-    if knobs.get("scheduler") == "learned" or (name == "vvs" and "threshold" in knobs):
+    if "threshold" in knobs:  # the learned scheduler's knob: its policy is part of the method
         knobs["scheduler_ckpt"] = _portable(cfg.method.get("scheduler_ckpt"))
     return {"prompts": prompts, "seed": integer(cfg, "seed"), "method": name, "knobs": knobs,
             "sampling": part("sampling"), "tree": part("tree") if name in USES_TREE else None,

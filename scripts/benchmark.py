@@ -16,6 +16,7 @@ import csv
 import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -52,7 +53,6 @@ def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | Non
     scheduler's folder, if any. An unknown method or option key fails naming it and what is known."""
     if name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; available: {', '.join(METHODS)}")
-    register_resolvers()  # the defaults name their folders with ${repo:...}
     conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"), resolve=True)
     conf.update(overrides or {})
     ckpt = conf.get("scheduler_ckpt")
@@ -84,9 +84,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_config(cfg: DictConfig) -> None:
+@dataclass(frozen=True)
+class RunPlan:
+    """One run's checked settings: its method's options, the learned scheduler's folder, tree, batch."""
+    options: MethodOptions
+    scheduler_ckpt: str | None
+    tree: TreeParams
+    batch_size: int
+
+
+def check_config(cfg: DictConfig) -> list[RunPlan]:
     """Refuse bad input before anything heavy loads (models, Inception, the FID reference): each
-    error names the option, the value and what is allowed. Builds no model."""
+    error names the option, the value and what is allowed. Builds no model; returns each run's plan."""
     register_resolvers()  # drafter_ckpt and the methods' defaults name folders with ${repo:...}
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
@@ -107,7 +116,7 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(runs, ListConfig) or len(runs) == 0:
         raise ValueError(f"runs must be a non-empty list of {{label, method}} entries, e.g. "
                          f"runs='[{{label: ar, method: ar}}]'; got {_show(runs)}. Methods: {', '.join(METHODS)}")
-    labels = set()
+    labels, plans = set(), []
     needs_drafter = False
     for i, run in enumerate(runs):
         if not isinstance(run, DictConfig) or not run.get("label") or not run.get("method"):
@@ -131,11 +140,12 @@ def check_config(cfg: DictConfig) -> None:
         if opts.scheduler == "learned" and not (sched_ckpt and Path(sched_ckpt).is_dir()):
             raise ValueError(f"run {label}: scheduler=learned needs options.scheduler_ckpt=FOLDER "
                              f"(python -m train scheduler), got {sched_ckpt!r}")
-        run_settings(cfg, run)
+        plans.append(RunPlan(opts, sched_ckpt, *run_settings(cfg, run)))
         needs_drafter = needs_drafter or run.method in NEEDS_DRAFTER
     if needs_drafter and not (cfg.get("drafter_ckpt") and Path(cfg.drafter_ckpt).is_dir()):
         raise ValueError(f"drafter_ckpt={cfg.get('drafter_ckpt')!r} is not a folder; methods "
                          f"{', '.join(NEEDS_DRAFTER)} need one (python -m train drafter)")
+    return plans
 
 
 RUN_KEYS = ("label", "method", "options", "curve", "tree", "batch_size")
@@ -220,7 +230,7 @@ def main(cfg: DictConfig) -> None:
         saved = json.loads(Path(cfg.replot).read_text())
         plot(saved["rows"], Path(cfg.replot).with_name("results.png"), saved["meta"])
         return
-    check_config(cfg)  # before the models, Inception and the FID reference load, and before out_dir exists
+    plans = check_config(cfg)  # before the models, Inception and the FID reference load, and before out_dir exists
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -248,18 +258,17 @@ def main(cfg: DictConfig) -> None:
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
     compile_models(cfg.compile, target.gpt, drafter)
     codebook = vq.quantize.embedding.weight.detach()
-    settings = [run_settings(cfg, run) for run in cfg.runs]  # (tree, batch size) per run
     methods = []  # every run's method is built first, so a bad run fails before any decoding
-    for run, (tree, _) in zip(cfg.runs, settings):
-        opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(run.options, resolve=True)
-                                          if run.get("options") else {})
-        policy = load_scheduler_policy(sched_ckpt, target, drafter) if opts.scheduler == "learned" else None
-        methods.append(build_method(run.method, sampling=sampling, tree=tree, options=opts, drafter=drafter,
-                                    codebook=codebook, learned_policy=policy))
+    for run, plan in zip(cfg.runs, plans):
+        policy = (load_scheduler_policy(plan.scheduler_ckpt, target, drafter)
+                  if plan.options.scheduler == "learned" else None)
+        methods.append(build_method(run.method, sampling=sampling, tree=plan.tree, options=plan.options,
+                                    drafter=drafter, codebook=codebook, learned_policy=policy))
     rows, ar_latency = [], {}
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
-    for run, method, (tree, batch_size) in zip(cfg.runs, methods, settings):
+    for run, method, plan in zip(cfg.runs, methods, plans):
+        tree, batch_size = plan.tree, plan.batch_size
         if cfg.warmup:  # one untimed batch first: tracing (compile=true), allocator and kernel set-up
             decode_set(target, vq, text, prompts[:batch_size], cfg.seeds[0], sampling, method, batch_size,
                        f"{run.label} warm-up")

@@ -34,12 +34,15 @@ def output_dir(cfg: DictConfig, model: str | None = None) -> Path:
     `model` names the sub-folder the task saves its result to: a folder that already holds it, or
     Lightning checkpoints, is refused unless the run resumes (ckpt_path) or says overwrite=true.
     Retraining into it would replace the model, and Lightning would write last-v1.ckpt beside the
-    old run's last.ckpt, which a later ckpt_path=last would resume.
+    old run's last.ckpt, which a later ckpt_path=last would resume. A resume's checkpoint must be
+    there and readable: checked now, before any model is built or data is made.
     """
     path = Path(cfg.out_dir) if cfg.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"out_dir={path} is a file, not a folder")
-    if model is not None and not cfg.get("ckpt_path"):
+    if model is not None and cfg.get("ckpt_path"):
+        resume_step(cfg, path)
+    elif model is not None:
         _check_fresh(path, model, overwrite=bool(cfg.get("overwrite")))
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -87,6 +90,9 @@ def _resume_hint(cfg: DictConfig, out: Path) -> str:
         return (f" (ckpt_path=last resumes the run in out_dir; without out_dir= this run got a fresh folder, "
                 f"{out}: give out_dir=<the earlier run's folder>)")
     return f" (ckpt_path=last resumes the run in out_dir={out}: is that the earlier run's folder?)"
+
+
+STEPS_END_THE_STREAM = "the LR schedule's length; the training stream is endless, so max_steps is its only end"
 
 
 def require_ints(cfg: DictConfig, minimum: int, *keys: str, why: str = "") -> None:

@@ -30,6 +30,7 @@ from decode.methods import build_method
 from decode.trees import TreeParams
 from decode.target import Condition, LlamaGenTarget, load_target
 from train.common import (
+    STEPS_END_THE_STREAM,
     build_logger,
     build_trainer,
     output_dir,
@@ -181,7 +182,7 @@ class DrafterModule(L.LightningModule):
 def check_options(cfg: DictConfig) -> None:
     """Bad values stop the run here, before shards are built or the target is loaded."""
     require_ints(cfg, 1, "trainer.max_steps", "optim.total_steps",
-                 why="the LR schedule's length; the training stream is endless, so max_steps is its only end")
+                 why=STEPS_END_THE_STREAM)
     require_ints(cfg, 1, "data.batch_size", "data.max_length", "data.shard_size", "data.build_train",
                  "data.build_heldout")
     if cfg.data.num_workers not in (0, 1):

@@ -18,7 +18,7 @@ from data.images import WorldScenes, collate_scenes
 from data.world import evaluator_labels
 from decode.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
 from decode.evaluator import AttributeEvaluator, EvaluatorConfig, alignment_scores
-from train.common import build_logger, build_trainer, output_dir, require_ints, resume_step, write_model_card
+from train.common import build_logger, build_trainer, output_dir, require_ints, write_model_card
 
 
 class EvaluatorModule(L.LightningModule):
@@ -81,7 +81,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     require_ints(cfg, 0, "data.num_workers")
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg, "evaluator")
-    resume_step(cfg, out)  # a missing or unreadable checkpoint stops the run now
     model_cfg = {**evaluator_labels(), "image_size": cfg.data.image_size, "width": cfg.model.width}
     module = EvaluatorModule(model=model_cfg, **OmegaConf.to_container(cfg.optim, resolve=True))
     if cfg.get("init"):

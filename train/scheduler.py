@@ -36,7 +36,7 @@ from decode.target import LlamaGenTarget, load_target
 from decode.text import load_text_encoder
 from decode.trees import TreeParams
 from decode.vq import load_vq
-from train.common import build_logger, build_trainer, output_dir, require_ints, resume_step, write_model_card
+from train.common import build_logger, build_trainer, output_dir, require_ints, write_model_card
 
 
 def decode_parts(cfg: DictConfig):
@@ -166,7 +166,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
                  "traces.batch_size")
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg, "scheduler")
-    resume_step(cfg, out)  # a missing or unreadable checkpoint stops the run now
     parts = decode_parts(cfg)
     t0 = time.perf_counter()
     folder = ensure_traces(cfg, Path(cfg.traces.dir) if cfg.traces.dir else out / "traces", parts)

@@ -21,12 +21,12 @@ from decode.checkpoint import save_model_folder
 from decode.metrics import next_token_stats
 from decode.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
 from train.common import (
+    STEPS_END_THE_STREAM,
     build_logger,
     build_trainer,
     output_dir,
     require_ints,
     require_shards,
-    resume_step,
     write_model_card,
 )
 
@@ -123,7 +123,7 @@ def sample_prompts(data: DictConfig, count: int) -> list[str]:
 def check_options(cfg: DictConfig) -> None:
     """Bad values stop the run here, before shards are built or the model is."""
     require_ints(cfg, 1, "trainer.max_steps",
-                 why="the LR schedule's length; the training stream is endless, so max_steps is its only end")
+                 why=STEPS_END_THE_STREAM)
     require_ints(cfg, 1, "data.batch_size", "data.max_length", "data.shard_size", "data.build_train",
                  "data.build_heldout")
     require_ints(cfg, 0, "data.num_workers", "samples.count")
@@ -134,7 +134,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg, "target")
-    resume_step(cfg, out)  # a missing or unreadable checkpoint stops the run now
     train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
     # again: building the shards draws random numbers, finding them built does not; the model's
     # initialisation and the run must not depend on which happened

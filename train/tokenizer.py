@@ -22,7 +22,6 @@ from train.common import (
     output_dir,
     require_ints,
     require_shards,
-    resume_step,
     write_model_card,
 )
 
@@ -114,7 +113,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg, "tokenizer")
-    resume_step(cfg, out)  # a missing or unreadable checkpoint stops the run now
     # plain containers: checkpoints must reload with torch.load(weights_only=True)
     module = TokenizerModule(vq=OmegaConf.to_container(cfg.vq, resolve=True),
                              **OmegaConf.to_container(cfg.optim, resolve=True))

@@ -25,16 +25,17 @@ def finished_run(out, task):
     (out / task).mkdir(parents=True)
     (out / task / "model.safetensors").write_bytes(b"old model")
     (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "last.ckpt").write_bytes(b"old run")
+    torch.save({"global_step": 5}, out / "checkpoints" / "last.ckpt")  # readable: a resume checks it
+    return (out / "checkpoints" / "last.ckpt").read_bytes()
 
 
 @pytest.mark.parametrize("task", MODEL_TASKS)
 def test_a_finished_run_is_not_trained_over(tmp_path, task):
-    finished_run(tmp_path, task)
+    old_run = finished_run(tmp_path, task)
     with pytest.raises(ValueError, match=r"out_dir=.* already holds a run .*ckpt_path=last.*overwrite=true"):
         run_task(task, f"out_dir={tmp_path}")
     assert (tmp_path / task / "model.safetensors").read_bytes() == b"old model"
-    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"old run"
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == old_run
 
 
 def test_an_interrupted_run_is_refused_too_and_a_fresh_folder_is_not(tmp_path):

@@ -56,7 +56,7 @@ ACCEPT_KIND = {"eagle2": "t_accept", "lantern": "t_accept_relaxed", "vvs_u": "t_
                "vvs": "t_accept_relaxed", "lantern_pp": "t_accept_static", "sjd": "t_accept_chain",
                "sjd_vp": "t_accept_chain"}
 # which drafting timing each method pays once per step (t_draft otherwise)
-DRAFT_KIND = {"lantern_pp": "t_draft_static", "sjd": "t_jacobi", "sjd_vp": "t_jacobi"}
+DRAFT_KIND = {"lantern_pp": "t_draft_static", "sjd": "t_jacobi", "sjd_vp": "t_jacobi_vp"}
 
 
 def timed(fn, repeats: int, device) -> float:
@@ -151,11 +151,14 @@ class Fill:
                              rows=rows)
 
 
-def jacobi_chain(fill: Fill, target: LlamaGenTarget, window: int, sampling, gens):
+def jacobi_chain(fill: Fill, target: LlamaGenTarget, window: int, sampling, gens, vp_beta: float = 0.0,
+                 vp_cap: float = 10.0):
     """SJD at this fill: its drafting, the chain it proposes, and a Jacobi round (the update after a
-    pass that committed 3 nodes per row, the measured compression's order, then the next proposal)."""
+    pass that committed 3 nodes per row, the measured compression's order, then the next proposal).
+    With vp_beta > 0 the round is SJD-VP's: from the second round on, each redrawn slot is reweighted
+    by its probability's rise since the round before."""
     b, dev = fill.root.shape[0], fill.root.device
-    jacobi = JacobiDrafting(target, b, target.num_image_tokens, window=window)
+    jacobi = JacobiDrafting(target, b, target.num_image_tokens, window=window, vp_beta=vp_beta, vp_cap=vp_cap)
     jacobi.begin(fill.out, fill.cache.valid[:, :target.prefix_len], fill.root, gens)
     chain = jacobi.propose(fill.root, sampling, gens)
     logits = fill.verify(target, chain).logits
@@ -178,6 +181,8 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, relax: d
     dynamic = Drafts(target, drafter, TreeParams(**cfg.tree), fill, None, None)  # EAGLE-2: deterministic top-k
     static = Drafts(target, drafter, TreeParams(static=cfg.lantern_pp.static_tree), fill, sampling, gens)
     chain, chain_logits, jacobi_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens)
+    *_, vp_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens, cfg.sjd_vp.vp_beta, cfg.sjd_vp.vp_cap)
+    vp_round()  # the first round has no earlier prediction to compare with; time the ones that do
     tree, s_tree = dynamic.tree, static.tree
     logits, s_logits = fill.verify(target, tree).logits, fill.verify(target, s_tree).logits
     exact = SampledAcceptance()
@@ -194,6 +199,7 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, relax: d
         "t_draft": timed(dynamic.round, min(r, 10), device),
         "t_draft_static": timed(static.round, min(r, 10), device),
         "t_jacobi": timed(jacobi_round, min(r, 10), device),
+        "t_jacobi_vp": timed(vp_round, min(r, 10), device),
         "t_sched": timed(lambda: path_similarity(tree, latents), r, device),
         "t_accept": timed(lambda: exact(tree, logits, sampling, gens), r, device),
         "t_accept_relaxed": timed(lambda: relaxed(tree, logits, sampling, gens), r, device),
@@ -262,9 +268,11 @@ def predict(times: dict[str, float], row: dict, n: int, batch: int = 1) -> float
 
 def draft_time(times: dict[str, float], method: str) -> float:
     """One step's drafting: a drafter round (a static tree's for LANTERN++) or SJD's Jacobi round.
-    Timings saved before these were split off fall back to the dynamic tree's round, and to nothing
-    for SJD."""
+    Timings saved before these were split off fall back to the dynamic tree's round, SJD-VP's to
+    SJD's, and to nothing for SJD."""
     kind = DRAFT_KIND.get(method, "t_draft")
+    if kind == "t_jacobi_vp" and kind not in times:
+        kind = "t_jacobi"
     return times.get(kind, 0.0 if kind == "t_jacobi" else times["t_draft"])
 
 

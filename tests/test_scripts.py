@@ -47,13 +47,17 @@ def test_cost_model_prediction_combines_timings_with_acceptance():
 def test_cost_model_charges_each_method_its_own_acceptance_and_drafting():
     cm = _load("cost_model")
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_draft_static=3.0, t_jacobi=0.5,
-                 t_sched=0.5, t_accept=0.25, t_accept_relaxed=0.5, t_accept_static=0.75, t_accept_chain=0.1)
+                 t_jacobi_vp=0.75, t_sched=0.5, t_accept=0.25, t_accept_relaxed=0.5, t_accept_static=0.75, t_accept_chain=0.1)
     row = dict(method="eagle2", step_compression=4.0, skip_ratio=0.0)  # 64 passes, 64 steps
     assert cm.predict(times, row, 256) == pytest.approx(256 / (64 * (2.0 + 0.25) + 64 * 1.0))
     assert cm.predict(times, dict(row, method="lantern"), 256) == pytest.approx(256 / (64 * 2.5 + 64 * 1.0))
     assert cm.predict(times, dict(row, method="lantern_pp"), 256) == pytest.approx(256 / (64 * 2.75 + 64 * 3.0))
     sjd = dict(method="sjd", step_compression=2.56, skip_ratio=0.0)  # 100 passes
     assert cm.predict(times, sjd, 256) == pytest.approx(256 / (100 * (1.5 + 0.1 + 0.5)))
+    assert cm.predict(times, dict(sjd, method="sjd_vp"), 256) == pytest.approx(256 / (100 * (1.5 + 0.1 + 0.75)))
+    # SJD-VP's timings from before its reweighting was timed: SJD's round
+    no_vp = {k: v for k, v in times.items() if k != "t_jacobi_vp"}
+    assert cm.predict(no_vp, dict(sjd, method="sjd_vp"), 256) == pytest.approx(256 / (100 * (1.5 + 0.1 + 0.5)))
     # with the batch's counts: acceptance walks each verifying row, t_accept / batch per row pass
     vvs = dict(method="vvs", step_compression=4.0, skip_ratio=0.1, batch_passes=80.0, batch_steps=90.0, nfe=64.0)
     assert cm.predict(times, vvs, 256, batch=8) == pytest.approx(256 / (80 * 2.0 + 64 * 0.5 + 90 * (1.0 + 0.5)))
@@ -72,7 +76,8 @@ def test_cost_model_times_every_component_on_a_tiny_model():
                                 cfg_scale=2.0, batch=2, repeats=1, tree=dict(total_tokens=8, depth=2, top_k=3),
                                 sjd_window=4, sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
                                 lantern=dict(lantern_k=4, delta=0.2),
-                                lantern_pp=dict(lantern_k=2, delta=5.0, static_tree="balanced_25")))
+                                lantern_pp=dict(lantern_k=2, delta=5.0, static_tree="balanced_25"),
+                                sjd_vp=dict(vp_beta=1.0, vp_cap=10.0)))
     cpu = torch.device("cpu")
     target, drafter = cm.build(cfg, cpu, torch.float32)
     relax = cm.relaxations(cfg, cm.load_codebook(cfg, target.vocab_size, cpu))

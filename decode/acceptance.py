@@ -1,7 +1,8 @@
 """Acceptance: which drafted nodes of a verified tree become image tokens, and the next token.
 
 Every rule walks each row's tree from the root; at a node it tries the children in drafter order,
-descends into the first it accepts, and stops at the first node where none is accepted. The next
+descends into the first it accepts (greedy LANTERN, which can accept several siblings: into the one
+that leads to the longest accepted path), and stops at the first node where none is accepted. The next
 token (the next root) is the target's own choice there: a sample of the (residual) distribution,
 or its argmax when greedy.
 
@@ -15,7 +16,10 @@ or its argmax when greedy.
   x's probability grows at most lambda-fold. With delta = 0 this is exact speculative sampling.
   On rejection we zero exactly A(x) (the relaxed distribution's support change); the released code
   zeroes x's k + 1 nearest neighbours whether or not they are in A(x), which no longer bounds the
-  distance it moves the distribution (ALGORITHMS.md 2.1, NOTE).
+  distance it moves the distribution (ALGORITHMS.md 2.1, NOTE). The residual is likewise taken from
+  the relaxed distribution, max(p~ - q, 0), for the static tree's sampled drafts too (the released
+  LANTERN++ code subtracts q from p with x's k + 1 neighbours zeroed in q), so that each child's test
+  is exact speculative sampling against the relaxed distribution it was tested under.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 from torch import Tensor
 
 from decode.host import to_device
-from decode.sampling import SamplingParams, draw, filter_logits, probabilities
+from decode.sampling import SamplingParams, draw, probabilities
 from decode.trees import Tree
 
 
@@ -94,25 +98,29 @@ class GreedyAcceptance:
         if tree.size == 1:
             return _root_only(asked, b, choice[:, 0])
         parts = [choice]
-        if self.relax is not None:  # greedy LANTERN compares relaxed probabilities at temperature 1
-            plain = SamplingParams(temperature=1.0, top_k=sampling.top_k, top_p=sampling.top_p)
-            parts.append(filter_logits(logits.float(), plain).softmax(-1))
+        if self.relax is not None:  # greedy LANTERN: the plain softmax, no logits processor (ALGORITHMS.md
+            parts.append(logits.float().softmax(-1))  # 2.1); a top_k=1 filter would leave nothing to relax
         fetched, tree = tree.fetch_with(*parts)
         choice, soft = fetched[0], fetched[1] if self.relax is not None else None
         tokens, parents = tree.host.tokens, tree.host.parents
         paths, nxt = [[] for _ in range(b)], [0] * b
         for r in asked:
-            node, path = 0, [0]
-            while True:
-                kids = (parents[r] == node).nonzero().flatten().tolist()
-                hit = next((c for c in kids if self._accepts(int(tokens[r, c]), int(choice[r, node]),
-                                                              None if soft is None else soft[r, node])), None)
-                if hit is None:
-                    break
-                node = hit
-                path.append(node)
-            paths[r], nxt[r] = path, int(choice[r, node])
+            accepts = lambda node, c: self._accepts(  # noqa: E731
+                int(tokens[r, c]), int(choice[r, node]), None if soft is None else soft[r, node])
+            paths[r] = self._longest_path(0, parents[r], accepts)
+            nxt[r] = int(choice[r, paths[r][-1]])
         return Verdict(paths, to_device(nxt, logits.device))
+
+    def _longest_path(self, node: int, parents: Tensor, accepts) -> list[int]:
+        """The longest all-accepted path from `node` (the first in drafter order among equals). Exact
+        greedy accepts at most one child per node; LANTERN's relaxed rule can accept several."""
+        best = [node]
+        for c in (parents == node).nonzero().flatten().tolist():
+            if accepts(node, c):
+                path = [node] + self._longest_path(c, parents, accepts)
+                if len(path) > len(best):
+                    best = path
+        return best
 
     def _accepts(self, x: int, best: int, p: Tensor | None) -> bool:
         if x == best:

@@ -23,7 +23,7 @@ from torch import Tensor
 from decode.cache import KVCache
 from decode.drafter import Drafter
 from decode.host import to_device
-from decode.sampling import SamplingParams, draw, probabilities
+from decode.sampling import SamplingParams, draw, filter_logits, probabilities
 from decode.target import LlamaGenTarget
 from decode.target.llamagen import TargetOutput
 from decode.trees import StaticShape, StepOutcome, Tree, TreeParams, ancestry_mask, static_shape
@@ -103,7 +103,7 @@ class EagleDrafting:
         root_feat = self.consume(self.pending)
         if self.shape is not None:
             return self.grow_static(root, root_feat, sampling, generators)
-        return self.grow(root, root_feat)
+        return self.grow(root, root_feat, sampling)
 
     def observe(self, step: StepOutcome, sampling: SamplingParams, generators) -> None:
         """Next entries: the feature of each committed node paired with the token after it."""
@@ -114,9 +114,14 @@ class EagleDrafting:
                                valid=torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device),
                                count=step.counts)
 
-    def _logp(self, hidden: Tensor) -> Tensor:
-        """Drafter features [G*B, T, D] -> CFG-combined log-probabilities [B, T, V]."""
-        return self.target.guide(hidden).logits.float().log_softmax(-1)
+    def _logp(self, hidden: Tensor, sampling: SamplingParams | None) -> Tensor:
+        """Drafter features [G*B, T, D] -> CFG-combined log-probabilities [B, T, V], after the
+        sampling's logits processor (temperature, top-k, top-p) as in the released EAGLE-2 code; the
+        processor changes the cumulative scores and so the tree's shape. Greedy: none."""
+        logits = self.target.guide(hidden).logits.float()
+        if sampling is not None and not sampling.greedy:
+            logits = filter_logits(logits, sampling)
+        return logits.log_softmax(-1)
 
     def consume(self, pending: Pending) -> Tensor:
         """Feed the pending entries; commit them; returns the root's predicted feature [G*B, 1, D]."""
@@ -132,13 +137,13 @@ class EagleDrafting:
         last = to_device(count - 1, dev)  # the root's entry is each row's last
         return out[torch.arange(out.shape[0], device=dev), last][:, None]
 
-    def grow(self, root_token: Tensor, root_feat: Tensor) -> Tree:
+    def grow(self, root_token: Tensor, root_feat: Tensor, sampling: SamplingParams | None = None) -> Tree:
         """EAGLE-2 dynamic tree from the root token [B] and the root's predicted feature [G*B, 1, D]:
         deterministic top-k children (LANTERN treats these drafts as q = 1 when sampling)."""
         k, g = self.params.top_k, self.target.groups
         b = root_token.shape[0]
         dev = root_token.device
-        logp, idx = self._logp(root_feat)[:, 0].topk(k, dim=-1)  # level 1: [B, k]
+        logp, idx = self._logp(root_feat, sampling)[:, 0].topk(k, dim=-1)  # level 1: [B, k]
         frontier = torch.arange(k, device=dev).expand(b, k)  # pool indices of the nodes to expand
         frontier_feat = root_feat.expand(-1, k, -1)          # each frontier node's input feature
         # the candidate pool: every node drafted this step (token, cumulative log-prob, parent, depth)
@@ -156,7 +161,7 @@ class EagleDrafting:
             out = self._expand(pool_tokens.gather(1, frontier), frontier_feat, root_pos + level, anc, written)
             scratch_anc = self._grow_scratch(scratch_anc, anc)
             written += k
-            child_logp, child_tok = self._logp(out).topk(k, dim=-1)  # [B, k, k]
+            child_logp, child_tok = self._logp(out, sampling).topk(k, dim=-1)  # [B, k, k]
             cum = pool_scores.gather(1, frontier)[:, :, None] + child_logp
             new_parents = frontier[:, :, None].expand(b, k, k).reshape(b, k * k)
             base = pool_tokens.shape[1]

@@ -7,7 +7,7 @@ and the skipped tokens' KV and fresh features are filled in by the next verifica
 A scheduler decides, per row and step, whether to skip:
 - never (the base method), uniform interval (VVS-U), path similarity with threshold tau (VVS), or a
   learned policy (`LearnedScheduler`, trained by `python -m train scheduler`).
-All of them respect a warm-up (no skip before `warmup` tokens, so the feature cache has entries) and
+All of them respect a warm-up (no skip until more than `warmup` tokens are committed, so the feature cache has entries) and
 a cap on consecutive skips (1 in the released code).
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Scheduler:
 
     def eligible(self, ctx: StepContext) -> Tensor:
         """[B] bool: rows past the warm-up, under the cap, unfinished, with drafts to take."""
-        allowed = (ctx.made > self.warmup) & (ctx.run < self.max_consecutive) & (ctx.made < ctx.num_tokens)
+        # made counts the pending root, the released code's n_gen does not: skip once n_gen > warmup
+        allowed = (ctx.made - 1 > self.warmup) & (ctx.run < self.max_consecutive) & (ctx.made < ctx.num_tokens)
         return allowed & (ctx.tree.parents >= 0).any(-1)  # a root-only tree has nothing to take
 
     def decide(self, ctx: StepContext) -> Tensor:
@@ -179,9 +180,9 @@ class FeatureCache:
 
     def stale(self, row: int, n: int, staleness: int = 0) -> Tensor:
         """The n most recent features, `staleness` positions further back (0: the released code's
-        `reuse_prev`), repeating the oldest available one when fewer exist. -> [G, n, D]."""
+        `reuse_prev`); when fewer exist, all of them padded by repeating the last. -> [G, n, D]."""
         end = max(1, self.count[row] - staleness)
         if end >= n:
             return self.store[:, row, end - n:end]
-        idx = torch.arange(end - n, end, device=self.store.device).clamp_min(0)
+        idx = torch.arange(n, device=self.store.device).clamp_max(end - 1)  # 0 .. end-1, end-1, ...
         return self.store[:, row, idx]

@@ -85,7 +85,9 @@ def root_only(root: Tensor) -> Tree:
 
 
 def leaf_paths(parents: Tensor) -> list[list[int]]:
-    """Root-to-leaf node paths of one row's tree, leaves in node order. parents: [T] (cpu)."""
+    """Root-to-leaf node paths of one row's tree, sorted lexicographically by node index (the
+    released EAGLE-2 code's `retrieve_indices` order in sampling mode, which VVS's every-second-path
+    similarity depends on). parents: [T] (cpu)."""
     par = parents.tolist()
     has_child = set(p for p in par if p >= 0)
     paths = []
@@ -97,7 +99,7 @@ def leaf_paths(parents: Tensor) -> list[list[int]]:
             path.append(node)
             node = par[node]
         paths.append(path[::-1])
-    return paths
+    return sorted(paths)  # no path is a prefix of another (leaves have no children)
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, relax: d
     b, r = cfg.batch, cfg.repeats
     sampling, gens = SamplingParams(**cfg.sampling), row_generators(range(b), device)
     fill = Fill.make(target, b, filled, device)
-    dynamic = Drafts(target, drafter, TreeParams(**cfg.tree), fill, None, None)  # EAGLE-2: deterministic top-k
+    dynamic = Drafts(target, drafter, TreeParams(**cfg.tree), fill, sampling, gens)  # EAGLE-2: top-k, processed
     static = Drafts(target, drafter, TreeParams(static=cfg.lantern_pp.static_tree), fill, sampling, gens)
     chain, chain_logits, jacobi_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens)
     *_, vp_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens, cfg.sjd_vp.vp_beta, cfg.sjd_vp.vp_cap)
@@ -327,7 +327,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.results:
         saved = json.loads(Path(cfg.results).read_text())
         lines += ["| run | seed | step compression | skip ratio | predicted speed-up | measured (benchmark) | "
-                  "measured / predicted |", "|---|---|---|---|---|---|---|"]
+                  "measured / predicted | FID | alignment |", "|---|---|---|---|---|---|---|---|---|"]
         for row in saved["rows"]:
             pred = predict(times, row if cfg.size == "world" else _per_image(row), target.num_image_tokens,
                            batch=saved["meta"]["batch_size"])
@@ -335,8 +335,10 @@ def main(cfg: DictConfig) -> None:
             measured = f"{row['speedup_vs_ar']:.3f}" if same else "n/a (other size)"
             ratio = f"{row['speedup_vs_ar'] / pred:.2f}" if same else ""
             lines.append(f"| {row['label']} | {row['seed']} | {row['step_compression']:.2f} | {row['skip_ratio']:.3f} | "
-                         f"{pred:.3f} | {measured} | {ratio} |")
-        lines += ["", f"Acceptance statistics from {cfg.results} ({saved['meta']['num_prompts']} world prompts, "
+                         f"{pred:.3f} | {measured} | {ratio} | {row['fid']:.1f} | {row['alignment']:.3f} |")
+        lines += ["", "FID and alignment are the benchmark's, of the world's images (the quality each speed-up "
+                      "comes with; at another size they are the world's, not that model's).",
+                  f"Acceptance statistics from {cfg.results} ({saved['meta']['num_prompts']} world prompts, "
                       f"batch {saved['meta']['batch_size']}, {saved['meta']['device']}). The model counts target "
                       "passes, " + ("acceptances, drafting rounds (the drafter's, or SJD's Jacobi update) "
                                    if "t_accept" in times else "drafter rounds ") +

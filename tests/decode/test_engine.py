@@ -61,6 +61,20 @@ def test_relaxed_greedy_accepts_a_near_miss_that_plain_greedy_rejects():
     assert relaxed(tree, logits, GREEDY, None).paths == [[0, 1]]
 
 
+def test_relaxed_greedy_takes_the_longest_accepted_path_and_ignores_the_sampling_filter():
+    # root's children: 2 (a leaf) then 1 -> 3; relaxed, both 2 and 1 are accepted at the root
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.1, 0.0], [5.0, 5.0]])
+    parents = torch.tensor([[-1, 0, 0, 2]])
+    tree = Tree(torch.tensor([[0, 2, 1, 3]]), parents, torch.tensor([[0, 1, 1, 2]]), ancestry_mask(parents))
+    root = [0.05, 0.5, 0.4, 0.05]
+    logits = torch.log(torch.tensor([[root, [0.25] * 4, [0.1, 0.1, 0.1, 0.7], [0.25] * 4]]))
+    relaxed = GreedyAcceptance(Relaxation(latent_neighbours(codebook, 3), 0.5))
+    assert relaxed(tree, logits, GREEDY, None).paths == [[0, 2, 3]]
+    # greedy set by top_k=1: the relaxation still sees the plain softmax, not a one-hot
+    assert relaxed(tree, logits, SamplingParams(temperature=1.0, top_k=1), None).paths == [[0, 2, 3]]
+    assert GreedyAcceptance()(tree, logits, GREEDY, None).paths == [[0, 2, 3]]  # exact: 1 is the argmax
+
+
 def test_sampled_acceptance_rows_only_touch_their_own_generator():
     tree = Tree(torch.tensor([[0, 2], [0, 1]]), torch.tensor([[-1, 0], [-1, 0]]), torch.tensor([[0, 1], [0, 1]]),
                 ancestry_mask(torch.tensor([[-1, 0], [-1, 0]])))
@@ -109,3 +123,25 @@ def test_inverse_cdf_draws_follow_p_and_never_pick_a_zero():
     assert counts[[0, 2, 5]].sum() == 0
     assert (counts - p).abs().max() < 0.015
     assert _inverse_cdf(p, 0.0) == 1 and _inverse_cdf(p, 1.0 - 1e-12) == 4 and _inverse_cdf(p, 1.0) == 4
+
+
+def test_dynamic_tree_scores_follow_the_sampling_processor():
+    # EAGLE-2 ranks candidates by log-probabilities after the logits processor (ALGORITHMS.md 2.2)
+    from decode.drafting import EagleDrafting
+    from decode.trees import TreeParams
+
+    target, drafter, cond, _ = world(1)
+
+    def first_level(sampling):
+        d = EagleDrafting(drafter, target, TreeParams(12, 3, 4), 1, 64)
+        cache, out = target.start(cond, 64, extra_slots=256, all_positions=True)
+        d.begin(out, cache.valid[:, :target.prefix_len], torch.tensor([7]))
+        tree = d.propose(torch.tensor([7]), sampling, row_generators([0]))
+        level = (tree.depths[0] == 1).nonzero().flatten()
+        return dict(zip(tree.tokens[0, level].tolist(), tree.scores[0, level].exp().tolist()))
+
+    plain, greedy = first_level(SamplingParams(temperature=1.0)), first_level(GREEDY)
+    assert plain == pytest.approx(greedy)  # greedy: no processor
+    top4 = first_level(SamplingParams(temperature=1.0, top_k=4))  # renormalised over the 4 kept codes
+    assert sum(top4.values()) == pytest.approx(1.0) and sum(plain.values()) < 0.99
+    assert first_level(SamplingParams(temperature=0.5)) != pytest.approx(plain)

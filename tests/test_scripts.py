@@ -20,6 +20,9 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
     text = bench.markdown(ROWS, META)
     assert text.count("\n| vvs_t0.5 |") == 2 and "speed-up vs AR" in text and "floor" in text
     assert "compile" not in text  # older results did not record how the layers ran: no claim either way
+    assert "| 1.00 | n/a | 1.000 |" in text  # latency per image; no images/s recorded in older results
+    rated = bench.markdown([{**ROWS[0], "images_per_s": 4.0}], META)
+    assert "| 1.00 | 4.00 | 1.000 |" in rated and "wall-clock per image" in rated
     swept = [{**r, "batch_size": 8, "tree_size": 59, "tree_depth": 4, "tree_top_k": 10} for r in ROWS]
     swept[2] = {**swept[2], "batch_size": 1, "tree_size": 20}
     tree = dict(total_tokens=59, depth=4, top_k=10)

@@ -1,0 +1,19 @@
+"""The end-of-run summary: per-image latency, decode throughput, and quality beside speed."""
+from decode.metrics import ImageStats, summary_table
+
+
+def _stats(latency: float, i: int, alignment=None) -> ImageStats:
+    return ImageStats(prompt_index=i, sample_index=0, prompt="a red circle", seed=i, method="vvs", tokens=256,
+                      nfe=64, step_compression=4.0, latency_s=latency, prefill_s=0.1, text_encode_s=0.0,
+                      vq_decode_s=0.0, batch_size=2, device="cpu", dtype="float32", image=f"{i}.png",
+                      alignment=alignment)
+
+
+def test_summary_reports_latency_per_batch_throughput_and_quality():
+    rows = [_stats(1.0, 0), _stats(1.0, 1), _stats(3.0, 2), _stats(3.0, 3)]  # two batches of two
+    text = summary_table(rows, wall_s=10.0)
+    assert "latency per batch   2.000 s" in text
+    assert "1.00 images/s decoding" in text and "0.40 images/s over the whole run" in text
+    assert "quality             not measured" in text
+    scored = summary_table([_stats(1.0, 0, alignment=0.5), _stats(1.0, 1, alignment=1.0)], wall_s=4.0)
+    assert "alignment           0.750" in scored and "not measured" not in scored

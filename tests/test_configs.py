@@ -26,6 +26,15 @@ def test_decode_configs_compose(target, tokenizer, text_encoder):
     assert cfg.target._target_ and cfg.tokenizer._target_ and cfg.text_encoder._target_
 
 
+@pytest.mark.parametrize("target,top_k", [("world", 0), ("llamagen_t2i_xl_stage2", 1000), ("llamagen_c2i_xl", 2000)])
+def test_llamagen_targets_sample_with_their_published_top_k(target, top_k):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("decode", overrides=[f"target={target}", "prompt=x"])
+        mine = compose("decode", overrides=[f"target={target}", "prompt=x", "sampling.top_k=7"])
+    assert cfg.sampling.top_k == top_k and "sampling" not in cfg.target
+    assert mine.sampling.top_k == 7  # the command line still wins
+
+
 def test_default_decode_config_instantiates_compatible_parts():
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

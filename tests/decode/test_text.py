@@ -56,8 +56,23 @@ def test_flan_t5_folder_loads_with_left_padding(tmp_path):
     assert enc.dim == 16 and feats.emb.shape == (1, 12, 16)
     n = int(feats.mask.sum())
     assert feats.mask[0, -n:].all() and feats.emb[0, :-n].abs().sum() == 0
+    # LlamaGen's caption cleaning runs first for T5 (a URL is dropped), and can be turned off
+    torch.testing.assert_close(enc.encode(["a small red star https://example.com/star.png"]).emb, feats.emb)
+    raw = load_text_encoder("t5", path=str(tmp_path), max_length=12, clean_captions=False)
+    assert not torch.equal(raw.encode(["a small red star https://example.com/star.png"]).emb, feats.emb)
 
 
 def test_unknown_kind_is_named():
     with pytest.raises(ValueError, match="'minilm' or 't5'"):
         load_text_encoder("clip")
+
+
+def test_clean_caption_normalises_prompts_as_llamagen_does_before_t5():
+    from decode.text import clean_caption
+
+    assert clean_caption("  A Photo of a RED Fox  ") == "a photo of a red fox"
+    assert clean_caption("a%20red+fox") == "a red fox"  # URL-unquoted
+    messy = "<b>Two</b> cats &amp; a dog — see https://example.com/x?y=1 or www.example.org @someone"
+    assert clean_caption(messy) == "two cats & a dog - see or"
+    assert clean_caption("\u201cquoted\u201d, ") == '"quoted"'
+    assert clean_caption(clean_caption("Mixed CASE, twice")) == clean_caption("Mixed CASE, twice")

@@ -23,22 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from data.preprocess import (
     CodeSample,
+    Corrupt,
+    ShardStream,
     _atomic_shard,
     _atomic_write_text,
     _batches,
     _remove_stale_shards,
+    check_members,
     collate_code_samples,
     every_rank_reads_all,
-    rank_and_world,
-    rank_stream,
+    load_member,
     read_code_shards,
+    report_reads,
+    take_sample,
 )
 from data.shards import shard_name, shard_pattern
+from data.sources import CorruptCounter, _check_not_empty, shard_error_handler
 from decode.target import Condition, LlamaGenTarget
 
 
@@ -78,8 +82,9 @@ def _records(target: LlamaGenTarget, samples: list[CodeSample], seed: int, null_
 
 def dump_features(code_urls: str, out_dir: str | os.PathLike, *, target: LlamaGenTarget, max_length: int,
                   batch_size: int = 16, shard_size: int = 500, null_prob: float = 0.1, seed: int = 0,
-                  prefix: str = "train", target_name: str = "", progress: bool = True) -> dict:
-    """Write feature shards for the code shards `code_urls`; returns (and writes) the manifest."""
+                  prefix: str = "train", target_name: str = "", strict: bool = False, progress: bool = True) -> dict:
+    """Write feature shards for the code shards `code_urls`; returns (and writes) the manifest.
+    Corrupt code samples are skipped and counted in the manifest (`read_report`), or fatal when `strict`."""
     if target.guided:
         raise ValueError("dump features with cfg_scale=1 (one row per sample); CFG rows come from null_prob")
     out = Path(out_dir)
@@ -94,7 +99,9 @@ def dump_features(code_urls: str, out_dir: str | os.PathLike, *, target: LlamaGe
             raise ValueError(f"{out} holds {prefix!r} feature shards made with other settings ({', '.join(changed)}"
                              f" differ): use another folder or prefix, or delete them")
     _atomic_write_text(manifest_path, json.dumps({**settings, "complete": False}, indent=2) + "\n")
-    samples = read_code_shards(code_urls, max_length=max_length, nodesplitter=lambda urls: urls)
+    counter = CorruptCounter()
+    samples = read_code_shards(code_urls, max_length=max_length, nodesplitter=lambda urls: urls, strict=strict,
+                               counter=counter)
     count = written = total = 0
     paths: list[Path] = []
     with tqdm(desc=f"feature shards ({prefix})", unit="sample", disable=not progress) as bar:
@@ -114,23 +121,57 @@ def dump_features(code_urls: str, out_dir: str | os.PathLike, *, target: LlamaGe
     _remove_stale_shards(out, prefix, keep=set(paths))
     manifest = {**settings, "complete": True, "count": count, "shards": len(paths),
                 "pattern": shard_pattern(prefix, len(paths)), "shards_written": written, "bytes": total,
-                "bytes_per_sample": round(total / count, 1) if count else None}
+                "bytes_per_sample": round(total / count, 1) if count else None,
+                "corrupt_skipped": counter.total_skipped, "read_report": counter.report()}
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    report_reads(f"code shards {code_urls!r}", counter)
     return manifest
 
 
-def _to_features(raw: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    meta = json.loads(raw["json"])
+FEATURE_MEMBERS = ("codes.npy", "hidden.bf16", "valid.npy", "json")
+
+
+def _to_features(raw: dict, expect: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, hidden, valid) of a checked feature sample; raises Corrupt for a damaged one. Every
+    sample must have the shapes of the first good one (`expect`, filled in from it when empty)."""
+    expect = {} if expect is None else expect
+    check_members(raw, FEATURE_MEMBERS)
+    try:
+        shape = [int(d) for d in json.loads(raw["json"])["shape"]]
+    except Exception as err:  # noqa: BLE001 - bad bytes, bad json or no shape: all mean the same
+        raise Corrupt(f"unreadable json ({type(err).__name__})") from None
+    if len(shape) != 2 or min(shape) < 1 or len(raw["hidden.bf16"]) != 2 * shape[0] * shape[1]:
+        raise Corrupt(f"hidden.bf16 holds {len(raw['hidden.bf16'])} bytes, not the bf16 {shape} its json says")
+    codes, valid = load_member(raw, "codes.npy"), load_member(raw, "valid.npy")
+    if codes.ndim != 1 or not np.issubdtype(codes.dtype, np.integer) or not 0 < len(codes) <= shape[0]:
+        raise Corrupt(f"codes.npy is {codes.dtype} {list(codes.shape)}, not [N] integers for {shape[0]} positions")
+    if valid.shape != (shape[0],) or valid.dtype != np.bool_:
+        raise Corrupt(f"valid.npy is {valid.dtype} {list(valid.shape)}, not bool [{shape[0]}]")
+    if "shape" in expect and (len(codes), shape) != (expect["codes"], expect["shape"]):
+        raise Corrupt(f"{len(codes)} codes and hidden states {shape}, the first good sample "
+                      f"({expect['key']!r}) has {expect['codes']} and {expect['shape']}")
     hidden = torch.frombuffer(bytearray(raw["hidden.bf16"]), dtype=torch.int16).view(torch.bfloat16)
-    codes = torch.from_numpy(np.load(io.BytesIO(raw["codes.npy"])).astype(np.int64))
-    valid = torch.from_numpy(np.load(io.BytesIO(raw["valid.npy"])))
-    return codes, hidden.view(*meta["shape"]).float(), valid
+    hidden = hidden.view(*shape).float()
+    if not torch.isfinite(hidden).all():
+        raise Corrupt("hidden.bf16 holds non-finite values")
+    if "shape" not in expect:
+        expect.update(codes=len(codes), shape=shape, key=raw.get("__key__", "?"))
+    return torch.from_numpy(codes.astype(np.int64)), hidden, torch.from_numpy(valid)
 
 
-def read_feature_shards(urls: str, nodesplitter: Callable | None = None) -> Iterator[tuple]:
+def read_feature_shards(urls: str, nodesplitter: Callable | None = None, *, strict: bool = False,
+                        counter: CorruptCounter | None = None) -> Iterator[tuple]:
+    """(codes, hidden, valid) of feature shards in order. A damaged sample is skipped and counted in
+    `counter` (CorruptSampleError naming its key when `strict`); no usable sample: EmptyDatasetError."""
+    counter = counter if counter is not None else CorruptCounter()
+    before, expect = counter.read, {}
     for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
+                              handler=shard_error_handler(urls, strict, counter),
                               nodesplitter=nodesplitter or wds.split_by_node):
-        yield _to_features(raw)
+        sample = take_sample(raw, lambda r: _to_features(r, expect), strict=strict, counter=counter)
+        if sample is not None:
+            yield sample
+    _check_not_empty(f"feature shards {urls!r}", counter, before)
 
 
 def collate_features(samples: list[tuple]) -> FeatureBatch:
@@ -138,13 +179,11 @@ def collate_features(samples: list[tuple]) -> FeatureBatch:
     return FeatureBatch(torch.stack(codes), torch.stack(hidden), torch.stack(valid))
 
 
-class FeatureShards(IterableDataset):
-    """Feature shards as a stream, split between DDP ranks by sample like `CodeShards`."""
+class FeatureShards(ShardStream):
+    """Feature shards as a stream, split between DDP ranks by sample like `CodeShards` (corrupt
+    samples dropped before the split, so a resume's `skip` lines up)."""
 
-    def __init__(self, urls: str, repeat: bool, skip: int = 0):
-        self.urls, self.repeat, self.skip = urls, repeat, skip
+    kind = "feature shards"
 
-    def __iter__(self):
-        rank, world = rank_and_world() if self.repeat else (0, 1)
-        yield from rank_stream(lambda: read_feature_shards(self.urls, every_rank_reads_all), rank, world,
-                               self.repeat, self.skip)
+    def read_once(self, counter: CorruptCounter) -> Iterator[tuple]:
+        return read_feature_shards(self.urls, every_rank_reads_all, strict=self.strict, counter=counter)

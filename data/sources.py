@@ -135,6 +135,20 @@ def _first_present(sample: dict, fields: Iterable[str]):
     return next((sample[f] for f in fields if sample.get(f) is not None), None)
 
 
+def shard_error_handler(urls, strict: bool, counter: CorruptCounter) -> Callable[[Exception], bool]:
+    """A webdataset `handler` for tar data it cannot read at all (a truncated or damaged shard):
+    counted as one skip named by its shard, or CorruptSampleError when strict."""
+    def on_error(exn: Exception) -> bool:
+        if strict:
+            raise CorruptSampleError(f"unreadable shard data in {urls!r}: {exn}") from exn
+        # webdataset appends the shard's url to the exception's args: name the shard, not a key
+        where = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
+        counter.skip(where[:200], "unreadable shard data")
+        return True
+
+    return on_error
+
+
 def read_webdataset(urls: str | list[str], *, strict: bool = False, counter: CorruptCounter | None = None,
                     nodesplitter: Callable | None = None) -> Iterator[Sample]:
     """Samples of webdataset shards: local paths, brace patterns ("dir/train-{000000..000003}.tar")
@@ -144,16 +158,8 @@ def read_webdataset(urls: str | list[str], *, strict: bool = False, counter: Cor
     shards = local_shards(urls)
     counter = counter if counter is not None else CorruptCounter()
     before = counter.read
-
-    def on_error(exn: Exception) -> bool:  # a tar that webdataset cannot read at all
-        if strict:
-            raise CorruptSampleError(f"unreadable shard data in {urls!r}: {exn}") from exn
-        # webdataset appends the shard's url to the exception's args: name the shard, not a key
-        where = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
-        counter.skip(where[:200], "unreadable shard data")
-        return True
-
-    dataset = wds.WebDataset(shards, shardshuffle=False, handler=on_error, empty_check=False,
+    dataset = wds.WebDataset(shards, shardshuffle=False, handler=shard_error_handler(urls, strict, counter),
+                             empty_check=False,
                              nodesplitter=nodesplitter or wds.split_by_node)
     for raw in dataset:
         key = raw.get("__key__", "?")

@@ -24,7 +24,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         target.gpt.to(cfg.device)
     manifest = dump_features(cfg.codes, cfg.out, target=target, max_length=target.config.cls_token_num,
                              batch_size=cfg.batch_size, shard_size=cfg.shard_size, null_prob=cfg.null_prob,
-                             seed=cfg.seed, prefix=cfg.prefix, target_name=str(args.get("ckpt")))
+                             seed=cfg.seed, prefix=cfg.prefix, target_name=str(args.get("ckpt")),
+                             strict=bool(cfg.get("strict", False)))
     print(f"features: {manifest['count']} samples in {manifest['shards']} shards "
           f"({manifest['shards_written']} written now), {manifest['bytes_per_sample'] / 1024:.1f} KiB per sample "
           f"-> {cfg.out}/{manifest['pattern']}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
+from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards, report_reads_at_end
 from decode.checkpoint import save_model_folder
 from decode.metrics import next_token_stats
 from decode.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
@@ -141,9 +141,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     gpt_cfg = OmegaConf.to_container(cfg.gpt, resolve=True)  # plain containers: weights_only reloads
     module = TargetModule(gpt=gpt_cfg, total_steps=int(cfg.trainer.max_steps),
                           **OmegaConf.to_container(cfg.optim, resolve=True))
+    strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
+    datasets = {}
     loader = lambda urls, repeat: DataLoader(  # noqa: E731
-        CodeShards(urls, cfg.data.max_length, repeat), batch_size=cfg.data.batch_size,
-        collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
+        datasets.setdefault(repeat, CodeShards(urls, cfg.data.max_length, repeat, strict=strict)),
+        batch_size=cfg.data.batch_size, collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
     callbacks = []
     if cfg.samples.count and cfg.data.tokenizer:  # a random tokenizer's pictures say nothing
         callbacks.append(SampleGrid(sample_prompts(cfg.data, cfg.samples.count), cfg.data.tokenizer, out,
@@ -160,4 +162,5 @@ def run(cfg: DictConfig) -> dict[str, float]:
                          notes="Trained on OpenMoji (CC BY-SA 4.0) scenes; weights under CC BY-SA 4.0.")
         print(f"target: held-out NLL {metrics['val/nll']:.3f}, top-1 prob {metrics['val/top1_prob']:.3f}, "
               f"entropy {metrics['val/entropy']:.2f} nats, {trainer.global_step} steps in {wall:.0f} s -> {folder}")
+        report_reads_at_end(*datasets.values())
     return metrics

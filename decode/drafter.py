@@ -42,6 +42,8 @@ class DrafterConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     bias: bool = True          # of fc (EAGLE: bias unless the config says otherwise)
+    prefix_token: int | None = None  # token embedded at the prefix slots: None zeros (ours); 0 for
+                                     # imported LANTERN drafters, which were trained with token 0 there
     target_fingerprint: str = ""
 
     @classmethod
@@ -133,7 +135,17 @@ class TeacherForced:
     loss_mask: Tensor   # [B, T] positions whose next feature predicts an image token (i >= P - 1)
 
 
-def drafter_inputs(gpt: LlamaGenGPT, tokens: Tensor, hidden: Tensor, valid: Tensor) -> TeacherForced:
+def prefix_embedding(gpt: LlamaGenGPT, prefix_token: int | None, like: Tensor) -> Tensor:
+    """What the drafter sees as the token at prefix slots, shaped and typed like `like` [..., D]:
+    zeros, or the embedding of `prefix_token` (an imported LANTERN drafter's token 0)."""
+    if prefix_token is None:
+        return torch.zeros_like(like)
+    emb = gpt.embed_tokens(torch.tensor([prefix_token], device=like.device))[0]
+    return emb.to(like.dtype).expand_as(like).clone()
+
+
+def drafter_inputs(gpt: LlamaGenGPT, tokens: Tensor, hidden: Tensor, valid: Tensor,
+                   prefix_token: int | None = None) -> TeacherForced:
     """Teacher-forced drafter inputs from one target pass (`LlamaGenTarget.hidden_states`).
 
     Args:
@@ -145,8 +157,9 @@ def drafter_inputs(gpt: LlamaGenGPT, tokens: Tensor, hidden: Tensor, valid: Tens
     """
     b, n = tokens.shape
     prefix = hidden.shape[1] - n + 1  # P
-    # Prefix slots carry no token: a zero embedding (the official code feeds token id 0 there).
-    emb = torch.cat([hidden.new_zeros(b, prefix - 1, hidden.shape[-1]),
+    # Prefix slots carry no token: a zero embedding by default (the official code feeds token id 0
+    # there, which also stands for a real code; DrafterConfig.prefix_token=0 does the same).
+    emb = torch.cat([prefix_embedding(gpt, prefix_token, hidden.new_empty(b, prefix - 1, hidden.shape[-1])),
                      gpt.embed_tokens(tokens[:, :-1]).to(hidden.dtype)], dim=1)
     t = emb.shape[1]
     eye = torch.eye(t, dtype=torch.bool, device=hidden.device)

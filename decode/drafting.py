@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from decode.cache import KVCache
-from decode.drafter import Drafter
+from decode.drafter import Drafter, prefix_embedding
 from decode.host import to_device
 from decode.sampling import SamplingParams, draw, filter_logits, probabilities
 from decode.target import LlamaGenTarget
@@ -92,10 +92,10 @@ class EagleDrafting:
 
     # --- the engine's interface -----------------------------------------------------------------
     def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
-        """First entries: the prefix features, no tokens (zero embeddings) except the root's."""
+        """First entries: the prefix features, no tokens (the drafter's prefix embedding) except the root's."""
         g, b, p = prefix.hidden.shape[:3]
         feats = prefix.hidden.reshape(g * b, p, -1)
-        emb = torch.zeros_like(feats)
+        emb = prefix_embedding(self.target.gpt, self.drafter.config.prefix_token, feats)
         emb[:, -1] = self.target.gpt.embed_tokens(root).repeat(g, 1).to(emb.dtype)
         self.pending = Pending(emb=emb, feats=feats, valid=prefix_valid.clone(), count=torch.full((b,), p))
 

@@ -65,3 +65,25 @@ def test_round_trip_and_misfits_fail_at_load(tmp_path):
     assert target_fingerprint(other) != target_fingerprint(gpt)
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_drafter(tmp_path / "d", other)
+
+
+@pytest.mark.parametrize("prefix_token", [None, 0])
+def test_prefix_slots_get_the_same_embedding_in_training_and_decoding(prefix_token):
+    from decode.drafting import EagleDrafting
+    from decode.trees import TreeParams
+
+    gpt = tiny_gpt()
+    target = LlamaGenTarget(gpt, cfg_scale=1.0)
+    text, mask = padded_captions(1)
+    tokens = torch.randint(0, 64, (1, 16))
+    hidden, valid = target.hidden_states(Condition(text, mask), tokens)
+    p = gpt.config.cls_token_num
+    expected = torch.zeros(gpt.config.dim) if prefix_token is None else gpt.embed_tokens(torch.tensor(prefix_token))
+    tf = drafter_inputs(gpt, tokens, hidden, valid, prefix_token)
+    torch.testing.assert_close(tf.token_emb[0, :p - 1], expected.expand(p - 1, -1))
+    drafting = EagleDrafting(_drafter(gpt, prefix_token=prefix_token), target, TreeParams(8, 2, 3), 1, 16)
+    cache, out = target.start(Condition(text, mask), 16, extra_slots=64, all_positions=True)
+    drafting.begin(out, cache.valid[:, :target.prefix_len], tokens[:, 0])
+    emb = drafting.pending.emb  # [G*B, P, D]: prefix slots, then the root (token 0) at the last one
+    torch.testing.assert_close(emb[:, :-1], expected.expand_as(emb[:, :-1]))
+    torch.testing.assert_close(emb[:, -1], gpt.embed_tokens(tokens[:, 0]).expand(emb.shape[0], -1))

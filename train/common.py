@@ -173,6 +173,17 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def inherited_licence(source: str | os.PathLike | None) -> str:
+    """The licence line a model derived from `source` (a model folder) must carry: OpenMoji's
+    attribution when the source's card says it was made from OpenMoji (CC BY-SA 4.0, share-alike)."""
+    card = Path(str(source)) / "README.md" if source else None
+    if card is None or not card.is_file() or "OpenMoji" not in card.read_text():
+        return ""
+    from data.world import ATTRIBUTION  # the emoji package loads only for world-derived models
+    return (f"Weights under CC BY-SA 4.0: derived from `{source}`, which was trained on scenes made from "
+            f"OpenMoji. {ATTRIBUTION}")
+
+
 def write_model_card(folder: Path, *, title: str, cfg: DictConfig, steps: int, wall_s: float,
                      metrics: dict[str, float], notes: str = "") -> None:
     """README.md beside the weights: command, config, seed, steps, wall time, device, final metrics."""

@@ -11,6 +11,7 @@ positions whose next feature predicts an image token. Inputs get uniform feature
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from data.features import FeatureBatch, FeatureShards, collate_features
-from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards
+from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards, report_reads_at_end
 from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
 from decode.sampling import SamplingParams
 from decode.engine import generate
@@ -33,6 +34,7 @@ from train.common import (
     STEPS_END_THE_STREAM,
     build_logger,
     build_trainer,
+    inherited_licence,
     output_dir,
     require_ints,
     require_shards,
@@ -46,7 +48,8 @@ class DrafterModule(L.LightningModule):
     def __init__(self, target: dict, drafter: dict, lr: float = 3e-4, weight_decay: float = 0.01,
                  warmup_steps: int = 100, total_steps: int = 10000, p_weight: float = 0.1, noise_std: float = 0.2,
                  null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5, seed: int = 0,
-                 decode_prompts: int = 2, decode_cfg_scale: float = 4.0, tree: dict | None = None):
+                 decode_prompts: int = 2, decode_cfg_scale: float = 4.0, tree: dict | None = None,
+                 decay: str = "cosine"):
         super().__init__()
         self.save_hyperparameters()
         # `target`: a conf/target entry (load_target's arguments). Only this description is saved;
@@ -75,14 +78,15 @@ class DrafterModule(L.LightningModule):
     def teacher(self, batch, gen: torch.Generator | None) -> TeacherForced:
         """Drafter inputs from the frozen target; with `gen`, some captions become the null caption."""
         if isinstance(batch, FeatureBatch):  # offline: features dumped by `python -m train features`
-            return drafter_inputs(self.target.gpt, batch.codes, batch.hidden, batch.valid)
+            return drafter_inputs(self.target.gpt, batch.codes, batch.hidden, batch.valid,
+                                  self.drafter.config.prefix_token)
         text = batch.text
         if gen is not None and self.hparams.null_prob > 0:  # CFG: the drafter must also serve null rows
             drop = torch.rand(text.shape[0], device=text.device, generator=gen) < self.hparams.null_prob
             null = self.target.gpt.cls_embedding.uncond_embedding[None].to(text.dtype)
             text = torch.where(drop[:, None, None], null, text)
         hidden, valid = self.target.hidden_states(Condition(text, batch.mask), batch.codes)
-        return drafter_inputs(self.target.gpt, batch.codes, hidden, valid)
+        return drafter_inputs(self.target.gpt, batch.codes, hidden, valid, self.drafter.config.prefix_token)
 
     def predict_features(self, tf: TeacherForced, features: Tensor) -> Tensor:
         b, t, _ = features.shape
@@ -168,15 +172,20 @@ class DrafterModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.drafter.parameters(), lr=self.hparams.lr, betas=(0.9, 0.95),
                                 weight_decay=self.hparams.weight_decay)
-        warm, total = max(1, self.hparams.warmup_steps), max(2, self.hparams.total_steps)
-
-        def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10% of the peak
-            if step < warm:
-                return (step + 1) / warm
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
+        lr_at = functools.partial(lr_factor, warmup=self.hparams.warmup_steps, total=self.hparams.total_steps,
+                                  decay=self.hparams.decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_factor(step: int, *, warmup: int, total: int, decay: str = "cosine") -> float:
+    """The learning rate at `step` over the peak: linear warm-up, then cosine down to 10% of the
+    peak (the default) or linear down to 0 at `total` (the released LANTERN recipe)."""
+    warm, total = max(1, warmup), max(2, total)
+    if step < warm:
+        return (step + 1) / warm
+    done = min(1.0, (step - warm) / max(1, total - warm))
+    return 1.0 - done if decay == "linear" else 0.1 + 0.45 * (1 + math.cos(math.pi * done))
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -189,6 +198,8 @@ def check_options(cfg: DictConfig) -> None:
         raise ValueError(f"data.num_workers must be 0 or 1 (more workers would interleave the stream), "
                          f"got {cfg.data.num_workers!r}")
     require_shards(cfg, "data.train_urls", "data.heldout_urls", "data.features")
+    if cfg.optim.get("decay", "cosine") not in ("cosine", "linear"):
+        raise ValueError(f"optim.decay must be 'cosine' or 'linear', got {cfg.optim.decay!r}")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -207,14 +218,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
                            **{"total_steps": int(cfg.trainer.max_steps),
                               **OmegaConf.to_container(cfg.optim, resolve=True)})
     bs, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
+    strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
     if cfg.data.get("features"):  # offline: stream dumped target features; validation stays online
-        train_loader = DataLoader(FeatureShards(cfg.data.features, repeat=True, skip=skip), batch_size=bs,
-                                  collate_fn=collate_features, num_workers=workers)
+        train_data = FeatureShards(cfg.data.features, repeat=True, skip=skip, strict=strict)
+        train_loader = DataLoader(train_data, batch_size=bs, collate_fn=collate_features, num_workers=workers)
     else:
-        train_loader = DataLoader(CodeShards(train_urls, cfg.data.max_length, repeat=True, skip=skip),
-                                  batch_size=bs, collate_fn=collate_code_samples, num_workers=workers)
-    heldout_loader = DataLoader(CodeShards(heldout_urls, cfg.data.max_length, repeat=False), batch_size=bs,
-                                collate_fn=collate_code_samples, num_workers=workers)
+        train_data = CodeShards(train_urls, cfg.data.max_length, repeat=True, skip=skip, strict=strict)
+        train_loader = DataLoader(train_data, batch_size=bs, collate_fn=collate_code_samples, num_workers=workers)
+    heldout_data = CodeShards(heldout_urls, cfg.data.max_length, repeat=False, strict=strict)
+    heldout_loader = DataLoader(heldout_data, batch_size=bs, collate_fn=collate_code_samples, num_workers=workers)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "drafter"))
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, heldout_loader, ckpt_path=cfg.get("ckpt_path"))
@@ -225,11 +237,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             folder = save_drafter(out / "drafter", module.drafter, extra={"target": str(cfg.target.get("ckpt"))})
     if trainer.is_global_zero:
         write_model_card(folder, title="EAGLE-style drafter", cfg=cfg, steps=trainer.global_step, wall_s=wall,
-                         metrics=metrics, notes=f"Distilled online from the target `{cfg.target.get('ckpt')}`.")
+                         metrics=metrics, notes=f"Distilled online from the target `{cfg.target.get('ckpt')}`. "
+                                                + inherited_licence(cfg.target.get("ckpt")))
         curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"
                           for d in range(1, module.hparams.unroll_depth + 1))
         greedy = metrics.get("val/greedy_step_compression")
         greedy = f", greedy EAGLE-2 step compression {greedy:.2f}" if greedy is not None else ""
         print(f"drafter: held-out top-1 agreement by depth [{curve}]{greedy}, {trainer.global_step} steps in {wall:.0f} s "
               f"-> {folder}")
+        report_reads_at_end(train_data, heldout_data)
     return metrics

@@ -36,7 +36,7 @@ from decode.target import LlamaGenTarget, load_target
 from decode.text import load_text_encoder
 from decode.trees import TreeParams
 from decode.vq import load_vq
-from train.common import build_logger, build_trainer, output_dir, require_ints, write_model_card
+from train.common import build_logger, build_trainer, inherited_licence, output_dir, require_ints, write_model_card
 
 
 def decode_parts(cfg: DictConfig):
@@ -196,7 +196,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                          notes=f"Traces: {len(train)} training steps, {len(held)} held-out steps, built in "
                                f"{trace_s:.0f} s (0 s: reused). Use: python -m decode method=vvs "
                                f"method.scheduler=learned method.scheduler_ckpt=<this folder>. heldout/* metrics "
-                               f"compare the policy with VVS's path-similarity rule on held-out steps.")
+                               f"compare the policy with VVS's path-similarity rule on held-out steps. "
+                               + inherited_licence(cfg.target.ckpt))
         print(f"scheduler ({label} label): held-out AUROC {metrics['val/auroc']:.3f}, accuracy "
               f"{metrics['val/accuracy']:.3f} (majority-class baseline {max(rate, 1 - rate):.3f}) -> {dest}")
     return metrics

@@ -71,7 +71,8 @@ def test_resume_continues_exactly(tmp_path):
     run(tmp_path / "resumed", "trainer.max_steps=10", "optim.total_steps=10", "ckpt_path=last")
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 9  # the resumed run went on past its starting step (6)
-    assert "| steps | 10 |" in (tmp_path / "resumed" / "drafter" / "README.md").read_text()
+    card = (tmp_path / "resumed" / "drafter" / "README.md").read_text()
+    assert "| steps | 10 |" in card and "OpenMoji" not in card  # a random target: no attribution to inherit
     a = load_file(str(tmp_path / "straight" / "drafter" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "drafter" / "model.safetensors"))
     for k in a:

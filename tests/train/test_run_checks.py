@@ -116,3 +116,13 @@ def test_ckpt_path_last_without_out_dir_says_to_give_the_earlier_runs_folder(tmp
         resume_step(fresh, tmp_path / "hydra_run")
     with pytest.raises(FileNotFoundError, match=r"is that the earlier run's folder"):
         resume_step(OmegaConf.merge(fresh, {"out_dir": str(tmp_path)}), tmp_path)
+
+
+def test_drafter_lr_schedules_warm_up_then_decay():
+    from train.drafter import lr_factor
+
+    kw = dict(warmup=10, total=110)
+    assert lr_factor(0, **kw) == pytest.approx(0.1) and lr_factor(9, **kw) == pytest.approx(1.0)
+    assert lr_factor(10, **kw) == pytest.approx(1.0) and lr_factor(110, **kw) == pytest.approx(0.1)  # cosine to 10%
+    assert lr_factor(60, **kw, decay="linear") == pytest.approx(0.5)
+    assert lr_factor(110, **kw, decay="linear") == 0.0 and lr_factor(500, **kw, decay="linear") == 0.0

@@ -52,6 +52,7 @@ def test_smoke_experiment_trains_and_decode_uses_it(tmp_path):
     meta = json.loads((folder / "config.json").read_text())
     assert meta["kind"] == "vvs_skip_policy" and "drafter_fingerprint" in meta
     assert (folder / "README.md").is_file() and (tmp_path / "traces" / "traces.json").is_file()
+    assert "OpenMoji" in (folder / "README.md").read_text()  # derived from the world target: its attribution
     assert "held-out AUROC" in res.stdout
 
 

@@ -17,3 +17,21 @@ def test_summary_reports_latency_per_batch_throughput_and_quality():
     assert "quality             not measured" in text
     scored = summary_table([_stats(1.0, 0, alignment=0.5), _stats(1.0, 1, alignment=1.0)], wall_s=4.0)
     assert "alignment           0.750" in scored and "not measured" not in scored
+
+
+def test_speed_stats_follow_their_definitions():
+    # 256 tokens: the prefill's token, 200 over 60 verified steps (bonus tokens included), 55 over 10 skipped
+    from types import SimpleNamespace
+
+    import torch
+
+    from decode.metrics import speed_stats
+
+    gen = SimpleNamespace(tokens=torch.zeros(1, 256, dtype=torch.long), nfe=torch.tensor([60]),
+                          steps=torch.tensor([70]), skipped=torch.tensor([10]), verified_tokens=torch.tensor([200]),
+                          draft_s=0.1, verify_s=0.2, schedule_s=0.0, batch_passes=61)
+    s = speed_stats(gen, 0)
+    assert s["step_compression"] == 256 / 60  # per target pass, not per step
+    assert s["tau"] == 200 / 60 and s["tau_all"] == 255 / 70
+    assert s["skip_ratio"] == 10 / 70 and s["tokens_per_skip"] == 55 / 10
+    assert s["nfe"] == 60 and s["steps"] == 70 and s["batch_passes"] == 61

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from decode.__main__ import build_parts
 from decode.pipeline import check_compatible
@@ -95,13 +96,32 @@ def test_script_configs_compose_and_resolve(name):
         TreeParams(**{**resolved["tree"], **(run.get("tree") or {})})
 
 
-@pytest.mark.parametrize("task", sorted(p.stem.removeprefix("train_") for p in CONF.glob("train_*.yaml")))
-def test_training_configs_compose_with_their_smoke_experiment(task):
+TASKS = sorted(p.stem.removeprefix("train_") for p in CONF.glob("train_*.yaml"))
+
+
+def _train_choices():
+    """(task, override): every experiment of every training task, and every trainer and logger
+    option with each task that trains (`features` dumps target features: its defaults alone)."""
+    out = []
+    for task in TASKS:
+        out.append((task, None))
+        out += [(task, f"experiment={p.stem}") for p in sorted((CONF / "train" / task / "experiment").glob("*.yaml"))]
+        if (CONF / "train" / task / "experiment" / "smoke.yaml").is_file():
+            out += [(task, f"trainer={t}") for t in _options("trainer")]
+            out += [(task, f"logger={g}") for g in _options("logger")]
+    return out
+
+
+@pytest.mark.parametrize("task,override", _train_choices())
+def test_training_configs_compose_and_resolve(task, override):
     register_resolvers()
+    groups = CONF / "train" / task  # the task's own groups, as `python -m train` adds them
+    search = [f"hydra.searchpath=[file://{groups}]"] if groups.is_dir() else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(f"train_{task}")
-    if "trainer" not in cfg:  # `features` dumps target features; it trains nothing
+        cfg = compose(f"train_{task}", overrides=search + ([override] if override else []))
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if "trainer" not in cfg:  # `features` trains nothing
+        assert resolved["codes"] is None or isinstance(resolved["codes"], str)
         return
-    assert cfg.trainer.max_steps > 0
-    smoke = CONF / "train" / task / "experiment" / "smoke.yaml"
-    assert smoke.is_file(), f"{task} has no experiment=smoke"
+    assert resolved["trainer"]["max_steps"] > 0
+    assert (CONF / "train" / task / "experiment" / "smoke.yaml").is_file(), f"{task} has no experiment=smoke"

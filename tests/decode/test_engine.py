@@ -5,7 +5,6 @@ import torch
 from decode.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours
 from decode.engine import generate, generate_ar
 from decode.sampling import SamplingParams, row_generators, sample
-from decode.target import Condition
 from decode.trees import Tree, ancestry_mask
 from tests.decode.test_speculative import GREEDY, SAMPLED, world
 
@@ -97,7 +96,6 @@ def test_jacobi_window_and_inits():
     tree = d.propose(torch.tensor([7]), SAMPLED, row_generators([0]))
     assert tree.tokens.tolist() == [[7, 7, 7, 7, 7]]  # each guess copies its left neighbour
     assert tree.q[0, 1:].argmax(-1).tolist() == [7] * 4 and tree.parents.tolist() == [[-1, 0, 1, 2, 3]]
-    assert Condition(cond.cond, cond.mask).batch == 1
 
 
 def test_every_method_runs_in_bfloat16():

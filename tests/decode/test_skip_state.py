@@ -1,0 +1,70 @@
+"""VVS skipped-step state: the feature cache holds the target's own feature of every committed
+token, in order, once the deferred fill has run (ALGORITHMS.md 1.3, 1.5, 1.7); the similarity
+scheduler compares every second candidate path (ALGORITHMS.md 1.6)."""
+import pytest
+import torch
+
+from decode import engine
+from decode.methods import MethodOptions, build_method
+from decode.skipping import FeatureCache, SimilaritySkip, StepContext
+from decode.target import Condition
+from decode.trees import Tree, TreeParams, ancestry_mask, leaf_paths
+from tests.decode.test_speculative import SAMPLED, run, world
+
+
+def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypatch):
+    """VVS-U (skip every second step) on the tiny world: after decoding, each row's feature cache
+    holds one feature per committed token, except the trailing chain a final skip left unfilled,
+    and they equal the target's teacher-forced features of the committed tokens (the deferred
+    fill's fresh features of skipped tokens included, in generation order)."""
+    caches, states = [], []
+
+    class Recording(FeatureCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    real_skip = engine._skip
+
+    def spying_skip(tree, skip_rows, picks, rows, *rest):
+        states.append(rows)  # the loop's per-row state: committed counts and unfilled chains
+        return real_skip(tree, skip_rows, picks, rows, *rest)
+
+    monkeypatch.setattr(engine, "FeatureCache", Recording)
+    monkeypatch.setattr(engine, "_skip", spying_skip)
+    target, drafter, cond, codebook = world(2)
+    n = target.num_image_tokens
+    method = build_method("vvs_u", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+                          options=MethodOptions(lantern_k=16, interval=2, warmup=2))
+    gen = run(target, cond, method, SAMPLED, seeds=[3, 4])
+    assert (gen.skipped > 0).all()
+    (cache,), rows = caches, states[-1]
+    # the teacher-forced feature whose LM head predicts token j + 1 is token j's feature
+    tokens = torch.cat([gen.tokens, torch.zeros(2, 1, dtype=torch.long)], 1)
+    tf = target.teacher_forced(Condition(cond.cond, cond.mask), tokens).hidden  # [G, B, N + 1, D]
+    for r in range(2):
+        filled = rows.made[r] - 1 - len(rows.chains[r])  # committed tokens less the unfilled chain
+        assert cache.count[r] == filled, (r, cache.count[r], rows.made[r], rows.chains[r])
+        assert filled >= n - 6
+        torch.testing.assert_close(cache.store[:, r, :filled], tf[:, r, 1:filled + 1], atol=1e-4, rtol=1e-4)
+
+
+def small_tree(tokens, parents):
+    parents = torch.tensor([parents])
+    depths = torch.zeros_like(parents)
+    for i in range(1, parents.shape[1]):
+        depths[0, i] = depths[0, parents[0, i]] + 1
+    return Tree(torch.tensor([tokens]), parents, depths, ancestry_mask(parents))
+
+
+@pytest.mark.parametrize("codes,tau,skip", [
+    # paths [1], [2], [3], [4] (lexicographic); every second path: [1] and [3]
+    ((5, 6, 5, 6), 0.7, True),   # 1 and 3 agree: similarity 1; over all pairs only 2 of 6 agree (1/3)
+    ((5, 5, 6, 5), 0.4, False),  # 1 and 3 differ: 0; over all pairs 3 of 6 agree (1/2)
+])
+def test_similarity_scheduler_compares_every_second_path(codes, tau, skip):
+    tree = small_tree((0,) + codes, [-1, 0, 0, 0, 0])
+    assert leaf_paths(tree.parents[0]) == [[0, 1], [0, 2], [0, 3], [0, 4]]
+    sched = SimilaritySkip(torch.eye(8), tau=tau, warmup=2)
+    ctx = StepContext(tree, 7, torch.tensor([20]), torch.tensor([0]), 64)
+    assert sched.decide(ctx).tolist() == [skip]

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -115,6 +116,21 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         lines.append("quality             not measured: no world prompts for the evaluator and no clip= weights; "
                      "these speed figures say nothing about the images (scripts/benchmark.py adds FID)")
     return "\n".join(lines)
+
+
+def write_tables(out: Path, stem: str, markdown: str, payload: dict, rows: list[dict], columns: list[str]) -> None:
+    """<stem>.md, <stem>.json and <stem>.csv (the given columns of `rows`) in `out`, each written to a
+    temporary name and renamed, so an interrupted script keeps its last complete tables."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in ((f"{stem}.md", markdown), (f"{stem}.json", json.dumps(payload, indent=2) + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    with open(out / f"{stem}.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{stem}.csv.tmp").replace(out / f"{stem}.csv")
 
 
 def write_summary(path: str | os.PathLike, text: str) -> None:

@@ -12,7 +12,6 @@ python scripts/benchmark.py runs='[{label: ar, method: ar}, {label: lantern_t20,
 """
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import sys
@@ -35,7 +34,7 @@ from decode.drafter import load_drafter  # noqa: E402
 from decode.engine import generate  # noqa: E402
 from decode.evaluator import load_evaluator, score_images  # noqa: E402
 from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config  # noqa: E402
-from decode.metrics import speed_stats  # noqa: E402
+from decode.metrics import speed_stats, write_tables  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
@@ -335,16 +334,7 @@ def _meta(cfg, device: torch.device, floor: float, align_real: float) -> dict:
 
 def _write(out: Path, rows: list[dict], meta: dict) -> None:
     """Rewrite the results after every run, atomically, so an interrupted benchmark keeps its rows."""
-    for name, text in (("results.md", markdown(rows, meta)),
-                       ("results.json", json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
-    with open(out / "results.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "results.csv.tmp").replace(out / "results.csv")
+    write_tables(out, "results", markdown(rows, meta), dict(meta=meta, rows=rows), rows, COLUMNS)
     plot(rows, out / "results.png", meta)
 
 

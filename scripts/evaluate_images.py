@@ -12,7 +12,6 @@ python scripts/evaluate_images.py 'runs=[...]' real=REAL real2=REAL2 clip=models
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -31,7 +30,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.metrics import ImageStats  # noqa: E402
+from decode.metrics import ImageStats, write_tables  # noqa: E402
 from decode.pipeline import RUN_FILE, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, InceptionPool, precision_recall  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
@@ -482,17 +481,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def write(out: Path, rows: list[dict], meta: dict) -> None:
     """evaluation.md / .csv / .json, each written to a temporary name and renamed."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("evaluation.md", markdown(rows, meta)),
-                       ("evaluation.json", json.dumps(_json(dict(meta=meta, rows=rows)), indent=2) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
-    with open(out / "evaluation.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "evaluation.csv.tmp").replace(out / "evaluation.csv")
+    write_tables(out, "evaluation", markdown(rows, meta), _json(dict(meta=meta, rows=rows)), rows, COLUMNS)
 
 
 def _json(value):

@@ -8,7 +8,8 @@ from decode import engine
 from decode.methods import MethodOptions, build_method
 from decode.skipping import FeatureCache, SimilaritySkip, StepContext
 from decode.target import Condition
-from decode.trees import Tree, TreeParams, ancestry_mask, leaf_paths
+from decode.trees import TreeParams, leaf_paths
+from tests.decode.test_skipping import small_tree
 from tests.decode.test_speculative import SAMPLED, run, world
 
 
@@ -47,14 +48,6 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
         assert cache.count[r] == filled, (r, cache.count[r], rows.made[r], rows.chains[r])
         assert filled >= n - 6
         torch.testing.assert_close(cache.store[:, r, :filled], tf[:, r, 1:filled + 1], atol=1e-4, rtol=1e-4)
-
-
-def small_tree(tokens, parents):
-    parents = torch.tensor([parents])
-    depths = torch.zeros_like(parents)
-    for i in range(1, parents.shape[1]):
-        depths[0, i] = depths[0, parents[0, i]] + 1
-    return Tree(torch.tensor([tokens]), parents, depths, ancestry_mask(parents))
 
 
 @pytest.mark.parametrize("codes,tau,skip", [

@@ -57,14 +57,21 @@ def padded_captions(batch: int, slots: int = 8, dim: int = 12, seed: int = 0):
     return emb, mask
 
 
-def run_train(*args: str, timeout: int = 600, **env_extra: str):
-    """`python -m train ARGS` in a subprocess, as a user runs it (no inherited DDP variables)."""
-    import subprocess
+def train_command(*args: str, **env_extra: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `python -m train ARGS`, as a user runs it (no
+    inherited DDP variables)."""
     import sys
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VVS_TRAIN_TASK")}
     env.update({"WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", **env_extra})
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return [sys.executable, "-m", "train", *args], env
+
+
+def run_train(*args: str, timeout: int = 600, **env_extra: str):
+    """`python -m train ARGS` in a subprocess, to the end."""
+    import subprocess
+
+    cmd, env = train_command(*args, **env_extra)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

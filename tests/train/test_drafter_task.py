@@ -1,12 +1,16 @@
 """`python -m train drafter` runs end to end on a tiny random target and writes a loadable drafter;
 the frozen target stays out of its checkpoints."""
 import json
+import os
+import signal
+import subprocess
+import time
 
 import torch
 
 from decode.checkpoint import save_model_folder
 from decode.drafter import load_drafter
-from tests.conftest import REPO, run_train, tiny_gpt
+from tests.conftest import REPO, run_train, tiny_gpt, train_command
 
 TOKENIZER = "{codebook_size:64,encoder_ch_mult:[1,1,1],decoder_ch_mult:[1,1,1],z_channels:32,ch:32,num_res_blocks:1}"
 
@@ -59,11 +63,14 @@ def test_resume_continues_exactly(tmp_path):
 
     gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
-    def run(out, *args):
-        res = run_train("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
-                        "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
-                        "data.max_length=16", "trainer.val_check_interval=3", "checkpoint_every=3",
-                        "optim.warmup_steps=2", "optim.lr=3e-3", f"out_dir={out}", f"hydra.run.dir={out}/hydra", *args)
+    def args(out, *more):
+        return ("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
+                "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
+                "data.max_length=16", "trainer.val_check_interval=3", "checkpoint_every=3",
+                "optim.warmup_steps=2", "optim.lr=3e-3", f"out_dir={out}", f"hydra.run.dir={out}/hydra", *more)
+
+    def run(out, *more):
+        res = run_train(*args(out, *more))
         assert res.returncode == 0, res.stderr[-3000:]
 
     run(tmp_path / "straight", "trainer.max_steps=10", "optim.total_steps=10")
@@ -77,6 +84,23 @@ def test_resume_continues_exactly(tmp_path):
     b = load_file(str(tmp_path / "resumed" / "drafter" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+    # killed (SIGKILL, no chance to clean up) once its first checkpoint is on disk, then resumed
+    killed = tmp_path / "killed"
+    cmd, env = train_command(*args(killed, "trainer.max_steps=10", "optim.total_steps=10"))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "drafter").exists()  # it was killed before the end
+    run(killed, "trainer.max_steps=10", "optim.total_steps=10", "ckpt_path=last")
+    c = load_file(str(killed / "drafter" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], atol=1e-6, rtol=1e-5)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):

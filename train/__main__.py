@@ -59,6 +59,23 @@ def pop_task(argv: list[str]) -> str:
     return argv.pop(1) if len(argv) > 1 else ""
 
 
+def in_run_dir(run):
+    """`run(cfg)` with an unset `out_dir` pointing at Hydra's run directory (read here, at the entry
+    point, so the tasks themselves never ask Hydra)."""
+    import functools
+
+    @functools.wraps(run)
+    def job(cfg):
+        if "out_dir" in cfg and not cfg.out_dir:
+            from hydra.core.hydra_config import HydraConfig
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                cfg.out_dir = HydraConfig.get().runtime.output_dir
+        return run(cfg)
+    return job
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(usage())
@@ -78,7 +95,7 @@ def main() -> None:
     run = importlib.import_module(TASKS[task][0]).run
     try:
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(
-            reporting_input_errors(run))()
+            reporting_input_errors(in_run_dir(run)))()
     finally:
         import torch.distributed as dist
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +36,9 @@ def output_dir(cfg: DictConfig, model: str | None = None) -> Path:
     old run's last.ckpt, which a later ckpt_path=last would resume. A resume's checkpoint must be
     there and readable: checked now, before any model is built or data is made.
     """
-    path = Path(cfg.out_dir) if cfg.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.get("out_dir"):  # `python -m train` sets it to Hydra's run dir when the user does not
+        raise ValueError("out_dir is not set: give out_dir=FOLDER")
+    path = Path(cfg.out_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"out_dir={path} is a file, not a folder")
     if model is not None and cfg.get("ckpt_path"):

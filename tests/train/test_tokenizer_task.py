@@ -10,17 +10,18 @@ from decode.vq import load_vq
 from tests.conftest import REPO
 
 
-def _train(out, *extra):
+def _train(out, *extra, run_dir=None):
+    """out_dir=out, or (run_dir given) no out_dir: the run writes into Hydra's run dir."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["WANDB_MODE"] = "disabled"
-    return subprocess.run([sys.executable, "-m", "train", "tokenizer", "experiment=smoke", f"out_dir={out}",
-                           f"hydra.run.dir={out}/hydra", *extra], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    where = [f"hydra.run.dir={run_dir}"] if run_dir else [f"out_dir={out}", f"hydra.run.dir={out}/hydra"]
+    return subprocess.run([sys.executable, "-m", "train", "tokenizer", "experiment=smoke", *where, *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_smoke_run_writes_a_loadable_tokenizer_and_resumes(tmp_path):
     out = tmp_path / "tok"
-    res = _train(out, "trainer.max_steps=10")
+    res = _train(None, "trainer.max_steps=10", run_dir=out)  # no out_dir: the Hydra run dir
     assert res.returncode == 0, res.stderr[-3000:]
     folder = out / "tokenizer"
     metrics = json.loads((folder / "metrics.json").read_text())

@@ -223,9 +223,12 @@ class EagleDrafting:
         """Keep the `total_tokens - 1` best nodes by cumulative score, parents first, root prepended."""
         b, n = tokens.shape
         keep = min(self.params.total_tokens - 1, n)
-        chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # pool order: parents first
-        # pool index -> position in the tree (0 = root); a parent outside the kept set cannot happen
-        # for a child inside it, since scores only fall along a path
+        # A stable sort: scores never rise along a path, but they can stay equal (a log-probability
+        # of 0, or -inf for codes the sampling's top-k / top-p filtered out); on a tie the parent,
+        # earlier in the pool, comes first, so no kept node loses its parent.
+        best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+        chosen = best.sort(dim=-1).values  # pool order: parents first
+        # pool index -> position in the tree (0 = root)
         where = torch.full((b, n), -1, dtype=torch.long, device=tokens.device)
         where.scatter_(1, chosen, torch.arange(1, keep + 1, device=tokens.device).expand(b, keep))
         par_pool = parents.gather(1, chosen)

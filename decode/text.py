@@ -61,16 +61,19 @@ _TAG = re.compile(r"<[^<>]{1,200}>")
 _NICK = re.compile(r"@[\w\-.]+")
 _DASHES = re.compile("[\u2010-\u2015\u2212\ufe58\ufe63\uff0d]")
 _QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
-           "\u2018": "'", "\u2019": "'", "\u201a": "'", "`": "'"}
+           "\u2018": "'", "\u2019": "'", "\u201a": "'", "`": '"'}
+_BAD_PUNCT = re.compile(r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]")  # each becomes a space
+_GLUED = re.compile(r"(\D[,./])\b")  # "red,blue" -> "red, blue"
 
 
 def clean_caption(caption: str) -> str:
     """LlamaGen's caption preprocessing before FLAN-T5 (`clean_caption`, applied twice in its
     sample_t2i.py), in its common cases: URL-unquote, lower-case, drop URLs, markup tags and
-    @handles, one kind of dash and quote, HTML entities decoded, punctuation trimmed at the ends,
-    whitespace collapsed. The released function also runs ftfy and BeautifulSoup and strips ids,
-    file names, CJK ranges and shop boilerplate; those rules (for scraped captions) are not here,
-    so a typed prompt is cleaned the same but scraped markup may not be."""
+    @handles, one kind of dash and quote, HTML entities decoded, brackets, slashes and symbols made
+    spaces, ellipses dropped, a space after glued punctuation, dash runs collapsed, surrounding
+    quotes and end punctuation trimmed, whitespace collapsed. The released function also runs ftfy
+    and BeautifulSoup and strips ids, file names, CJK ranges and shop boilerplate; those rules (for
+    scraped captions) are not here, so scraped markup may be cleaned differently."""
     for _ in range(2):
         text = urllib.parse.unquote_plus(str(caption)).strip().lower()
         text = text.replace("<person>", "person")
@@ -79,8 +82,13 @@ def clean_caption(caption: str) -> str:
         text = _NICK.sub("", text)
         text = _DASHES.sub("-", text)
         text = "".join(_QUOTES.get(c, c) for c in text)
+        text = _BAD_PUNCT.sub(" ", text)
+        text = re.sub(r"\.{2,}", " ", text)
+        text = _GLUED.sub(r"\1 ", text)
+        text = re.sub(r"-{2,}", "-", text)
         text = re.sub(r"\s+", " ", text).strip()
-        caption = re.sub(r"[\s'_,\-:+]+$", "", re.sub(r"^[\s'_,\-:;]+", "", text))
+        text = re.sub(r'^["\']([\s\S]+)["\']$', r"\1", text)  # a prompt typed in quotes
+        caption = re.sub(r"[\s'_,\-:+]+$", "", re.sub(r"^[\s'_,\-:;]+", "", text)).strip()
     return caption
 
 

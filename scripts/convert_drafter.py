@@ -385,7 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="max |E_drafter - E_target| / max |E_target| accepted (fp16/bf16 storage)")
     imp.add_argument("--allow-embedding-mismatch", action="store_true")
     exp.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
-    exp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
+    exp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 (the drafter is loaded in float32)")
     exp.add_argument("--zero-token0-embedding", action="store_true",
                      help="zero row 0 of the exported embedding: exact at the prefix slots, wrong for code 0")
     return p.parse_args(argv)
@@ -397,7 +397,7 @@ def main(argv=None) -> int:
         if args.command == "import":
             config = read_lantern_config(args.source)
             block, prefix = lantern_geometry(config, args.source)
-            geo = {"model_type": "c2i" if config.get("input_type") == "c2i" else "t2i", "block_size": block,
+            geo = {"model_type": "c2i" if prefix == 1 else "t2i", "block_size": block,  # c2i: one class slot
                    "cls_token_num": prefix, "vocab_size": config.get("vocab_size", 16384)}
             if "caption_dim" in config:
                 geo["caption_dim"] = config["caption_dim"]

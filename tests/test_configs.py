@@ -27,6 +27,19 @@ def test_decode_configs_compose(target, tokenizer, text_encoder):
     assert cfg.target._target_ and cfg.tokenizer._target_ and cfg.text_encoder._target_
 
 
+TARGET_USERS = sorted(p.stem for p in CONF.glob("*.yaml") if "\n  - target:" in p.read_text())
+
+
+@pytest.mark.parametrize("config,target", list(itertools.product(TARGET_USERS, _options("target"))))
+def test_every_target_composes_in_every_config_that_takes_one(config, target):
+    register_resolvers()
+    task = CONF / "train" / config.removeprefix("train_")
+    search = [f"hydra.searchpath=[file://{task}]"] if config.startswith("train_") and task.is_dir() else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config, overrides=[f"target={target}", *search])
+    assert cfg.target._target_ and "sampling" in cfg  # a llamagen_* target's sampling override found its group
+
+
 @pytest.mark.parametrize("target,top_k", [("world", 0), ("llamagen_t2i_xl_stage2", 1000), ("llamagen_c2i_xl", 2000)])
 def test_llamagen_targets_sample_with_their_published_top_k(target, top_k):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -143,3 +143,20 @@ def test_dynamic_tree_scores_follow_the_sampling_processor():
     top4 = first_level(SamplingParams(temperature=1.0, top_k=4))  # renormalised over the 4 kept codes
     assert sum(top4.values()) == pytest.approx(1.0) and sum(plain.values()) < 0.99
     assert first_level(SamplingParams(temperature=0.5)) != pytest.approx(plain)
+
+
+def test_tree_selection_keeps_every_parent_when_scores_tie():
+    # After top-k / top-p filtering, the pool holds many -inf scores that tie; the kept nodes must
+    # still include every kept node's parent (torch's topk breaks such ties arbitrarily).
+    from decode.drafting import EagleDrafting
+    from decode.trees import TreeParams
+
+    target, drafter, _, _ = world(1)
+    d = EagleDrafting(drafter, target, TreeParams(59, 4, 10), 1, 64)
+    n = 410  # EAGLE-2's pool: 10 + 4 x 100 candidates
+    scores = torch.full((1, n), float("-inf"))
+    scores[0, :5] = torch.tensor([-0.1, -0.2, -0.3, -0.4, -0.5])
+    parents = (torch.arange(n) - 1)[None]  # a chain: each node's parent is the one before it
+    depth = torch.arange(1, n + 1)[None]
+    tree = d._select(torch.tensor([7]), torch.arange(n)[None] % 64, scores, parents, depth)
+    assert tree.parents[0, 0] == -1 and (tree.parents[0, 1:] == torch.arange(58)).all()

@@ -73,6 +73,12 @@ def test_clean_caption_normalises_prompts_as_llamagen_does_before_t5():
     assert clean_caption("  A Photo of a RED Fox  ") == "a photo of a red fox"
     assert clean_caption("a%20red+fox") == "a red fox"  # URL-unquoted
     messy = "<b>Two</b> cats &amp; a dog — see https://example.com/x?y=1 or www.example.org @someone"
-    assert clean_caption(messy) == "two cats & a dog - see or"
-    assert clean_caption("\u201cquoted\u201d, ") == '"quoted"'
+    assert clean_caption(messy) == "two cats a dog - see or"
+    assert clean_caption("\u201cquoted\u201d, ") == "quoted"
+    # LlamaGen's outputs for typed prompts (its regexes run on these by a review)
+    assert clean_caption("A cat (orange) & a dog") == "a cat orange a dog"
+    assert clean_caption('"a red car"') == "a red car"
+    assert clean_caption("a dog... running") == "a dog running"
+    assert clean_caption("red,blue") == "red, blue"
+    assert clean_caption("cats/dogs on a *table*") == "cats dogs on a table"
     assert clean_caption(clean_caption("Mixed CASE, twice")) == clean_caption("Mixed CASE, twice")

@@ -133,8 +133,8 @@ FEATURE_MEMBERS = ("codes.npy", "hidden.bf16", "valid.npy", "json")
 
 def _to_features(raw: dict, expect: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, hidden, valid) of a checked feature sample; raises Corrupt for a damaged one. Every
-    sample must have the shapes of the first good one (`expect`, filled in from it when empty)."""
-    expect = {} if expect is None else expect
+    sample must have the shapes of the first good one (`expect`, when known)."""
+    expect = expect or {}
     check_members(raw, FEATURE_MEMBERS)
     try:
         shape = [int(d) for d in json.loads(raw["json"])["shape"]]
@@ -154,8 +154,6 @@ def _to_features(raw: dict, expect: dict | None = None) -> tuple[torch.Tensor, t
     hidden = hidden.view(*shape).float()
     if not torch.isfinite(hidden).all():
         raise Corrupt("hidden.bf16 holds non-finite values")
-    if "shape" not in expect:
-        expect.update(codes=len(codes), shape=shape, key=raw.get("__key__", "?"))
     return torch.from_numpy(codes.astype(np.int64)), hidden, torch.from_numpy(valid)
 
 
@@ -168,9 +166,13 @@ def read_feature_shards(urls: str, nodesplitter: Callable | None = None, *, stri
     for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
                               handler=shard_error_handler(urls, strict, counter),
                               nodesplitter=nodesplitter or wds.split_by_node):
-        sample = take_sample(raw, lambda r: _to_features(r, expect), strict=strict, counter=counter)
-        if sample is not None:
-            yield sample
+        sample = take_sample(raw, lambda r, e=expect: _to_features(r, e), strict=strict, counter=counter)
+        if sample is None:
+            continue
+        if not expect:  # the first good sample sets the shapes of the rest
+            codes, hidden, _ = sample
+            expect = {"codes": len(codes), "shape": list(hidden.shape), "key": raw.get("__key__", "?")}
+        yield sample
     _check_not_empty(f"feature shards {urls!r}", counter, before)
 
 

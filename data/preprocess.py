@@ -321,10 +321,10 @@ def _expected_shape(urls: str | list[str]) -> dict:
 
 
 def _to_code_sample(raw: dict, max_length: int, expect: dict | None = None) -> CodeSample:
-    """A checked CodeSample; raises Corrupt for a damaged sample. `expect` (see `_expected_shape`)
-    is filled in from this sample when empty. Too many caption tokens for `max_length` is not a
-    damaged sample but reading with the wrong settings: a plain ValueError."""
-    expect = {} if expect is None else expect
+    """A checked CodeSample; raises Corrupt for a damaged sample, one that does not match `expect`
+    (see `_expected_shape`) included. Too many caption tokens for `max_length` is not a damaged
+    sample but reading with the wrong settings: a plain ValueError."""
+    expect = expect or {}
     key = raw.get("__key__", "?")
     check_members(raw, ("codes.npy", "text.npy", "txt"))
     valid = load_member(raw, "text.npy")  # [n, C]
@@ -349,8 +349,6 @@ def _to_code_sample(raw: dict, max_length: int, expect: dict | None = None) -> C
         caption = raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else str(raw["txt"])
     except UnicodeDecodeError:
         raise Corrupt("caption is not utf-8") from None
-    if "codes" not in expect:
-        expect.update(codes=len(codes), dim=valid.shape[1], source=f"the first good sample ({key!r})")
     text = torch.zeros(max_length, valid.shape[1])
     text[max_length - n:] = torch.from_numpy(valid.astype(np.float32))
     mask = torch.arange(max_length) >= max_length - n
@@ -372,9 +370,14 @@ def read_code_shards(urls: str | list[str], *, max_length: int, nodesplitter: Ca
                              handler=shard_error_handler(urls, strict, counter),
                              nodesplitter=nodesplitter or wds.split_by_node)
     for raw in dataset:
-        sample = take_sample(raw, lambda r: _to_code_sample(r, max_length, expect), strict=strict, counter=counter)
-        if sample is not None:
-            yield sample
+        sample = take_sample(raw, lambda r, e=expect: _to_code_sample(r, max_length, e), strict=strict,
+                             counter=counter)
+        if sample is None:
+            continue
+        if "codes" not in expect:  # no manifest: the first good sample sets the shape of the rest
+            expect = {"codes": len(sample.codes), "dim": sample.text.shape[1],
+                      "source": f"the first good sample ({sample.key!r})"}
+        yield sample
     _check_not_empty(f"code shards {urls!r}", counter, before)
 
 

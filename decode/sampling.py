@@ -37,7 +37,8 @@ def cfg_combine(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Ten
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Temperature, then top-k, then top-p (LlamaGen's order); filtered entries become -inf."""
-    logits = logits / max(params.temperature, 1e-5)
+    if params.temperature != 1.0:  # (x / 1 is x: no copy per drafter level at the default)
+        logits = logits / max(params.temperature, 1e-5)
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from decode.metrics import ImageStats, write_tables  # noqa: E402
 from decode.pipeline import RUN_FILE, pick_device  # noqa: E402
-from decode.quality import CLIPScorer, InceptionPool, precision_recall  # noqa: E402
+from decode.quality import CLIPScorer, FIDReference, InceptionPool, precision_recall  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -71,7 +71,7 @@ class Run:
 class RealSet:
     folder: Path
     files: list[Path]
-    unreadable: int = 0  # files skipped because PIL could not open them (grows while they are decoded)
+    unreadable: int = 0  # files PIL could not open when the folder was listed
 
 
 @dataclass
@@ -333,7 +333,8 @@ def features(files: list[Path], size: tuple[int, int], feature: nn.Module, *, ba
 
 
 class _Given(nn.Module):
-    """Features computed beforehand: torchmetrics' FID takes them as they are."""
+    """Features computed beforehand: torchmetrics' FID takes them as they are (the same Inception pool
+    features precision/recall uses, so no image goes through Inception twice)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -341,22 +342,6 @@ class _Given(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
-
-
-class FeatureFID:
-    """torchmetrics' FrechetInceptionDistance of many sets against one real set, fed features computed once
-    (the same Inception pool features that precision/recall uses), so no image goes through Inception twice."""
-
-    def __init__(self, real: Tensor):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        self.metric = FrechetInceptionDistance(feature=_Given(real.shape[1]), reset_real_features=False)
-        self.metric.update(real, real=True)
-
-    def __call__(self, fake: Tensor) -> float:
-        self.metric.reset()  # the fake statistics only
-        self.metric.update(fake, real=False)
-        return float(self.metric.compute())
 
 
 def evaluate(plan: Plan, *, feature: nn.Module, device: torch.device, batch_size: int = 64, workers: int = 0,
@@ -367,17 +352,16 @@ def evaluate(plan: Plan, *, feature: nn.Module, device: torch.device, batch_size
     feature = feature.to(device).eval()
     kw = dict(batch_size=batch_size, device=device, workers=workers, progress=progress)
     real_feats, kept = features(plan.real.files, plan.size, feature, strict=False, desc="real", **kw)
-    plan.real.unreadable += len(plan.real.files) - len(kept)
+    unreadable = plan.real.unreadable + len(plan.real.files) - len(kept)  # at listing, then at decoding
     if len(kept) < plan.pr_k + 1:
-        raise ValueError(f"real={plan.real.folder}: {len(kept)} image(s) could be decoded ({plan.real.unreadable} "
+        raise ValueError(f"real={plan.real.folder}: {len(kept)} image(s) could be decoded ({unreadable} "
                          f"unreadable); precision/recall with k={plan.pr_k} needs at least {plan.pr_k + 1}")
-    fid_of = FeatureFID(real_feats)
-    meta = _meta(plan, device, len(kept))
+    fid_of = FIDReference(real_feats, batch_size=max(1, len(real_feats)), feature=_Given(real_feats.shape[1]))
+    meta = _meta(plan, device, len(kept), unreadable)
     if plan.real2 is not None:
         feats2, kept2 = features(plan.real2.files, plan.size, feature, strict=False, desc="real2", **kw)
-        plan.real2.unreadable += len(plan.real2.files) - len(kept2)
         meta.update(fid_floor=fid_of(feats2) if len(kept2) >= 2 else float("nan"), real2_images=len(kept2),
-                    real2_unreadable=plan.real2.unreadable)
+                    real2_unreadable=plan.real2.unreadable + len(plan.real2.files) - len(kept2))
     rows = []
     bar = tqdm(plan.runs, desc="evaluate", unit="run", disable=not progress)
     for run in bar:
@@ -411,8 +395,8 @@ def evaluate(plan: Plan, *, feature: nn.Module, device: torch.device, batch_size
     return rows, meta
 
 
-def _meta(plan: Plan, device: torch.device, real_images: int) -> dict:
-    return dict(real=str(plan.real.folder), real_images=real_images, real_unreadable=plan.real.unreadable,
+def _meta(plan: Plan, device: torch.device, real_images: int, unreadable: int) -> dict:
+    return dict(real=str(plan.real.folder), real_images=real_images, real_unreadable=unreadable,
                 image_size=list(plan.size), pr_k=plan.pr_k, clip=plan.clip,
                 feature_device=f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu"
                 else torch.cuda.get_device_name(device),

@@ -162,9 +162,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
     try:
-        return _run_rank(cfg, jobs, options, run_settings(cfg, options, prompts), ranks, device)
-    finally:
-        distributed.finish(ranks)
+        result = _run_rank(cfg, jobs, options, run_settings(cfg, options, prompts), ranks, device)
+    except BaseException:
+        distributed.finish(ranks, completed=False)
+        raise
+    distributed.finish(ranks, completed=True)
+    return result
 
 
 def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ranks: Ranks,

@@ -70,6 +70,13 @@ def gather(rows: list, ranks: Ranks) -> list:
     return [r for part in out for r in part] if ranks.main else []
 
 
-def finish(ranks: Ranks) -> None:
-    if ranks.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def finish(ranks: Ranks, completed: bool) -> None:
+    """Leave the process group. After a completed run every rank first waits for the others: a rank
+    that tore gloo down while rank 0 was still finishing its gather could abort at exit (SIGABRT,
+    "terminate called without an active exception"), turning a finished run into a failed one. After
+    an error there is no waiting: the other ranks may never arrive, and torchrun stops them."""
+    if not (ranks.distributed and dist.is_initialized()):
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()

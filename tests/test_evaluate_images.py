@@ -191,6 +191,23 @@ def test_clip_scores_in_the_stats_are_reused(ev, tmp_path):
     assert rows[0]["clip_score"] == pytest.approx(0.25) and rows[0]["clip_source"] == "stats.jsonl"
 
 
+def test_runs_without_clip_scores_are_scored_each_image_with_its_own_prompt(ev, tmp_path):
+    ar = make_run(tmp_path / "ar", "ar", [1.0, 1.0])  # no CLIP score in its stats
+    seen = {}
+
+    def scorer(images, prompts):  # stands in for CLIPScorer: uint8 [B, 3, 32, 32] and the B captions
+        for image, prompt in zip(images, prompts):
+            seen[prompt] = image.float().mean().item()
+        return [float(PROMPTS.index(p)) for p in prompts]
+
+    rows, _ = _evaluate(ev, _cfg([ar], make_real(tmp_path / "real")), clip=scorer)
+    assert rows[0]["clip_source"] == "clip folder" and rows[0]["clip_score"] == pytest.approx(3.5)
+    assert sorted(seen) == sorted(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):  # the image scored with prompt i is image i (flat colours differ)
+        png = np.asarray(Image.open(ar / "images" / f"{i:05d}_000.png").resize((32, 32)), dtype=np.float64)
+        assert seen[prompt] == pytest.approx(png.mean(), abs=2.0)
+
+
 def test_the_config_composes_and_the_entry_point_reports_bad_input_in_one_line(tmp_path):
     from hydra import compose, initialize_config_dir
 

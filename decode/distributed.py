@@ -71,11 +71,17 @@ def gather(rows: list, ranks: Ranks) -> list:
 
 
 def finish(ranks: Ranks, completed: bool) -> None:
-    """Leave the process group. After a completed run every rank first waits for the others: a rank
-    that tore gloo down while rank 0 was still finishing its gather could abort at exit (SIGABRT,
-    "terminate called without an active exception"), turning a finished run into a failed one. After
-    an error there is no waiting: the other ranks may never arrive, and torchrun stops them."""
-    if not (ranks.distributed and dist.is_initialized()):
+    if ranks.distributed:
+        leave(completed)
+
+
+def leave(completed: bool) -> None:
+    """Leave the default process group, if this process is in one (decoding and training both end here).
+    After a completed run every rank first waits for the others: a rank that tore gloo down while rank 0
+    was still finishing its gather could abort at exit (SIGABRT, "terminate called without an active
+    exception"), turning a finished run into a failed one. After an error there is no waiting: the other
+    ranks may never arrive, and torchrun stops them."""
+    if not (dist.is_available() and dist.is_initialized()):
         return
     if completed:
         dist.barrier()

@@ -93,14 +93,15 @@ def main() -> None:
     if not any(a.startswith("hydra.searchpath=") for a in sys.argv):  # a DDP child already has it
         sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
     run = importlib.import_module(TASKS[task][0]).run
+    from decode.distributed import leave
+
     try:
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(
             reporting_input_errors(in_run_dir(run)))()
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # gloo threads can abort the exit otherwise
-            dist.destroy_process_group()
+    except BaseException:  # Hydra reports a failed run as SystemExit
+        leave(completed=False)
+        raise
+    leave(completed=True)  # DDP ranks: gloo threads can abort the exit if the group is left in place
 
 
 if __name__ == "__main__":

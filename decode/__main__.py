@@ -161,13 +161,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     options = options_from_config(cfg.method)  # bad knobs fail before any model loads
     ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
-    try:
-        result = _run_rank(cfg, jobs, options, run_settings(cfg, options, prompts), ranks, device)
-    except BaseException:
-        distributed.finish(ranks, completed=False)
-        raise
-    distributed.finish(ranks, completed=True)
-    return result
+    with distributed.group_left_at_end():
+        return _run_rank(cfg, jobs, options, run_settings(cfg, options, prompts), ranks, device)
 
 
 def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ranks: Ranks,

@@ -8,6 +8,7 @@ the others and exits with that rank's error.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -70,17 +71,23 @@ def gather(rows: list, ranks: Ranks) -> list:
     return [r for part in out for r in part] if ranks.main else []
 
 
-def finish(ranks: Ranks, completed: bool) -> None:
-    if ranks.distributed:
-        leave(completed)
+@contextmanager
+def group_left_at_end():
+    """Leave the default process group, if this process is in one, when the block ends (decoding and
+    training both end here). After a completed run every rank first waits for the others: a rank that
+    tore gloo down while rank 0 was still finishing its gather could abort at exit (SIGABRT, "terminate
+    called without an active exception"), turning a finished run into a failed one. After an error
+    (Hydra reports one as SystemExit) there is no waiting: the other ranks may never arrive, and
+    torchrun stops them."""
+    try:
+        yield
+    except BaseException:
+        _leave(completed=False)
+        raise
+    _leave(completed=True)
 
 
-def leave(completed: bool) -> None:
-    """Leave the default process group, if this process is in one (decoding and training both end here).
-    After a completed run every rank first waits for the others: a rank that tore gloo down while rank 0
-    was still finishing its gather could abort at exit (SIGABRT, "terminate called without an active
-    exception"), turning a finished run into a failed one. After an error there is no waiting: the other
-    ranks may never arrive, and torchrun stops them."""
+def _leave(completed: bool) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if completed:

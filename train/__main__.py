@@ -93,15 +93,11 @@ def main() -> None:
     if not any(a.startswith("hydra.searchpath=") for a in sys.argv):  # a DDP child already has it
         sys.argv.append(f"hydra.searchpath=[file://{CONF_DIR / 'train' / task}]")
     run = importlib.import_module(TASKS[task][0]).run
-    from decode.distributed import leave
+    from decode.distributed import group_left_at_end
 
-    try:
+    with group_left_at_end():  # DDP ranks: gloo threads can abort the exit if the group is left in place
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=f"train_{task}")(
             reporting_input_errors(in_run_dir(run)))()
-    except BaseException:  # Hydra reports a failed run as SystemExit
-        leave(completed=False)
-        raise
-    leave(completed=True)  # DDP ranks: gloo threads can abort the exit if the group is left in place
 
 
 if __name__ == "__main__":

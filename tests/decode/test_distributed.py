@@ -1,9 +1,11 @@
 """decode.distributed: torchrun's environment is read strictly, and a process leaves its group waiting
 for the others only after a completed run (after an error the others may never arrive)."""
+from contextlib import nullcontext
+
 import pytest
 import torch.distributed as dist
 
-from decode.distributed import Ranks, leave, ranks_from_env
+from decode.distributed import Ranks, group_left_at_end, ranks_from_env
 
 
 def test_ranks_come_from_torchruns_environment(monkeypatch):
@@ -20,16 +22,20 @@ def test_ranks_come_from_torchruns_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("completed", [True, False])
-def test_leave_waits_for_the_others_only_after_a_completed_run(tmp_path, monkeypatch, completed):
+def test_the_group_is_left_waiting_for_the_others_only_after_a_completed_run(tmp_path, monkeypatch, completed):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     barriers = []
     real_barrier = dist.barrier
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k)))
     try:
-        leave(completed)
+        with pytest.raises(RuntimeError, match="a failed run") if not completed else nullcontext():
+            with group_left_at_end():
+                if not completed:
+                    raise RuntimeError("a failed run")
         assert not dist.is_initialized()
         assert barriers == ([1] if completed else [])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    leave(completed)  # outside a group: nothing to do
+    with group_left_at_end():  # outside a group: nothing to do
+        pass

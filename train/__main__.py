@@ -70,8 +70,13 @@ def in_run_dir(run):
             from hydra.core.hydra_config import HydraConfig
             from omegaconf import open_dict
 
+            from train.common import resume_step
+
+            run_dir = HydraConfig.get().runtime.output_dir
+            if cfg.get("ckpt_path") == "last":  # a fresh run folder holds nothing to resume: say which to give
+                resume_step(cfg, Path(run_dir))
             with open_dict(cfg):
-                cfg.out_dir = HydraConfig.get().runtime.output_dir
+                cfg.out_dir = run_dir
         return run(cfg)
     return job
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def output_dir(cfg: DictConfig, model: str | None = None) -> Path:
-    """The run's folder: `out_dir=` if given, else Hydra's run directory.
+    """The run's folder, `out_dir=` (`python -m train` fills an unset one with Hydra's run directory).
 
     `model` names the sub-folder the task saves its result to: a folder that already holds it, or
     Lightning checkpoints, is refused unless the run resumes (ckpt_path) or says overwrite=true.

@@ -114,12 +114,12 @@ class EagleDrafting:
                                valid=torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device),
                                count=step.counts)
 
-    def _logp(self, hidden: Tensor, sampling: SamplingParams | None) -> Tensor:
+    def _logp(self, hidden: Tensor, sampling: SamplingParams) -> Tensor:
         """Drafter features [G*B, T, D] -> CFG-combined log-probabilities [B, T, V], after the
         sampling's logits processor (temperature, top-k, top-p) as in the released EAGLE-2 code; the
         processor changes the cumulative scores and so the tree's shape. Greedy: none."""
         logits = self.target.guide(hidden).logits.float()
-        if sampling is not None and not sampling.greedy:
+        if not sampling.greedy:
             logits = filter_logits(logits, sampling)
         return logits.log_softmax(-1)
 
@@ -137,7 +137,7 @@ class EagleDrafting:
         last = to_device(count - 1, dev)  # the root's entry is each row's last
         return out[torch.arange(out.shape[0], device=dev), last][:, None]
 
-    def grow(self, root_token: Tensor, root_feat: Tensor, sampling: SamplingParams | None = None) -> Tree:
+    def grow(self, root_token: Tensor, root_feat: Tensor, sampling: SamplingParams) -> Tree:
         """EAGLE-2 dynamic tree from the root token [B] and the root's predicted feature [G*B, 1, D]:
         deterministic top-k children (LANTERN treats these drafts as q = 1 when sampling)."""
         k, g = self.params.top_k, self.target.groups

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from decode.acceptance import make_acceptance
-from decode.host import to_device
+from decode.host import to_device, wait_for
 from decode.sampling import SamplingParams, sample
 from decode.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
 from decode.target import Condition, LlamaGenTarget, TargetOutput
@@ -57,11 +57,6 @@ class Method:
     acceptance: Callable | None = None
     scheduler: Scheduler = field(default_factory=NeverSkip)
     staleness: int = 0  # VVS: how many positions further back the reused stale features are
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -121,7 +116,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     if phase_times is None:
         phase_times = device.type != "cuda"
     lap = functools.partial(_lap, timing, device if phase_times else None)
-    _sync(device)
+    wait_for(device)
     t0 = time.perf_counter()
     drafting = method.drafting(target, b, num_tokens) if method.drafting else None
     cache, out = target.start(condition, num_tokens, extra_slots=256 if drafting else 1,
@@ -134,7 +129,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
     made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
     made[:, 0] = root
-    _sync(device)
+    wait_for(device)
     t1 = time.perf_counter()
     rows = _Rows.start(b)
     step = passes = 0
@@ -169,7 +164,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         if drafting:
             drafting.observe(outcome, sampling, generators)
         step += 1
-    _sync(device)
+    wait_for(device)
     t2 = time.perf_counter()
     c = {k: torch.tensor(v) for k, v in rows.counts.items()}
     return Generation(tokens=made[:, :num_tokens], nfe=c["nfe"], steps=c["steps"], prefill_s=t1 - t0,
@@ -182,7 +177,7 @@ def _lap(timing: dict[str, float], device, phase: str, since: float) -> float:
     """Charge the time since `since` to `phase` (device None: phases are not timed)."""
     if device is None:
         return since
-    _sync(device)
+    wait_for(device)
     now = time.perf_counter()
     timing[phase] += now - since
     return now

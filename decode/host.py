@@ -29,6 +29,13 @@ from torch.overrides import TorchFunctionMode
 _COUNTERS: list["SyncCounter"] = []
 
 
+def wait_for(device: torch.device) -> None:
+    """Let the host wait until `device` has run everything queued: at a timer's ends, so GPU work is
+    timed where it runs (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fetch(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Host copies of device tensors behind a single wait for the device."""
     copies = tuple(t.to("cpu", non_blocking=True) for t in tensors)

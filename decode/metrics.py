@@ -102,7 +102,8 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
            if mean('draft_s') + mean('verify_s') + mean('schedule_s') > 0
            else "phases not timed: on a GPU that needs three waits a step, phase_times=True in generate)"),
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
-        f"throughput          {n / sum(l for l, _ in batches):.2f} images/s decoding (prefill to last token), "
+        f"throughput          {n / sum(l for l, _ in batches):.2f} images/s decoding (prefill to last token, "
+        f"one process: the batches' latencies summed), "
         f"{n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s: text, VQ, scoring and files included)",
     ]
     scored = [r.alignment for r in rows if r.alignment is not None]
@@ -122,10 +123,8 @@ def write_tables(out: Path, stem: str, markdown: str, payload: dict, rows: list[
     """<stem>.md, <stem>.json and <stem>.csv (the given columns of `rows`) in `out`, each written to a
     temporary name and renamed, so an interrupted script keeps its last complete tables."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in ((f"{stem}.md", markdown), (f"{stem}.json", json.dumps(payload, indent=2) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    write_summary(out / f"{stem}.md", markdown.rstrip("\n"))
+    write_summary(out / f"{stem}.json", json.dumps(payload, indent=2))
     with open(out / f"{stem}.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from decode.engine import _sync, generate_ar
+from decode.engine import generate_ar
+from decode.host import wait_for
 from decode.metrics import ImageStats, append_jsonl, speed_stats
 from decode.sampling import SamplingParams, row_generators
 from decode.target import Condition, LlamaGenTarget
@@ -185,14 +186,14 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
         batch = todo[start:start + batch_size]
         t0 = time.perf_counter()
         cond = condition_for(target, text, [j.prompt for j in batch])
-        _sync(device)  # on a GPU the encoder's kernels would otherwise land in the decode's timer
+        wait_for(device)  # on a GPU t_text would otherwise miss the encoder's queued kernels
         t_text = time.perf_counter() - t0
         gen = generate(target, cond, num_tokens=target.num_image_tokens, sampling=sampling,
                           generators=row_generators([j.seed for j in batch], device))
         t1 = time.perf_counter()
         with torch.no_grad():
             images = vq.decode_codes(gen.tokens.to(next(vq.parameters()).device))
-        _sync(images.device)
+        wait_for(images.device)
         t_vq = time.perf_counter() - t1
         aligned = scorer(images, [j.prompt for j in batch]) if scorer is not None else [None] * len(batch)
         clipped = clip(images, [j.prompt for j in batch]) if clip is not None else [None] * len(batch)

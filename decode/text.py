@@ -73,7 +73,9 @@ def clean_caption(caption: str) -> str:
     spaces, ellipses dropped, a space after glued punctuation, dash runs collapsed, surrounding
     quotes and end punctuation trimmed, whitespace collapsed. The released function also runs ftfy
     and BeautifulSoup and strips ids, file names, CJK ranges and shop boilerplate; those rules (for
-    scraped captions) are not here, so scraped markup may be cleaned differently."""
+    scraped captions) are not here, so scraped markup may be cleaned differently. Two of its rules that
+    typed prompts can meet are not here either: more than three '-' or '_' in a caption all become
+    spaces ("black-and-white" style captions), and a lone " . " becomes a space."""
     for _ in range(2):
         text = urllib.parse.unquote_plus(str(caption)).strip().lower()
         text = text.replace("<person>", "person")
@@ -90,6 +92,15 @@ def clean_caption(caption: str) -> str:
         text = re.sub(r'^["\']([\s\S]+)["\']$', r"\1", text)  # a prompt typed in quotes
         caption = re.sub(r"[\s'_,\-:+]+$", "", re.sub(r"^[\s'_,\-:;]+", "", text)).strip()
     return caption
+
+
+def _cleaned(prompts: list[str]) -> list[str]:
+    cleaned = [clean_caption(p) for p in prompts]
+    for i, (prompt, text) in enumerate(zip(prompts, cleaned)):
+        if not text:
+            raise ValueError(f"prompt {i} ({prompt[:60]!r}) has nothing left after LlamaGen's caption cleaning: "
+                             "give words, or set text_encoder.clean_captions=false")
+    return cleaned
 
 
 class HFTextEncoder:
@@ -113,7 +124,7 @@ class HFTextEncoder:
     def encode(self, prompts: list[str]) -> TextFeatures:
         prompts = check_prompts(prompts)
         if self.clean:
-            prompts = check_prompts([clean_caption(p) for p in prompts])  # nothing left: refused
+            prompts = _cleaned(prompts)
         for p in prompts:
             n = len(self.tokenizer(p)["input_ids"])
             if n > self.max_length:

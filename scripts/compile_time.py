@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode.engine import _sync  # noqa: E402
+from decode.host import wait_for  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 
@@ -36,10 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def timed(fn, device) -> float:
-    _sync(device)
+    wait_for(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    wait_for(device)
     return time.perf_counter() - t0
 
 

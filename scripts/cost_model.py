@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))
 from decode.acceptance import Relaxation, SampledAcceptance, latent_neighbours  # noqa: E402
 from decode.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
 from decode.drafting import EagleDrafting  # noqa: E402
-from decode.engine import _sync, generate_ar  # noqa: E402
+from decode.engine import generate_ar  # noqa: E402
+from decode.host import wait_for  # noqa: E402
 from decode.jacobi import JacobiDrafting  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
@@ -63,10 +64,10 @@ def timed(fn, repeats: int, device) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        _sync(device)
+        wait_for(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        wait_for(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -60,6 +60,8 @@ def test_flan_t5_folder_loads_with_left_padding(tmp_path):
     torch.testing.assert_close(enc.encode(["a small red star https://example.com/star.png"]).emb, feats.emb)
     raw = load_text_encoder("t5", path=str(tmp_path), max_length=12, clean_captions=False)
     assert not torch.equal(raw.encode(["a small red star https://example.com/star.png"]).emb, feats.emb)
+    with pytest.raises(ValueError, match="prompt 0 .* nothing left after LlamaGen's caption cleaning"):
+        enc.encode(["https://example.com/star.png"])
 
 
 def test_unknown_kind_is_named():

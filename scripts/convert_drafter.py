@@ -36,14 +36,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder
+from decode.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, read_state_dict
 from decode.drafter import KIND, Drafter, DrafterConfig, check_fits, load_drafter, save_drafter
+from decode.pipeline import DTYPES
 from decode.target import LlamaGenGPT, build_gpt
 
 # --- the key table ---------------------------------------------------------------------------------
@@ -74,7 +75,6 @@ PREFIX_NOTE = ("LANTERN feeds the embedding of token id 0 at the drafter's prefi
                "trained with a zero embedding there (prefix_token null): under LANTERN's code the prefix values "
                "differ by a constant and every drafted feature moves with its attention mass on the prefix "
                "(--zero-token0-embedding makes the prefix exact, at the cost of code 0)")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _layer_pairs(cfg: DrafterConfig):
@@ -170,7 +170,7 @@ def read_lantern_folder(folder: str | Path) -> tuple[dict, dict[str, Tensor]]:
             raise CheckpointError(f"{bin_path}: not a plain tensor state dict "
                                   f"({type(err).__name__}: {err})") from err
     elif st_path.is_file():
-        obj = load_file(st_path)
+        obj = read_state_dict(st_path)  # a truncated file: a one-line CheckpointError
     else:
         raise FileNotFoundError(f"{folder}: neither pytorch_model.bin nor model.safetensors")
     if not isinstance(obj, dict):
@@ -318,8 +318,11 @@ def export_lantern(folder: str | Path, gpt: LlamaGenGPT, out: str | Path, fmt: s
     emb = gpt.tok_embeddings.weight.detach().cpu().clone()
     if zero_token0_embedding:
         emb[0] = 0  # LANTERN's prefix slots then see the zero embedding this drafter was trained with
-    elif cfg.prefix_token != 0:
+    elif cfg.prefix_token is None:
         warnings.warn(PREFIX_NOTE)
+    elif cfg.prefix_token != 0:
+        warnings.warn(f"this drafter embeds token {cfg.prefix_token} at its prefix slots, LANTERN's code token 0: "
+                      "under LANTERN's code its drafted features change (--zero-token0-embedding does not help)")
     lantern = {EMBED_KEY: emb, **to_lantern(ours, cfg)}
     lantern = {k: v.to(tdtype).contiguous() for k, v in lantern.items()}
     check_keys(lantern, lantern_shapes(cfg), "export")
@@ -364,6 +367,9 @@ def load_gpt(target: str, size: str, geometry: dict, overrides: list[str]) -> Ll
     """A project target folder, or an official file (`size`, the drafter's geometry, --set overrides)."""
     if Path(target).is_dir():
         return build_gpt(target)
+    bad = [kv for kv in overrides if "=" not in kv]
+    if bad:
+        raise ValueError(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. --set caption_dim=2048")
     sets = dict(kv.split("=", 1) for kv in overrides)
     return build_gpt(target, size=size, **{**geometry, **{k: _value(v) for k, v in sets.items()}})
 
@@ -391,14 +397,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _geometry(block: int, prefix: int, vocab: int) -> dict:
+    """The official target's geometry for a drafter of `block` image tokens and `prefix` slots."""
+    return {"model_type": "c2i" if prefix == 1 else "t2i", "block_size": block,  # c2i: one class slot
+            "cls_token_num": prefix, "vocab_size": vocab}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "import":
             config = read_lantern_config(args.source)
             block, prefix = lantern_geometry(config, args.source)
-            geo = {"model_type": "c2i" if prefix == 1 else "t2i", "block_size": block,  # c2i: one class slot
-                   "cls_token_num": prefix, "vocab_size": config.get("vocab_size", 16384)}
+            geo = _geometry(block, prefix, config.get("vocab_size", 16384))
             if "caption_dim" in config:
                 geo["caption_dim"] = config["caption_dim"]
             gpt = load_gpt(args.target, args.size, geo, args.set)
@@ -406,12 +417,11 @@ def main(argv=None) -> int:
         else:
             meta, _ = read_model_folder(args.source, kind=KIND)
             c = meta["config"]
-            geo = {"model_type": "c2i" if c["cls_token_num"] == 1 else "t2i", "block_size": c["block_size"],
-                   "cls_token_num": c["cls_token_num"], "vocab_size": c["vocab_size"]}
+            geo = _geometry(c["block_size"], c["cls_token_num"], c["vocab_size"])
             gpt = load_gpt(args.target, args.size, geo, args.set)
             out = export_lantern(args.source, gpt, args.out, args.format, args.dtype,
                                  args.zero_token0_embedding)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -78,21 +78,37 @@ class FIDReference:
         return float(self.metric.compute())
 
 
+def _knn_radii(x: Tensor, k: int) -> Tensor:
+    return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # +1: the sample itself is at distance 0
+
+
+def _covered(points: Tensor, centres: Tensor, radii: Tensor) -> float:
+    return float((torch.cdist(points, centres) <= radii[None]).any(1).float().mean())
+
+
+class PRReference:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of many generated sets against one real
+    set, with k-NN balls in a feature space: precision = share of fake samples inside some real
+    sample's ball, recall the converse. The real set's balls (an N x N distance matrix) are computed
+    once, as FIDReference computes the real statistics once."""
+
+    def __init__(self, real: Tensor, k: int = 3):
+        if len(real) <= k:
+            raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+        self.real, self.k = real.double(), k
+        self.real_radii = _knn_radii(self.real, k)
+
+    def __call__(self, fake: Tensor) -> tuple[float, float]:
+        fake = fake.double().to(self.real.device)
+        if len(fake) <= self.k:
+            raise ValueError(f"precision/recall with k={self.k} needs more than {self.k} samples per set")
+        return (_covered(fake, self.real, self.real_radii),
+                _covered(self.real, fake, _knn_radii(fake, self.k)))
+
+
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls in a feature space:
-    precision = share of fake samples inside some real sample's ball, recall the converse."""
-
-    def radii(x: Tensor) -> Tensor:
-        d = torch.cdist(x, x)
-        return d.kthvalue(k + 1, dim=1).values  # +1: the sample itself is at distance 0
-
-    def covered(points: Tensor, centres: Tensor) -> float:
-        return float((torch.cdist(points, centres) <= radii(centres)[None]).any(1).float().mean())
-
-    real, fake = real.double(), fake.double()
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    return covered(fake, real), covered(real, fake)
+    """PRReference(real, k)(fake), for one generated set."""
+    return PRReference(real, k)(fake)
 
 
 class CLIPScorer:

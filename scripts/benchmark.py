@@ -36,7 +36,7 @@ from decode.evaluator import load_evaluator, score_images  # noqa: E402
 from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config  # noqa: E402
 from decode.metrics import speed_stats, write_tables  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
-from decode.quality import CLIPScorer, FIDReference, InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
+from decode.quality import CLIPScorer, FIDReference, InceptionPool, PRReference, fid, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 from decode.scheduler import load_scheduler_policy  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
@@ -259,6 +259,7 @@ def main(cfg: DictConfig) -> None:
     inception = InceptionPool()
     fid_ref = FIDReference(real, feature=inception)
     align_real, feat_real = score_images(evaluator, real, attrs)
+    pr_of = PRReference(feat_real, k=PR_K)  # the real set's k-NN balls, once for every run
     meta = _meta(cfg, device, fid(real, real2, feature=inception), float(align_real.mean()))
     sampling = SamplingParams(**cfg.sampling)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
@@ -286,7 +287,7 @@ def main(cfg: DictConfig) -> None:
             if run.method == "ar":  # the reference of every run with this seed and batch size
                 ar_latency.setdefault((seed, batch_size), wall)
             align, feats = score_images(evaluator, images, attrs)
-            precision, recall = precision_recall(feat_real, feats, k=PR_K)
+            precision, recall = pr_of(feats)
             mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
             row = dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed, images=len(stats), nfe=mean("nfe"),
                        step_compression=mean("step_compression"), tau=mean("tau"), tau_all=mean("tau_all"),

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from decode.metrics import ImageStats, write_tables  # noqa: E402
 from decode.pipeline import RUN_FILE, pick_device  # noqa: E402
-from decode.quality import CLIPScorer, FIDReference, InceptionPool, precision_recall  # noqa: E402
+from decode.quality import CLIPScorer, FIDReference, InceptionPool, PRReference  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -357,6 +357,7 @@ def evaluate(plan: Plan, *, feature: nn.Module, device: torch.device, batch_size
         raise ValueError(f"real={plan.real.folder}: {len(kept)} image(s) could be decoded ({unreadable} "
                          f"unreadable); precision/recall with k={plan.pr_k} needs at least {plan.pr_k + 1}")
     fid_of = FIDReference(real_feats, batch_size=max(1, len(real_feats)), feature=_Given(real_feats.shape[1]))
+    pr_of = PRReference(real_feats.to(device), k=plan.pr_k)  # the real set's k-NN balls, once
     meta = _meta(plan, device, len(kept), unreadable)
     if plan.real2 is not None:
         feats2, kept2 = features(plan.real2.files, plan.size, feature, strict=False, desc="real2", **kw)
@@ -374,7 +375,7 @@ def evaluate(plan: Plan, *, feature: nn.Module, device: torch.device, batch_size
         fake, _ = features(run.images, plan.size, feature, desc=run.label, on_batch=on_batch, **kw)
         row["fid"] = fid_of(fake)
         if len(fake) > plan.pr_k:
-            row["precision"], row["recall"] = precision_recall(real_feats.to(device), fake.to(device), k=plan.pr_k)
+            row["precision"], row["recall"] = pr_of(fake)
         else:
             row["precision"] = row["recall"] = float("nan")
         if score_now:

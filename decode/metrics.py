@@ -80,13 +80,29 @@ def append_jsonl(path: str | os.PathLike, rows: list[ImageStats]) -> None:
         os.fsync(f.fileno())
 
 
+def batches(rows: list[dict]) -> list[tuple[float, int]]:
+    """The decode batches behind the rows, as (latency_s, images). Every row of a batch carries the batch's
+    timings and its size; rows of one batch need not be adjacent (a multi-process run's stats.jsonl is
+    sorted by prompt), so rows are grouped by their timings, and a group holding more rows than its batch
+    size (two batches timed alike) is split into batches of that size."""
+    groups: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["latency_s"], r["batch_size"], r.get("prefill_s"), r.get("text_encode_s"), r.get("vq_decode_s"))
+        groups[key] = groups.get(key, 0) + 1
+    out = []
+    for (latency, size, *_), count in groups.items():
+        full, rest = divmod(count, max(int(size), 1))
+        out += [(float(latency), int(size))] * full + ([(float(latency), rest)] if rest else [])
+    return out
+
+
 def summary_table(rows: list[ImageStats], wall_s: float) -> str:
     """A short human summary of one decode run."""
     if not rows:
         return "no images were generated (all were already present?)"
     n = len(rows)
     mean = lambda key: sum(getattr(r, key) for r in rows) / n  # noqa: E731
-    batches = {(r.latency_s, r.batch_size) for r in rows}
+    found = batches([asdict(r) for r in rows])
     lines = [
         f"images              {n}  (method {rows[0].method}, device {rows[0].device}, dtype {rows[0].dtype}, "
         f"batch size {rows[0].batch_size})",
@@ -97,12 +113,12 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"tau                 {mean('tau'):.3f}  (tokens per verified step; {mean('tau_all'):.3f} over all steps)",
         f"skip ratio          {mean('skip_ratio'):.3f}  (skipped / all steps; {mean('tokens_per_skip'):.2f} tokens "
         f"per skipped step)",
-        f"latency per batch   {sum(l for l, _ in batches) / len(batches):.3f} s  (prefill to last token; "
+        f"latency per batch   {sum(l for l, _ in found) / len(found):.3f} s  (prefill to last token; "
         + (f"draft {mean('draft_s'):.3f} s, verify {mean('verify_s'):.3f} s, schedule {mean('schedule_s'):.3f} s)"
            if mean('draft_s') + mean('verify_s') + mean('schedule_s') > 0
            else "phases not timed: on a GPU that needs three waits a step, phase_times=True in generate)"),
         f"text encode / batch {mean('text_encode_s'):.3f} s,  VQ decode / batch {mean('vq_decode_s'):.3f} s",
-        f"throughput          {n / sum(l for l, _ in batches):.2f} images/s decoding (prefill to last token, "
+        f"throughput          {n / sum(l for l, _ in found):.2f} images/s decoding (prefill to last token, "
         f"one process: the batches' latencies summed), "
         f"{n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s: text, VQ, scoring and files included)",
     ]

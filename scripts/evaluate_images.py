@@ -30,7 +30,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.metrics import ImageStats, write_tables  # noqa: E402
+from decode.metrics import ImageStats, batches, write_tables  # noqa: E402
 from decode.pipeline import RUN_FILE, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, PRReference  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
@@ -221,22 +221,6 @@ def _labels(folders: list[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------- speed, from the stats rows
-
-def batches(rows: list[dict]) -> list[tuple[float, int]]:
-    """The decode batches behind the rows, as (latency_s, images). Every row of a batch carries the batch's
-    timings and its size; rows of one batch need not be adjacent (a multi-process run's stats.jsonl is
-    sorted by prompt), so rows are grouped by their timings, and a group holding more rows than its batch
-    size (two batches timed alike) is split into batches of that size."""
-    groups: dict[tuple, int] = {}
-    for r in rows:
-        key = (r["latency_s"], r["batch_size"], r.get("prefill_s"), r.get("text_encode_s"), r.get("vq_decode_s"))
-        groups[key] = groups.get(key, 0) + 1
-    out = []
-    for (latency, size, *_), count in groups.items():
-        full, rest = divmod(count, max(int(size), 1))
-        out += [(float(latency), int(size))] * full + ([(float(latency), rest)] if rest else [])
-    return out
-
 
 def speed(run: Run) -> dict:
     rows = run.rows

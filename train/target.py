@@ -142,19 +142,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = TargetModule(gpt=gpt_cfg, total_steps=int(cfg.trainer.max_steps),
                           **OmegaConf.to_container(cfg.optim, resolve=True))
     strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
-    datasets = {}
-    loader = lambda urls, repeat: DataLoader(  # noqa: E731
-        datasets.setdefault(repeat, CodeShards(urls, cfg.data.max_length, repeat, strict=strict)),
-        batch_size=cfg.data.batch_size, collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
+    train_data = CodeShards(train_urls, cfg.data.max_length, repeat=True, strict=strict)
+    heldout_data = CodeShards(heldout_urls, cfg.data.max_length, repeat=False, strict=strict)
+    loader = lambda data: DataLoader(data, batch_size=cfg.data.batch_size,  # noqa: E731
+                                     collate_fn=collate_code_samples, num_workers=cfg.data.num_workers)
     callbacks = []
     if cfg.samples.count and cfg.data.tokenizer:  # a random tokenizer's pictures say nothing
         callbacks.append(SampleGrid(sample_prompts(cfg.data, cfg.samples.count), cfg.data.tokenizer, out,
                                     cfg.samples.cfg_scale, cfg.data.max_length, cfg.seed))
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "target"), callbacks)
     t0 = time.perf_counter()
-    trainer.fit(module, loader(train_urls, True), loader(heldout_urls, False), ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, loader(train_data), loader(heldout_data), ckpt_path=cfg.get("ckpt_path"))
     wall = time.perf_counter() - t0
-    metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_urls, False), verbose=False)[0].items()}
+    metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_data), verbose=False)[0].items()}
     if trainer.is_global_zero:
         folder = save_model_folder(out / "target", module.gpt, module.gpt.config.to_dict(), kind="llamagen_gpt")
         write_model_card(folder, title="LlamaGen t2i target of the embedded world", cfg=cfg,
@@ -162,5 +162,5 @@ def run(cfg: DictConfig) -> dict[str, float]:
                          notes="Trained on OpenMoji (CC BY-SA 4.0) scenes; weights under CC BY-SA 4.0.")
         print(f"target: held-out NLL {metrics['val/nll']:.3f}, top-1 prob {metrics['val/top1_prob']:.3f}, "
               f"entropy {metrics['val/entropy']:.2f} nats, {trainer.global_step} steps in {wall:.0f} s -> {folder}")
-        report_reads_at_end(*datasets.values())
+        report_reads_at_end(train_data, heldout_data)
     return metrics

@@ -1,7 +1,6 @@
 """Both entry points run end to end as a user calls them (subprocesses)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,13 +12,6 @@ def _run(args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _free_port() -> int:
-    """A port nothing listens on now, so a busy fixed port cannot fail the torchrun tests."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_prompts_are_quoted_for_hydra():
@@ -113,7 +105,8 @@ def test_two_processes_write_the_images_of_one(tmp_path):
               f"hydra.run.dir={tmp_path}/h"]
     one = _run(["-m", "decode", f"out_dir={tmp_path / 'one'}", *common])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "decode",
+    # --standalone: torchrun picks a free port itself
+    two = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "decode",
                 f"out_dir={tmp_path / 'two'}", *common])
     assert two.returncode == 0, two.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "one" / "images").glob("*.png"))
@@ -123,6 +116,6 @@ def test_two_processes_write_the_images_of_one(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "two" / "stats.jsonl").read_text().splitlines()]
     assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(p, s) for p in range(3) for s in range(2)]
     assert "ranks               2" in two.stdout
-    again = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "decode",
+    again = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "decode",
                   f"out_dir={tmp_path / 'two'}", *common])
     assert again.returncode == 0 and "nothing to do: all 6 images" in again.stdout

@@ -34,10 +34,10 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
     monkeypatch.setattr(engine, "FeatureCache", Recording)
     monkeypatch.setattr(engine, "_skip", spying_skip)
     target, drafter, cond, codebook = world(2)
-    n = target.num_image_tokens
+    n = 24  # enough steps for several skips, without decoding the whole image
     method = build_method("vvs_u", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
                           options=MethodOptions(lantern_k=16, interval=2, warmup=2))
-    gen = run(target, cond, method, SAMPLED, seeds=[3, 4])
+    gen = run(target, cond, method, SAMPLED, seeds=[3, 4], n=n)
     assert (gen.skipped > 0).all()
     (cache,), rows = caches, states[-1]
     # the teacher-forced feature whose LM head predicts token j + 1 is token j's feature

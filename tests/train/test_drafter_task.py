@@ -89,15 +89,17 @@ def test_resume_continues_exactly(tmp_path):
     # killed (SIGKILL, no chance to clean up) once its first checkpoint is on disk, then resumed
     killed = tmp_path / "killed"
     cmd, env = train_command(*args(killed, "trainer.max_steps=10", "optim.total_steps=10"))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=sink,
+                                start_new_session=True)
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):  # already gone: the assertion below says so
         os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
     assert not (killed / "drafter").exists()  # it was killed before the end
     run(killed, "trainer.max_steps=10", "optim.total_steps=10", "ckpt_path=last")
     c = load_file(str(killed / "drafter" / "model.safetensors"))

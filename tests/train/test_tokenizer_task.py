@@ -1,22 +1,16 @@
 """`python -m train tokenizer experiment=smoke` runs end to end, writes a model folder, and resumes."""
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
 from decode.vq import load_vq
-from tests.conftest import REPO
+from tests.conftest import run_train
 
 
 def _train(out, *extra, run_dir=None):
     """out_dir=out, or (run_dir given) no out_dir: the run writes into Hydra's run dir."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["WANDB_MODE"] = "disabled"
     where = [f"hydra.run.dir={run_dir}"] if run_dir else [f"out_dir={out}", f"hydra.run.dir={out}/hydra"]
-    return subprocess.run([sys.executable, "-m", "train", "tokenizer", "experiment=smoke", *where, *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_train("tokenizer", "experiment=smoke", *where, *extra)
 
 
 def test_smoke_run_writes_a_loadable_tokenizer_and_resumes(tmp_path):
@@ -39,8 +33,6 @@ def test_smoke_run_writes_a_loadable_tokenizer_and_resumes(tmp_path):
 
 
 def test_wandb_offline_run_records_metrics_and_reconstruction_images(tmp_path):
-    from tests.conftest import run_train
-
     res = run_train("tokenizer", "experiment=smoke", "logger=wandb", "trainer.max_steps=10",
                     f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra", WANDB_MODE="offline")
     assert res.returncode == 0, res.stderr[-3000:]

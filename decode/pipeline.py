@@ -83,9 +83,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; otherwise the named device, if it is there."""
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device, if it is there.
+    On CUDA, also keeps this process's attention off cuDNN (see `avoid_cudnn_attention`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -96,7 +97,17 @@ def pick_device(name: str) -> torch.device:
                              f"(torch {torch.__version__}); use device=cpu or device=auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        avoid_cudnn_attention()
     return device
+
+
+def avoid_cudnn_attention() -> None:
+    """Turn off cuDNN's backend of `scaled_dot_product_attention` for this process (the
+    memory-efficient kernel takes the masked passes instead). cuDNN builds an execution plan per
+    new key length, and a decode's key length grows at every step: on an H200 (torch 2.11, bf16)
+    each drafter pass of a round spent ~68 ms on the host building one, and a drafter round at XL
+    dimensions took 230-270 ms (docs/results.md, the GPU section)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def compile_models(setting, *models) -> str | None:

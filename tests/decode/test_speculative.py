@@ -40,6 +40,23 @@ def test_ancestry_mask_follows_parent_pointers():
     assert m[2].tolist() == [True, False, True, False, False]
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 17, 59])
+def test_ancestry_mask_equals_a_walk_up_the_parents(size):
+    g = torch.Generator().manual_seed(size)
+    # random trees, three rows: each node's parent is an earlier node (node 0, or a chain: deepest)
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(i, (1,), generator=g)) for i in range(1, size)]),
+                           torch.arange(-1, size - 1),
+                           torch.tensor([-1] + [0] * (size - 1))])
+    m = ancestry_mask(parents)
+    for row, par in enumerate(parents.tolist()):
+        for node in range(size):
+            seen, a = set(), node
+            while a >= 0:
+                seen.add(a)
+                a = par[a]
+            assert [j for j in range(size) if m[row, node, j]] == sorted(seen)
+
+
 def test_static_shapes_have_their_level_widths_and_parents_first():
     shape = static_shape("naive_extend_57")
     depths = shape.depths()

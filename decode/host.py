@@ -61,14 +61,28 @@ def to_device(values: Sequence | Tensor, device: torch.device, dtype: torch.dtyp
 def cuda_syncs(fn) -> int:
     """How many times fn() synchronizes with a CUDA device, as `torch.cuda.set_sync_debug_mode`
     reports it (the real count, where `SyncCounter` models it)."""
+    return sum(cuda_sync_sites(fn).values())
+
+
+def cuda_sync_sites(fn, under: str = "decode") -> collections.Counter:
+    """Where fn() synchronizes with a CUDA device: the innermost frame in the folder `under` whose
+    operation waited, named as `SyncCounter` names its sites (module.function:line) -> how often."""
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if f"/{under}/" in f.filename]
+            sites[f"{Path(frames[-1].filename).stem}.{frames[-1].name}:{frames[-1].lineno}" if frames else "?"] += 1
+
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record  # restored when the block ends
             fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sites
 
 
 # --- the counter --------------------------------------------------------------------------------

@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The prepared device check for the benchmark issue's GPU half: one call on a GPU machine, 9 minutes at most
-# (the steps' limits add up to 540 s; run it with timeout_s=600).
+# The prepared device check for the benchmark issue's GPU half: one call on a GPU machine, 7 minutes at most
+# (the steps' limits add up to 405 s; run it with timeout_s=480, which leaves a 15-minute budget room for a rerun).
 #
 #   here:   make device-wheels          # hydra-core, omegaconf, antlr4 as wheels in .whl/ (the GPU image lacks them)
 #   device: bash scripts/gpu_check.sh   # with carry [".whl"]; python3 there holds a CUDA build of torch
 #
 # 1. the engine's invariants on the GPU (tests/decode/test_gpu.py: greedy EAGLE-2 = greedy AR, sampled VVS
-#    with CUDA generators, compiled layers = eager tokens);
+#    with CUDA generators, compiled layers = eager tokens, attention kept off cuDNN);
 # 2. the cost model at LlamaGen-XL dimensions (random weights, bf16, batch 1), eager, combined with the v2
 #    world's acceptance: predicted speed-ups, and the AR baseline's tokens/s next to a plain eager loop's;
-# 3. the cost model at the world's size (the shipped target and drafter, batch 8), compiled as one graph;
-# 4. where the decode loop synchronizes with the GPU, per step and method (scripts/host_syncs.py with the
-#    CUDA sync debug mode next to the CPU model's count; the table goes to the log);
-# 5. XL again with a compiled graph per block (compile=layer);
-# 6. what compiling XL's whole stack as one graph costs up front (scripts/compile_time.py).
-# Each step has its own time limit, so a slow one does not cost the others. The compiled XL run comes
-# last, per block: on the 2-core CPU here, tracing XL's 36-layer stack as one graph took 70-80 s per
-# shape kind, per block about 8 s.
-# Results in $OUT (the device tool's folder) or outputs/gpu_check, 8 files: log.txt (every step's output),
-# each cost-model run's table and timings (xl_eager, xl_compiled, world: .md and .json; the .json feeds
-# `scripts/cost_model.py times_from=...` on any machine) and compile_stack.json.
+# 3. XL again with a compiled graph per block (compile=layer): the baseline speed-ups must be taken against;
+# 4. where the decode loop synchronizes with the GPU, per step and method: the CUDA sync debug mode's count
+#    and the lines that waited, next to the CPU model's (scripts/host_syncs.py --cuda-debug);
+# 5. one drafter round op by op (scripts/profile_round.py): host time, kernel launches, GPU time.
+# Each step has its own time limit, so a slow one does not cost the others. The first run (2026-11-28, H200,
+# docs/results/gpu_h200) took 89, 87, 119, 28 s for steps 1-4 (before the cuDNN fix, which cut step 2-3's
+# drafter timings); the world's cost model (84 s) and compiling XL's whole stack (over 60 s) were dropped.
+# Results in $OUT (the device tool's folder) or outputs/gpu_check, 7 files: log.txt (every step's output),
+# xl_eager and xl_compiled (.md tables, .json timings that feed `scripts/cost_model.py times_from=...` on
+# any machine), host_syncs.md, profile_round.txt.
 # A dry run of the plumbing on a CPU: PY=.venv/bin/python DEVICE=cpu SIZE=tiny DTYPE=float32 bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_check}
@@ -51,12 +50,9 @@ step tests 90 $PY -m pytest -q -m gpu tests/decode/test_gpu.py -p no:cacheprovid
 step xl_eager 90 $PY scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
   results=$ACCEPT out_dir="$WORK/xl_eager"
 keep xl_eager "$SIZE"
-step world 90 $PY scripts/cost_model.py size=world batch=8 device=$DEVICE dtype=float32 repeats=20 \
-  compile=true results=$ACCEPT out_dir="$WORK/world"
-keep world world
-step syncs 60 $PY scripts/host_syncs.py --device $DEVICE --cuda-debug --out "$WORK/syncs"
-step xl_compiled 150 $PY scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
+step xl_compiled 120 $PY scripts/cost_model.py size=$SIZE batch=1 device=$DEVICE dtype=$DTYPE repeats=20 \
   compile=layer results=$ACCEPT out_dir="$WORK/xl_compiled"
 keep xl_compiled "$SIZE"
-step compile_stack 60 $PY scripts/compile_time.py --size $SIZE --scope stack --device $DEVICE --dtype $DTYPE \
-  --out "$OUT/compile_stack.json"
+step syncs 60 $PY scripts/host_syncs.py --device $DEVICE --cuda-debug --out "$WORK/syncs"
+cp "$WORK/syncs/host_syncs.md" "$OUT/host_syncs.md" 2>/dev/null
+step profile 45 sh -c "$PY scripts/profile_round.py --device $DEVICE --dtype $DTYPE --size $SIZE >'$OUT/profile_round.txt' 2>&1"

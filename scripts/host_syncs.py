@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from decode.drafter import load_drafter  # noqa: E402
 from decode.engine import generate  # noqa: E402
-from decode.host import SyncCounter, cuda_syncs  # noqa: E402
+from decode.host import SyncCounter, cuda_sync_sites, cuda_syncs  # noqa: E402
 from decode.methods import MethodOptions, build_method  # noqa: E402
 from decode.pipeline import DTYPES, pick_device  # noqa: E402
 from decode.sampling import SamplingParams, row_generators  # noqa: E402
@@ -80,8 +80,9 @@ def main(argv=None) -> None:
                        sites=[(k, s, n) for (k, s), n in full.sites.most_common(args.top)])
             if args.cuda_debug and device.type == "cuda":
                 real_prefill = cuda_syncs(lambda: decode(target, drafter, codebook, name, b, 1, sampling))
-                real_full = cuda_syncs(lambda: decode(target, drafter, codebook, name, b, args.tokens, sampling))
-                row["cuda_per_step"] = (real_full - real_prefill) / max(steps, 1)
+                real_full = cuda_sync_sites(lambda: decode(target, drafter, codebook, name, b, args.tokens, sampling))
+                row["cuda_per_step"] = (sum(real_full.values()) - real_prefill) / max(steps, 1)
+                row["cuda_sites"] = real_full.most_common(args.top)  # the whole decode's, set-up included
             rows.append(row)
             print(json.dumps(row))
     lines = ["| method | batch | loop steps | waits per step | by kind | top call sites (kind, site, count) |",
@@ -90,12 +91,15 @@ def main(argv=None) -> None:
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["by_kind"].items()) if v)
         sites = "; ".join(f"{k} {s} x{n}" for k, s, n in r["sites"])
         real = f" (CUDA: {r['cuda_per_step']:.2f})" if "cuda_per_step" in r else ""
+        if "cuda_sites" in r:
+            sites += "<br>CUDA: " + "; ".join(f"{s} x{n}" for s, n in r["cuda_sites"])
         lines.append(f"| {r['method']} | {r['batch']} | {r['steps']} | {r['per_step']:.2f}{real} | {kinds} | {sites} |")
     lines += ["", f"{args.tokens} tokens per image, temperature {args.temperature}, CFG 4, {device}, {args.dtype}; "
                   "waits counted by decode.host.SyncCounter (a model of a CUDA run). Per step: the loop's waits "
                   "(a whole decode's minus the prefill's) over the batch's steps; call sites: the whole decode, "
                   "set-up included (a tensor made with an explicit device= counts as on the device there, "
-                  "even on the host)."]
+                  "even on the host)." + (" CUDA: the real waits, from the sync debug mode, at their innermost "
+                                          "decode/ frame." if args.cuda_debug else "")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "host_syncs.md").write_text("\n".join(lines) + "\n")

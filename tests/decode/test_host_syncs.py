@@ -1,10 +1,12 @@
 """The decode loop waits for the device at most once a step (VVS and SJD: twice), and AR never: counted
 on a CPU by decode.host.SyncCounter, which models where a CUDA run would wait."""
+import warnings
+
 import pytest
 import torch
 
 from decode.engine import Method
-from decode.host import SyncCounter, fetch, to_device
+from decode.host import SyncCounter, cuda_sync_sites, cuda_syncs, fetch, to_device
 from decode.methods import MethodOptions, build_method
 from decode.sampling import draw
 from decode.trees import TreeParams
@@ -65,3 +67,21 @@ def test_speculative_steps_wait_once_and_vvs_twice(name, options, per_step):
     assert gen.batch_steps < in_loop["fetch"] + 1 <= per_step * gen.batch_steps + 1
     if name == "vvs_u":
         assert gen.skipped.sum() > 0  # skipped steps ran no pass, hence no acceptance fetch
+
+
+def _waits_on_the_device():
+    warnings.warn("called a synchronizing CUDA operation")  # what the sync debug mode raises here
+
+
+def test_cuda_sync_sites_name_the_line_that_waited(monkeypatch):
+    """The real count's attribution, without a GPU: the sync debug mode's warning stands in."""
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def decode_like():
+        _waits_on_the_device()
+        _waits_on_the_device()
+        warnings.warn("an unrelated warning")
+
+    sites = cuda_sync_sites(decode_like, under="tests")
+    assert sites == {f"test_host_syncs._waits_on_the_device:{_waits_on_the_device.__code__.co_firstlineno + 1}": 2}
+    assert cuda_syncs(decode_like) == 2

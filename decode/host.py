@@ -71,8 +71,7 @@ def cuda_sync_sites(fn, under: str = "decode") -> collections.Counter:
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" in str(message):
-            frames = [f for f in traceback.extract_stack()[:-1] if f"/{under}/" in f.filename]
-            sites[f"{Path(frames[-1].filename).stem}.{frames[-1].name}:{frames[-1].lineno}" if frames else "?"] += 1
+            sites[call_site(under)] += 1
 
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -83,6 +82,12 @@ def cuda_sync_sites(fn, under: str = "decode") -> collections.Counter:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sites
+
+
+def call_site(under: str, skip: int = 0) -> str:
+    """The innermost caller in the folder `under` (past `skip` more frames), as module.function:line."""
+    frames = [f for f in traceback.extract_stack()[:-(2 + skip)] if f"/{under}/" in f.filename]
+    return f"{Path(frames[-1].filename).stem}.{frames[-1].name}:{frames[-1].lineno}" if frames else "?"
 
 
 # --- the counter --------------------------------------------------------------------------------
@@ -127,9 +132,7 @@ class SyncCounter(TorchFunctionMode):
 
     def note(self, kind: str, skip: int = 0) -> None:
         self.counts[kind] += 1
-        frames = [f for f in traceback.extract_stack()[:-(1 + skip)] if f"/{self._under}/" in f.filename]
-        where = f"{Path(frames[-1].filename).stem}.{frames[-1].name}:{frames[-1].lineno}" if frames else "?"
-        self.sites[(kind, where)] += 1
+        self.sites[(kind, call_site(self._under, skip))] += 1
 
     def __enter__(self):
         _COUNTERS.append(self)

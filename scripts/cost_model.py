@@ -327,15 +327,15 @@ def main(cfg: DictConfig) -> None:
         lines += [f"Component times are with compiled layers (compile={scope}).", ""]
     if cfg.results:
         saved = json.loads(Path(cfg.results).read_text())
-        # a speed-up measured on another kind of device is no check of these timings' prediction
+        # a speed-up measured at another size, or on another kind of device, is no check of this prediction
         same_device = saved["meta"]["device"].split(" (")[0] == name.split(" (")[0]
+        same = cfg.size == "world" and same_device
+        other = "size" if cfg.size != "world" else "device"
         lines += ["| run | seed | step compression | skip ratio | predicted speed-up | measured (benchmark) | "
                   "measured / predicted | FID | alignment |", "|---|---|---|---|---|---|---|---|---|"]
         for row in saved["rows"]:
             pred = predict(times, row if cfg.size == "world" else _per_image(row), target.num_image_tokens,
                            batch=saved["meta"]["batch_size"])
-            same = cfg.size == "world" and same_device
-            other = "size" if cfg.size != "world" else "device"
             measured = f"{row['speedup_vs_ar']:.3f}" if same else f"n/a (other {other})"
             ratio = f"{row['speedup_vs_ar'] / pred:.2f}" if same else ""
             lines.append(f"| {row['label']} | {row['seed']} | {row['step_compression']:.2f} | {row['skip_ratio']:.3f} | "

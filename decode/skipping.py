@@ -7,7 +7,8 @@ and the skipped tokens' KV and fresh features are filled in by the next verifica
 A scheduler decides, per row and step, whether to skip:
 - never (the base method), uniform interval (VVS-U), path similarity with threshold tau (VVS), or a
   learned policy (`LearnedScheduler`, trained by `python -m train scheduler`).
-All of them respect a warm-up (no skip until more than `warmup` tokens are committed, so the feature cache has entries) and
+All of them respect a warm-up (no skip until more than `warmup` tokens precede the pending root,
+the released code's `n_gen > warmup`, so the feature cache has entries) and
 a cap on consecutive skips (1 in the released code).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ class StepContext:
     """What a scheduler may look at, per row, before deciding (all cheap at decode time, all on the host)."""
     tree: HostTree
     step: int              # decode steps so far (verified + skipped)
-    made: Tensor           # [B] tokens committed so far
+    made: Tensor           # [B] tokens committed so far, the pending root included
     run: Tensor            # [B] consecutive skipped steps just before this one
     num_tokens: int
 

@@ -8,14 +8,21 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 
+def centre_square(img: Image.Image, size: tuple[int, int], resample=Image.LANCZOS) -> Image.Image:
+    """`img` centre-cropped to a square and resized to `size` (width, height); as it is if already that size."""
+    if img.size == size:
+        return img
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize(size, resample)
+
+
 def image_to_tensor(img: Image.Image, size: int | None = None) -> torch.Tensor:
     """PIL image -> [3, H, W] in [-1, 1]; resized (centre-cropped to a square first) when `size` is given."""
     img = img.convert("RGB")
-    if size is not None and img.size != (size, size):
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        img = img.resize((size, size), Image.LANCZOS)
+    if size is not None:
+        img = centre_square(img, (size, size))
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H, W, 3]
     return arr.permute(2, 0, 1).float() / 127.5 - 1.0
 

@@ -75,23 +75,30 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
+def state_problems(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], got: str = "checkpoint",
+                   want: str = "model", limit: int | None = None) -> list[str]:
+    """What keeps `state` from matching the expected keys and shapes: missing keys, unexpected keys,
+    each shape mismatch (`got` and `want` name the two sides; `limit` caps each list)."""
+    cut = lambda names: ", ".join(names[:limit]) + (" ..." if limit and len(names) > limit else "")  # noqa: E731
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [(k, tuple(state[k].shape), shape) for k, shape in expected.items()
+             if k in state and tuple(state[k].shape) != shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {cut(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {cut(unexpected)}")
+    problems += [f"shape mismatch for {k}: {got} {list(g)}, {want} {list(w)}" for k, g, w in wrong[:limit]]
+    return problems
+
+
 def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Copy `state` into `module`, failing with the offending keys and shapes named."""
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()
              if not k.endswith(IGNORED_SUFFIXES)}
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in expected
-             if k in state and state[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}"
-                        + (" ..." if len(unexpected) > 8 else ""))
-    for k, got, want in wrong[:8]:
-        problems.append(f"shape mismatch for {k}: checkpoint {list(got)}, model {list(want)}")
+    problems = state_problems(state, {k: tuple(v.shape) for k, v in expected.items()}, "checkpoint", "model", 8)
     if problems:
         raise CheckpointError(f"{source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
@@ -155,6 +162,11 @@ def save_model_folder(folder: str | os.PathLike, module: nn.Module, config: dict
 
 def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[str, Tensor]]:
     """(meta, state) of a folder written by `save_model_folder`; checks its kind."""
+    return read_model_meta(folder, kind), read_state_dict(folder)
+
+
+def read_model_meta(folder: str | os.PathLike, kind: str) -> dict:
+    """The config.json of a folder written by `save_model_folder` (its weights not read); checks its kind."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not folder.exists():
@@ -169,4 +181,4 @@ def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[
         raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
     if meta.get("kind") != kind:
         raise CheckpointError(f"{folder} holds a {meta.get('kind')!r}, expected a {kind!r}")
-    return meta, read_state_dict(folder)
+    return meta

@@ -42,7 +42,13 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, read_state_dict
+from decode.checkpoint import (
+    CheckpointError,
+    load_state_dict_strict,
+    read_model_meta,
+    read_state_dict,
+    state_problems,
+)
 from decode.drafter import KIND, Drafter, DrafterConfig, check_fits, load_drafter, save_drafter
 from decode.pipeline import DTYPES
 from decode.target import LlamaGenGPT, build_gpt
@@ -93,35 +99,16 @@ def key_pairs(cfg: DrafterConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def lantern_shapes(cfg: DrafterConfig) -> dict[str, tuple[int, ...]]:
-    """LANTERN's state-dict keys and shapes for a drafter with this config (embedding included)."""
-    lc = cfg.layer_config()
-    d, q, kv, f = cfg.dim, cfg.n_head * lc.head_dim, lc.kv_heads * lc.head_dim, lc.ffn_dim
-    shapes = {EMBED_KEY: (cfg.vocab_size, d), "fc.weight": (d, 2 * d)}
-    if cfg.bias:
-        shapes["fc.bias"] = (d,)
-    per_layer = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
-                 "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
-                 "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
-                 "post_attention_layernorm.weight": (d,), "input_layernorm.weight": (d,)}
-    for i in range(cfg.n_layer):
-        for name, shape in per_layer.items():
-            if not (i == 0 and name == "input_layernorm.weight"):
-                shapes[f"layers.{i}.{name}"] = shape
-    return shapes
+    """LANTERN's state-dict keys and shapes for a drafter with this config (embedding included): the key
+    table applied to a drafter of this config, built without memory."""
+    with torch.device("meta"):
+        ours = Drafter(cfg).state_dict()
+    return {EMBED_KEY: (cfg.vocab_size, cfg.dim), **{k: tuple(v.shape) for k, v in to_lantern(ours, cfg).items()}}
 
 
 def check_keys(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
     """Refuse a state dict with missing or unexpected keys or wrong shapes, naming each."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [(k, tuple(state[k].shape), want) for k, want in expected.items()
-             if k in state and tuple(state[k].shape) != want]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    problems += [f"shape mismatch for {k}: file {list(got)}, expected {list(want)}" for k, got, want in wrong]
+    problems = state_problems(state, expected, got="file", want="expected")
     if problems:
         raise CheckpointError(f"{source} is not a LANTERN drafter of this shape:\n  " + "\n  ".join(problems))
 
@@ -290,8 +277,7 @@ def import_lantern(folder: str | Path, gpt: LlamaGenGPT, out: str | Path, embed_
                                "prefix_slots": "embed(token 0), as LANTERN (prefix_token 0)"}}
     save_drafter(out, drafter, extra=extra)
     # round trip: the written folder loads for this target and maps back to exactly the tensors read
-    load_drafter(out, gpt)
-    _, saved = read_model_folder(out, kind=KIND)
+    saved = load_drafter(out, gpt).state_dict()
     for k, v in to_lantern(saved, cfg).items():
         if not torch.equal(v, state[k].to(v.dtype)):
             raise CheckpointError(f"round trip failed for {k}")
@@ -308,12 +294,8 @@ def numerics(cfg: DrafterConfig) -> tuple:
 def export_lantern(folder: str | Path, gpt: LlamaGenGPT, out: str | Path, fmt: str = "safetensors",
                    dtype: str | None = None, zero_token0_embedding: bool = False) -> Path:
     """Write a project drafter folder as a LANTERN drafter folder (embedding copied from `gpt`)."""
-    meta, state = read_model_folder(folder, kind=KIND)
-    cfg = DrafterConfig.from_dict(meta["config"])
-    check_fits(cfg, gpt, str(folder))
-    drafter = Drafter(cfg)
-    load_state_dict_strict(drafter, state, source=str(folder))  # refuses a malformed folder first
-    ours = drafter.state_dict()
+    drafter = load_drafter(folder, gpt)  # refuses a malformed folder, or one for another target, first
+    cfg, ours = drafter.config, drafter.state_dict()
     tdtype = DTYPES[dtype] if dtype else ours["fc.weight"].dtype
     emb = gpt.tok_embeddings.weight.detach().cpu().clone()
     if zero_token0_embedding:
@@ -325,7 +307,6 @@ def export_lantern(folder: str | Path, gpt: LlamaGenGPT, out: str | Path, fmt: s
                       "under LANTERN's code its drafted features change (--zero-token0-embedding does not help)")
     lantern = {EMBED_KEY: emb, **to_lantern(ours, cfg)}
     lantern = {k: v.to(tdtype).contiguous() for k, v in lantern.items()}
-    check_keys(lantern, lantern_shapes(cfg), "export")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("pytorch_model.bin", "model.safetensors"):  # LANTERN reads the .bin first
@@ -415,8 +396,7 @@ def main(argv=None) -> int:
             gpt = load_gpt(args.target, args.size, geo, args.set)
             out = import_lantern(args.source, gpt, args.out, args.embed_rtol, args.allow_embedding_mismatch)
         else:
-            meta, _ = read_model_folder(args.source, kind=KIND)
-            c = meta["config"]
+            c = read_model_meta(args.source, kind=KIND)["config"]
             geo = _geometry(c["block_size"], c["cls_token_num"], c["vocab_size"])
             gpt = load_gpt(args.target, args.size, geo, args.set)
             out = export_lantern(args.source, gpt, args.out, args.format, args.dtype,

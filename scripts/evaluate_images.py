@@ -30,6 +30,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data.images import centre_square  # noqa: E402
 from decode.metrics import ImageStats, batches, write_tables  # noqa: E402
 from decode.pipeline import RUN_FILE, pick_device  # noqa: E402
 from decode.quality import CLIPScorer, FIDReference, InceptionPool, PRReference  # noqa: E402
@@ -266,13 +267,7 @@ def speedups(rows: list[dict]) -> None:
 def load_image(path: Path, size: tuple[int, int]) -> Tensor:
     """uint8 [3, H, W]: center-cropped to a square and resized to `size` (width, height) when it differs."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != size:
-            w, h = im.size
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s)).resize(size, Image.Resampling.BICUBIC)
-        arr = np.asarray(im).copy()
+        arr = np.asarray(centre_square(im.convert("RGB"), size, Image.Resampling.BICUBIC)).copy()
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

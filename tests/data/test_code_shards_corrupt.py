@@ -11,7 +11,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from data.features import FeatureShards, collate_features, read_feature_shards
 from data.preprocess import (
@@ -22,6 +21,7 @@ from data.preprocess import (
     report_reads_at_end,
 )
 from data.sources import CorruptCounter, CorruptSampleError, EmptyDatasetError
+from tests.data.test_sources import _tar
 
 N, DIM, MAX_LENGTH, P = 16, 8, 6, 6
 
@@ -38,20 +38,13 @@ def _code_record(key: str, i: int = 0, n_text: int = 3, n_codes: int = N) -> dic
             "text.npy": _npy(rng.standard_normal((n_text, DIM)).astype(np.float16)), "txt": f"caption {key}"}
 
 
-def _write(path, records) -> str:
-    with wds.TarWriter(str(path)) as sink:
-        for record in records:
-            sink.write(record)
-    return str(path)
-
-
 def _code_shard(tmp_path, extra=()) -> str:
     """good a, truncated codes.npy in b, no text.npy in c, good d, then `extra` records."""
     bad_codes = _code_record("b", 1)
     bad_codes["codes.npy"] = bad_codes["codes.npy"][:-7]
     no_text = _code_record("c", 2)
     del no_text["text.npy"]
-    return _write(tmp_path / "train-000000.tar", [_code_record("a", 0), bad_codes, no_text, _code_record("d", 3),
+    return _tar(tmp_path / "train-000000.tar", [_code_record("a", 0), bad_codes, no_text, _code_record("d", 3),
                                                   *extra])
 
 
@@ -98,7 +91,7 @@ def test_the_manifest_gives_the_expected_shape_and_codebook(tmp_path):
 
 
 def test_too_many_caption_tokens_stays_a_settings_error(tmp_path):
-    url = _write(tmp_path / "x-000000.tar", [_code_record("a", 0, n_text=5)])
+    url = _tar(tmp_path / "x-000000.tar", [_code_record("a", 0, n_text=5)])
     with pytest.raises(ValueError, match="max_length=4") as err:
         list(read_code_shards(url, max_length=4))
     assert not isinstance(err.value, CorruptSampleError)
@@ -120,7 +113,7 @@ def _feature_shard(tmp_path) -> str:
     del no_hidden["hidden.bf16"]
     short_hidden = _feature_record("e", 4)
     short_hidden["hidden.bf16"] = short_hidden["hidden.bf16"][:-2]
-    return _write(tmp_path / "feat-000000.tar", [_feature_record("a", 0), bad_codes, no_hidden,
+    return _tar(tmp_path / "feat-000000.tar", [_feature_record("a", 0), bad_codes, no_hidden,
                                                  _feature_record("d", 3), short_hidden])
 
 
@@ -142,7 +135,7 @@ def test_corrupt_feature_samples_are_skipped_counted_or_fatal(tmp_path):
 def test_an_empty_heldout_stream_is_an_error(tmp_path):
     bad = _code_record("b")
     del bad["codes.npy"]
-    all_corrupt = _write(tmp_path / "heldout-000000.tar", [bad])
+    all_corrupt = _tar(tmp_path / "heldout-000000.tar", [bad])
     with pytest.raises(EmptyDatasetError, match=r"heldout-000000\.tar.*skipped 1"):
         list(CodeShards(all_corrupt, MAX_LENGTH, repeat=False))
     with pytest.raises(ValueError, match="the held-out things 'X' hold no usable samples"):

@@ -60,8 +60,6 @@ def test_old_checkpoints_with_freqs_cis_load(tmp_path):
     for k, v in sd.items():
         if k != "freqs_cis":
             assert torch.equal(loaded[k], v), k
-    # the stale buffer is dropped: the model's own RoPE table is the one it computes, not the file's zeros
-    assert torch.equal(model.rope, tiny_gpt(seed=3).rope) and model.rope.abs().sum() > 0
 
 
 def test_project_folder_roundtrip(tmp_path):

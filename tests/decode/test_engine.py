@@ -61,17 +61,18 @@ def test_relaxed_greedy_accepts_a_near_miss_that_plain_greedy_rejects():
 
 
 def test_relaxed_greedy_takes_the_longest_accepted_path_and_ignores_the_sampling_filter():
-    # root's children: 2 (a leaf) then 1 -> 3; relaxed, both 2 and 1 are accepted at the root
+    # root's children: 1 (the argmax, a leaf) then 2 -> 3; relaxed, both 1 and 2 are accepted at the
+    # root, and only the near-miss 2 leads on: a relaxation that saw a one-hot would stop at [0, 1]
     codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.1, 0.0], [5.0, 5.0]])
     parents = torch.tensor([[-1, 0, 0, 2]])
-    tree = Tree(torch.tensor([[0, 2, 1, 3]]), parents, torch.tensor([[0, 1, 1, 2]]), ancestry_mask(parents))
+    tree = Tree(torch.tensor([[0, 1, 2, 3]]), parents, torch.tensor([[0, 1, 1, 2]]), ancestry_mask(parents))
     root = [0.05, 0.5, 0.4, 0.05]
     logits = torch.log(torch.tensor([[root, [0.25] * 4, [0.1, 0.1, 0.1, 0.7], [0.25] * 4]]))
     relaxed = GreedyAcceptance(Relaxation(latent_neighbours(codebook, 3), 0.5))
     assert relaxed(tree, logits, GREEDY, None).paths == [[0, 2, 3]]
     # greedy set by top_k=1: the relaxation still sees the plain softmax, not a one-hot
     assert relaxed(tree, logits, SamplingParams(temperature=1.0, top_k=1), None).paths == [[0, 2, 3]]
-    assert GreedyAcceptance()(tree, logits, GREEDY, None).paths == [[0, 2, 3]]  # exact: 1 is the argmax
+    assert GreedyAcceptance()(tree, logits, GREEDY, None).paths == [[0, 1]]  # exact: 1 is the argmax, a leaf
 
 
 def test_sampled_acceptance_rows_only_touch_their_own_generator():

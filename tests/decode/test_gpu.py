@@ -8,7 +8,6 @@ import torch
 from decode.engine import generate, generate_ar
 from decode.host import cuda_syncs
 from decode.methods import MethodOptions, build_method
-from decode.pipeline import pick_device
 from decode.sampling import row_generators
 from decode.target import LlamaGenTarget
 from decode.trees import TreeParams
@@ -32,15 +31,6 @@ def test_greedy_eagle2_makes_the_greedy_ar_tokens_on_the_gpu():
     assert torch.equal(spec.tokens, ar.tokens)
     # this drafter agrees with the target only sometimes: one row of three accepts no draft at all
     assert (spec.nfe <= ar.nfe).all() and spec.nfe.sum() < ar.nfe.sum()
-
-
-def test_a_cuda_device_keeps_attention_off_cudnn():
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    try:
-        pick_device("cuda")
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_sampled_vvs_runs_with_cuda_generators():

@@ -97,3 +97,18 @@ def test_run_settings_ignore_what_cannot_change_the_images(tmp_path):
                               "target": {"ckpt": str(REPO / "models" / "world" / ".." / "world" / "target")}})
     assert run_settings(other, MethodOptions(tau=0.1), ["p"]) == one  # n, AR's tree and tau, the path's spelling
     assert one["target"] == {"ckpt": "models/world/target"}
+
+
+def test_a_cuda_device_keeps_attention_off_cudnn(monkeypatch):
+    """cuDNN plans anew for every key length, which a decode changes at every step (docs/results.md)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        pick_device("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run leaves the process's settings alone
+        pick_device("cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -6,7 +6,7 @@
 #   device: bash scripts/gpu_check.sh   # with carry [".whl"]; python3 there holds a CUDA build of torch
 #
 # 1. the engine's invariants on the GPU (tests/decode/test_gpu.py: greedy EAGLE-2 = greedy AR, sampled VVS
-#    with CUDA generators, compiled layers = eager tokens, attention kept off cuDNN);
+#    with CUDA generators, compiled layers = eager tokens, the waits per step);
 # 2. the cost model at LlamaGen-XL dimensions (random weights, bf16, batch 1), eager, combined with the v2
 #    world's acceptance: predicted speed-ups, and the AR baseline's tokens/s next to a plain eager loop's;
 # 3. XL again with a compiled graph per block (compile=layer): the baseline speed-ups must be taken against;

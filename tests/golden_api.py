@@ -1,0 +1,45 @@
+"""How the golden runs reach the decoder: the embedded world's models, loaded once."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from omegaconf import OmegaConf
+
+from decode.drafter import load_drafter
+from decode.engine import generate
+from decode.methods import build_method, options_from_config
+from decode.pipeline import condition_for
+from decode.resolvers import REPO, register_resolvers
+from decode.sampling import SamplingParams, row_generators
+from decode.scheduler import load_scheduler_policy
+from decode.target import load_target
+from decode.text import load_text_encoder
+from decode.trees import TreeParams
+from decode.vq import load_vq
+
+WORLD = REPO / "models" / "world"
+
+
+@functools.lru_cache(maxsize=1)
+def world_parts():
+    target = load_target(str(WORLD / "target"), cfg_scale=4.0)
+    vq = load_vq(str(WORLD / "tokenizer"))
+    text = load_text_encoder("minilm", max_length=target.config.cls_token_num)
+    drafter = load_drafter(WORLD / "drafter", target.gpt)
+    policy = load_scheduler_policy(WORLD / "scheduler", target, drafter)
+    return target, vq, text, drafter, policy
+
+
+def decode_world(method: str, overrides: dict, sampling: dict, prompts, seeds, num_tokens):
+    register_resolvers()
+    target, vq, text, drafter, policy = world_parts()
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{method}.yaml"), resolve=True)
+    conf.update(overrides)
+    params = SamplingParams(**sampling)
+    m = build_method(method, sampling=params, tree=TreeParams(), options=options_from_config(conf),
+                     drafter=drafter, codebook=vq.quantize.embedding.weight.detach(), learned_policy=policy)
+    cond = condition_for(target, text, prompts)
+    with torch.no_grad():
+        return generate(target, cond, num_tokens=num_tokens, sampling=params, generators=row_generators(seeds),
+                        method=m)

@@ -43,7 +43,7 @@ from data.preprocess import (
 )
 from data.shards import shard_name, shard_pattern
 from data.sources import CorruptCounter, _check_not_empty, shard_error_handler
-from decode.target import Condition, LlamaGenTarget
+from decode.models.target import Condition, LlamaGenTarget
 
 
 @dataclass

@@ -42,8 +42,8 @@ from data.sources import (
     read_webdataset,
     shard_error_handler,
 )
-from decode.text import load_text_encoder, minilm_path
-from decode.vq import VQModel, load_vq
+from decode.models.text import load_text_encoder, minilm_path
+from decode.models.vq import VQModel, load_vq
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ written under a temporary name and renamed when complete, and a manifest.json wr
 
 Members of each sample: `<key>.png` (the image), `<key>.txt` (the caption), `<key>.json` (the
 attributes). Held-out scene i is generator scene HELDOUT_OFFSET + i, so no held-out index is ever
-a training index. Reading them back is data/sources.py. `main` is the command line of `python -m data.world`.
+a training index. Reading them back is data/sources.py. `main` is the command line of `python -m data.shards`.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def split_urls(out_dir: str | os.PathLike, split: str = "train") -> str:
     """The brace pattern of one split of a folder written by `write_world_shards`, for `read_webdataset`."""
     manifest_path = Path(out_dir) / MANIFEST
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: write the shards first (python -m data.world OUT_DIR)")
+        raise FileNotFoundError(f"{manifest_path} not found: write the shards first (python -m data.shards OUT_DIR)")
     splits = json.loads(manifest_path.read_text())["splits"]
     if split not in splits or not splits[split]["pattern"]:
         raise ValueError(f"split {split!r} has no shards in {out_dir}; available: "
@@ -142,8 +142,8 @@ def split_urls(out_dir: str | os.PathLike, split: str = "train") -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """`python -m data.world OUT_DIR [--train N --heldout N --seed S --image-size 64 ...]`."""
-    parser = argparse.ArgumentParser(prog="python -m data.world",
+    """`python -m data.shards OUT_DIR [--train N --heldout N --seed S --image-size 64 ...]`."""
+    parser = argparse.ArgumentParser(prog="python -m data.shards",
                                      description="Write the embedded world as webdataset shards. " + ATTRIBUTION)
     parser.add_argument("out_dir", help="folder for train-*.tar, heldout-*.tar and manifest.json")
     parser.add_argument("--train", type=int, default=10_000, help="number of training scenes")
@@ -161,3 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {manifest['splits']['train']['count']} train and {manifest['splits']['heldout']['count']} "
           f"held-out scenes to {args.out_dir}")
     return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
-"""Skip-scheduler traces on disk (decode.scheduler.TraceRecorder), as webdataset shards.
+"""Skip-scheduler traces on disk (decode.strategies.learned_skip.TraceRecorder), as webdataset shards.
 
-One sample per decoded image: `features.npy` float32 [S, F] (decode.skipping.step_features per
+One sample per decoded image: `features.npy` float32 [S, F] (decode.strategies.skipping.step_features per
 step) and `labels.npy` float32 [S, 4] (step, tokens the selector would commit, how many of them
 verification kept, their mean latent cosine with the verified tokens). Shards are written whole under temporary names and renamed; a manifest
 records the settings. `load_traces` reads them back into tensors for training.
@@ -18,8 +18,8 @@ import webdataset as wds
 from data.features import _npy
 from data.preprocess import _atomic_shard, _atomic_write_text
 from data.shards import shard_name, shard_pattern
-from decode.scheduler import TraceStep
-from decode.skipping import NUM_STEP_FEATURES
+from decode.strategies.learned_skip import TraceStep
+from decode.strategies.skipping import NUM_STEP_FEATURES
 
 MANIFEST = "traces.json"
 

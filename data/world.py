@@ -3,7 +3,7 @@
 This file owns the world's vocabulary (OpenMoji emoji chosen by Unicode range, simple shapes,
 colours, grid cells, background patterns), the rendering of a scene and its caption grammar.
 Scene `i` of `SceneGenerator(seed=s)` depends only on (s, i). Writing scenes to webdataset shards
-is data/shards.py; `python -m data.world OUT_DIR` runs it from the command line.
+is data/shards.py (`python -m data.shards OUT_DIR` on the command line).
 
 The emoji are OpenMoji (CC BY-SA 4.0, see `ATTRIBUTION`), rendered in colour by Pillow from the
 package's COLRv0 font. Texture, jitter, rotation and colour noise are deliberate: image tokens
@@ -146,7 +146,7 @@ def world_vocabulary() -> dict:
 
 def evaluator_labels() -> dict:
     """The label spaces and caption phrase tables an attribute evaluator of this world needs
-    (decode.evaluator.EvaluatorConfig fields): decode/ reads captions back without importing data/."""
+    (decode.evaluation.world_evaluator.EvaluatorConfig fields): decode/ reads captions back without importing data/."""
     v = world_vocabulary()
     return {"objects": v["shapes"] + v["emoji"], "shapes": v["shapes"], "colours": v["colours"],
             "sizes": v["sizes"], "cells": v["cells"], "patterns": v["patterns"],
@@ -460,9 +460,3 @@ def preview_grid(scenes: list[Scene], columns: int = 3, scale: int = 3) -> Image
         for j, line in enumerate(wrapped):
             draw.text((x, y + tile + 3 + 12 * j), line, fill="black", font=font)
     return sheet
-
-
-if __name__ == "__main__":
-    from data.shards import main  # the command line lives with the shard writer it drives
-
-    main()

@@ -18,23 +18,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from decode.drafter import Drafter, load_drafter
-from decode.engine import generate
-from decode.evaluator import AlignmentScorer
-from decode.quality import CLIPScorer
+from decode.models.drafter import Drafter, load_drafter
+from decode.core.engine import generate
+from decode.evaluation.world_evaluator import AlignmentScorer
+from decode.evaluation.quality import CLIPScorer
 from decode import distributed
 from decode.distributed import Ranks, ranks_from_env
-from decode.metrics import append_jsonl, summary_table, write_summary
+from decode.evaluation.metrics import append_jsonl, summary_table, write_summary
 from decode.pipeline import (DTYPES, check_compatible, check_run_folder, compile_models, pick_device, plan_jobs,
                              record_run_folder, run_jobs)
 from decode.resolvers import REPO, register_resolvers, reporting_input_errors
-from decode.sampling import SamplingParams
-from decode.methods import (METHODS, NEEDS_DRAFTER, USES_TREE, MethodOptions, build_method, knobs_used,
+from decode.core.sampling import SamplingParams
+from decode.strategies.registry import (METHODS, NEEDS_DRAFTER, USES_TREE, MethodOptions, build_method, knobs_used,
                             options_from_config)
-from decode.trees import TreeParams
-from decode.target import LlamaGenTarget
-from decode.text import TextEncoder
-from decode.vq import VQModel
+from decode.core.trees import TreeParams
+from decode.models.target import LlamaGenTarget
+from decode.models.text import TextEncoder
+from decode.models.vq import VQModel
 
 CONF_DIR = str(REPO / "conf")
 QUOTED_KEYS = ("prompt", "+prompt", "++prompt")
@@ -102,7 +102,7 @@ def decoding_method(cfg: DictConfig, parts: Parts, options: MethodOptions):
     """The generate function of `method=`, with its policies bound."""
     policy = None
     if options.scheduler == "learned" and cfg.method.get("scheduler_ckpt"):
-        from decode.scheduler import load_scheduler_policy  # the learned skip policy (train scheduler)
+        from decode.strategies.learned_skip import load_scheduler_policy  # the learned skip policy (train scheduler)
 
         policy = load_scheduler_policy(cfg.method.scheduler_ckpt, parts.target, parts.drafter)
     sampling = SamplingParams(**cfg.sampling)

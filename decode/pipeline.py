@@ -18,14 +18,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from decode.engine import generate_ar
-from decode.host import wait_for
-from decode.metrics import ImageStats, append_jsonl, speed_stats
-from decode.sampling import SamplingParams, row_generators
-from decode.target import Condition, LlamaGenTarget
-from decode.target.llamagen_gpt import COMPILE_SCOPES
-from decode.text import TextEncoder, check_prompts
-from decode.vq import VQModel
+from decode.core.engine import generate_ar
+from decode.core.host import wait_for
+from decode.evaluation.metrics import ImageStats, append_jsonl, speed_stats
+from decode.core.sampling import SamplingParams, row_generators
+from decode.models.target import Condition, LlamaGenTarget
+from decode.models.target.llamagen_gpt import COMPILE_SCOPES
+from decode.models.text import TextEncoder, check_prompts
+from decode.models.vq import VQModel
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,8 @@ def run_jobs(jobs: list[Job], *, target: LlamaGenTarget, vq: VQModel, text: Text
 
     `generate(target, condition, num_tokens=, sampling=, generators=) -> Generation` is the decoding
     method (plain AR by default; `decode.speculative.generate_eagle` with its drafter bound).
-    `scorer(images, prompts) -> [alignment or None]` (decode.evaluator.AlignmentScorer) adds quality;
-    `clip(images, prompts) -> [cosine]` (decode.quality.CLIPScorer) adds the CLIP score.
+    `scorer(images, prompts) -> [alignment or None]` (decode.evaluation.world_evaluator.AlignmentScorer) adds quality;
+    `clip(images, prompts) -> [cosine]` (decode.evaluation.quality.CLIPScorer) adds the CLIP score.
     """
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def reporting_input_errors(run):
     """Wrap an entry point (`run(cfg)` under Hydra, or an argparse `main()`): the errors bad input raises (ValueError, a missing file, a
     checkpoint that is not one) end the process with their one-line message and exit status 1,
     not Hydra's traceback. HYDRA_FULL_ERROR=1 shows the traceback, as Hydra's own option does."""
-    from decode.checkpoint import CheckpointError
+    from decode.models.checkpoint import CheckpointError
 
     @functools.wraps(run)
     def wrapped(*args, **kwargs):

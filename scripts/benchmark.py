@@ -31,17 +31,17 @@ sys.path.insert(0, str(REPO))
 from data.images import image_to_tensor  # noqa: E402
 from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
-from decode.drafter import load_drafter  # noqa: E402
-from decode.engine import generate  # noqa: E402
-from decode.evaluator import load_evaluator, score_images  # noqa: E402
-from decode.methods import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config  # noqa: E402
-from decode.metrics import speed_stats, write_tables  # noqa: E402
+from decode.models.drafter import load_drafter  # noqa: E402
+from decode.core.engine import generate  # noqa: E402
+from decode.evaluation.world_evaluator import load_evaluator, score_images  # noqa: E402
+from decode.strategies.registry import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config  # noqa: E402
+from decode.evaluation.metrics import speed_stats, write_tables  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
-from decode.quality import CLIPScorer, FIDReference, InceptionPool, PRReference, fid, to_uint8  # noqa: E402
+from decode.evaluation.quality import CLIPScorer, FIDReference, InceptionPool, PRReference, fid, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
-from decode.scheduler import load_scheduler_policy  # noqa: E402
-from decode.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.trees import TreeParams  # noqa: E402
+from decode.strategies.learned_skip import load_scheduler_policy  # noqa: E402
+from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.core.trees import TreeParams  # noqa: E402
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
            "latency_s", "images_per_s", "total_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",

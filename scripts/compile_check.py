@@ -22,14 +22,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.drafter import load_drafter  # noqa: E402
-from decode.engine import generate  # noqa: E402
-from decode.methods import MethodOptions, build_method  # noqa: E402
+from decode.models.drafter import load_drafter  # noqa: E402
+from decode.core.engine import generate  # noqa: E402
+from decode.strategies.registry import MethodOptions, build_method  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, image_seed, pick_device  # noqa: E402
-from decode.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
-from decode.trees import TreeParams  # noqa: E402
-from decode.vq import load_vq  # noqa: E402
+from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
+from decode.core.trees import TreeParams  # noqa: E402
+from decode.models.vq import load_vq  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def conditions(args, target: LlamaGenTarget) -> list[Condition]:
     from data.shards import HELDOUT_OFFSET
     from data.world import SceneGenerator
     from decode.pipeline import condition_for
-    from decode.text import load_text_encoder
+    from decode.models.text import load_text_encoder
 
     text = load_text_encoder("minilm", max_length=target.config.cls_token_num, device=str(target.device))
     world = SceneGenerator(image_size=64)

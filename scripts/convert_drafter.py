@@ -3,7 +3,7 @@
 LANTERN's LlamaGen drafters (jadohu/LANTERN `models/drafters/cnets_llamagen.py::Model`, loaded by
 `EaModel.from_pretrained`) are Hugging Face-style folders: `config.json` (a LlamaConfig plus
 `input_type`, optionally `bias`) and `pytorch_model.bin` or `model.safetensors` with the drafter's
-own frozen `embed_tokens.weight`, `fc`, and Llama-named decoder layers. Ours (decode/drafter.py) is
+own frozen `embed_tokens.weight`, `fc`, and Llama-named decoder layers. Ours (decode/models/drafter.py) is
 `config.json` (kind `eagle_drafter`) + `model.safetensors`, reads the target's `tok_embeddings`, and
 names its layers like the LlamaGen target.
 
@@ -42,16 +42,16 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.checkpoint import (
+from decode.models.checkpoint import (
     CheckpointError,
     load_state_dict_strict,
     read_model_meta,
     read_state_dict,
     state_problems,
 )
-from decode.drafter import KIND, Drafter, DrafterConfig, check_fits, load_drafter, save_drafter
+from decode.models.drafter import KIND, Drafter, DrafterConfig, check_fits, load_drafter, save_drafter
 from decode.pipeline import DTYPES
-from decode.target import LlamaGenGPT, build_gpt
+from decode.models.target import LlamaGenGPT, build_gpt
 
 # --- the key table ---------------------------------------------------------------------------------
 # (ours, LANTERN's). "{i}" is the layer index. wqkv is LANTERN's q_proj ; k_proj ; v_proj stacked by

@@ -38,19 +38,19 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.acceptance import Relaxation, SampledAcceptance, latent_neighbours  # noqa: E402
-from decode.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
-from decode.drafting import EagleDrafting  # noqa: E402
-from decode.engine import generate_ar  # noqa: E402
-from decode.host import wait_for  # noqa: E402
-from decode.jacobi import JacobiDrafting  # noqa: E402
+from decode.strategies.acceptance import Relaxation, SampledAcceptance, latent_neighbours  # noqa: E402
+from decode.models.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
+from decode.strategies.drafting import EagleDrafting  # noqa: E402
+from decode.core.engine import generate_ar  # noqa: E402
+from decode.core.host import wait_for  # noqa: E402
+from decode.strategies.jacobi import JacobiDrafting  # noqa: E402
 from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
-from decode.sampling import SamplingParams, row_generators, sample  # noqa: E402
-from decode.skipping import path_similarity  # noqa: E402
-from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
-from decode.trees import StepOutcome, Tree, TreeParams  # noqa: E402
-from decode.vq import load_vq  # noqa: E402
+from decode.core.sampling import SamplingParams, row_generators, sample  # noqa: E402
+from decode.strategies.skipping import path_similarity  # noqa: E402
+from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
+from decode.core.trees import StepOutcome, Tree, TreeParams  # noqa: E402
+from decode.models.vq import load_vq  # noqa: E402
 
 # which acceptance timing each method pays once per target pass
 ACCEPT_KIND = {"eagle2": "t_accept", "lantern": "t_accept_relaxed", "vvs_u": "t_accept_relaxed",

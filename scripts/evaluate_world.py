@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.images import image_to_tensor  # noqa: E402
 from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
-from decode.engine import generate_ar  # noqa: E402
-from decode.evaluator import load_evaluator, score_images  # noqa: E402
-from decode.metrics import next_token_stats  # noqa: E402
+from decode.core.engine import generate_ar  # noqa: E402
+from decode.evaluation.world_evaluator import load_evaluator, score_images  # noqa: E402
+from decode.evaluation.metrics import next_token_stats  # noqa: E402
 from decode.pipeline import condition_for, image_seed  # noqa: E402
-from decode.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
-from decode.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.target import LlamaGenTarget, build_gpt  # noqa: E402
-from decode.text import load_text_encoder  # noqa: E402
-from decode.vq import load_vq  # noqa: E402
+from decode.evaluation.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
+from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.models.target import LlamaGenTarget, build_gpt  # noqa: E402
+from decode.models.text import load_text_encoder  # noqa: E402
+from decode.models.vq import load_vq  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 """Where each method's decode loop would wait for a GPU: host reads of device tensors, blocking
-copies and implicit index copies per decode step, counted by `decode.host.SyncCounter` on the
+copies and implicit index copies per decode step, counted by `decode.core.host.SyncCounter` on the
 embedded world (random caption features, so no text encoder is needed).
 
 Per step = (waits of a whole decode - waits of the prefill alone) / the batch's loop steps. On a
@@ -20,15 +20,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.drafter import load_drafter  # noqa: E402
-from decode.engine import generate  # noqa: E402
-from decode.host import SyncCounter, cuda_sync_sites, cuda_syncs  # noqa: E402
-from decode.methods import MethodOptions, build_method  # noqa: E402
+from decode.models.drafter import load_drafter  # noqa: E402
+from decode.core.engine import generate  # noqa: E402
+from decode.core.host import SyncCounter, cuda_sync_sites, cuda_syncs  # noqa: E402
+from decode.strategies.registry import MethodOptions, build_method  # noqa: E402
 from decode.pipeline import DTYPES, pick_device  # noqa: E402
-from decode.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
-from decode.trees import TreeParams  # noqa: E402
-from decode.vq import load_vq  # noqa: E402
+from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
+from decode.core.trees import TreeParams  # noqa: E402
+from decode.models.vq import load_vq  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
             sites += "<br>CUDA: " + "; ".join(f"{s} x{n}" for s, n in r["cuda_sites"])
         lines.append(f"| {r['method']} | {r['batch']} | {r['steps']} | {r['per_step']:.2f}{real} | {kinds} | {sites} |")
     lines += ["", f"{args.tokens} tokens per image, temperature {args.temperature}, CFG 4, {device}, {args.dtype}; "
-                  "waits counted by decode.host.SyncCounter (a model of a CUDA run). Per step: the loop's waits "
+                  "waits counted by decode.core.host.SyncCounter (a model of a CUDA run). Per step: the loop's waits "
                   "(a whole decode's minus the prefill's) over the batch's steps; call sites: the whole decode, "
                   "set-up included (a tensor made with an explicit device= counts as on the device there, "
                   "even on the host)." + (" CUDA: the real waits, from the sync debug mode, at their innermost "

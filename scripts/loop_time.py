@@ -28,13 +28,13 @@ def main(argv=None) -> None:
     sys.path.insert(0, args.repo)
     import torch
 
-    from decode.drafter import load_drafter
-    from decode.engine import generate
-    from decode.methods import MethodOptions, build_method
-    from decode.sampling import SamplingParams, row_generators
-    from decode.target import Condition, LlamaGenTarget, build_gpt
-    from decode.trees import TreeParams
-    from decode.vq import load_vq
+    from decode.models.drafter import load_drafter
+    from decode.core.engine import generate
+    from decode.strategies.registry import MethodOptions, build_method
+    from decode.core.sampling import SamplingParams, row_generators
+    from decode.models.target import Condition, LlamaGenTarget, build_gpt
+    from decode.core.trees import TreeParams
+    from decode.models.vq import load_vq
 
     torch.set_num_threads(args.threads)
     gpt = build_gpt(str(MODELS / "target"))

@@ -23,12 +23,12 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from cost_model import Drafts, Fill, timed  # noqa: E402
 
-from decode.drafter import Drafter, DrafterConfig  # noqa: E402
-from decode.host import wait_for  # noqa: E402
+from decode.models.drafter import Drafter, DrafterConfig  # noqa: E402
+from decode.core.host import wait_for  # noqa: E402
 from decode.pipeline import DTYPES, pick_device  # noqa: E402
-from decode.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.target import LlamaGenTarget, build_gpt  # noqa: E402
-from decode.trees import TreeParams  # noqa: E402
+from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.models.target import LlamaGenTarget, build_gpt  # noqa: E402
+from decode.core.trees import TreeParams  # noqa: E402
 
 
 def main() -> None:

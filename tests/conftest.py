@@ -40,7 +40,7 @@ def fixtures_dir() -> Path:
 
 
 def tiny_gpt(model_type: str = "t2i", seed: int = 0, **overrides):
-    from decode.target import build_gpt
+    from decode.models.target import build_gpt
 
     args = dict(size="tiny", model_type=model_type, vocab_size=64, block_size=16, init_seed=seed,
                 cls_token_num=8 if model_type == "t2i" else 1, caption_dim=12, num_classes=10)

@@ -6,17 +6,17 @@ import functools
 import torch
 from omegaconf import OmegaConf
 
-from decode.drafter import load_drafter
-from decode.engine import generate
-from decode.methods import build_method, options_from_config
+from decode.models.drafter import load_drafter
+from decode.core.engine import generate
+from decode.strategies.registry import build_method, options_from_config
 from decode.pipeline import condition_for
 from decode.resolvers import REPO, register_resolvers
-from decode.sampling import SamplingParams, row_generators
-from decode.scheduler import load_scheduler_policy
-from decode.target import load_target
-from decode.text import load_text_encoder
-from decode.trees import TreeParams
-from decode.vq import load_vq
+from decode.core.sampling import SamplingParams, row_generators
+from decode.strategies.learned_skip import load_scheduler_policy
+from decode.models.target import load_target
+from decode.models.text import load_text_encoder
+from decode.core.trees import TreeParams
+from decode.models.vq import load_vq
 
 WORLD = REPO / "models" / "world"
 

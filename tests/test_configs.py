@@ -67,12 +67,12 @@ def test_mismatched_parts_are_named():
 
 
 def test_every_method_config_builds_its_method():
-    """conf/method/*.yaml: one per method of decode.methods, each knob a MethodOptions field."""
+    """conf/method/*.yaml: one per method of decode.strategies.registry, each knob a MethodOptions field."""
     from omegaconf import OmegaConf
 
-    from decode.drafter import Drafter, DrafterConfig
-    from decode.methods import METHODS, MethodOptions, build_method
-    from decode.sampling import SamplingParams
+    from decode.models.drafter import Drafter, DrafterConfig
+    from decode.strategies.registry import METHODS, MethodOptions, build_method
+    from decode.core.sampling import SamplingParams
     from tests.conftest import tiny_gpt
 
     files = sorted((REPO / "conf" / "method").glob("*.yaml"))
@@ -93,8 +93,8 @@ def test_script_configs_compose_and_resolve(name):
     """The scripts' root configs compose, and their runs name known methods, knobs and trees."""
     from omegaconf import OmegaConf
 
-    from decode.methods import METHODS, MethodOptions
-    from decode.trees import TreeParams
+    from decode.strategies.registry import METHODS, MethodOptions
+    from decode.core.trees import TreeParams
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

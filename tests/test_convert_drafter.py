@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from decode.checkpoint import CheckpointError, save_model_folder
-from decode.drafter import Drafter, DrafterConfig, load_drafter, prefix_embedding, save_drafter
-from decode.target.llamagen_gpt import rope_table_2d
+from decode.models.checkpoint import CheckpointError, save_model_folder
+from decode.models.drafter import Drafter, DrafterConfig, load_drafter, prefix_embedding, save_drafter
+from decode.models.target.llamagen_gpt import rope_table_2d
 from tests.conftest import load_script, tiny_gpt
 
 conv = load_script("convert_drafter")

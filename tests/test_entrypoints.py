@@ -67,8 +67,8 @@ def test_help_texts():
 def test_every_greedy_exact_method_writes_the_images_of_greedy_ar(tmp_path):
     """eagle2, LANTERN with delta 0 and SJD are exact: at temperature 0 their PNGs are greedy AR's.
     VVS with tau 0 skips verifications (its images may differ) and reports the skips."""
-    from decode.drafter import Drafter, DrafterConfig, save_drafter
-    from decode.target import build_gpt
+    from decode.models.drafter import Drafter, DrafterConfig, save_drafter
+    from decode.models.target import build_gpt
 
     gpt = build_gpt(None, size="tiny", model_type="t2i", vocab_size=1024, block_size=64, cls_token_num=120,
                     caption_dim=384, init_seed=0)  # what target=tiny_random_t2i target.block_size=64 builds

@@ -1,5 +1,5 @@
 """scripts/evaluate_images.py: decode run folders side by side (speed from their stats.jsonl, quality against
-real images). Tiny fake run folders written in the real format (decode.metrics.ImageStats); a cheap colour
+real images). Tiny fake run folders written in the real format (decode.evaluation.metrics.ImageStats); a cheap colour
 feature stands in for Inception, so FID and precision/recall run in milliseconds. No timing assertions."""
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from decode.metrics import ImageStats, append_jsonl
+from decode.evaluation.metrics import ImageStats, append_jsonl
 from tests.conftest import REPO, load_script
 
 PROMPTS = [f"a {c} square" for c in ("red", "green", "blue", "yellow", "white", "black", "grey", "pink")]

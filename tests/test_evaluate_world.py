@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from data.world import evaluator_labels
-from decode.checkpoint import save_model_folder
-from decode.evaluator import AttributeEvaluator, EvaluatorConfig
-from decode.vq import load_vq
+from decode.models.checkpoint import save_model_folder
+from decode.evaluation.world_evaluator import AttributeEvaluator, EvaluatorConfig
+from decode.models.vq import load_vq
 from tests.conftest import REPO, tiny_gpt
 
 

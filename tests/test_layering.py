@@ -7,9 +7,9 @@ from tests.conftest import REPO
 
 def test_decode_imports_without_lightning_or_train():
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None; "
-            "sys.modules['train'] = None; import decode.engine, decode.pipeline, decode.target, decode.vq, "
-            "decode.text, decode.checkpoint, decode.drafter, decode.evaluator, decode.quality, decode.resolvers, "
-            "decode.drafting, decode.acceptance, decode.trees, decode.skipping, decode.jacobi, decode.methods, "
+            "sys.modules['train'] = None; import decode.core.engine, decode.pipeline, decode.models.target, decode.models.vq, "
+            "decode.models.text, decode.models.checkpoint, decode.models.drafter, decode.evaluation.world_evaluator, decode.evaluation.quality, decode.resolvers, "
+            "decode.strategies.drafting, decode.strategies.acceptance, decode.core.trees, decode.strategies.skipping, decode.strategies.jacobi, decode.strategies.registry, "
             "decode.__main__")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

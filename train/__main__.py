@@ -16,12 +16,12 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # task -> (module, what it trains, issue that brings it)
 TASKS: dict[str, tuple[str, str]] = {
-    "tokenizer": ("train.tokenizer", "the VQ tokenizer of the embedded world"),
-    "target": ("train.target", "the LlamaGen text-to-image target of the embedded world"),
-    "evaluator": ("train.evaluator", "the attribute classifier that scores alignment in the embedded world"),
-    "features": ("train.features", "target features dumped to shards, for offline drafter distillation"),
-    "drafter": ("train.drafter", "an EAGLE-style drafter distilled from a target's features"),
-    "scheduler": ("train.scheduler", "VVS's learned skip scheduler"),
+    "tokenizer": ("train.tokenizer_task", "the VQ tokenizer of the embedded world"),
+    "target": ("train.target_task", "the LlamaGen text-to-image target of the embedded world"),
+    "evaluator": ("train.evaluator_task", "the attribute classifier that scores alignment in the embedded world"),
+    "features": ("train.features_task", "target features dumped to shards, for offline drafter distillation"),
+    "drafter": ("train.drafter_task", "an EAGLE-style drafter distilled from a target's features"),
+    "scheduler": ("train.scheduler_task", "VVS's learned skip scheduler"),
 }
 
 

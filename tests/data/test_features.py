@@ -8,10 +8,10 @@ import torch
 from data.features import collate_features, dump_features, read_feature_shards
 from data.preprocess import collate_code_samples, preprocess_shards, read_code_shards
 from data.shards import split_urls, write_world_shards
-from decode.drafter import drafter_inputs
-from decode.target import Condition, LlamaGenTarget
-from decode.text import load_text_encoder
-from decode.vq import load_vq
+from decode.models.drafter import drafter_inputs
+from decode.models.target import Condition, LlamaGenTarget
+from decode.models.text import load_text_encoder
+from decode.models.vq import load_vq
 from tests.conftest import tiny_gpt
 
 TINY_VQ = {"codebook_size": 64, "codebook_embed_dim": 4, "encoder_ch_mult": [1, 1, 1], "decoder_ch_mult": [1, 1, 1],

@@ -14,9 +14,9 @@ from data.images import image_to_tensor
 from data.preprocess import collate_code_samples, main, preprocess_shards, read_code_shards
 from data.shards import split_urls, write_world_shards
 from data.sources import read_webdataset
-from decode.checkpoint import save_model_folder
-from decode.text import load_text_encoder
-from decode.vq import load_vq
+from decode.models.checkpoint import save_model_folder
+from decode.models.text import load_text_encoder
+from decode.models.vq import load_vq
 
 MAX_LENGTH = 32  # some world captions are longer: truncated ones are covered too
 TINY_VQ = {"codebook_size": 64, "codebook_embed_dim": 4, "encoder_ch_mult": [1, 1], "decoder_ch_mult": [1, 1],

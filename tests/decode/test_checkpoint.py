@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from decode.checkpoint import CheckpointError, read_state_dict, save_model_folder
-from decode.target import build_gpt
+from decode.models.checkpoint import CheckpointError, read_state_dict, save_model_folder
+from decode.models.target import build_gpt
 from tests.conftest import tiny_gpt
 
 ARCH = dict(size="tiny", model_type="t2i", vocab_size=64, block_size=16, cls_token_num=8, caption_dim=12)
@@ -82,7 +82,7 @@ def test_folder_of_another_kind_is_refused(tmp_path):
 def test_large_model_folders_are_sharded_and_read_back(tmp_path, monkeypatch):
     import json
 
-    import decode.checkpoint as ck
+    import decode.models.checkpoint as ck
     from tests.conftest import tiny_gpt
 
     gpt = tiny_gpt()

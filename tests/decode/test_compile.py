@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from decode.methods import MethodOptions, build_method
-from decode.target import LlamaGenTarget
-from decode.trees import TreeParams
+from decode.strategies.registry import MethodOptions, build_method
+from decode.models.target import LlamaGenTarget
+from decode.core.trees import TreeParams
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from decode.checkpoint import CheckpointError
-from decode.drafter import Drafter, DrafterConfig, drafter_inputs, load_drafter, save_drafter, target_fingerprint
-from decode.target import Condition, LlamaGenTarget
+from decode.models.checkpoint import CheckpointError
+from decode.models.drafter import Drafter, DrafterConfig, drafter_inputs, load_drafter, save_drafter, target_fingerprint
+from decode.models.target import Condition, LlamaGenTarget
 from tests.conftest import padded_captions, tiny_gpt
 
 
@@ -69,8 +69,8 @@ def test_round_trip_and_misfits_fail_at_load(tmp_path):
 
 @pytest.mark.parametrize("prefix_token", [None, 0])
 def test_prefix_slots_get_the_same_embedding_in_training_and_decoding(prefix_token):
-    from decode.drafting import EagleDrafting
-    from decode.trees import TreeParams
+    from decode.strategies.drafting import EagleDrafting
+    from decode.core.trees import TreeParams
 
     gpt = tiny_gpt()
     target = LlamaGenTarget(gpt, cfg_scale=1.0)

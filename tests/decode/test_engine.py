@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from decode.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours
-from decode.engine import generate, generate_ar
-from decode.sampling import SamplingParams, row_generators, sample
-from decode.trees import Tree, ancestry_mask
+from decode.strategies.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours
+from decode.core.engine import generate, generate_ar
+from decode.core.sampling import SamplingParams, row_generators, sample
+from decode.core.trees import Tree, ancestry_mask
 from tests.decode.test_speculative import GREEDY, SAMPLED, world
 
 
@@ -87,7 +87,7 @@ def test_sampled_acceptance_rows_only_touch_their_own_generator():
 
 
 def test_jacobi_window_and_inits():
-    from decode.jacobi import JacobiDrafting
+    from decode.strategies.jacobi import JacobiDrafting
 
     target, _, cond, _ = world(1)
     with pytest.raises(ValueError, match="init"):
@@ -100,8 +100,8 @@ def test_jacobi_window_and_inits():
 
 
 def test_every_method_runs_in_bfloat16():
-    from decode.methods import METHODS, MethodOptions, build_method
-    from decode.trees import TreeParams
+    from decode.strategies.registry import METHODS, MethodOptions, build_method
+    from decode.core.trees import TreeParams
 
     target, drafter, cond, codebook = world(2)
     target.gpt.to(torch.bfloat16)
@@ -114,7 +114,7 @@ def test_every_method_runs_in_bfloat16():
 
 
 def test_inverse_cdf_draws_follow_p_and_never_pick_a_zero():
-    from decode.acceptance import _inverse_cdf
+    from decode.strategies.acceptance import _inverse_cdf
 
     p = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
     us = torch.rand(20000, generator=torch.Generator().manual_seed(0)).tolist()
@@ -126,8 +126,8 @@ def test_inverse_cdf_draws_follow_p_and_never_pick_a_zero():
 
 def test_dynamic_tree_scores_follow_the_sampling_processor():
     # EAGLE-2 ranks candidates by log-probabilities after the logits processor (ALGORITHMS.md 2.2)
-    from decode.drafting import EagleDrafting
-    from decode.trees import TreeParams
+    from decode.strategies.drafting import EagleDrafting
+    from decode.core.trees import TreeParams
 
     target, drafter, cond, _ = world(1)
 
@@ -149,8 +149,8 @@ def test_dynamic_tree_scores_follow_the_sampling_processor():
 def test_tree_selection_keeps_every_parent_when_scores_tie():
     # After top-k / top-p filtering, the pool holds many -inf scores that tie; the kept nodes must
     # still include every kept node's parent (torch's topk breaks such ties arbitrarily).
-    from decode.drafting import EagleDrafting
-    from decode.trees import TreeParams
+    from decode.strategies.drafting import EagleDrafting
+    from decode.core.trees import TreeParams
 
     target, drafter, _, _ = world(1)
     d = EagleDrafting(drafter, target, TreeParams(59, 4, 10), 1, 64)

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from decode.engine import generate, generate_ar
-from decode.host import cuda_syncs
-from decode.methods import MethodOptions, build_method
-from decode.sampling import row_generators
-from decode.target import LlamaGenTarget
-from decode.trees import TreeParams
+from decode.core.engine import generate, generate_ar
+from decode.core.host import cuda_syncs
+from decode.strategies.registry import MethodOptions, build_method
+from decode.core.sampling import row_generators
+from decode.models.target import LlamaGenTarget
+from decode.core.trees import TreeParams
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -72,7 +72,7 @@ def test_the_loop_synchronizes_at_most_once_a_step_and_ar_never():
 
 
 def test_draw_makes_multinomials_draws_on_the_gpu():
-    from decode.sampling import draw
+    from decode.core.sampling import draw
 
     probs = torch.softmax(torch.randn(6, 50, device="cuda") * 3, -1)
     for seed in range(10):

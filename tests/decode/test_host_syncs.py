@@ -1,15 +1,15 @@
 """The decode loop waits for the device at most once a step (VVS and SJD: twice), and AR never: counted
-on a CPU by decode.host.SyncCounter, which models where a CUDA run would wait."""
+on a CPU by decode.core.host.SyncCounter, which models where a CUDA run would wait."""
 import warnings
 
 import pytest
 import torch
 
-from decode.engine import Method
-from decode.host import SyncCounter, cuda_sync_sites, cuda_syncs, fetch, to_device
-from decode.methods import MethodOptions, build_method
-from decode.sampling import draw
-from decode.trees import TreeParams
+from decode.core.engine import Method
+from decode.core.host import SyncCounter, cuda_sync_sites, cuda_syncs, fetch, to_device
+from decode.strategies.registry import MethodOptions, build_method
+from decode.core.sampling import draw
+from decode.core.trees import TreeParams
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
 

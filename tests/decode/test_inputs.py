@@ -4,7 +4,7 @@ import torch
 from omegaconf import OmegaConf
 
 from decode.__main__ import integer
-from decode.methods import MethodOptions
+from decode.strategies.registry import MethodOptions
 from decode.pipeline import check_run_folder, pick_device, record_run_folder
 
 
@@ -60,7 +60,7 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path):
 
 
 def test_a_model_folder_that_is_missing_or_a_file_says_so(tmp_path):
-    from decode.checkpoint import read_model_folder
+    from decode.models.checkpoint import read_model_folder
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_model_folder(tmp_path / "nope", kind="eagle_drafter")
@@ -82,7 +82,7 @@ def test_a_run_folder_takes_more_prompts_but_not_other_prompts_for_its_images(tm
 
 def test_run_settings_ignore_what_cannot_change_the_images(tmp_path):
     from decode.__main__ import run_settings
-    from decode.methods import knobs_used
+    from decode.strategies.registry import knobs_used
     from decode.resolvers import REPO, register_resolvers
 
     register_resolvers()

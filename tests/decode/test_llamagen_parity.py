@@ -2,10 +2,10 @@
 (../shared/fixtures/llamagen), loaded through the same path a user takes with an official file."""
 import torch
 
-from decode.engine import generate_ar
-from decode.sampling import SamplingParams
-from decode.target import Condition, GPTConfig, load_target
-from decode.vq import VQConfig, load_vq
+from decode.core.engine import generate_ar
+from decode.core.sampling import SamplingParams
+from decode.models.target import Condition, GPTConfig, load_target
+from decode.models.vq import VQConfig, load_vq
 
 
 def _target(fixtures_dir, cfg_scale):

@@ -1,5 +1,5 @@
 """The end-of-run summary: per-image latency, decode throughput, and quality beside speed."""
-from decode.metrics import ImageStats, summary_table
+from decode.evaluation.metrics import ImageStats, summary_table
 
 
 def _stats(latency: float, i: int, alignment=None) -> ImageStats:
@@ -25,7 +25,7 @@ def test_speed_stats_follow_their_definitions():
 
     import torch
 
-    from decode.metrics import speed_stats
+    from decode.evaluation.metrics import speed_stats
 
     gen = SimpleNamespace(tokens=torch.zeros(1, 256, dtype=torch.long), nfe=torch.tensor([60]),
                           steps=torch.tensor([70]), skipped=torch.tensor([10]), verified_tokens=torch.tensor([200]),

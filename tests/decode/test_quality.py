@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from data.world import SceneGenerator, evaluator_labels
-from decode.evaluator import (AttributeEvaluator, CaptionParser, EvaluatorConfig, Prediction, alignment_scores,
+from decode.evaluation.world_evaluator import (AttributeEvaluator, CaptionParser, EvaluatorConfig, Prediction, alignment_scores,
                               load_evaluator)
-from decode.quality import fid, inception_path, precision_recall
+from decode.evaluation.quality import fid, inception_path, precision_recall
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_alignment_is_one_for_the_truth_and_zero_when_all_is_wrong(config):
 
 
 def test_evaluator_round_trips_through_its_folder(config, tmp_path):
-    from decode.checkpoint import save_model_folder
+    from decode.models.checkpoint import save_model_folder
 
     model = AttributeEvaluator(config).eval()
     save_model_folder(tmp_path / "ev", model, config.to_dict(), kind="world_evaluator")
@@ -121,7 +121,7 @@ def tiny_clip(folder):
 def test_clip_score_is_the_raw_cosine_with_the_prefixed_prompt(tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 
-    from decode.quality import CLIPScorer
+    from decode.evaluation.quality import CLIPScorer
 
     folder = tiny_clip(tmp_path / "clip")
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)

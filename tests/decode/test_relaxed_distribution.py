@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from decode.acceptance import Relaxation, SampledAcceptance
-from decode.sampling import SamplingParams, row_generators
-from decode.trees import Tree, ancestry_mask
+from decode.strategies.acceptance import Relaxation, SampledAcceptance
+from decode.core.sampling import SamplingParams, row_generators
+from decode.core.trees import Tree, ancestry_mask
 
 SAMPLED = SamplingParams(temperature=1.0)
 V = 6

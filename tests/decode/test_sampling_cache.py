@@ -1,10 +1,10 @@
 """Sampling filters, per-row seeding, and the KV cache bookkeeping."""
 import torch
 
-from decode.cache import KVCache
-from decode.engine import generate_ar
-from decode.sampling import SamplingParams, draw, filter_logits, row_generators, sample
-from decode.target import Condition, LlamaGenTarget
+from decode.core.cache import KVCache
+from decode.core.engine import generate_ar
+from decode.core.sampling import SamplingParams, draw, filter_logits, row_generators, sample
+from decode.models.target import Condition, LlamaGenTarget
 from tests.conftest import padded_captions, tiny_gpt
 
 

@@ -4,11 +4,11 @@ scheduler compares every second candidate path (ALGORITHMS.md 1.6)."""
 import pytest
 import torch
 
-from decode import engine
-from decode.methods import MethodOptions, build_method
-from decode.skipping import FeatureCache, SimilaritySkip, StepContext
-from decode.target import Condition
-from decode.trees import TreeParams, leaf_paths
+from decode.core import engine
+from decode.strategies.registry import MethodOptions, build_method
+from decode.strategies.skipping import FeatureCache, SimilaritySkip, StepContext
+from decode.models.target import Condition
+from decode.core.trees import TreeParams, leaf_paths
 from tests.decode.test_skipping import small_tree
 from tests.decode.test_speculative import SAMPLED, run, world
 

@@ -3,10 +3,10 @@ features as a direct pass; the selector, similarity and schedulers follow ALGORI
 import pytest
 import torch
 
-from decode.engine import _with_chain
-from decode.methods import MethodOptions, build_method
-from decode.skipping import FeatureCache, StepContext, UniformSkip, path_similarity, select_skip_tokens
-from decode.trees import Tree, TreeParams, ancestry_mask, leaf_paths
+from decode.core.engine import _with_chain
+from decode.strategies.registry import MethodOptions, build_method
+from decode.strategies.skipping import FeatureCache, StepContext, UniformSkip, path_similarity, select_skip_tokens
+from decode.core.trees import Tree, TreeParams, ancestry_mask, leaf_paths
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
 

@@ -3,12 +3,12 @@ methods have the target's distribution; LANTERN with delta 0 is exact SD."""
 import pytest
 import torch
 
-from decode.drafter import Drafter, DrafterConfig
-from decode.engine import Method, generate
-from decode.methods import MethodOptions, build_method
-from decode.sampling import SamplingParams, probabilities, row_generators
-from decode.target import Condition, LlamaGenTarget
-from decode.trees import TreeParams, ancestry_mask, shape_from_widths, static_shape
+from decode.models.drafter import Drafter, DrafterConfig
+from decode.core.engine import Method, generate
+from decode.strategies.registry import MethodOptions, build_method
+from decode.core.sampling import SamplingParams, probabilities, row_generators
+from decode.models.target import Condition, LlamaGenTarget
+from decode.core.trees import TreeParams, ancestry_mask, shape_from_widths, static_shape
 from tests.conftest import padded_captions, tiny_gpt
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -161,7 +161,7 @@ def test_exact_sampled_methods_have_the_targets_distribution(name, tree):
 def test_an_always_accepting_rule_fails_the_distribution_test():
     """The statistical test can fail: accepting every draft (a broken rule) moves the joint
     distribution far from the target's."""
-    from decode.acceptance import Verdict
+    from decode.strategies.acceptance import Verdict
 
     target, drafter, cond1, _ = world(1, 2.0, vocab=4, block=4, seed=3, caption_seed=7)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from decode.target import Condition, LlamaGenTarget
+from decode.models.target import Condition, LlamaGenTarget
 from tests.conftest import padded_captions, tiny_gpt
 
 

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from decode.text import left_pad, load_text_encoder
+from decode.models.text import left_pad, load_text_encoder
 
 
 def test_left_pad_moves_valid_tokens_to_the_end_and_zeroes_padding():
@@ -45,7 +45,7 @@ def test_flan_t5_folder_loads_with_left_padding(tmp_path):
     """The T5 path: a tiny random T5 encoder saved locally, loaded as a user's FLAN-T5 folder."""
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    from decode.text import minilm_path
+    from decode.models.text import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())  # any local tokenizer: no hub here
     cfg = T5Config(vocab_size=tok.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
@@ -70,7 +70,7 @@ def test_unknown_kind_is_named():
 
 
 def test_clean_caption_normalises_prompts_as_llamagen_does_before_t5():
-    from decode.text import clean_caption
+    from decode.models.text import clean_caption
 
     assert clean_caption("  A Photo of a RED Fox  ") == "a photo of a red fox"
     assert clean_caption("a%20red+fox") == "a red fox"  # URL-unquoted

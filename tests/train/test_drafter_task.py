@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from decode.checkpoint import save_model_folder
-from decode.drafter import load_drafter
+from decode.models.checkpoint import save_model_folder
+from decode.models.drafter import load_drafter
 from tests.conftest import REPO, run_train, tiny_gpt, train_command
 
 TOKENIZER = "{codebook_size:64,encoder_ch_mult:[1,1,1],decoder_ch_mult:[1,1,1],z_channels:32,ch:32,num_res_blocks:1}"

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from decode.evaluator import load_evaluator
+from decode.evaluation.world_evaluator import load_evaluator
 from tests.conftest import run_train
 
 
@@ -20,9 +20,9 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_architect
     import pytest
 
     from data.world import evaluator_labels
-    from decode.checkpoint import save_model_folder
-    from decode.evaluator import AttributeEvaluator, EvaluatorConfig
-    from train.evaluator import start_from
+    from decode.models.checkpoint import save_model_folder
+    from decode.evaluation.world_evaluator import AttributeEvaluator, EvaluatorConfig
+    from train.evaluator_task import start_from
 
     make = lambda width: AttributeEvaluator(EvaluatorConfig(**evaluator_labels(), image_size=64, width=width))  # noqa: E731
     torch.manual_seed(0)

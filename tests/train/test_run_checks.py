@@ -119,7 +119,7 @@ def test_ckpt_path_last_without_out_dir_says_to_give_the_earlier_runs_folder(tmp
 
 
 def test_drafter_lr_schedules_warm_up_then_decay():
-    from train.drafter import lr_factor
+    from train.drafter_task import lr_factor
 
     kw = dict(warmup=10, total=110)
     assert lr_factor(0, **kw) == pytest.approx(0.1) and lr_factor(9, **kw) == pytest.approx(1.0)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from data.traces import image_records
-from decode.drafter import Drafter, DrafterConfig
-from decode.methods import MethodOptions
-from decode.sampling import SamplingParams
-from decode.scheduler import SkipPolicy, load_scheduler_policy, save_scheduler
-from decode.target import LlamaGenTarget
-from decode.trees import TreeParams
+from decode.models.drafter import Drafter, DrafterConfig
+from decode.strategies.registry import MethodOptions
+from decode.core.sampling import SamplingParams
+from decode.strategies.learned_skip import SkipPolicy, load_scheduler_policy, save_scheduler
+from decode.models.target import LlamaGenTarget
+from decode.core.trees import TreeParams
 from tests.conftest import run_train, tiny_gpt
 from tests.decode.test_speculative import world
 
@@ -29,7 +29,7 @@ class _TinyText:
 def test_traces_are_deterministic_for_a_seed():
     from types import SimpleNamespace
 
-    from train.scheduler import record_traces
+    from train.scheduler_task import record_traces
 
     target, drafter, _, codebook = world(1)
     vq = SimpleNamespace(quantize=SimpleNamespace(embedding=SimpleNamespace(weight=codebook)))
@@ -73,8 +73,8 @@ def test_a_scheduler_for_another_target_or_drafter_is_refused(tmp_path):
 
 def test_held_out_comparison_gives_ordered_knob_quantiles_for_sweeps():
     from data.traces import Traces
-    from decode.scheduler import PolicyConfig
-    from train.scheduler import compare_with_similarity_rule
+    from decode.strategies.learned_skip import PolicyConfig
+    from train.scheduler_task import compare_with_similarity_rule
 
     g = torch.Generator().manual_seed(0)
     n = 400

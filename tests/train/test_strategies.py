@@ -3,7 +3,7 @@ subclass) giving the same drafter as a plain single-process run."""
 import torch
 from safetensors.torch import load_file
 
-from decode.checkpoint import save_model_folder
+from decode.models.checkpoint import save_model_folder
 from tests.conftest import run_train, tiny_gpt
 from tests.train.test_drafter_task import TOKENIZER
 

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from decode.target import build_gpt
+from decode.models.target import build_gpt
 from tests.conftest import run_train
 
 
@@ -19,8 +19,8 @@ def test_smoke_run_writes_a_loadable_target(tmp_path):
 
 
 def test_cfg_sample_grid_is_written_after_validation(tmp_path):
-    from decode.checkpoint import save_model_folder
-    from decode.vq import load_vq
+    from decode.models.checkpoint import save_model_folder
+    from decode.models.vq import load_vq
 
     vq = load_vq(None, codebook_size=64, encoder_ch_mult=[1, 1, 1], decoder_ch_mult=[1, 1, 1], z_channels=32, ch=32)
     save_model_folder(tmp_path / "vq", vq, vq.config.to_dict(), kind="llamagen_vq")

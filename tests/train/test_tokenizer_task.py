@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from decode.vq import load_vq
+from decode.models.vq import load_vq
 from tests.conftest import run_train
 
 

@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from decode.cache import KVCache
-from decode.sampling import cfg_combine
-from decode.target.llamagen_gpt import LlamaGenGPT
+from decode.core.cache import KVCache
+from decode.core.sampling import cfg_combine
+from decode.models.target.llamagen_gpt import LlamaGenGPT
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from decode.cache import KVCache
-from decode.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, save_model_folder
-from decode.target.llamagen_gpt import BlockStack, GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
+from decode.core.cache import KVCache
+from decode.models.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, save_model_folder
+from decode.models.target.llamagen_gpt import BlockStack, GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
 
 KIND = "eagle_drafter"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decode.cache import KVCache, LayerKV
+from decode.core.cache import KVCache, LayerKV
 
 
 def find_multiple(n: int, k: int) -> int:

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from decode.host import to_device
+from decode.core.host import to_device
 
 
 @dataclass

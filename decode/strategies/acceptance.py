@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.host import to_device
-from decode.sampling import SamplingParams, draw, probabilities
-from decode.trees import Tree
+from decode.core.host import to_device
+from decode.core.sampling import SamplingParams, draw, probabilities
+from decode.core.trees import Tree
 
 
 def latent_neighbours(codebook: Tensor, k: int, chunk: int = 4096) -> Tensor:

@@ -1,4 +1,4 @@
-"""`python -m train evaluator`: the embedded world's attribute classifier (decode.evaluator).
+"""`python -m train evaluator`: the embedded world's attribute classifier (decode.evaluation.world_evaluator).
 
 Cross-entropy on every head: per cell the object (or empty), a shape's colour and the size; the
 background's pattern and colour. Scenes come from the generator, endless and labelled for free;
@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from data.images import WorldScenes, collate_scenes
 from data.world import evaluator_labels
-from decode.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
-from decode.evaluator import AttributeEvaluator, EvaluatorConfig, alignment_scores
+from decode.models.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
+from decode.evaluation.world_evaluator import AttributeEvaluator, EvaluatorConfig, alignment_scores
 from train.common import build_logger, build_trainer, output_dir, require_ints, write_model_card
 
 

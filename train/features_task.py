@@ -8,7 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from data.features import dump_features
-from decode.target import load_target
+from decode.models.target import load_target
 from train.common import require_ints, require_shards
 
 

@@ -24,12 +24,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from decode.acceptance import make_acceptance
-from decode.host import to_device, wait_for
-from decode.sampling import SamplingParams, sample
-from decode.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
-from decode.target import Condition, LlamaGenTarget, TargetOutput
-from decode.trees import StepOutcome, Tree, root_only
+from decode.strategies.acceptance import make_acceptance
+from decode.core.host import to_device, wait_for
+from decode.core.sampling import SamplingParams, sample
+from decode.strategies.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
+from decode.models.target import Condition, LlamaGenTarget, TargetOutput
+from decode.core.trees import StepOutcome, Tree, root_only
 
 
 @dataclass(frozen=True)

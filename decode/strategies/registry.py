@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from decode.acceptance import Relaxation, latent_neighbours, make_acceptance
-from decode.drafter import Drafter
-from decode.drafting import EagleDrafting
-from decode.engine import Method
-from decode.jacobi import INITS, JacobiDrafting
-from decode.sampling import SamplingParams
-from decode.skipping import LearnedScheduler, NeverSkip, SimilaritySkip, UniformSkip
-from decode.trees import STATIC_SHAPES, TreeParams
+from decode.strategies.acceptance import Relaxation, latent_neighbours, make_acceptance
+from decode.models.drafter import Drafter
+from decode.strategies.drafting import EagleDrafting
+from decode.core.engine import Method
+from decode.strategies.jacobi import INITS, JacobiDrafting
+from decode.core.sampling import SamplingParams
+from decode.strategies.skipping import LearnedScheduler, NeverSkip, SimilaritySkip, UniformSkip
+from decode.core.trees import STATIC_SHAPES, TreeParams
 
 METHODS = ("ar", "eagle2", "lantern", "lantern_pp", "vvs_u", "vvs", "sjd", "sjd_vp")
 NEEDS_DRAFTER = ("eagle2", "lantern", "lantern_pp", "vvs_u", "vvs")
@@ -54,7 +54,7 @@ class MethodOptions:
     """Every knob of every method (each method reads its own)."""
     lantern_k: int = 1000         # neighbours considered per token
     delta: float = 0.2            # <= 1: TVD bound (LANTERN); > 1: lambda bound (LANTERN++)
-    static_tree: str | None = None  # lantern_pp: a shape in decode.trees.STATIC_SHAPES
+    static_tree: str | None = None  # lantern_pp: a shape in decode.core.trees.STATIC_SHAPES
     scheduler: str | None = None  # vvs: similarity (default) | learned; vvs_u: uniform
     interval: int = 5             # vvs_u
     tau: float = 0.7              # vvs path-similarity threshold

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from decode.checkpoint import load_state_dict_strict, read_model_folder, read_state_dict
-from decode.target.llamagen import Condition, LlamaGenTarget, TargetOutput
-from decode.target.llamagen_gpt import GPT_SIZES, GPTConfig, LlamaGenGPT, gpt_config
+from decode.models.checkpoint import load_state_dict_strict, read_model_folder, read_state_dict
+from decode.models.target.llamagen import Condition, LlamaGenTarget, TargetOutput
+from decode.models.target.llamagen_gpt import GPT_SIZES, GPTConfig, LlamaGenGPT, gpt_config
 
 __all__ = ["Condition", "GPTConfig", "GPT_SIZES", "LlamaGenGPT", "LlamaGenTarget", "TargetOutput",
            "build_gpt", "load_target"]

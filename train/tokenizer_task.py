@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data.images import ShardImages, WorldImages
-from decode.checkpoint import save_model_folder
-from decode.vq import VQConfig, VQModel
+from decode.models.checkpoint import save_model_folder
+from decode.models.vq import VQConfig, VQModel
 from train.common import (
     build_logger,
     build_trainer,

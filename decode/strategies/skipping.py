@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.trees import HostTree, Tree, leaf_paths
+from decode.core.trees import HostTree, Tree, leaf_paths
 
 
 @dataclass(frozen=True)

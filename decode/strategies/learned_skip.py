@@ -1,7 +1,7 @@
 """The learned VVS skip policy: traces to learn from, the small model, and its checkpoint folder.
 
 Traces: decoding that verifies every step, and records per row and step the cheap features a
-policy may see (`decode.skipping.step_features`) with what skipping would have cost: the tokens the
+policy may see (`decode.strategies.skipping.step_features`) with what skipping would have cost: the tokens the
 verification-free selector would have committed are compared with what verification committed;
 `kept` is their common prefix (the step is `safe` to skip when all of them match), and
 `similarity` their mean cosine in the VQ latent space (a quality-aware label: a different but
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from decode.drafter import Drafter, target_fingerprint
-from decode.skipping import NUM_STEP_FEATURES, Scheduler, StepContext, select_skip_tokens, step_features
-from decode.target import LlamaGenTarget
+from decode.models.drafter import Drafter, target_fingerprint
+from decode.strategies.skipping import NUM_STEP_FEATURES, Scheduler, StepContext, select_skip_tokens, step_features
+from decode.models.target import LlamaGenTarget
 
 KIND = "vvs_skip_policy"
 
@@ -66,7 +66,7 @@ def drafter_fingerprint(drafter: Drafter) -> str:
 
 def save_scheduler(folder: str | Path, policy: SkipPolicy, target: LlamaGenTarget, drafter: Drafter,
                    extra: dict | None = None) -> Path:
-    from decode.checkpoint import save_model_folder
+    from decode.models.checkpoint import save_model_folder
 
     return save_model_folder(folder, policy, asdict(policy.config), kind=KIND,
                              extra={"target_fingerprint": target_fingerprint(target.gpt),
@@ -75,7 +75,7 @@ def save_scheduler(folder: str | Path, policy: SkipPolicy, target: LlamaGenTarge
 
 def load_scheduler_policy(folder: str | Path, target: LlamaGenTarget, drafter: Drafter | None) -> SkipPolicy:
     """The policy in `folder`, refused if it was trained for another target or drafter."""
-    from decode.checkpoint import load_state_dict_strict, read_model_folder
+    from decode.models.checkpoint import load_state_dict_strict, read_model_folder
 
     meta, state = read_model_folder(folder, kind=KIND)
     if drafter is None:

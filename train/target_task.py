@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards, report_reads_at_end
-from decode.checkpoint import save_model_folder
-from decode.metrics import next_token_stats
-from decode.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
+from decode.models.checkpoint import save_model_folder
+from decode.evaluation.metrics import next_token_stats
+from decode.models.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
 from train.common import (
     STEPS_END_THE_STREAM,
     build_logger,
@@ -83,11 +83,11 @@ class SampleGrid(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: "TargetModule") -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        from decode.engine import generate_ar
+        from decode.core.engine import generate_ar
         from decode.pipeline import condition_for, save_png, to_pil
-        from decode.sampling import SamplingParams, row_generators
-        from decode.text import load_text_encoder
-        from decode.vq import load_vq
+        from decode.core.sampling import SamplingParams, row_generators
+        from decode.models.text import load_text_encoder
+        from decode.models.vq import load_vq
         from PIL import Image
 
         was_training = module.training

@@ -61,7 +61,7 @@ class ImageStats:
 
 
 def speed_stats(gen, i: int) -> dict:
-    """Row i of a `decode.engine.Generation` -> its per-image speed figures (definitions above)."""
+    """Row i of a `decode.core.engine.Generation` -> its per-image speed figures (definitions above)."""
     n = int(gen.tokens.shape[1])
     nfe, steps = int(gen.nfe[i]), int(gen.steps[i])
     skipped = int(gen.skipped[i]) if gen.skipped is not None else 0

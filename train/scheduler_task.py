@@ -1,7 +1,7 @@
 """`python -m train scheduler`: learn when VVS may skip a verification.
 
 1. Traces (built once, resumable per shard): the target + drafter decode world prompts with
-   LANTERN acceptance and verification at every step; `decode.scheduler.TraceRecorder` records each
+   LANTERN acceptance and verification at every step; `decode.strategies.learned_skip.TraceRecorder` records each
    step's cheap features and whether the verification-free selector's tokens would have been
    exactly what verification committed ("safe"). Training prompts come from the world's training
    scenes; held-out traces from other scenes.
@@ -26,16 +26,16 @@ from tqdm import tqdm
 from data.shards import HELDOUT_OFFSET
 from data.traces import Traces, image_records, load_traces, read_manifest, write_manifest, write_shard
 from data.world import SceneGenerator
-from decode.drafter import load_drafter
-from decode.engine import generate
-from decode.methods import MethodOptions, build_method
+from decode.models.drafter import load_drafter
+from decode.core.engine import generate
+from decode.strategies.registry import MethodOptions, build_method
 from decode.pipeline import condition_for, image_seed
-from decode.sampling import SamplingParams, row_generators
-from decode.scheduler import PolicyConfig, SkipPolicy, TraceRecorder, drafter_fingerprint, save_scheduler
-from decode.target import LlamaGenTarget, load_target
-from decode.text import load_text_encoder
-from decode.trees import TreeParams
-from decode.vq import load_vq
+from decode.core.sampling import SamplingParams, row_generators
+from decode.strategies.learned_skip import PolicyConfig, SkipPolicy, TraceRecorder, drafter_fingerprint, save_scheduler
+from decode.models.target import LlamaGenTarget, load_target
+from decode.models.text import load_text_encoder
+from decode.core.trees import TreeParams
+from decode.models.vq import load_vq
 from train.common import build_logger, build_trainer, inherited_licence, output_dir, require_ints, write_model_card
 
 
@@ -175,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     print(f"traces: {len(train)} train steps ({float(train.safe.mean()):.3f} exactly safe, mean latent similarity "
           f"{float(train.similarity.mean()):.3f}), {len(held)} held-out steps, built in {trace_s:.0f} s -> {folder}")
     module = SchedulerModule(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim))
-    module.policy.set_standardisation(train.features)
+    module.policy.set_standardisation(train.features_task)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "scheduler"))
     t1 = time.perf_counter()
     label = cfg.data.label
@@ -190,7 +190,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         target, _, _, drafter = parts
         dest = save_scheduler(out / "scheduler", module.policy.eval(), target, drafter,
-                              extra={"traces": str(folder), "features": "decode.skipping.step_features"})
+                              extra={"traces": str(folder), "features": "decode.strategies.skipping.step_features"})
         write_model_card(dest, title="VVS learned skip scheduler", cfg=cfg, steps=trainer.global_step,
                          wall_s=wall + trace_s, metrics=metrics,
                          notes=f"Traces: {len(train)} training steps, {len(held)} held-out steps, built in "

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.cache import KVCache
-from decode.drafter import Drafter, prefix_embedding
-from decode.host import to_device
-from decode.sampling import SamplingParams, draw, filter_logits, probabilities
-from decode.target import LlamaGenTarget
-from decode.target.llamagen import TargetOutput
-from decode.trees import StaticShape, StepOutcome, Tree, TreeParams, ancestry_mask, static_shape
+from decode.core.cache import KVCache
+from decode.models.drafter import Drafter, prefix_embedding
+from decode.core.host import to_device
+from decode.core.sampling import SamplingParams, draw, filter_logits, probabilities
+from decode.models.target import LlamaGenTarget
+from decode.models.target.llamagen import TargetOutput
+from decode.core.trees import StaticShape, StepOutcome, Tree, TreeParams, ancestry_mask, static_shape
 
 
 @dataclass

@@ -254,7 +254,7 @@ def load_vq(ckpt: str | None = None, init_seed: int = 0, **config) -> VQModel:
     from `config`), or randomly initialised when `ckpt` is None."""
     from pathlib import Path
 
-    from decode.checkpoint import load_state_dict_strict, read_model_folder, read_state_dict
+    from decode.models.checkpoint import load_state_dict_strict, read_model_folder, read_state_dict
 
     if ckpt is not None and Path(ckpt).is_dir():
         meta, state = read_model_folder(ckpt, kind="llamagen_vq")

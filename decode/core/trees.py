@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.host import fetch
+from decode.core.host import fetch
 
 
 @dataclass(frozen=True)

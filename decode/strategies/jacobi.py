@@ -19,11 +19,11 @@ import math
 import torch
 from torch import Tensor
 
-from decode.host import fetch, to_device
-from decode.sampling import SamplingParams, draw, probabilities
-from decode.target import LlamaGenTarget
-from decode.target.llamagen import TargetOutput
-from decode.trees import StepOutcome, Tree, ancestry_mask
+from decode.core.host import fetch, to_device
+from decode.core.sampling import SamplingParams, draw, probabilities
+from decode.models.target import LlamaGenTarget
+from decode.models.target.llamagen import TargetOutput
+from decode.core.trees import StepOutcome, Tree, ancestry_mask
 
 INITS = ("random", "repeat_horizon", "repeat_vertical")
 

@@ -151,7 +151,7 @@ class CaptionParser:
 
 
 def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> AttributeEvaluator:
-    from decode.checkpoint import load_state_dict_strict, read_model_folder
+    from decode.models.checkpoint import load_state_dict_strict, read_model_folder
 
     meta, state = read_model_folder(folder, kind="world_evaluator")
     model = AttributeEvaluator(EvaluatorConfig(**meta["config"]))

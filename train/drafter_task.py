@@ -1,4 +1,4 @@
-"""`python -m train drafter`: distill an EAGLE-style drafter (decode.drafter) from a frozen target.
+"""`python -m train drafter`: distill an EAGLE-style drafter (decode.models.drafter) from a frozen target.
 
 Online distillation (the default): the frozen target runs teacher-forced inside the training
 step on (caption, image codes) and its post-norm features are the drafter's inputs and targets;
@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader
 
 from data.features import FeatureBatch, FeatureShards, collate_features
 from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards, report_reads_at_end
-from decode.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
-from decode.sampling import SamplingParams
-from decode.engine import generate
-from decode.methods import build_method
-from decode.trees import TreeParams
-from decode.target import Condition, LlamaGenTarget, load_target
+from decode.models.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
+from decode.core.sampling import SamplingParams
+from decode.core.engine import generate
+from decode.strategies.registry import build_method
+from decode.core.trees import TreeParams
+from decode.models.target import Condition, LlamaGenTarget, load_target
 from train.common import (
     STEPS_END_THE_STREAM,
     build_logger,

@@ -5,36 +5,25 @@ Prompts work as typed: `prompt="a cat face, on a blue background"` is quoted for
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from decode.models.drafter import Drafter, load_drafter
-from decode.core.engine import generate
-from decode.evaluation.world_evaluator import AlignmentScorer
-from decode.evaluation.quality import CLIPScorer
 from decode import distributed
+from decode.api import DTYPES, build_components, make_method, pick_device
+from decode.core.sampling import SamplingParams
+from decode.core.trees import TreeParams
 from decode.distributed import Ranks, ranks_from_env
 from decode.evaluation.metrics import append_jsonl, summary_table, write_summary
-from decode.pipeline import (DTYPES, check_compatible, check_run_folder, compile_models, pick_device, plan_jobs,
-                             record_run_folder, run_jobs)
+from decode.pipeline import check_run_folder, plan_jobs, record_run_folder, run_jobs
 from decode.resolvers import REPO, register_resolvers, reporting_input_errors
-from decode.core.sampling import SamplingParams
-from decode.strategies.registry import (METHODS, NEEDS_DRAFTER, USES_TREE, MethodOptions, build_method, knobs_used,
-                            options_from_config)
-from decode.core.trees import TreeParams
-from decode.models.target import LlamaGenTarget
-from decode.models.text import TextEncoder
-from decode.models.vq import VQModel
+from decode.strategies.registry import MethodConfig, resolve_method
 
 CONF_DIR = str(REPO / "conf")
 QUOTED_KEYS = ("prompt", "+prompt", "++prompt")
@@ -67,51 +56,6 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
-@dataclass(frozen=True)
-class Parts:
-    target: LlamaGenTarget
-    vq: VQModel
-    text: TextEncoder | None
-    scorer: AlignmentScorer | None
-    drafter: Drafter | None = None
-    clip: CLIPScorer | None = None
-
-
-def build_parts(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Parts:
-    """Instantiate the configured components and check that they fit each other."""
-    target = instantiate(cfg.target)
-    target.gpt.to(device=device, dtype=dtype)
-    vq = instantiate(cfg.tokenizer).to(device)
-    text = None
-    if target.config.model_type == "t2i":  # the caption length follows the target unless set
-        length = cfg.text_encoder.get("max_length") or target.config.cls_token_num
-        text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
-    check_compatible(target, vq, text)
-    scorer = instantiate(cfg.evaluator, device=str(device)) if cfg.get("evaluator") else None
-    drafter = None
-    if cfg.method.name in NEEDS_DRAFTER:
-        if not cfg.get("drafter") or not cfg.drafter.get("ckpt"):
-            raise ValueError(f"method={cfg.method.name} needs a drafter: drafter.ckpt=FOLDER")
-        drafter = load_drafter(cfg.drafter.ckpt, target.gpt)  # fails here if it does not fit the target
-    compile_models(cfg.get("compile"), target.gpt, drafter)
-    clip = CLIPScorer(cfg.clip, device=device) if cfg.get("clip") else None
-    return Parts(target, vq, text, scorer, drafter, clip)
-
-
-def decoding_method(cfg: DictConfig, parts: Parts, options: MethodOptions):
-    """The generate function of `method=`, with its policies bound."""
-    policy = None
-    if options.scheduler == "learned" and cfg.method.get("scheduler_ckpt"):
-        from decode.strategies.learned_skip import load_scheduler_policy  # the learned skip policy (train scheduler)
-
-        policy = load_scheduler_policy(cfg.method.scheduler_ckpt, parts.target, parts.drafter)
-    sampling = SamplingParams(**cfg.sampling)
-    method = build_method(cfg.method.name, sampling=sampling, tree=TreeParams(**cfg.tree), options=options,
-                          drafter=parts.drafter, codebook=parts.vq.quantize.embedding.weight.detach(),
-                          learned_policy=policy)
-    return functools.partial(generate, method=method)
-
-
 def integer(cfg: DictConfig, key: str, least: int | None = None) -> int:
     """An integer option, named in the error when it is not one (or below `least`)."""
     try:
@@ -123,19 +67,16 @@ def integer(cfg: DictConfig, key: str, least: int | None = None) -> int:
     return value
 
 
-def run_settings(cfg: DictConfig, options: MethodOptions, prompts: list[str]) -> dict:
+def run_settings(cfg: DictConfig, method: MethodConfig, prompts: list[str]) -> dict:
     """What decides the images of a run folder: a rerun with other settings must not resume it. Not
     the batch size, device or n (images are seeded and named by prompt, sample and seed), nor knobs
     the method does not read; model paths as seen from the repository, so a moved checkout resumes."""
-    name = cfg.method.name
     part = lambda key: _portable(OmegaConf.to_container(cfg[key], resolve=True)) if cfg.get(key) else None  # noqa: E731
-    knobs = knobs_used(name, options)
-    if "threshold" in knobs:  # the learned scheduler's knob: its policy is part of the method
-        knobs["scheduler_ckpt"] = _portable(cfg.method.get("scheduler_ckpt"))
-    return {"prompts": prompts, "seed": integer(cfg, "seed"), "method": name, "knobs": knobs,
-            "sampling": part("sampling"), "tree": part("tree") if name in USES_TREE else None,
+    return {"prompts": prompts, "seed": integer(cfg, "seed"), "method": method.name,
+            "strategies": [method.drafting, method.acceptance, method.skipping], "knobs": _portable(method.knobs),
+            "sampling": part("sampling"), "tree": part("tree") if method.uses_tree else None,
             "target": part("target"), "tokenizer": part("tokenizer"), "text_encoder": part("text_encoder"),
-            "drafter": part("drafter") if name in NEEDS_DRAFTER else None, "dtype": cfg.dtype}
+            "drafter": part("drafter") if method.needs_drafter else None, "dtype": cfg.dtype}
 
 
 def _portable(value):
@@ -151,37 +92,36 @@ def _portable(value):
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    if cfg.method.name not in METHODS:
-        raise ValueError(f"method={cfg.method.name!r} is not available; available: {', '.join(METHODS)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     prompts = read_prompts(cfg)
     jobs = plan_jobs(prompts, integer(cfg, "n"), integer(cfg, "seed"))
     integer(cfg, "batch_size", least=1)
-    options = options_from_config(cfg.method)  # bad knobs fail before any model loads
-    ranks = ranks_from_env()
+    method = resolve_method(cfg.method.name, OmegaConf.to_container(cfg.method, resolve=True))  # bad knobs fail
+    ranks = ranks_from_env()                                                                    # before any load
     device = distributed.start(ranks, pick_device(cfg.device))
     with distributed.group_left_at_end():
-        return _run_rank(cfg, jobs, options, run_settings(cfg, options, prompts), ranks, device)
+        return _run_rank(cfg, jobs, method, run_settings(cfg, method, prompts), ranks, device)
 
 
-def _run_rank(cfg: DictConfig, jobs, options: MethodOptions, settings: dict, ranks: Ranks,
+def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks: Ranks,
               device: torch.device) -> dict[str, float]:
     out_dir = Path(distributed.share(str(cfg.out_dir or HydraConfig.get().runtime.output_dir), ranks))
     check_run_folder(out_dir, settings)
     if ranks.main:  # before any rank writes an image: a crash later must not leave images unrecorded
         record_run_folder(out_dir, settings)
     distributed.share(None, ranks)  # every rank waits for the record
-    parts = build_parts(cfg, device, DTYPES[cfg.dtype])
-    target, vq, text, scorer = parts.target, parts.vq, parts.text, parts.scorer
+    parts = build_components(cfg, device, DTYPES[cfg.dtype], methods=[method], evaluator=True)
+    sampling = SamplingParams(**cfg.sampling)
     if cfg.get("note") and ranks.main:
         log.warning(cfg.note)
     stats_name = f"stats.rank{ranks.rank}.jsonl" if ranks.distributed else "stats.jsonl"
     t0 = time.perf_counter()
-    rows = run_jobs(jobs[ranks.rank::ranks.world], target=target, vq=vq, text=text,
-                    sampling=SamplingParams(**cfg.sampling), batch_size=int(cfg.batch_size), out_dir=out_dir,
-                    method=cfg.method.name, generate=decoding_method(cfg, parts, options), scorer=scorer,
-                    stats_name=stats_name, progress=ranks.main, clip=parts.clip)
+    if ranks.main:
+        log.info("method %s", method.describe())
+    rows = run_jobs(jobs[ranks.rank::ranks.world], parts=parts,
+                    method=make_method(parts, method, sampling, TreeParams(**cfg.tree)), sampling=sampling,
+                    batch_size=int(cfg.batch_size), out_dir=out_dir, stats_name=stats_name, progress=ranks.main)
     rows = distributed.gather(rows, ranks)
     if not ranks.main:
         return {"images": 0.0}

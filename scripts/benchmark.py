@@ -12,7 +12,6 @@ python scripts/benchmark.py runs='[{label: ar, method: ar}, {label: lantern_t20,
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
@@ -31,16 +29,14 @@ sys.path.insert(0, str(REPO))
 from data.images import image_to_tensor  # noqa: E402
 from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
-from decode.models.drafter import load_drafter  # noqa: E402
-from decode.core.engine import generate  # noqa: E402
 from decode.evaluation.world_evaluator import load_evaluator, score_images  # noqa: E402
-from decode.strategies.registry import METHODS, NEEDS_DRAFTER, MethodOptions, build_method, options_from_config  # noqa: E402
+from decode.strategies.registry import METHODS, MethodConfig, resolve_method  # noqa: E402
 from decode.evaluation.metrics import speed_stats, write_tables  # noqa: E402
-from decode.pipeline import DTYPES, compile_models, condition_for, image_seed, pick_device  # noqa: E402
+from decode.pipeline import image_seed  # noqa: E402
+from decode.api import DTYPES, Components, build_components, decode_batch, make_method, pick_device  # noqa: E402
 from decode.evaluation.quality import CLIPScorer, FIDReference, InceptionPool, PRReference, fid, to_uint8  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
-from decode.strategies.learned_skip import load_scheduler_policy  # noqa: E402
-from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.core.sampling import SamplingParams  # noqa: E402
 from decode.core.trees import TreeParams  # noqa: E402
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
@@ -48,15 +44,9 @@ COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compressio
            "recall", "clip_score", "batch_passes", "batch_steps", "batch_size", "tree_size", "tree_depth", "tree_top_k"]
 
 
-def method_options(name: str, overrides: dict) -> tuple[MethodOptions, str | None]:
-    """conf/method/<name>.yaml (the published defaults) with the run's overrides; and the learned
-    scheduler's folder, if any. An unknown method or option key fails naming it and what is known."""
-    if name not in METHODS:
-        raise ValueError(f"method={name!r} is unknown; available: {', '.join(METHODS)}")
-    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{name}.yaml"), resolve=True)
-    conf.update(overrides or {})
-    ckpt = conf.get("scheduler_ckpt")
-    return options_from_config(conf), ckpt
+def method_config(name: str, overrides: dict) -> MethodConfig:
+    """The registry's method with the run's overrides (decode.strategies.registry.resolve_method)."""
+    return resolve_method(name, overrides)
 
 
 def run_settings(cfg: DictConfig, run) -> tuple[TreeParams, int]:
@@ -86,9 +76,8 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run's checked settings: its method's options, the learned scheduler's folder, tree, batch."""
-    options: MethodOptions
-    scheduler_ckpt: str | None
+    """One run's checked settings: its resolved method, tree, batch."""
+    method: MethodConfig
     tree: TreeParams
     batch_size: int
 
@@ -133,18 +122,18 @@ def check_config(cfg: DictConfig) -> list[RunPlan]:
         if options is not None and not isinstance(options, DictConfig):
             raise ValueError(f"run {label}: options must be a mapping like {{tau: 0.8}}, got {_show(options)}")
         try:
-            opts, sched_ckpt = method_options(run.method, OmegaConf.to_container(options, resolve=True)
-                                              if options else {})
+            method = method_config(run.method, OmegaConf.to_container(options, resolve=True) if options else {})
         except (TypeError, ValueError) as e:  # an unknown method or option key, or an option's bad value
             raise ValueError(f"run {label}: {e}") from None
-        if opts.scheduler == "learned" and not (sched_ckpt and Path(sched_ckpt).is_dir()):
-            raise ValueError(f"run {label}: scheduler=learned needs options.scheduler_ckpt=FOLDER "
-                             f"(python -m train scheduler), got {sched_ckpt!r}")
-        plans.append(RunPlan(opts, sched_ckpt, *run_settings(cfg, run)))
-        needs_drafter = needs_drafter or run.method in NEEDS_DRAFTER
+        ckpt = method.knobs.get("scheduler_ckpt")
+        if method.skipping == "learned" and not (ckpt and Path(ckpt).is_dir()):
+            raise ValueError(f"run {label}: skipping=learned needs options.scheduler_ckpt=FOLDER "
+                             f"(python -m train scheduler), got {ckpt!r}")
+        plans.append(RunPlan(method, *run_settings(cfg, run)))
+        needs_drafter = needs_drafter or method.needs_drafter
     if needs_drafter and not (cfg.get("drafter_ckpt") and Path(cfg.drafter_ckpt).is_dir()):
-        raise ValueError(f"drafter_ckpt={cfg.get('drafter_ckpt')!r} is not a folder; methods "
-                         f"{', '.join(NEEDS_DRAFTER)} need one (python -m train drafter)")
+        raise ValueError(f"drafter_ckpt={cfg.get('drafter_ckpt')!r} is not a folder; methods that draft with "
+                         f"a drafter need one (python -m train drafter)")
     return plans
 
 
@@ -158,17 +147,15 @@ def _show(value):
 
 
 @torch.no_grad()
-def decode_set(target, vq, text, prompts: list[str], seed: int, sampling, method, batch_size: int, desc: str):
-    """One image per prompt -> (uint8 images, per-image stats, the batches' latencies)."""
+def decode_set(parts: Components, prompts: list[str], seed: int, sampling, method, batch_size: int, desc: str):
+    """One image per prompt (decode.api.decode_batch) -> (uint8 images, per-image stats, the batches' latencies)."""
     images, stats, latency = [], [], []
-    fn = functools.partial(generate, method=method)
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
-        gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))], target.device)
-        gen = fn(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens,
-                 sampling=sampling, generators=gens)
+        out = decode_batch(parts, batch, method, [image_seed(seed, start + i, 0) for i in range(len(batch))], sampling)
+        gen = out.generation
         latency.append(gen.prefill_s + gen.loop_s)
-        images.append(to_uint8(vq.decode_codes(gen.tokens)).cpu())  # scored on the CPU
+        images.append(to_uint8(out.images).cpu())  # scored on the CPU
         stats.extend({**speed_stats(gen, i), "batch_steps": gen.batch_steps,
                       "latency_s": latency[-1]}  # every image of the batch waited this long
                      for i in range(len(batch)))
@@ -251,9 +238,9 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    target, vq = instantiate(cfg.target), instantiate(cfg.tokenizer).to(device)
-    target.gpt.to(device=device, dtype=DTYPES[cfg.dtype])  # the drafter follows the target's
-    text = instantiate(cfg.text_encoder, max_length=target.config.cls_token_num, device=str(device))
+    parts = build_components(OmegaConf.merge(cfg, {"drafter": {"ckpt": cfg.drafter_ckpt}, "clip": None}), device,
+                             DTYPES[cfg.dtype], methods=[p.method for p in plans])
+    target, vq = parts.target, parts.vq
     evaluator = load_evaluator(cfg.evaluator_ckpt)
     size = vq.config.downsample * int(round(target.num_image_tokens ** 0.5))
     world = SceneGenerator(image_size=size, seed=cfg.world_seed)
@@ -272,27 +259,19 @@ def main(cfg: DictConfig) -> None:
     floor = fid(real, real2, feature=inception) if inception else float("nan")
     meta = _meta(cfg, device, floor, float(align_real.mean()))
     sampling = SamplingParams(**cfg.sampling)
-    needs = any(r.method in NEEDS_DRAFTER for r in cfg.runs)
-    drafter = load_drafter(cfg.drafter_ckpt, target.gpt) if needs else None
-    compile_models(cfg.compile, target.gpt, drafter)
-    codebook = vq.quantize.embedding.weight.detach()
-    methods = []  # every run's method is built first, so a bad run fails before any decoding
-    for run, plan in zip(cfg.runs, plans):
-        policy = (load_scheduler_policy(plan.scheduler_ckpt, target, drafter)
-                  if plan.options.scheduler == "learned" else None)
-        methods.append(build_method(run.method, sampling=sampling, tree=plan.tree, options=plan.options,
-                                    drafter=drafter, codebook=codebook, learned_policy=policy))
+    # every run's method is built first, so a bad run fails before any decoding
+    methods = [make_method(parts, plan.method, sampling, plan.tree) for plan in plans]
     rows, ar_latency = [], {}
     total = len(cfg.runs) * len(cfg.seeds)
     bar = tqdm(total=total, desc="benchmark", unit="run")
     for run, method, plan in zip(cfg.runs, methods, plans):
         tree, batch_size = plan.tree, plan.batch_size
         if cfg.warmup:  # one untimed batch first: tracing (compile=true), allocator and kernel set-up
-            decode_set(target, vq, text, prompts[:batch_size], cfg.seeds[0], sampling, method, batch_size,
+            decode_set(parts, prompts[:batch_size], cfg.seeds[0], sampling, method, batch_size,
                        f"{run.label} warm-up")
         for seed in cfg.seeds:
-            images, stats, latencies = decode_set(target, vq, text, prompts, seed, sampling, method,
-                                                  batch_size, f"{run.label} seed {seed}")
+            images, stats, latencies = decode_set(parts, prompts, seed, sampling, method, batch_size,
+                                                  f"{run.label} seed {seed}")
             wall = sum(latencies)
             if run.method == "ar":  # the reference of every run with this seed and batch size
                 ar_latency.setdefault((seed, batch_size), wall)

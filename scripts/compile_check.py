@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO))
 
 from decode.models.drafter import load_drafter  # noqa: E402
 from decode.core.engine import generate  # noqa: E402
-from decode.strategies.registry import MethodOptions, build_method  # noqa: E402
-from decode.pipeline import DTYPES, compile_models, image_seed, pick_device  # noqa: E402
+from decode.strategies.registry import build_method  # noqa: E402
+from decode.pipeline import image_seed  # noqa: E402
+from decode.api import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.core.trees import TreeParams  # noqa: E402
@@ -57,7 +58,7 @@ def conditions(args, target: LlamaGenTarget) -> list[Condition]:
         return [Condition(feats[s:s + args.batch_size]) for s in range(0, args.num, args.batch_size)]
     from data.shards import HELDOUT_OFFSET
     from data.world import SceneGenerator
-    from decode.pipeline import condition_for
+    from decode.api import condition_for
     from decode.models.text import load_text_encoder
 
     text = load_text_encoder("minilm", max_length=target.config.cls_token_num, device=str(target.device))
@@ -68,7 +69,7 @@ def conditions(args, target: LlamaGenTarget) -> list[Condition]:
 
 def decode_all(target, drafter, codebook, name: str, conds: list[Condition], batch_size: int) -> tuple[torch.Tensor, float]:
     sampling = SamplingParams(temperature=1.0)
-    method = build_method(name, sampling=sampling, tree=TreeParams(), options=MethodOptions(), drafter=drafter,
+    method = build_method(name, sampling=sampling, tree=TreeParams(), options=None, drafter=drafter,
                           codebook=codebook)
     out, t0 = [], time.perf_counter()
     for i, cond in enumerate(conds):

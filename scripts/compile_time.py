@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode.core.host import wait_for  # noqa: E402
-from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
+from decode.api import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 
 

@@ -50,7 +50,7 @@ from decode.models.checkpoint import (
     state_problems,
 )
 from decode.models.drafter import KIND, Drafter, DrafterConfig, check_fits, load_drafter, save_drafter
-from decode.pipeline import DTYPES
+from decode.api import DTYPES
 from decode.models.target import LlamaGenGPT, build_gpt
 
 # --- the key table ---------------------------------------------------------------------------------

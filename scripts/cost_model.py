@@ -33,21 +33,22 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.strategies.acceptance import Relaxation, SampledAcceptance, latent_neighbours  # noqa: E402
+from decode.strategies.acceptance import Relaxation, SampledAcceptance  # noqa: E402
 from decode.models.drafter import Drafter, DrafterConfig, load_drafter  # noqa: E402
 from decode.strategies.drafting import EagleDrafting  # noqa: E402
 from decode.core.engine import generate_ar  # noqa: E402
 from decode.core.host import wait_for  # noqa: E402
 from decode.strategies.jacobi import JacobiDrafting  # noqa: E402
-from decode.pipeline import DTYPES, compile_models, pick_device  # noqa: E402
+from decode.api import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators, sample  # noqa: E402
 from decode.strategies.skipping import path_similarity  # noqa: E402
+from decode.strategies.registry import relaxation, resolve_method  # noqa: E402
 from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.core.trees import StepOutcome, Tree, TreeParams  # noqa: E402
 from decode.models.vq import load_vq  # noqa: E402
@@ -92,9 +93,14 @@ def load_codebook(cfg: DictConfig, vocab: int, device) -> torch.Tensor:
     return torch.randn(vocab, 8, generator=torch.Generator().manual_seed(0)).to(device)
 
 
+def knobs(cfg: DictConfig, name: str) -> dict:
+    """Method `name`'s knobs: the registry's defaults with the config's `<name>.*` overrides."""
+    return resolve_method(name, OmegaConf.to_container(cfg[name], resolve=True)).knobs
+
+
 def relaxations(cfg: DictConfig, codebook: torch.Tensor) -> dict[str, Relaxation]:
     """LANTERN's (delta bound) and LANTERN++'s (lambda bound) latent neighbourhoods."""
-    return {name: Relaxation(latent_neighbours(codebook, cfg[name].lantern_k), cfg[name].delta)
+    return {name: relaxation(resolve_method(name, OmegaConf.to_container(cfg[name], resolve=True)), codebook)
             for name in ("lantern", "lantern_pp")}
 
 
@@ -180,9 +186,10 @@ def times_at(cfg: DictConfig, target: LlamaGenTarget, drafter: Drafter, relax: d
     sampling, gens = SamplingParams(**cfg.sampling), row_generators(range(b), device)
     fill = Fill.make(target, b, filled, device)
     dynamic = Drafts(target, drafter, TreeParams(**cfg.tree), fill, sampling, gens)  # EAGLE-2: top-k, processed
-    static = Drafts(target, drafter, TreeParams(static=cfg.lantern_pp.static_tree), fill, sampling, gens)
+    static = Drafts(target, drafter, TreeParams(static=knobs(cfg, 'lantern_pp')['static_tree']), fill, sampling, gens)
     chain, chain_logits, jacobi_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens)
-    *_, vp_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens, cfg.sjd_vp.vp_beta, cfg.sjd_vp.vp_cap)
+    *_, vp_round = jacobi_chain(fill, target, cfg.sjd_window, sampling, gens, knobs(cfg, 'sjd_vp')['vp_beta'],
+                                  knobs(cfg, 'sjd_vp')['vp_cap'])
     vp_round()  # the first round has no earlier prediction to compare with; time the ones that do
     tree, s_tree = dynamic.tree, static.tree
     logits, s_logits = fill.verify(target, tree).logits, fill.verify(target, s_tree).logits

@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from data.images import centre_square  # noqa: E402
 from decode.evaluation.metrics import ImageStats, batches, write_tables  # noqa: E402
-from decode.pipeline import RUN_FILE, pick_device  # noqa: E402
+from decode.pipeline import RUN_FILE  # noqa: E402
+from decode.api import pick_device  # noqa: E402
 from decode.evaluation.quality import CLIPScorer, FIDReference, InceptionPool, PRReference  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 

@@ -30,7 +30,8 @@ from data.world import SceneGenerator  # noqa: E402
 from decode.core.engine import generate_ar  # noqa: E402
 from decode.evaluation.world_evaluator import load_evaluator, score_images  # noqa: E402
 from decode.evaluation.metrics import next_token_stats  # noqa: E402
-from decode.pipeline import condition_for, image_seed  # noqa: E402
+from decode.pipeline import image_seed  # noqa: E402
+from decode.api import condition_for  # noqa: E402
 from decode.evaluation.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.models.target import LlamaGenTarget, build_gpt  # noqa: E402

@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 from decode.models.drafter import load_drafter  # noqa: E402
 from decode.core.engine import generate  # noqa: E402
 from decode.core.host import SyncCounter, cuda_sync_sites, cuda_syncs  # noqa: E402
-from decode.strategies.registry import MethodOptions, build_method  # noqa: E402
-from decode.pipeline import DTYPES, pick_device  # noqa: E402
+from decode.strategies.registry import build_method  # noqa: E402
+from decode.api import DTYPES, pick_device  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.core.trees import TreeParams  # noqa: E402
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def decode(target, drafter, codebook, name: str, batch: int, tokens: int, sampling: SamplingParams, counter=None):
-    method = build_method(name, sampling=sampling, tree=TreeParams(), options=MethodOptions(), drafter=drafter,
+    method = build_method(name, sampling=sampling, tree=TreeParams(), options=None, drafter=drafter,
                           codebook=codebook)
     g = torch.Generator().manual_seed(0)
     cond = Condition(torch.randn(batch, target.prefix_len, target.config.caption_dim, generator=g).mul(0.1)

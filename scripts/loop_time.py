@@ -30,7 +30,7 @@ def main(argv=None) -> None:
 
     from decode.models.drafter import load_drafter
     from decode.core.engine import generate
-    from decode.strategies.registry import MethodOptions, build_method
+    from decode.strategies.registry import build_method
     from decode.core.sampling import SamplingParams, row_generators
     from decode.models.target import Condition, LlamaGenTarget, build_gpt
     from decode.core.trees import TreeParams
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     out = {"repo": args.repo}
     with torch.no_grad():
         for name in args.methods:
-            method = build_method(name, sampling=sampling, tree=TreeParams(), options=MethodOptions(),
+            method = build_method(name, sampling=sampling, tree=TreeParams(), options=None,
                                   drafter=drafter, codebook=codebook)
             runs = [generate(target, cond, num_tokens=target.num_image_tokens, sampling=sampling,
                              generators=row_generators(list(range(args.batch))), method=method)

@@ -25,7 +25,7 @@ from cost_model import Drafts, Fill, timed  # noqa: E402
 
 from decode.models.drafter import Drafter, DrafterConfig  # noqa: E402
 from decode.core.host import wait_for  # noqa: E402
-from decode.pipeline import DTYPES, pick_device  # noqa: E402
+from decode.api import DTYPES, pick_device  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
 from decode.models.target import LlamaGenTarget, build_gpt  # noqa: E402
 from decode.core.trees import TreeParams  # noqa: E402

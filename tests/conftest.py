@@ -20,7 +20,7 @@ def load_script(name: str):
     sys.modules[name] = mod  # dataclasses look their module up while the class is made
     spec.loader.exec_module(mod)
     return mod
-FIXTURES = REPO.parent / "shared" / "fixtures" / "llamagen"
+FIXTURES = REPO / "tests" / "fixtures" / "llamagen"  # the reference fixtures (their README.md says how made)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -35,7 +35,7 @@ def _hf_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     # The parity fixtures are required: a missing folder fails the suite instead of skipping it.
-    assert FIXTURES.is_dir(), f"reference fixtures missing: {FIXTURES} (expected beside the repository)"
+    assert FIXTURES.is_dir(), f"reference fixtures missing: {FIXTURES} "
     return FIXTURES
 
 

@@ -28,10 +28,10 @@ RUNS = [
     ("vvs_u", "vvs_u", {}),
     ("vvs", "vvs", {}),
     ("vvs_tau05", "vvs", {"tau": 0.5}),
-    ("vvs_learned", "vvs", {"scheduler": "learned", "threshold": 0.5}),
+    ("vvs_learned", "vvs", {"skipping": "learned", "threshold": 0.5}),
     ("vvs_stale2", "vvs", {"tau": 0.5, "staleness": 2, "max_consecutive": 2}),
-    ("lantern_pp_sim", "lantern_pp", {"scheduler": "similarity", "tau": 0.5}),  # skipping over LANTERN++
-    ("eagle2_uniform", "eagle2", {"scheduler": "uniform"}),  # skipping over exact acceptance
+    ("lantern_pp_sim", "lantern_pp", {"skipping": "similarity", "tau": 0.5}),  # skipping over LANTERN++
+    ("eagle2_uniform", "eagle2", {"skipping": "uniform"}),  # skipping over exact acceptance
     ("sjd", "sjd", {}),
     ("sjd_vp", "sjd_vp", {}),
 ]

@@ -4,13 +4,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from omegaconf import OmegaConf
 
 from decode.models.drafter import load_drafter
 from decode.core.engine import generate
-from decode.strategies.registry import build_method, options_from_config
-from decode.pipeline import condition_for
-from decode.resolvers import REPO, register_resolvers
+from decode.strategies.registry import build_method
+from decode.api import condition_for
+from decode.resolvers import REPO
 from decode.core.sampling import SamplingParams, row_generators
 from decode.strategies.learned_skip import load_scheduler_policy
 from decode.models.target import load_target
@@ -32,12 +31,9 @@ def world_parts():
 
 
 def decode_world(method: str, overrides: dict, sampling: dict, prompts, seeds, num_tokens):
-    register_resolvers()
     target, vq, text, drafter, policy = world_parts()
-    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{method}.yaml"), resolve=True)
-    conf.update(overrides)
     params = SamplingParams(**sampling)
-    m = build_method(method, sampling=params, tree=TreeParams(), options=options_from_config(conf),
+    m = build_method(method, sampling=params, tree=TreeParams(), options=overrides,
                      drafter=drafter, codebook=vq.quantize.embedding.weight.detach(), learned_policy=policy)
     cond = condition_for(target, text, prompts)
     with torch.no_grad():

@@ -99,7 +99,7 @@ def test_drafter_methods_need_the_drafter_folder(bench, cfg, tmp_path):
 
 
 def test_a_learned_scheduler_needs_its_folder(bench, cfg, tmp_path):
-    opts = dict(scheduler="learned", scheduler_ckpt=str(tmp_path / "nowhere"))
+    opts = dict(skipping="learned", scheduler_ckpt=str(tmp_path / "nowhere"))
     _refused(bench, _with(cfg, runs=[dict(label="l", method="vvs", options=opts)]), "run l", "scheduler_ckpt")
 
 

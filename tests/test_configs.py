@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from decode.__main__ import build_parts
-from decode.pipeline import check_compatible
+from decode.api import build_components
+from decode.api import check_compatible
 from decode.resolvers import register_resolvers
 from tests.conftest import REPO
 
@@ -53,7 +53,7 @@ def test_default_decode_config_instantiates_compatible_parts():
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("decode", overrides=["prompt=x"])
-    parts = build_parts(cfg, torch.device("cpu"), torch.float32)
+    parts = build_components(cfg, torch.device("cpu"), torch.float32)
     # the caption length follows the target when the text encoder does not set it
     assert parts.text.max_length == parts.target.config.cls_token_num
 
@@ -67,12 +67,13 @@ def test_mismatched_parts_are_named():
 
 
 def test_every_method_config_builds_its_method():
-    """conf/method/*.yaml: one per method of decode.strategies.registry, each knob a MethodOptions field."""
+    """conf/method/*.yaml: one per method of decode.strategies.registry, naming it and nothing else
+    (the defaults live in the registry); decode.yaml's method block lists every knob, null."""
     from omegaconf import OmegaConf
 
-    from decode.models.drafter import Drafter, DrafterConfig
-    from decode.strategies.registry import METHODS, MethodOptions, build_method
     from decode.core.sampling import SamplingParams
+    from decode.models.drafter import Drafter, DrafterConfig
+    from decode.strategies.registry import KNOBS, METHODS, build_method
     from tests.conftest import tiny_gpt
 
     files = sorted((REPO / "conf" / "method").glob("*.yaml"))
@@ -80,12 +81,12 @@ def test_every_method_config_builds_its_method():
     gpt = tiny_gpt()
     drafter = Drafter(DrafterConfig.for_target(gpt))
     for f in files:
-        conf = OmegaConf.to_container(OmegaConf.load(f))
-        assert conf.pop("name") == f.stem
-        conf.pop("scheduler_ckpt", None)
-        method = build_method(f.stem, sampling=SamplingParams(), options=MethodOptions(**conf), drafter=drafter,
-                              codebook=torch.randn(64, 8))
+        assert OmegaConf.to_container(OmegaConf.load(f)) == {"name": f.stem}
+        method = build_method(f.stem, sampling=SamplingParams(), drafter=drafter, codebook=torch.randn(64, 8))
         assert method.name == f.stem
+    block = OmegaConf.to_container(OmegaConf.load(CONF / "decode.yaml"))["method"]
+    knobs = {k for part in KNOBS.values() for kn in part.values() for k in kn} | {"base", *KNOBS}
+    assert set(block) == knobs and all(v is None for v in block.values())
 
 
 @pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "benchmark_trees", "cost_model"])
@@ -93,7 +94,7 @@ def test_script_configs_compose_and_resolve(name):
     """The scripts' root configs compose, and their runs name known methods, knobs and trees."""
     from omegaconf import OmegaConf
 
-    from decode.strategies.registry import METHODS, MethodOptions
+    from decode.strategies.registry import METHODS, resolve_method
     from decode.core.trees import TreeParams
 
     register_resolvers()
@@ -103,8 +104,7 @@ def test_script_configs_compose_and_resolve(name):
     for run in resolved.get("runs", []):
         assert run["method"] in METHODS
         opts = dict(run.get("options") or {})
-        ckpt = opts.pop("scheduler_ckpt", None)
-        MethodOptions(**opts)
+        ckpt = resolve_method(run["method"], opts).knobs.get("scheduler_ckpt")
         assert ckpt is None or (REPO / "models" / "world" / "scheduler" / "config.json").is_file()
         TreeParams(**{**resolved["tree"], **(run.get("tree") or {})})
 

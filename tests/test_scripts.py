@@ -90,7 +90,7 @@ def test_cost_model_times_every_component_on_a_tiny_model():
                                 cfg_scale=2.0, batch=2, repeats=1, tree=dict(total_tokens=8, depth=2, top_k=3),
                                 sjd_window=4, sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
                                 lantern=dict(lantern_k=4, delta=0.2),
-                                lantern_pp=dict(lantern_k=2, delta=5.0, static_tree="balanced_25"),
+                                lantern_pp=dict(lantern_k=2, lam=5.0, static_tree="balanced_25"),
                                 sjd_vp=dict(vp_beta=1.0, vp_cap=10.0)))
     cpu = torch.device("cpu")
     target, drafter = cm.build(cfg, cpu, torch.float32)

@@ -7,7 +7,7 @@
    scenes; held-out traces from other scenes.
 2. A small MLP (or logistic regression, model.hidden=0) learns P(safe) with binary cross-entropy.
 3. The folder (`<out_dir>/scheduler`) names the target and drafter it was trained with; decode
-   uses it with `method=vvs method.scheduler=learned method.scheduler_ckpt=FOLDER`.
+   uses it with `method=vvs method.skipping=learned method.scheduler_ckpt=FOLDER`.
 """
 from __future__ import annotations
 
@@ -26,49 +26,46 @@ from tqdm import tqdm
 from data.shards import HELDOUT_OFFSET
 from data.traces import Traces, image_records, load_traces, read_manifest, write_manifest, write_shard
 from data.world import SceneGenerator
-from decode.models.drafter import load_drafter
-from decode.core.engine import generate
-from decode.strategies.registry import MethodOptions, build_method
-from decode.pipeline import condition_for, image_seed
-from decode.core.sampling import SamplingParams, row_generators
+from decode.strategies.registry import MethodConfig, resolve_method
+from decode.api import Components, build_components, decode_batch, make_method
+from decode.resolvers import register_resolvers
+from decode.pipeline import image_seed
+from decode.core.sampling import SamplingParams
 from decode.strategies.learned_skip import PolicyConfig, SkipPolicy, TraceRecorder, drafter_fingerprint, save_scheduler
-from decode.models.target import LlamaGenTarget, load_target
-from decode.models.text import load_text_encoder
 from decode.core.trees import TreeParams
-from decode.models.vq import load_vq
 from train.common import build_logger, build_trainer, inherited_licence, output_dir, require_ints, write_model_card
 
 
-def decode_parts(cfg: DictConfig):
-    target = load_target(cfg.target.ckpt, cfg_scale=cfg.target.cfg_scale)
-    vq = load_vq(cfg.tokenizer)
-    text = load_text_encoder("minilm", max_length=target.config.cls_token_num)
-    drafter = load_drafter(cfg.drafter, target.gpt)
-    return target, vq, text, drafter
+def trace_method(cfg: DictConfig) -> MethodConfig:
+    """The base the traces decode with (VVS's: LANTERN k 1000, delta 0.2), verifying every step."""
+    return resolve_method("lantern", {k: cfg.method[k] for k in ("lantern_k", "delta")})
+
+
+def decode_parts(cfg: DictConfig) -> Components:
+    register_resolvers()
+    return build_components(cfg, torch.device("cpu"), methods=[trace_method(cfg)])
 
 
 @torch.no_grad()
-def record_traces(target: LlamaGenTarget, vq, text, drafter, prompts: list[str], *, seed: int, first_image: int,
-                  sampling: SamplingParams, tree: TreeParams, options: MethodOptions, batch_size: int,
+def record_traces(parts: Components, prompts: list[str], *, seed: int, first_image: int, sampling: SamplingParams,
+                  tree: TreeParams, base: MethodConfig, warmup: int, batch_size: int,
                   progress: bool = True) -> list[dict]:
     """Decode `prompts` (verifying every step) and return one trace record per image."""
-    codebook = vq.quantize.embedding.weight.detach()
-    base = build_method("lantern", sampling=sampling, tree=tree, options=options, drafter=drafter, codebook=codebook)
+    method = make_method(parts, base, sampling, tree)
     records = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="traces", unit="batch", disable=not progress):
         batch = prompts[start:start + batch_size]
         ids = [first_image + start + i for i in range(len(batch))]
-        recorder = TraceRecorder(codebook, seeds=[image_seed(seed, i, 1) for i in ids], warmup=options.warmup)
-        generate(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens, sampling=sampling,
-                 generators=row_generators([image_seed(seed, i, 0) for i in ids]),
-                 method=dataclasses.replace(base, scheduler=recorder))
+        recorder = TraceRecorder(parts.codebook, seeds=[image_seed(seed, i, 1) for i in ids], warmup=warmup)
+        decode_batch(parts, batch, dataclasses.replace(method, skipping=recorder.skipping()),
+                     [image_seed(seed, i, 0) for i in ids], sampling, images=False)
         records.extend(image_records(recorder.steps, first_image + start, len(batch)))
     return records
 
 
 def ensure_traces(cfg: DictConfig, folder: Path, parts) -> Path:
     """Build the trace shards unless a manifest with the same settings says they are complete."""
-    target, vq, text, drafter = parts
+    target, vq, drafter = parts.target, parts.vq, parts.drafter
     t = cfg.traces
     settings = {"format": 2, "target": str(cfg.target.ckpt), "cfg_scale": cfg.target.cfg_scale,
                 "drafter_fingerprint": drafter_fingerprint(drafter),
@@ -81,15 +78,14 @@ def ensure_traces(cfg: DictConfig, folder: Path, parts) -> Path:
     size = vq.config.downsample * int(round(target.num_image_tokens ** 0.5))
     world = SceneGenerator(image_size=size, seed=t.world_seed)
     sampling, tree = SamplingParams(**cfg.sampling), TreeParams(**cfg.tree)
-    options = MethodOptions(**OmegaConf.to_container(cfg.method))
     shards = {}
     for split, count, offset in (("train", t.num_images, t.start), ("heldout", t.heldout_images, HELDOUT_OFFSET)):
         shards[split] = 0
         for first in range(0, count, t.per_shard):
             n = min(t.per_shard, count - first)
             prompts = [world.scene(offset + first + i).caption for i in range(n)]
-            recs = record_traces(target, vq, text, drafter, prompts, seed=t.seed + (split == "heldout"),
-                                 first_image=first, sampling=sampling, tree=tree, options=options,
+            recs = record_traces(parts, prompts, seed=t.seed + (split == "heldout"), first_image=first,
+                                 sampling=sampling, tree=tree, base=trace_method(cfg), warmup=cfg.method.warmup,
                                  batch_size=t.batch_size)
             write_shard(folder, split, shards[split], recs)
             shards[split] += 1
@@ -188,14 +184,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["heldout_positive_rate"] = rate
     metrics.update(compare_with_similarity_rule(module.policy, held))
     if trainer.is_global_zero:
-        target, _, _, drafter = parts
-        dest = save_scheduler(out / "scheduler", module.policy.eval(), target, drafter,
+        dest = save_scheduler(out / "scheduler", module.policy.eval(), parts.target, parts.drafter,
                               extra={"traces": str(folder), "features": "decode.strategies.skipping.step_features"})
         write_model_card(dest, title="VVS learned skip scheduler", cfg=cfg, steps=trainer.global_step,
                          wall_s=wall + trace_s, metrics=metrics,
                          notes=f"Traces: {len(train)} training steps, {len(held)} held-out steps, built in "
                                f"{trace_s:.0f} s (0 s: reused). Use: python -m decode method=vvs "
-                               f"method.scheduler=learned method.scheduler_ckpt=<this folder>. heldout/* metrics "
+                               f"method.skipping=learned method.scheduler_ckpt=<this folder>. heldout/* metrics "
                                f"compare the policy with VVS's path-similarity rule on held-out steps. "
                                + inherited_licence(cfg.target.ckpt))
         print(f"scheduler ({label} label): held-out AUROC {metrics['val/auroc']:.3f}, accuracy "

@@ -84,7 +84,8 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         from decode.core.engine import generate_ar
-        from decode.pipeline import condition_for, save_png, to_pil
+        from decode.pipeline import save_png, to_pil
+        from decode.api import condition_for
         from decode.core.sampling import SamplingParams, row_generators
         from decode.models.text import load_text_encoder
         from decode.models.vq import load_vq

@@ -1,16 +1,16 @@
 """The decode loop: one engine for AR, speculative decoding (EAGLE-2, LANTERN, LANTERN++), VVS and
-the Jacobi baselines. A method is a small bundle of policies (`Method`), not a loop of its own:
+the Jacobi baselines. A method is three strategies (`Method`), not a loop of its own; the loop
+follows VVS's Algorithm 2 (docs/algorithms.md):
 
     prefill -> root
     every step, per image row:
-      drafting.propose(root)           -> a tree (AR: the root alone; SJD: a chain of guesses)
-      scheduler.decide(...)            -> skip verification? (VVS; default never)
-      verify rows: one target pass over [skipped chain ; tree] (the chain fills the KV and features
-                   of tokens committed unverified earlier: VVS's deferred fill, no extra pass);
-                   acceptance walks the tree -> committed nodes + the next root; KV compacted
-      skip rows:   the selector takes a path from the tree; its tokens are committed unverified,
-                   stale features stand in for the target's (feature cache)
-      drafting.observe(what was committed)
+      drafting.propose(root)        -> a tree (AR: the root alone; SJD: a chain of guesses)
+      skipping.plan(tree)           -> which rows skip verification, with the nodes they take
+      verifying rows: one target pass over [unverified ; tree] (the unverified tokens, committed on
+                      skipped steps, get their KV and features from this pass: no extra pass);
+                      acceptance walks the tree -> committed nodes + the next root; KV compacted
+      skipping rows:  the planned nodes are committed unverified, with stand-in features
+      skipping.observe, drafting.observe(what was committed)
 Rows are independent: each has its own tree, acceptance length, skips and generator, and rows
 finish at different steps (a finished row idles until the batch is done).
 """
@@ -19,17 +19,17 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from decode.strategies.acceptance import make_acceptance
 from decode.core.host import to_device, wait_for
 from decode.core.sampling import SamplingParams, sample
-from decode.strategies.skipping import FeatureCache, NeverSkip, Scheduler, StepContext, select_skip_tokens
-from decode.models.target import Condition, LlamaGenTarget, TargetOutput
 from decode.core.trees import StepOutcome, Tree, root_only
+from decode.models.target import Condition, LlamaGenTarget, TargetOutput
+from decode.strategies.acceptance import make_acceptance
+from decode.strategies.protocols import Acceptance, Drafting, Skipping
+from decode.strategies.skipping import NeverSkip, Progress
 
 
 @dataclass(frozen=True)
@@ -50,45 +50,52 @@ class Generation:
 
 @dataclass(frozen=True)
 class Method:
-    """Policies of a decoding method. `drafting(target, batch, num_tokens)` builds the per-batch
-    drafter state (None: plain AR); `acceptance` defaults to greedy / exact sampled by `sampling`."""
+    """A decoding method as three strategies (decode/strategies/protocols.py). `drafting` None: no
+    drafts (plain AR); `acceptance` None: greedy / exact sampled by the run's `sampling`."""
     name: str = "ar"
-    drafting: Callable | None = None
-    acceptance: Callable | None = None
-    scheduler: Scheduler = field(default_factory=NeverSkip)
-    staleness: int = 0  # VVS: how many positions further back the reused stale features are
+    drafting: Drafting | None = None
+    acceptance: Acceptance | None = None
+    skipping: Skipping = field(default_factory=NeverSkip)
+
+
+@dataclass(frozen=True)
+class RowCommit:
+    """What one row commits in a step: tree nodes (root first) and, for each, the token after it as
+    an index into [tree tokens ; the target's next token] (index T: the next token)."""
+    nodes: list[int]
+    following: list[int]
+    verified: bool
+    filled: int = 0             # verified: unverified tokens of earlier steps this pass filled in
+    stale: Tensor | None = None  # skipped: [G, n, D] features standing in for the target's
 
 
 @dataclass
 class _Rows:
-    """Per-row loop state, on the host; the tokens themselves stay on the device."""
-    made: list[int]          # committed image tokens per row, the current root included
-    chains: list[list[int]]  # tokens committed on skipped steps, KV and features not yet filled
-    counts: dict[str, list[int]]  # nfe, steps, skipped, verified_tokens, run (consecutive skips)
+    """Per-row loop state, on the host (Python ints: a tensor element costs microseconds a touch);
+    the tokens themselves stay on the device."""
+    made: list[int]               # committed image tokens per row, the current root included
+    unverified: list[list[int]]   # tokens committed on skipped steps, KV and features not yet filled
+    counts: dict[str, list[int]]  # nfe, steps, skipped, verified_tokens
 
     @classmethod
     def start(cls, b: int) -> "_Rows":
-        # Python ints: the loop bumps them per row and step, where a tensor element costs microseconds
-        names = ("nfe", "steps", "skipped", "verified_tokens", "run")
-        return cls([1] * b, [[] for _ in range(b)], {k: [0] * b for k in names})
+        return cls([1] * b, [[] for _ in range(b)], {k: [0] * b for k in ("nfe", "steps", "skipped", "verified_tokens")})
 
-
-@dataclass
-class _Commits:
-    """What this step commits per row, as host indices: the committed tree nodes (root first) and
-    the tokens after them, as indices into [tree tokens ; the target's next token] (index T: the
-    next token). Verified rows also say how many chain tokens the pass filled; skipped rows carry
-    the stale features that stand in for the target's."""
-    paths: list[list[int]]
-    following: list[list[int]]
-    filled: dict[int, int]
-    stale: dict[int, Tensor]
+    def record(self, commits: dict[int, RowCommit], tree: Tree) -> None:
+        for r, c in commits.items():
+            if c.verified:
+                self.counts["nfe"][r] += 1
+                self.counts["verified_tokens"][r] += len(c.nodes)
+                self.unverified[r] = []
+            else:
+                self.counts["skipped"][r] += 1
+                self.unverified[r].extend(tree.host.tokens[r, c.nodes].tolist())
 
 
 @dataclass(frozen=True)
 class _Verified:
     """The step's target pass: logits over the tree [B, T, V], features over the whole input
-    [G, B, W + T, D] (the chain of W skipped tokens first) and the next token of each row [B]."""
+    [G, B, W + T, D] (the W unverified tokens first) and the next token of each row [B]."""
     logits: Tensor
     hidden: Tensor
     chain_width: int
@@ -102,67 +109,54 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     """Decode `num_tokens` image tokens per row.
 
     The loop reads the device at most once a step for a speculative method (acceptance's fetch;
-    VVS adds one, for its scheduler, before the pass) and never for AR: the host keeps the counts,
-    the device keeps the tokens. `phase_times` times drafting, verification and scheduling apart,
-    which waits for the device three times a step: off on a GPU unless asked for, on on a CPU
-    (where it costs nothing)."""
+    skipping adds one, before the pass) and never for AR: the host keeps the counts, the device
+    keeps the tokens. `phase_times` times drafting, verification and scheduling apart, which waits
+    for the device three times a step: off on a GPU unless asked for, on on a CPU (free there)."""
     if not sampling.greedy and generators is None:
         raise ValueError(f"sampled decoding ({method.name}) needs one generator per image")
-    device, g = target.device, target.groups
-    b, p = condition.batch, target.prefix_len
+    device, b = target.device, condition.batch
     accept = method.acceptance or make_acceptance(sampling)
-    skipping = not isinstance(method.scheduler, NeverSkip)
     timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
-    if phase_times is None:
-        phase_times = device.type != "cuda"
-    lap = functools.partial(_lap, timing, device if phase_times else None)
+    lap = functools.partial(_lap, timing, device if (device.type != "cuda" if phase_times is None else phase_times)
+                            else None)
     wait_for(device)
     t0 = time.perf_counter()
-    drafting = method.drafting(target, b, num_tokens) if method.drafting else None
-    cache, out = target.start(condition, num_tokens, extra_slots=256 if drafting else 1,
-                              all_positions=drafting is not None)
+    drafts = method.drafting.start(target, b, num_tokens) if method.drafting else None
+    cache, out = target.start(condition, num_tokens, extra_slots=256 if drafts else 1, all_positions=drafts is not None)
     root = sample(out.logits[:, -1], sampling, generators)  # [B]
-    if drafting:
-        drafting.begin(out, cache.valid[:, :p], root, generators)
-    features = FeatureCache(g, b, num_tokens + 8, target.hidden_size, device, out.hidden.dtype) if skipping else None
-    selectors = _selector_generators(generators) if skipping else None
+    if drafts:
+        drafts.begin(out, cache.valid[:, :target.prefix_len], root, generators)
+    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype)
     # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
     made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
     made[:, 0] = root
     wait_for(device)
     t1 = time.perf_counter()
-    rows = _Rows.start(b)
-    step = passes = 0
+    rows, step, passes = _Rows.start(b), 0, 0
     while min(rows.made) < num_tokens:
-        live = [m < num_tokens for m in rows.made]  # host lists: a host tensor op costs microseconds
+        live = [m < num_tokens for m in rows.made]
         tick = time.perf_counter()
-        tree = drafting.propose(root, sampling, generators) if drafting else root_only(root)
+        tree = drafts.propose(root, sampling, generators) if drafts else root_only(root)
         tick = lap("draft", tick)
-        skip, picks = [False] * b, None
-        if skipping and tree.size > 1:
-            tree, picks = _fetch_for_scheduler(tree, selectors)
-            ctx = StepContext(tree.host, step, torch.tensor(rows.made), torch.tensor(rows.counts["run"]), num_tokens)
-            skip = [s and alive for s, alive in zip(method.scheduler.decide(ctx).tolist(), live)]
-            tick = lap("schedule", tick)
-        commits = _Commits([[] for _ in range(b)], [[] for _ in range(b)], {}, {})
-        verified = None
-        verify_rows = [r for r in range(b) if live[r] and not skip[r]]
+        tree, skip = skips.plan(tree, Progress(step, rows.made, live, num_tokens))
+        tick = lap("schedule", tick)
+        verify_rows = [r for r in range(b) if live[r] and r not in skip]
+        verified, commits = None, {}
         if verify_rows:
             passes += 1
-            verified = _verify(target, cache, tree, verify_rows, rows, commits, accept, sampling, generators,
-                               num_tokens)
+            verified, commits = _verify(target, cache, tree, verify_rows, rows, accept, sampling, generators,
+                                        num_tokens)
         tick = lap("verify", tick)
-        _skip(tree, [r for r in range(b) if skip[r]], picks, rows, commits, num_tokens, features, method.staleness)
-        verify = torch.zeros(b, dtype=torch.bool)
-        verify[verify_rows] = True
-        outcome = _outcome(tree, verified, commits, verify, target)
-        if features is not None and verified is not None:
-            _remember(features, verified, outcome, commits)
+        for r, nodes in skip.items():
+            nodes = nodes[: num_tokens - rows.made[r] + 1]  # the last becomes the next root
+            commits[r] = RowCommit(nodes[:-1], nodes[1:], verified=False,
+                                   stale=skips.stale_features(r, len(nodes) - 1))
+        rows.record(commits, tree)
+        outcome = _outcome(tree, verified, commits, target)
+        skips.observe(outcome, {r: verified.hidden[:, r, :c.filled] for r, c in commits.items() if c.verified})
         root = _commit_tokens(made, rows, outcome, root)
-        if skipping:
-            method.scheduler.after_step(outcome.following, outcome.counts)
-        if drafting:
-            drafting.observe(outcome, sampling, generators)
+        if drafts:
+            drafts.observe(outcome, sampling, generators)
         step += 1
     wait_for(device)
     t2 = time.perf_counter()
@@ -181,26 +175,6 @@ def _lap(timing: dict[str, float], device, phase: str, since: float) -> float:
     now = time.perf_counter()
     timing[phase] += now - since
     return now
-
-
-def _selector_generators(generators) -> list[torch.Generator] | None:
-    """The VVS selector's own stream per row, seeded from the row's seed: its path pick is drawn
-    before the skip decision, and drawing it from the row's generator would change what a step
-    that does not skip samples (a VVS that never skips decodes exactly what its base method does)."""
-    if generators is None:
-        return None
-    mix = lambda seed: (seed * 6364136223846793005 + 1442695040888963407) % 2 ** 63  # noqa: E731
-    return [torch.Generator(device=gen.device).manual_seed(mix(gen.initial_seed())) for gen in generators]
-
-
-def _fetch_for_scheduler(tree: Tree, generators) -> tuple[Tree, list[float]]:
-    """One wait before a skip decision: the tree's structure and a uniform draw per row (the
-    selector's path pick, should the row skip) come to the host together."""
-    b = tree.tokens.shape[0]
-    u = (torch.stack([torch.rand((), generator=gen, device=gen.device) for gen in generators])
-         if generators else torch.rand(b))
-    (picks,), tree = tree.fetch_with(u)
-    return tree, picks.tolist()
 
 
 def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -228,30 +202,27 @@ def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Te
     return tokens, mask, depths, w
 
 
-def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, commits: _Commits, accept, sampling,
-            generators, num_tokens: int) -> _Verified:
-    """One target pass over [chain ; tree] for the verifying rows, acceptance for them, KV compaction."""
-    b, g = len(rows.made), target.groups
-    tokens, mask, depths, w = _with_chain(tree, [rows.chains[r] if r in verify_rows else [] for r in range(b)])
+def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, accept, sampling, generators,
+            num_tokens: int) -> tuple[_Verified, dict[int, RowCommit]]:
+    """One target pass over [unverified ; tree] for the verifying rows, acceptance for them, KV
+    compaction; each row's commit."""
+    b, g, t = len(rows.made), target.groups, tree.size
+    chains = [rows.unverified[r] if r in verify_rows else [] for r in range(b)]
+    tokens, mask, depths, w = _with_chain(tree, chains)
     out = _pass(target, cache, tokens, mask, depths, verify_rows)
     logits = out.logits[:, w:]
     verdict = accept(tree, logits, sampling, generators, rows=verify_rows)
-    keep_src: list[list[int]] = [[] for _ in range(b)]
     length = cache.host_length.view(g, b)[0].tolist()
-    t = tree.size
+    keep_src: list[list[int]] = [[] for _ in range(b)]
+    commits = {}
     for r in verify_rows:
-        room = num_tokens - rows.made[r]
-        path = verdict.paths[r][: room + 1]  # the root and at most `room` drafts
-        c = len(rows.chains[r])
+        path = verdict.paths[r][: num_tokens - rows.made[r] + 1]  # the root and at most `room` drafts
+        c = len(chains[r])
         keep_src[r] = [length[r] + i for i in range(c)] + [length[r] + w + n for n in path]
-        commits.paths[r], commits.following[r], commits.filled[r] = path, path[1:] + [t], c
-        rows.chains[r] = []
-        rows.counts["nfe"][r] += 1
-        rows.counts["verified_tokens"][r] += len(path)
-        rows.counts["run"][r] = 0
-    plain = w == 0 and all(pt in ([0], []) for pt in commits.paths)
+        commits[r] = RowCommit(path, path[1:] + [t], verified=True, filled=c)
+    plain = w == 0 and all(c.nodes == [0] for c in commits.values())
     _compact(target, cache, keep_src, logits.device, plain=plain)
-    return _Verified(logits, out.hidden, w, verdict.next_tokens)
+    return _Verified(logits, out.hidden, w, verdict.next_tokens), commits
 
 
 def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_rows: list[int]) -> TargetOutput:
@@ -268,20 +239,6 @@ def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_ro
     return TargetOutput(logits=logits, hidden=hidden)
 
 
-def _skip(tree: Tree, skip_rows: list[int], picks: list[float] | None, rows: _Rows, commits: _Commits,
-          num_tokens: int, features: FeatureCache | None, staleness: int) -> None:
-    """VVS's skipped step for these rows: the selector's tokens are committed unverified, stale
-    features stand in for the target's."""
-    for r in skip_rows:
-        nodes = select_skip_tokens(tree.host, r, picks[r])
-        nodes = nodes[: num_tokens - rows.made[r] + 1]
-        commits.paths[r], commits.following[r] = nodes[:-1], nodes[1:]
-        commits.stale[r] = features.stale(r, len(nodes) - 1, staleness)
-        rows.chains[r].extend(tree.host.tokens[r, nodes[:-1]].tolist())
-        rows.counts["skipped"][r] += 1
-        rows.counts["run"][r] += 1
-
-
 def _compact(target: LlamaGenTarget, cache, keep_src: list[list[int]], device, plain: bool) -> None:
     """Commit each row's kept slots (chain, then accepted tree nodes) in order; AR just commits."""
     g = target.groups
@@ -294,15 +251,17 @@ def _compact(target: LlamaGenTarget, cache, keep_src: list[list[int]], device, p
     cache.keep(to_device(src, device).repeat(g, 1), counts.repeat(g))
 
 
-def _outcome(tree: Tree, verified: _Verified | None, commits: _Commits, verify: Tensor,
+def _outcome(tree: Tree, verified: _Verified | None, commits: dict[int, RowCommit],
              target: LlamaGenTarget) -> StepOutcome:
     """Pack the per-row commits into padded device tensors, with one copy of host indices: the
     committed nodes' features [G, B, W, D] and the token after each [B, W]; counts on the host."""
     dev, (b, t) = tree.tokens.device, tree.tokens.shape
-    counts = torch.tensor([len(f) for f in commits.following])
+    empty = RowCommit([], [], verified=False)
+    per_row = [commits.get(r, empty) for r in range(b)]
+    counts = torch.tensor([len(c.following) for c in per_row])
     width = max(1, int(counts.max()))
     pad = lambda idx, fill: idx + [fill] * (width - len(idx))  # noqa: E731
-    index = to_device(torch.tensor([pad(n, 0) for n in commits.paths] + [pad(f, t) for f in commits.following]), dev)
+    index = to_device(torch.tensor([pad(c.nodes, 0) for c in per_row] + [pad(c.following, t) for c in per_row]), dev)
     nodes, after = index[:b], index[b:]  # [B, W] each
     nxt = verified.next_tokens if verified is not None else torch.zeros(b, dtype=torch.long, device=dev)
     following = torch.cat([tree.tokens, nxt[:, None]], 1).gather(1, after)
@@ -312,17 +271,12 @@ def _outcome(tree: Tree, verified: _Verified | None, commits: _Commits, verify: 
         feats = hidden.gather(2, nodes[None, :, :, None].expand(g, b, width, d))
     else:
         feats = torch.zeros(g, b, width, d, device=dev, dtype=target.gpt.output.weight.dtype)
-    for r, stale in commits.stale.items():
-        feats[:, r, :stale.shape[1]] = stale
+    for r, c in enumerate(per_row):
+        if c.stale is not None:
+            feats[:, r, :c.stale.shape[1]] = c.stale
     return StepOutcome(feats=feats, following=following, counts=counts, tree=tree,
-                       logits=verified.logits if verified is not None else None, verified=verify)
-
-
-def _remember(features: FeatureCache, verified: _Verified, outcome: StepOutcome, commits: _Commits) -> None:
-    """VVS's feature cache: each verified row's fresh features, its filled chain's first."""
-    for r, c in commits.filled.items():
-        features.append(r, verified.hidden[:, r, :c])  # the skipped tokens' features (deferred fill)
-        features.append(r, outcome.feats[:, r, :int(outcome.counts[r])])
+                       logits=verified.logits if verified is not None else None,
+                       verified=torch.tensor([c.verified for c in per_row]))
 
 
 def _commit_tokens(made: Tensor, rows: _Rows, outcome: StepOutcome, root: Tensor) -> Tensor:

@@ -49,21 +49,25 @@ def latent_neighbours(codebook: Tensor, k: int, chunk: int = 4096) -> Tensor:
 @dataclass(frozen=True)
 class Relaxation:
     """LANTERN's latent proximity sets: `neighbours` [V, k] (kept on the host, where acceptance walks
-    the tree); `delta` <= 1 is a total-variation bound, `delta` > 1 is LANTERN++'s multiplicative
-    bound lambda."""
+    the tree) and the bound on the mass moved onto a draft x: at most `bound` (LANTERN's total
+    variation delta) or, `multiplicative`, x's probability grows at most `bound`-fold (LANTERN++'s
+    lambda)."""
     neighbours: Tensor
-    delta: float
+    bound: float
+    multiplicative: bool = False
 
     def __post_init__(self):
-        if self.delta < 0:
-            raise ValueError(f"lantern delta must be >= 0, got {self.delta}")
+        if self.multiplicative and self.bound < 1:
+            raise ValueError(f"LANTERN++'s lambda must be >= 1 (1: exact), got {self.bound}")
+        if not self.multiplicative and not 0 <= self.bound <= 1:
+            raise ValueError(f"LANTERN's delta (a total-variation bound) must be in [0, 1], got {self.bound}")
         object.__setattr__(self, "neighbours", self.neighbours.cpu())
 
     def neighbourhood(self, p: Tensor, x: int) -> tuple[Tensor, float]:
         """A(x) and its mass under p [V] (host tensors)."""
         nb = self.neighbours[x]
         cum = p[nb].cumsum(0)  # c_j = mass of x's j nearest neighbours
-        bound = self.delta if self.delta <= 1 else (self.delta - 1) * float(p[x])
+        bound = (self.bound - 1) * float(p[x]) if self.multiplicative else self.bound
         m = int((cum <= bound + 1e-12).sum())  # cum is non-decreasing: the qualifying set is a prefix
         return nb[:m], float(cum[m - 1]) if m else 0.0
 

@@ -75,6 +75,16 @@ def plan_static(shape: StaticShape) -> StaticPlan:
     return StaticPlan(kids, levels, parents, torch.tensor(depths), ancestry_mask(parents[None])[0])
 
 
+@dataclass(frozen=True)
+class EagleDrafts:
+    """Drafting with an EAGLE drafter: the dynamic tree of `tree`, or its static shape."""
+    drafter: Drafter
+    tree: TreeParams
+
+    def start(self, target: LlamaGenTarget, batch: int, num_tokens: int) -> "EagleDrafting":
+        return EagleDrafting(self.drafter, target, self.tree, batch, num_tokens)
+
+
 class EagleDrafting:
     """The drafter side of one generation: its KV cache, its pending entries, and the trees."""
 

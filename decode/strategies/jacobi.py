@@ -15,6 +15,7 @@ the q used in acceptance, so decoding stays exact; only which drafts are propose
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,6 +27,19 @@ from decode.models.target.llamagen import TargetOutput
 from decode.core.trees import StepOutcome, Tree, ancestry_mask
 
 INITS = ("random", "repeat_horizon", "repeat_vertical")
+
+
+@dataclass(frozen=True)
+class JacobiDrafts:
+    """Jacobi drafting on the target itself: SJD (vp_beta 0) and SJD-VP."""
+    window: int = 16
+    init: str = "repeat_horizon"
+    vp_beta: float = 0.0
+    vp_cap: float = 10.0
+
+    def start(self, target: LlamaGenTarget, batch: int, num_tokens: int) -> "JacobiDrafting":
+        return JacobiDrafting(target, batch, num_tokens, window=self.window, init=self.init, vp_beta=self.vp_beta,
+                              vp_cap=self.vp_cap)
 
 
 class JacobiDrafting:

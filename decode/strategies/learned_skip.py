@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from decode.models.drafter import Drafter, target_fingerprint
-from decode.strategies.skipping import NUM_STEP_FEATURES, Scheduler, StepContext, select_skip_tokens, step_features
+from decode.strategies.skipping import (NUM_STEP_FEATURES, SkipLimits, Skipping, StepContext, select_skip_tokens,
+                                       step_features)
 from decode.models.target import LlamaGenTarget
 
 KIND = "vvs_skip_policy"
@@ -104,29 +105,29 @@ class TraceStep:
         return self.kept >= self.proposed
 
 
-class TraceRecorder(Scheduler):
-    """A scheduler that never skips and records, per live row and step, the features and what a
+class TraceRecorder:
+    """A skip rule that never skips and records, per eligible row and step, the features and what a
     skip would have cost. The selector draws from its own generators (seeded from `seeds`), so
-    recording does not change what is decoded."""
+    recording does not change what is decoded. `skipping()` is the strategy to decode with."""
 
     def __init__(self, latents: Tensor, seeds: list[int], warmup: int = 5):
-        super().__init__(max_consecutive=1, warmup=warmup)
         self.latents = latents.detach().float().cpu()
         self.unit = torch.nn.functional.normalize(self.latents, dim=-1)
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.warmup = warmup
         self.steps: list[TraceStep] = []
         self._open: dict[int, tuple[int, list[float], list[int]]] = {}
 
-    def decide(self, ctx: StepContext) -> Tensor:
-        b = ctx.made.shape[0]
-        allowed = self.eligible(ctx)  # never skipping, the consecutive-skip run is always 0
+    def skipping(self) -> Skipping:
+        return Skipping(self, SkipLimits(max_consecutive=1, warmup=self.warmup))
+
+    def wants_skip(self, ctx: StepContext, allowed: Tensor) -> Tensor:
         self._open = {}
-        if allowed.any():
-            feats = step_features(ctx, self.latents)
-            for r in allowed.nonzero().flatten().tolist():
-                nodes = select_skip_tokens(ctx.tree, r, float(torch.rand((), generator=self.gens[r])))
-                self._open[r] = (ctx.step, feats[r].tolist(), ctx.tree.tokens[r, nodes[1:]].tolist())
-        return torch.zeros(b, dtype=torch.bool)
+        feats = step_features(ctx, self.latents)
+        for r in allowed.nonzero().flatten().tolist():  # never skipping, the consecutive-skip run is always 0
+            nodes = select_skip_tokens(ctx.tree, r, float(torch.rand((), generator=self.gens[r])))
+            self._open[r] = (ctx.step, feats[r].tolist(), ctx.tree.tokens[r, nodes[1:]].tolist())
+        return torch.zeros(ctx.made.shape[0], dtype=torch.bool)
 
     def after_step(self, following: Tensor, counts: Tensor) -> None:
         rows = following.tolist() if self._open else []

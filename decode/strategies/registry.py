@@ -1,160 +1,205 @@
-"""Decoding methods by name: which drafting, acceptance and skip scheduler each one combines.
+"""Decoding methods by name: each is a composition of three strategies, with the published defaults.
 
-| method     | drafting                     | acceptance                      | scheduler            |
-|------------|------------------------------|---------------------------------|----------------------|
-| ar         | none                         | the target's own sample         | never                |
-| eagle2     | EAGLE-2 dynamic tree         | greedy / exact multi-candidate  | never                |
-| lantern    | EAGLE-2 dynamic tree         | LANTERN (k, delta: TVD bound)   | never                |
-| lantern_pp | static tree, sampled drafts  | LANTERN++ (k, lambda bound)     | never                |
-| vvs_u      | as lantern                   | as lantern                      | uniform interval     |
-| vvs        | as lantern                   | as lantern                      | path similarity, tau |
-| sjd        | Jacobi window on the target  | exact (SJD's probabilistic rule)| never                |
-| sjd_vp     | Jacobi window, VP-favoured   | exact                           | never                |
-Published defaults live in conf/method/*.yaml (ALGORITHMS.md 1.9 and 2.5).
+| method     | drafting                     | acceptance                        | skipping             |
+|------------|------------------------------|-----------------------------------|----------------------|
+| ar         | none                         | exact (the target's own sample)   | never                |
+| eagle2     | eagle (EAGLE-2 dynamic tree) | exact (greedy / multi-candidate)  | never                |
+| lantern    | eagle                        | lantern (k, delta: TVD bound)     | never                |
+| lantern_pp | static tree, sampled drafts  | lantern_pp (k, lambda bound)      | never                |
+| vvs_u      | eagle                        | lantern                           | uniform interval     |
+| vvs        | eagle                        | lantern                           | similarity, tau      |
+| sjd        | jacobi window on the target  | exact (SJD's probabilistic rule)  | never                |
+| sjd_vp     | jacobi, VP-favoured redraws  | exact                             | never                |
+
+Any part can be swapped: `method=vvs method.base=lantern_pp` is VVS's skipping over LANTERN++'s
+drafting and acceptance; `method=eagle2 method.skipping=uniform` skips over exact acceptance;
+`method.drafting`, `method.acceptance`, `method.skipping` pick one part. Skipping needs a drafter's
+tree (drafting eagle or static). Each knob belongs to one strategy (KNOBS, with its published
+default: the one place defaults live); a knob the composition does not read is refused.
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from decode.strategies.acceptance import Relaxation, latent_neighbours, make_acceptance
-from decode.models.drafter import Drafter
-from decode.strategies.drafting import EagleDrafting
-from decode.core.engine import Method
-from decode.strategies.jacobi import INITS, JacobiDrafting
 from decode.core.sampling import SamplingParams
-from decode.strategies.skipping import LearnedScheduler, NeverSkip, SimilaritySkip, UniformSkip
 from decode.core.trees import STATIC_SHAPES, TreeParams
+from decode.core.engine import Method
+from decode.models.drafter import Drafter
+from decode.resolvers import REPO
+from decode.strategies.acceptance import Relaxation, latent_neighbours, make_acceptance
+from decode.strategies.drafting import EagleDrafts
+from decode.strategies.jacobi import INITS, JacobiDrafts
+from decode.strategies.skipping import LearnedSkip, NeverSkip, SimilaritySkip, SkipLimits, Skipping, UniformSkip
 
-METHODS = ("ar", "eagle2", "lantern", "lantern_pp", "vvs_u", "vvs", "sjd", "sjd_vp")
-NEEDS_DRAFTER = ("eagle2", "lantern", "lantern_pp", "vvs_u", "vvs")
-USES_TREE = ("eagle2", "lantern", "vvs_u", "vvs")  # lantern_pp's static shape fixes its own
-SCHEDULERS = ("never", "uniform", "similarity", "learned")
-_LANTERN = ("lantern_k", "delta")
-_SKIP = ("scheduler", "max_consecutive", "warmup", "staleness")
-KNOBS = {  # the MethodOptions each method reads, its skip scheduler's aside
-    "ar": (), "eagle2": (), "lantern": _LANTERN, "lantern_pp": _LANTERN + ("static_tree",),
-    "vvs_u": _LANTERN, "vvs": _LANTERN, "sjd": ("window", "init"), "sjd_vp": ("window", "init", "vp_beta", "vp_cap"),
+# (drafting, acceptance, skipping) and the method's own knob values, where they differ from the strategy's
+METHODS: dict[str, tuple[str, str, str, dict]] = {
+    "ar": ("none", "exact", "never", {}),
+    "eagle2": ("eagle", "exact", "never", {}),
+    "lantern": ("eagle", "lantern", "never", {}),
+    "lantern_pp": ("static", "lantern_pp", "never", {}),
+    "vvs_u": ("eagle", "lantern", "uniform", {}),
+    "vvs": ("eagle", "lantern", "similarity", {}),
+    "sjd": ("jacobi", "exact", "never", {}),
+    "sjd_vp": ("jacobi", "exact", "never", {"vp_beta": 1.0}),
 }
-SCHEDULER_KNOBS = {"never": (), "uniform": ("interval",), "similarity": ("tau", "decay"), "learned": ("threshold",)}
-
-
-def knobs_used(name: str, options: "MethodOptions") -> dict:
-    """The knobs that can change what method `name` makes (the others it never reads)."""
-    kind = _scheduler_kind(name, options) if name in NEEDS_DRAFTER else "never"  # AR and SJD never skip
-    used = KNOBS[name] + ((_SKIP + SCHEDULER_KNOBS[kind]) if kind != "never" else ())
-    return {k: getattr(options, k) for k in used}
+_LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
+KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
+    "drafting": {
+        "none": {}, "eagle": {},  # the dynamic tree's size is the run's `tree.*`
+        "static": {"static_tree": "naive_extend_57"},  # LANTERN++'s LlamaGen default
+        "jacobi": {"window": 16, "init": "repeat_horizon", "vp_beta": 0.0, "vp_cap": 10.0},  # SJD's LlamaGen setting
+    },
+    "acceptance": {
+        "exact": {},
+        "lantern": {"lantern_k": 1000, "delta": 0.2},  # VVS's base (docs/algorithms.md, LANTERN)
+        "lantern_pp": {"lantern_k": 10, "lam": 5.0},    # LANTERN++'s run.sh
+    },
+    "skipping": {
+        "never": {},
+        "uniform": {"interval": 5, **_LIMITS},
+        "similarity": {"tau": 0.7, "decay": 0.9, **_LIMITS},
+        "learned": {"threshold": 0.865, "scheduler_ckpt": str(REPO / "models" / "world" / "scheduler"), **_LIMITS},
+    },
+}
+PARTS = tuple(KNOBS)
+TREE_DRAFTING = ("eagle", "static")  # the drafts skipping can take from
+_CHECKS = {  # knob -> (valid?, what is allowed)
+    "lantern_k": (lambda v: v >= 1, ">= 1 (neighbours per token)"),
+    "delta": (lambda v: 0 <= v <= 1, "in [0, 1] (a total-variation bound; LANTERN++'s lambda is acceptance=lantern_pp, lam)"),
+    "lam": (lambda v: v >= 1, ">= 1 (1: exact)"),
+    "interval": (lambda v: v >= 1, ">= 1"),
+    "decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "max_consecutive": (lambda v: v >= 1, ">= 1"),
+    "warmup": (lambda v: v >= 0, ">= 0"),
+    "staleness": (lambda v: v >= 0, ">= 0"),
+    "window": (lambda v: v >= 1, ">= 1"),
+    "init": (lambda v: v in INITS, f"one of {', '.join(INITS)}"),
+    "vp_cap": (lambda v: v >= 1, ">= 1"),
+    "static_tree": (lambda v: v in STATIC_SHAPES, f"one of {', '.join(STATIC_SHAPES)}"),
+    "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 
 
 @dataclass(frozen=True)
-class MethodOptions:
-    """Every knob of every method (each method reads its own)."""
-    lantern_k: int = 1000         # neighbours considered per token
-    delta: float = 0.2            # <= 1: TVD bound (LANTERN); > 1: lambda bound (LANTERN++)
-    static_tree: str | None = None  # lantern_pp: a shape in decode.core.trees.STATIC_SHAPES
-    scheduler: str | None = None  # vvs: similarity (default) | learned; vvs_u: uniform
-    interval: int = 5             # vvs_u
-    tau: float = 0.7              # vvs path-similarity threshold
-    decay: float = 0.9            # vvs similarity weights over depth
-    max_consecutive: int = 1      # cap on consecutive skipped steps (1 in the released code)
-    warmup: int = 5               # no skip before this many tokens
-    staleness: int = 0            # extra positions back for reused features (0: reuse_prev)
-    threshold: float = 0.865      # learned scheduler: skip when P(safe) >= threshold (world sweep: docs/results.md)
-    window: int = 16              # sjd
-    init: str = "repeat_horizon"  # sjd: random | repeat_horizon | repeat_vertical
-    vp_beta: float = 1.0          # sjd_vp: strength of the favouring
-    vp_cap: float = 10.0          # sjd_vp: largest probability ratio rewarded
+class MethodConfig:
+    """A resolved method: its name, its three strategies and the knobs they read."""
+    name: str
+    drafting: str
+    acceptance: str
+    skipping: str
+    knobs: dict = field(default_factory=dict)
 
-    def __post_init__(self):  # nonsense fails here, before any model loads or image is made
-        checks = [
-            (self.lantern_k >= 1, f"method.lantern_k must be >= 1 (neighbours per token), got {self.lantern_k}"),
-            (self.delta >= 0, f"method.delta must be >= 0, got {self.delta}"),
-            (self.interval >= 1, f"method.interval must be >= 1, got {self.interval}"),
-            (0 < self.decay <= 1, f"method.decay must be in (0, 1], got {self.decay}"),
-            (self.max_consecutive >= 1, f"method.max_consecutive must be >= 1, got {self.max_consecutive}"),
-            (self.warmup >= 0 and self.staleness >= 0, "method.warmup and method.staleness must be >= 0"),
-            (self.window >= 1, f"method.window (sjd) must be >= 1, got {self.window}"),
-            (self.init in INITS, f"method.init={self.init!r} is unknown; known: {', '.join(INITS)}"),
-            (self.vp_cap >= 1, f"method.vp_cap must be >= 1, got {self.vp_cap}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"method.scheduler={self.scheduler!r} is unknown; known: {', '.join(SCHEDULERS)}")
-        if self.tau > 1:  # allowed: the rule's cost without its skips (tests use it); but never silently
-            warnings.warn(f"method.tau={self.tau} > 1: path similarity never reaches it, so VVS's similarity "
-                          "rule never skips (method.scheduler=never skips nothing without computing it)")
-        if self.static_tree is not None and self.static_tree not in STATIC_SHAPES:
-            raise ValueError(f"method.static_tree={self.static_tree!r} is not a known shape; known: "
-                             f"{', '.join(STATIC_SHAPES)}")
+    @property
+    def needs_drafter(self) -> bool:
+        return self.drafting in TREE_DRAFTING
+
+    @property
+    def uses_tree(self) -> bool:
+        """Reads the run's `tree.*` (the dynamic tree's size)."""
+        return self.drafting == "eagle"
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.drafting} drafting, {self.acceptance} acceptance, {self.skipping} skipping)"
 
 
-def options_from_config(conf) -> MethodOptions:
-    """A method's config (conf/method/<name>.yaml, with overrides) as MethodOptions; an unknown knob
-    fails with the list of known ones."""
-    opts = {k: v for k, v in conf.items() if k not in ("name", "scheduler_ckpt")}
-    known = set(MethodOptions.__dataclass_fields__)
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise ValueError(f"unknown method option(s) {unknown}; known: {', '.join(sorted(known))}")
-    return MethodOptions(**opts)
-
-
-def build_method(name: str, *, sampling: SamplingParams, tree: TreeParams = TreeParams(),
-                 options: MethodOptions = MethodOptions(), drafter: Drafter | None = None,
-                 codebook: Tensor | None = None, learned_policy=None) -> Method:
-    """The Method for `name`. `codebook` [V, d] (raw VQ rows) is needed by LANTERN and VVS;
-    `learned_policy` by scheduler=learned."""
+def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
+    """Method `name` with `overrides`: `base` (another method's drafting and acceptance),
+    `drafting` / `acceptance` / `skipping` (one part), and knobs. None values mean "the default"
+    (Hydra's nulls). Fails, naming the value, on an unknown name, part or knob, a knob the
+    composition does not read, a value out of range, or skipping without a drafter's tree."""
     if name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; available: {', '.join(METHODS)}")
-    if name == "ar":
-        return Method("ar")
-    if name in ("sjd", "sjd_vp"):
-        beta = options.vp_beta if name == "sjd_vp" else 0.0
-        drafting = functools.partial(_jacobi, window=options.window, init=options.init, vp_beta=beta,
-                                     vp_cap=options.vp_cap)
-        return Method(name, drafting=drafting, acceptance=make_acceptance(sampling))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "name"}
+    parts = dict(zip(PARTS, METHODS[name][:3]))
+    knobs = dict(METHODS[name][3])
+    base = given.pop("base", None)
+    if base is not None:
+        if base not in METHODS:
+            raise ValueError(f"method.base={base!r} is unknown; available: {', '.join(METHODS)}")
+        parts.update(drafting=METHODS[base][0], acceptance=METHODS[base][1])
+        knobs.update(METHODS[base][3])
+    for part in PARTS:
+        choice = given.pop(part, parts[part])
+        if choice not in KNOBS[part]:
+            raise ValueError(f"method.{part}={choice!r} is unknown; known: {', '.join(KNOBS[part])}")
+        parts[part] = choice
+    if parts["skipping"] != "never" and parts["drafting"] not in TREE_DRAFTING:
+        raise ValueError(f"method.skipping={parts['skipping']} needs a drafter's tree to take tokens from "
+                         f"(drafting {' or '.join(TREE_DRAFTING)}); method={name} drafts with {parts['drafting']}")
+    defaults = {k: v for part in PARTS for k, v in KNOBS[part][parts[part]].items()}
+    unread = sorted(set(given) - set(defaults))
+    if unread:
+        known = sorted({k for part in KNOBS.values() for kn in part.values() for k in kn})
+        what = "unknown" if set(unread) - set(known) else "not read by this composition"
+        raise ValueError(f"method.{unread[0]} is {what}: {_composition(name, parts)} reads "
+                         f"{', '.join(sorted(defaults)) or 'no knobs'}")
+    values = {**defaults, **{k: v for k, v in knobs.items() if k in defaults}, **given}
+    for k, v in values.items():
+        ok, allowed = _CHECKS.get(k, (lambda _: True, ""))
+        if not ok(v):
+            raise ValueError(f"method.{k} must be {allowed}; got {v!r}")
+    if values.get("tau", 0) > 1:  # allowed: the rule's cost without its skips (tests use it); never silently
+        warnings.warn(f"method.tau={values['tau']} > 1: path similarity never reaches it, so the similarity rule "
+                      "never skips (method.skipping=never skips nothing without computing it)")
+    return MethodConfig(name, parts["drafting"], parts["acceptance"], parts["skipping"], values)
+
+
+def _composition(name: str, parts: dict) -> str:
+    return f"{name} ({', '.join(f'{parts[p]} {p}' for p in PARTS)})"
+
+
+def build_method(method: MethodConfig | str, *, sampling: SamplingParams, tree: TreeParams = TreeParams(),
+                 options: dict | None = None, drafter: Drafter | None = None, codebook: Tensor | None = None,
+                 learned_policy=None) -> Method:
+    """The engine's Method for a resolved method (or a name, with `options` as its overrides).
+    `codebook` [V, d] (raw VQ rows) is needed by LANTERN's acceptance and VVS's similarity and learned
+    skipping; `learned_policy` by skipping=learned."""
+    config = resolve_method(method, options) if isinstance(method, str) else method
+    return Method(config.name, drafting=_drafting(config, tree, drafter),
+                  acceptance=make_acceptance(sampling, relaxation(config, codebook)),
+                  skipping=_skipping(config, codebook, learned_policy))
+
+
+def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
+    k = config.knobs
+    if config.drafting == "none":
+        return None
+    if config.drafting == "jacobi":
+        return JacobiDrafts(window=k["window"], init=k["init"], vp_beta=k["vp_beta"], vp_cap=k["vp_cap"])
     if drafter is None:
-        raise ValueError(f"method={name} needs a drafter (drafter.ckpt=FOLDER, trained by python -m train drafter)")
-    relax = None
-    if name != "eagle2":
-        if codebook is None:
-            raise ValueError(f"method={name} needs the VQ codebook (latent neighbourhoods / path similarity)")
-        relax = Relaxation(latent_neighbours(codebook, options.lantern_k), options.delta)
-    if name == "lantern_pp":
-        tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, options.static_tree or "naive_extend_57")
-    drafting = functools.partial(_eagle, drafter=drafter, tree=tree)
-    return Method(name, drafting=drafting, acceptance=make_acceptance(sampling, relax),
-                  scheduler=_scheduler(name, options, codebook, learned_policy), staleness=options.staleness)
+        raise ValueError(f"method={config.name} needs a drafter (drafter.ckpt=FOLDER, trained by python -m train drafter)")
+    if config.drafting == "static":
+        tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, k["static_tree"])
+    return EagleDrafts(drafter, tree)
 
 
-def _scheduler_kind(name: str, o: MethodOptions) -> str:
-    return o.scheduler or {"vvs_u": "uniform", "vvs": "similarity"}.get(name, "never")
+def relaxation(config: MethodConfig, codebook: Tensor | None) -> Relaxation | None:
+    """LANTERN's latent neighbourhoods with the acceptance's bound (None: exact acceptance)."""
+    if config.acceptance == "exact":
+        return None
+    if codebook is None:
+        raise ValueError(f"method={config.name} needs the VQ codebook (LANTERN's latent neighbourhoods)")
+    k = config.knobs
+    if config.acceptance == "lantern":
+        return Relaxation(latent_neighbours(codebook, k["lantern_k"]), k["delta"])
+    return Relaxation(latent_neighbours(codebook, k["lantern_k"]), k["lam"], multiplicative=True)
 
 
-def _scheduler(name: str, o: MethodOptions, codebook: Tensor | None, learned_policy):
-    kind = _scheduler_kind(name, o)
-    cap = dict(max_consecutive=o.max_consecutive, warmup=o.warmup)
-    if kind == "never":
+def _skipping(config: MethodConfig, codebook: Tensor | None, learned_policy):
+    k = config.knobs
+    if config.skipping == "never":
         return NeverSkip()
-    if kind == "uniform":
-        return UniformSkip(o.interval, **cap)
-    if kind == "similarity":
-        return SimilaritySkip(codebook, o.tau, o.decay, **cap)
-    if kind == "learned":
+    if config.skipping == "uniform":
+        rule = UniformSkip(k["interval"])
+    elif codebook is None:
+        raise ValueError(f"method={config.name} needs the VQ codebook (the {config.skipping} skip rule embeds the drafts)")
+    elif config.skipping == "similarity":
+        rule = SimilaritySkip(codebook, k["tau"], k["decay"])
+    else:
         if learned_policy is None:
-            raise ValueError("scheduler=learned needs method.scheduler_ckpt=FOLDER (python -m train scheduler)")
-        return LearnedScheduler(learned_policy, codebook, o.threshold, **cap)
-    raise ValueError(f"scheduler={kind!r} is unknown; known: {', '.join(SCHEDULERS)}")
-
-
-def _eagle(target, batch: int, num_tokens: int, *, drafter: Drafter, tree: TreeParams) -> EagleDrafting:
-    return EagleDrafting(drafter, target, tree, batch, num_tokens)
-
-
-def _jacobi(target, batch: int, num_tokens: int, **kw) -> JacobiDrafting:
-    return JacobiDrafting(target, batch, num_tokens, **kw)
+            raise ValueError("skipping=learned needs its policy (method.scheduler_ckpt=FOLDER, python -m train scheduler)")
+        rule = LearnedSkip(learned_policy, codebook, k["threshold"])
+    return Skipping(rule, SkipLimits(k["max_consecutive"], k["warmup"]), k["staleness"])

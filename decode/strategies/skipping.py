@@ -4,26 +4,26 @@ On a skipped step the target does not run. The verification-free selector takes 
 draft tree (a uniformly drawn root-to-leaf path, truncated to the tree's mean path length), they
 are committed unverified, the drafter continues from stale target features (the feature cache),
 and the skipped tokens' KV and fresh features are filled in by the next verification's forward.
-A scheduler decides, per row and step, whether to skip:
-- never (the base method), uniform interval (VVS-U), path similarity with threshold tau (VVS), or a
-  learned policy (`LearnedScheduler`, trained by `python -m train scheduler`).
-All of them respect a warm-up (no skip until more than `warmup` tokens precede the pending root,
-the released code's `n_gen > warmup`, so the feature cache has entries) and
-a cap on consecutive skips (1 in the released code).
+`Skipping` is the strategy the engine sees (`NeverSkip` is the base method); inside it a rule
+decides, per row and step, whether to skip: uniform interval (VVS-U), path similarity with
+threshold tau (VVS), or a learned policy (`LearnedSkip`, trained by `python -m train scheduler`),
+within `SkipLimits` (warm-up, cap on consecutive skips). It works over any drafting that grows a
+tree and any acceptance rule: the engine only asks it which rows skip and with which nodes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from decode.core.trees import HostTree, Tree, leaf_paths
+from decode.core.trees import HostTree, StepOutcome, Tree, leaf_paths
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a scheduler may look at, per row, before deciding (all cheap at decode time, all on the host)."""
+    """What a skip rule may look at, per row, before deciding (all cheap at decode time, all on the host)."""
     tree: HostTree
     step: int              # decode steps so far (verified + skipped)
     made: Tensor           # [B] tokens committed so far, the pending root included
@@ -31,13 +31,28 @@ class StepContext:
     num_tokens: int
 
 
-class Scheduler:
-    """Base: warm-up and the consecutive-skip cap; subclasses say which rows want to skip."""
+@dataclass(frozen=True)
+class Progress:
+    """Where the engine stands before a step: what the skipping strategy is told."""
+    step: int
+    made: list[int]   # per row: committed tokens, the pending root included
+    live: list[bool]  # per row: not finished
+    num_tokens: int
 
-    def __init__(self, max_consecutive: int = 1, warmup: int = 5):
-        if max_consecutive < 1:
-            raise ValueError(f"the cap on consecutive skips must be >= 1, got {max_consecutive}")
-        self.max_consecutive, self.warmup = int(max_consecutive), int(warmup)
+
+@dataclass(frozen=True)
+class SkipLimits:
+    """What every rule respects: a warm-up (no skip until more than `warmup` tokens precede the
+    pending root, the released code's `n_gen > warmup`, so the feature cache has entries) and a
+    cap on consecutive skips (1 in the released code)."""
+    max_consecutive: int = 1
+    warmup: int = 5
+
+    def __post_init__(self):
+        if self.max_consecutive < 1:
+            raise ValueError(f"the cap on consecutive skips must be >= 1, got {self.max_consecutive}")
+        if self.warmup < 0:
+            raise ValueError(f"the skip warm-up must be >= 0, got {self.warmup}")
 
     def eligible(self, ctx: StepContext) -> Tensor:
         """[B] bool: rows past the warm-up, under the cap, unfinished, with drafts to take."""
@@ -45,37 +60,31 @@ class Scheduler:
         allowed = (ctx.made - 1 > self.warmup) & (ctx.run < self.max_consecutive) & (ctx.made < ctx.num_tokens)
         return allowed & (ctx.tree.parents >= 0).any(-1)  # a root-only tree has nothing to take
 
-    def decide(self, ctx: StepContext) -> Tensor:
-        """[B] bool: skip verification this step."""
-        allowed = self.eligible(ctx)
-        if not allowed.any():
-            return allowed
-        return allowed & self.wants_skip(ctx)
 
-    def wants_skip(self, ctx: StepContext) -> Tensor:
-        raise NotImplementedError
+class SkipRule(Protocol):
+    """Which eligible rows want to skip this step; told afterwards what the step committed."""
+
+    def wants_skip(self, ctx: StepContext, allowed: Tensor) -> Tensor:
+        """[B] bool (only rows in `allowed` [B] can skip; a rule may look at the others)."""
 
     def after_step(self, following: Tensor, counts: Tensor) -> None:
-        """Told the tokens the step committed after the root: following [B, W] on the device, the
-        first counts[b] (host) of row b (traces use it; reading them is theirs to pay for)."""
+        """The tokens the step committed after each root: following [B, W] on the device, the first
+        counts[b] (host) of row b (traces use them; reading them is theirs to pay for)."""
 
 
-class NeverSkip(Scheduler):
-    def decide(self, ctx: StepContext) -> Tensor:
-        return torch.zeros(ctx.made.shape[0], dtype=torch.bool)
-
-
-class UniformSkip(Scheduler):
+class UniformSkip:
     """VVS-U: skip the steps t with t mod interval == 1 (interval 5: 1, 6, 11, ...; 1 never skips)."""
 
-    def __init__(self, interval: int = 5, **kw):
-        super().__init__(**kw)
+    def __init__(self, interval: int = 5):
         if interval < 1:
             raise ValueError(f"skip interval must be >= 1, got {interval}")
         self.interval = int(interval)
 
-    def wants_skip(self, ctx: StepContext) -> Tensor:
+    def wants_skip(self, ctx: StepContext, allowed: Tensor) -> Tensor:
         return torch.full((ctx.made.shape[0],), ctx.step % self.interval == 1 % self.interval and self.interval > 1)
+
+    def after_step(self, following: Tensor, counts: Tensor) -> None:
+        pass
 
 
 def path_similarity(tree: Tree | HostTree, latents: Tensor, decay: float = 0.9, stride: int = 2) -> Tensor:
@@ -107,15 +116,17 @@ def path_similarity(tree: Tree | HostTree, latents: Tensor, decay: float = 0.9, 
     return out
 
 
-class SimilaritySkip(Scheduler):
+class SimilaritySkip:
     """VVS: skip when the candidate paths agree (path similarity >= tau)."""
 
-    def __init__(self, latents: Tensor, tau: float = 0.7, decay: float = 0.9, **kw):
-        super().__init__(**kw)
+    def __init__(self, latents: Tensor, tau: float = 0.7, decay: float = 0.9):
         self.latents, self.tau, self.decay = latents.detach().float().cpu(), float(tau), float(decay)
 
-    def wants_skip(self, ctx: StepContext) -> Tensor:
+    def wants_skip(self, ctx: StepContext, allowed: Tensor) -> Tensor:
         return path_similarity(ctx.tree, self.latents, self.decay) >= self.tau
+
+    def after_step(self, following: Tensor, counts: Tensor) -> None:
+        pass
 
 
 NUM_STEP_FEATURES = 8
@@ -139,19 +150,21 @@ def step_features(ctx: StepContext, latents: Tensor) -> Tensor:
     return feats
 
 
-class LearnedScheduler(Scheduler):
+class LearnedSkip:
     """A learned skip policy: `policy(features [B, F]) -> [B]` probability that skipping is safe;
     skips where it is at least `threshold`. The policy is any callable (a test double, or the
-    module `load_learned_scheduler` returns)."""
+    module `decode.strategies.learned_skip.load_scheduler_policy` returns)."""
 
-    def __init__(self, policy, latents: Tensor, threshold: float = 0.5, **kw):
-        super().__init__(**kw)
+    def __init__(self, policy, latents: Tensor, threshold: float = 0.5):
         self.policy, self.latents, self.threshold = policy, latents.detach().float().cpu(), float(threshold)
 
-    def wants_skip(self, ctx: StepContext) -> Tensor:
+    def wants_skip(self, ctx: StepContext, allowed: Tensor) -> Tensor:
         with torch.no_grad():
             prob = self.policy(step_features(ctx, self.latents))
         return prob.flatten().cpu() >= self.threshold
+
+    def after_step(self, following: Tensor, counts: Tensor) -> None:
+        pass
 
 
 def select_skip_tokens(tree: Tree | HostTree, row: int, u: float) -> list[int]:
@@ -187,3 +200,98 @@ class FeatureCache:
             return self.store[:, row, end - n:end]
         idx = torch.arange(n, device=self.store.device).clamp_max(end - 1)  # 0 .. end-1, end-1, ...
         return self.store[:, row, idx]
+
+
+class NeverSkip:
+    """The base method: every step is verified (nothing is fetched or cached for skipping)."""
+
+    def start(self, target, batch: int, num_tokens: int, generators, dtype) -> "NoSkips":
+        return NoSkips()
+
+
+class NoSkips:
+    def plan(self, tree: Tree, progress: Progress) -> tuple[Tree, dict[int, list[int]]]:
+        return tree, {}
+
+    def stale_features(self, row: int, n: int) -> Tensor:
+        raise RuntimeError("no row skips under NeverSkip")
+
+    def observe(self, outcome: StepOutcome, filled: dict[int, Tensor]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Skipping:
+    """VVS's skipping over any drafting with a tree and any acceptance rule: a rule says which rows
+    skip, `limits` bound it, and skipped rows continue from features `staleness` positions
+    further back than the latest (0: the released code's `reuse_prev`)."""
+    rule: SkipRule
+    limits: SkipLimits = SkipLimits()
+    staleness: int = 0
+
+    def __post_init__(self):
+        if self.staleness < 0:
+            raise ValueError(f"skip staleness must be >= 0, got {self.staleness}")
+
+    def start(self, target, batch: int, num_tokens: int, generators, dtype) -> "SkipRun":
+        return SkipRun(self, FeatureCache(target.groups, batch, num_tokens + 8, target.hidden_size, target.device,
+                                          dtype), _selector_generators(generators))
+
+
+class SkipRun:
+    """One generation's skipping state: consecutive skips per row, the selector's own random
+    streams, and the feature cache of committed tokens' target features."""
+
+    def __init__(self, strategy: Skipping, features: FeatureCache, selectors: list[torch.Generator] | None):
+        self.strategy, self.features, self.selectors = strategy, features, selectors
+        self.run = [0] * len(features.count)
+
+    def plan(self, tree: Tree, progress: Progress) -> tuple[Tree, dict[int, list[int]]]:
+        """The rows that skip this step, each with the selector's nodes (root first; the last one
+        becomes the next root). One wait: the tree's structure and the selector's draws together."""
+        if tree.size == 1:
+            return tree, {}
+        tree, picks = _fetch_for_selector(tree, self.selectors)
+        ctx = StepContext(tree.host, progress.step, torch.tensor(progress.made), torch.tensor(self.run),
+                          progress.num_tokens)
+        allowed = self.strategy.limits.eligible(ctx)
+        if not allowed.any():
+            return tree, {}
+        want = (allowed & self.strategy.rule.wants_skip(ctx, allowed)).tolist()
+        skips = {r: select_skip_tokens(tree.host, r, picks[r]) for r in range(len(want)) if want[r] and progress.live[r]}
+        for r in skips:
+            self.run[r] += 1
+        return tree, skips
+
+    def stale_features(self, row: int, n: int) -> Tensor:
+        """[G, n, D] features that stand in for the target's on a skipped step."""
+        return self.features.stale(row, n, self.strategy.staleness)
+
+    def observe(self, outcome: StepOutcome, filled: dict[int, Tensor]) -> None:
+        """Each verified row's fresh features into the cache: those of its earlier skipped tokens
+        (`filled` [G, c, D], the deferred fill) first, then its committed nodes'."""
+        for r, chain in filled.items():
+            self.features.append(r, chain)
+            self.features.append(r, outcome.feats[:, r, :int(outcome.counts[r])])
+            self.run[r] = 0
+        self.strategy.rule.after_step(outcome.following, outcome.counts)
+
+
+def _selector_generators(generators) -> list[torch.Generator] | None:
+    """The selector's own stream per row, seeded from the row's seed: its path pick is drawn
+    before the skip decision, and drawing it from the row's generator would change what a step
+    that does not skip samples (skipping that never fires decodes exactly what its base method does)."""
+    if generators is None:
+        return None
+    mix = lambda seed: (seed * 6364136223846793005 + 1442695040888963407) % 2 ** 63  # noqa: E731
+    return [torch.Generator(device=gen.device).manual_seed(mix(gen.initial_seed())) for gen in generators]
+
+
+def _fetch_for_selector(tree: Tree, generators) -> tuple[Tree, list[float]]:
+    """One wait before a skip decision: the tree's structure and a uniform draw per row (the
+    selector's path pick, should the row skip) come to the host together."""
+    b = tree.tokens.shape[0]
+    u = (torch.stack([torch.rand((), generator=gen, device=gen.device) for gen in generators])
+         if generators else torch.rand(b))
+    (picks,), tree = tree.fetch_with(u)
+    return tree, picks.tolist()

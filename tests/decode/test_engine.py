@@ -45,7 +45,7 @@ def test_neighbourhood_respects_the_tvd_and_lambda_bounds():
         # the longest prefix: one more neighbour would break the bound
         if len(hood) < 31:
             assert float(p[nb[3, :len(hood) + 1]].sum()) > delta
-    hood, mass = Relaxation(nb, 3.0).neighbourhood(p, 3)  # lambda: p~(x) <= 3 p(x)
+    hood, mass = Relaxation(nb, 3.0, multiplicative=True).neighbourhood(p, 3)  # lambda: p~(x) <= 3 p(x)
     assert float(p[3]) + mass <= 3 * float(p[3]) + 1e-9
 
 
@@ -100,15 +100,16 @@ def test_jacobi_window_and_inits():
 
 
 def test_every_method_runs_in_bfloat16():
-    from decode.strategies.registry import METHODS, MethodOptions, build_method
     from decode.core.trees import TreeParams
+    from decode.strategies.registry import METHODS, build_method, resolve_method
 
     target, drafter, cond, codebook = world(2)
     target.gpt.to(torch.bfloat16)
     drafter.to(torch.bfloat16)
     for name in METHODS:
         method = build_method(name, sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
-                              options=MethodOptions(lantern_k=16, tau=0.3, window=4))
+                              options={k: v for k, v in dict(lantern_k=16, tau=0.3, window=4).items()
+                                       if k in resolve_method(name).knobs})
         out = generate(target, cond, num_tokens=64, sampling=SAMPLED, generators=row_generators([1, 2]), method=method)
         assert out.tokens.shape == (2, 64) and (out.tokens >= 0).all() and (out.tokens < 64).all(), name
 

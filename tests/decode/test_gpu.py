@@ -7,7 +7,7 @@ import torch
 
 from decode.core.engine import generate, generate_ar
 from decode.core.host import cuda_syncs
-from decode.strategies.registry import MethodOptions, build_method
+from decode.strategies.registry import build_method
 from decode.core.sampling import row_generators
 from decode.models.target import LlamaGenTarget
 from decode.core.trees import TreeParams
@@ -36,7 +36,7 @@ def test_greedy_eagle2_makes_the_greedy_ar_tokens_on_the_gpu():
 def test_sampled_vvs_runs_with_cuda_generators():
     target, drafter, cond, codebook = cuda_world(3)
     method = build_method("vvs_u", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
-                          options=MethodOptions(lantern_k=16, interval=2))
+                          options=dict(lantern_k=16, interval=2))
     gen = generate(target, cond, num_tokens=32, sampling=SAMPLED, generators=row_generators([0, 1, 2], "cuda"),
                    method=method)
     assert gen.tokens.shape == (3, 32) and int(gen.tokens.max()) < target.vocab_size
@@ -65,7 +65,7 @@ def test_the_loop_synchronizes_at_most_once_a_step_and_ar_never():
     ar = lambda n: generate_ar(target, cond, num_tokens=n, sampling=SAMPLED, generators=gens())  # noqa: E731
     assert cuda_syncs(lambda: ar(24)) == cuda_syncs(lambda: ar(1))
     method = build_method("lantern", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
-                          options=MethodOptions(lantern_k=16))
+                          options=dict(lantern_k=16))
     spec = lambda n: generate(target, cond, num_tokens=n, sampling=SAMPLED, generators=gens(), method=method)  # noqa: E731
     steps = spec(24).batch_steps
     assert cuda_syncs(lambda: spec(24)) - cuda_syncs(lambda: spec(1)) <= steps

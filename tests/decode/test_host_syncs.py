@@ -7,7 +7,7 @@ import torch
 
 from decode.core.engine import Method
 from decode.core.host import SyncCounter, cuda_sync_sites, cuda_syncs, fetch, to_device
-from decode.strategies.registry import MethodOptions, build_method
+from decode.strategies.registry import build_method
 from decode.core.sampling import draw
 from decode.core.trees import TreeParams
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
@@ -49,12 +49,12 @@ def test_ar_never_waits_for_the_device_inside_the_loop(sampling):
 
 
 @pytest.mark.parametrize("name,options,per_step", [
-    ("eagle2", MethodOptions(), 1),
-    ("lantern", MethodOptions(lantern_k=16), 1),
-    ("lantern_pp", MethodOptions(lantern_k=16, static_tree="balanced_25"), 1),
-    ("vvs_u", MethodOptions(lantern_k=16, interval=2, warmup=2), 2),  # + the scheduler's look at the tree
-    ("sjd", MethodOptions(window=4), 2),  # + the Jacobi update's redrawn window
-    ("sjd", MethodOptions(window=4, init="random"), 2),  # random guesses drawn ahead, read with it
+    ("eagle2", dict(), 1),
+    ("lantern", dict(lantern_k=16), 1),
+    ("lantern_pp", dict(lantern_k=16, static_tree="balanced_25"), 1),
+    ("vvs_u", dict(lantern_k=16, interval=2, warmup=2), 2),  # + the scheduler's look at the tree
+    ("sjd", dict(window=4), 2),  # + the Jacobi update's redrawn window
+    ("sjd", dict(window=4, init="random"), 2),  # random guesses drawn ahead, read with it
 ])
 def test_speculative_steps_wait_once_and_vvs_twice(name, options, per_step):
     target, drafter, cond, codebook = world(2)

@@ -4,26 +4,56 @@ import torch
 from omegaconf import OmegaConf
 
 from decode.__main__ import integer
-from decode.strategies.registry import MethodOptions
-from decode.pipeline import check_run_folder, pick_device, record_run_folder
+
+from decode.pipeline import check_run_folder, record_run_folder
+from decode.api import pick_device
+from decode.strategies.registry import resolve_method
 
 
-@pytest.mark.parametrize("knob,value,words", [
-    ("lantern_k", 0, "method.lantern_k"),
-    ("window", 0, "method.window"),
-    ("init", "bogus", "method.init='bogus' is unknown"),
-    ("static_tree", "oak", "method.static_tree='oak'"),
-    ("interval", 0, "method.interval"),
+@pytest.mark.parametrize("name,knob,value,words", [
+    ("vvs", "lantern_k", 0, "method.lantern_k must be >= 1"),
+    ("sjd", "window", 0, "method.window"),
+    ("sjd", "init", "bogus", "method.init must be one of"),
+    ("lantern_pp", "static_tree", "oak", "method.static_tree must be one of"),
+    ("vvs_u", "interval", 0, "method.interval"),
+    ("lantern", "delta", 5.0, r"method.delta must be in \[0, 1\]"),
+    ("lantern_pp", "lam", 0.5, "method.lam must be >= 1"),
+    ("eagle2", "tau", 0.5, "method.tau is not read by this composition: eagle2 .*never skipping"),
+    ("vvs", "tua", 0.5, "method.tua is unknown"),
 ])
-def test_method_knobs_out_of_range_name_themselves(knob, value, words):
+def test_method_knobs_out_of_range_name_themselves(name, knob, value, words):
     with pytest.raises(ValueError, match=words):
-        MethodOptions(**{knob: value})
-    MethodOptions(tau=1.0, lantern_k=1, window=1, init="random", static_tree="chain")  # the edges are fine
+        resolve_method(name, {knob: value})
+
+
+def test_the_edges_of_each_range_are_fine():
+    resolve_method("vvs", dict(tau=1.0, lantern_k=1, delta=0.0))
+    resolve_method("sjd", dict(window=1, init="random"))
+    resolve_method("lantern_pp", dict(static_tree="chain", lam=1.0))
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"base": "oak"}, "method.base='oak' is unknown"),
+    ({"skipping": "often"}, "method.skipping='often' is unknown"),
+    ({"base": "sjd"}, "needs a drafter's tree"),
+])
+def test_bad_compositions_are_refused(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        resolve_method("vvs", overrides)
+
+
+def test_vvs_composes_over_any_base_with_a_tree():
+    m = resolve_method("vvs", {"base": "lantern_pp", "tau": 0.5})
+    assert (m.drafting, m.acceptance, m.skipping) == ("static", "lantern_pp", "similarity")
+    assert m.knobs["lam"] == 5.0 and m.knobs["tau"] == 0.5 and "delta" not in m.knobs
+    m = resolve_method("eagle2", {"skipping": "uniform"})
+    assert (m.acceptance, m.skipping, m.knobs["interval"]) == ("exact", "uniform", 5)
+    assert resolve_method("sjd_vp").knobs["vp_beta"] == 1.0 and resolve_method("sjd").knobs["vp_beta"] == 0.0
 
 
 def test_a_tau_above_one_warns_that_vvs_will_never_skip():
     with pytest.warns(UserWarning, match="never skips"):
-        MethodOptions(tau=2.0)
+        resolve_method("vvs", dict(tau=2.0))
 
 
 def test_integer_options_name_the_option():
@@ -82,21 +112,20 @@ def test_a_run_folder_takes_more_prompts_but_not_other_prompts_for_its_images(tm
 
 def test_run_settings_ignore_what_cannot_change_the_images(tmp_path):
     from decode.__main__ import run_settings
-    from decode.strategies.registry import knobs_used
     from decode.resolvers import REPO, register_resolvers
 
     register_resolvers()
-    vvs = MethodOptions(scheduler="similarity")
-    assert "threshold" not in knobs_used("vvs", vvs) and "tau" in knobs_used("vvs", vvs)
-    assert "tau" not in knobs_used("lantern", MethodOptions()) and knobs_used("ar", vvs) == {}
-    assert "tau" in knobs_used("lantern", vvs)  # a scheduler set on lantern makes it skip
-    base = {"n": 2, "seed": 0, "dtype": "float32", "method": {"name": "ar", "tau": 0.7}, "sampling": {"top_k": 0},
+    assert "threshold" not in resolve_method("vvs").knobs and "tau" in resolve_method("vvs").knobs
+    assert "tau" not in resolve_method("lantern").knobs and resolve_method("ar").knobs == {}
+    base = {"n": 2, "seed": 0, "dtype": "float32", "method": {"name": "ar"}, "sampling": {"top_k": 0},
             "tree": {"total_tokens": 59}, "target": {"ckpt": "${repo:models/world/target}"}}
-    one = run_settings(OmegaConf.create(base), MethodOptions(), ["p"])
-    other = OmegaConf.create({**base, "n": 4, "tree": {"total_tokens": 20}, "method": {"name": "ar", "tau": 0.1},
+    one = run_settings(OmegaConf.create(base), resolve_method("ar"), ["p"])
+    other = OmegaConf.create({**base, "n": 4, "tree": {"total_tokens": 20},
                               "target": {"ckpt": str(REPO / "models" / "world" / ".." / "world" / "target")}})
-    assert run_settings(other, MethodOptions(tau=0.1), ["p"]) == one  # n, AR's tree and tau, the path's spelling
+    assert run_settings(other, resolve_method("ar"), ["p"]) == one  # n, AR's tree, the path's spelling
     assert one["target"] == {"ckpt": "models/world/target"}
+    assert run_settings(OmegaConf.create(base), resolve_method("vvs", {"tau": 0.1}), ["p"]) != \
+        run_settings(OmegaConf.create(base), resolve_method("vvs"), ["p"])
 
 
 def test_a_cuda_device_keeps_attention_off_cudnn(monkeypatch):

@@ -1,5 +1,5 @@
 """The project's LlamaGen target and VQ tokenizer reproduce the public implementation's outputs
-(../shared/fixtures/llamagen), loaded through the same path a user takes with an official file."""
+(tests/fixtures/llamagen), loaded through the same path a user takes with an official file."""
 import torch
 
 from decode.core.engine import generate_ar

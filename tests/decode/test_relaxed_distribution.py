@@ -57,7 +57,7 @@ def first_tokens(children: list[int], delta: float, n: int, seed0: int = 0) -> T
     tree = Tree(tokens, parents, depths, ancestry_mask(parents[:1]).expand(n, -1, -1))
     logits = torch.full((n, t, V), 0.0)
     logits[:, 0] = P.log()
-    accept = SampledAcceptance(Relaxation(NEIGHBOURS, delta))
+    accept = SampledAcceptance(Relaxation(NEIGHBOURS, delta, multiplicative=delta > 1))  # > 1: lambda
     verdict = accept(tree, logits, SAMPLED, row_generators(list(range(seed0, seed0 + n))))
     nxt = verdict.next_tokens.tolist()
     return torch.tensor([children[path[1] - 1] if len(path) > 1 else nxt[r] for r, path in enumerate(verdict.paths)])
@@ -107,9 +107,9 @@ def test_one_relaxed_child_moves_the_first_token_at_most_delta_in_total_variatio
 def test_lambda_neighbourhood_is_the_longest_prefix_within_lambda_minus_one_times_p_x():
     """LANTERN++: m = max{j : c_j <= (lambda - 1) p(x)}. Here p(1) = 0.2, lambda = 2: the bound is
     0.2, so A(1) = {2} (c_1 = 0.15; c_2 = 0.25 > 0.2), though c_2 and c_3 are below lambda p(x) = 0.4."""
-    relax = Relaxation(NEIGHBOURS, 2.0)
+    relax = Relaxation(NEIGHBOURS, 2.0, multiplicative=True)
     hood, mass = relax.neighbourhood(P, 1)
     assert hood.tolist() == [2] and mass == pytest.approx(0.15)
     # lambda 3: bound 0.4 takes {2, 4, 0} (0.30; adding 3 gives 0.55)
-    hood3, mass3 = Relaxation(NEIGHBOURS, 3.0).neighbourhood(P, 1)
+    hood3, mass3 = Relaxation(NEIGHBOURS, 3.0, multiplicative=True).neighbourhood(P, 1)
     assert hood3.tolist() == [2, 4, 0] and mass3 == pytest.approx(0.30)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from decode.core import engine
-from decode.strategies.registry import MethodOptions, build_method
-from decode.strategies.skipping import FeatureCache, SimilaritySkip, StepContext
+from decode.strategies.registry import build_method
+from decode.strategies import skipping
+from decode.strategies.skipping import FeatureCache, SimilaritySkip, SkipLimits, StepContext
 from decode.models.target import Condition
 from decode.core.trees import TreeParams, leaf_paths
 from tests.decode.test_skipping import small_tree
@@ -25,18 +26,18 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
             super().__init__(*a, **kw)
             caches.append(self)
 
-    real_skip = engine._skip
+    real_start = engine._Rows.start
 
-    def spying_skip(tree, skip_rows, picks, rows, *rest):
-        states.append(rows)  # the loop's per-row state: committed counts and unfilled chains
-        return real_skip(tree, skip_rows, picks, rows, *rest)
+    def spying_start(b):
+        states.append(real_start(b))  # the loop's per-row state: committed counts and unfilled chains
+        return states[-1]
 
-    monkeypatch.setattr(engine, "FeatureCache", Recording)
-    monkeypatch.setattr(engine, "_skip", spying_skip)
+    monkeypatch.setattr(skipping, "FeatureCache", Recording)
+    monkeypatch.setattr(engine._Rows, "start", spying_start)
     target, drafter, cond, codebook = world(2)
     n = 24  # enough steps for several skips, without decoding the whole image
     method = build_method("vvs_u", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
-                          options=MethodOptions(lantern_k=16, interval=2, warmup=2))
+                          options=dict(lantern_k=16, interval=2, warmup=2))
     gen = run(target, cond, method, SAMPLED, seeds=[3, 4], n=n)
     assert (gen.skipped > 0).all()
     (cache,), rows = caches, states[-1]
@@ -44,8 +45,8 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
     tokens = torch.cat([gen.tokens, torch.zeros(2, 1, dtype=torch.long)], 1)
     tf = target.teacher_forced(Condition(cond.cond, cond.mask), tokens).hidden  # [G, B, N + 1, D]
     for r in range(2):
-        filled = rows.made[r] - 1 - len(rows.chains[r])  # committed tokens less the unfilled chain
-        assert cache.count[r] == filled, (r, cache.count[r], rows.made[r], rows.chains[r])
+        filled = rows.made[r] - 1 - len(rows.unverified[r])  # committed tokens less the unfilled chain
+        assert cache.count[r] == filled, (r, cache.count[r], rows.made[r], rows.unverified[r])
         assert filled >= n - 6
         torch.testing.assert_close(cache.store[:, r, :filled], tf[:, r, 1:filled + 1], atol=1e-4, rtol=1e-4)
 
@@ -58,6 +59,7 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
 def test_similarity_scheduler_compares_every_second_path(codes, tau, skip):
     tree = small_tree((0,) + codes, [-1, 0, 0, 0, 0])
     assert leaf_paths(tree.parents[0]) == [[0, 1], [0, 2], [0, 3], [0, 4]]
-    sched = SimilaritySkip(torch.eye(8), tau=tau, warmup=2)
+    rule = SimilaritySkip(torch.eye(8), tau=tau)
     ctx = StepContext(tree, 7, torch.tensor([20]), torch.tensor([0]), 64)
-    assert sched.decide(ctx).tolist() == [skip]
+    allowed = SkipLimits(warmup=2).eligible(ctx)
+    assert (allowed & rule.wants_skip(ctx, allowed)).tolist() == [skip]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from decode.core.engine import _with_chain
-from decode.strategies.registry import MethodOptions, build_method
-from decode.strategies.skipping import FeatureCache, StepContext, UniformSkip, path_similarity, select_skip_tokens
+from decode.strategies.registry import build_method
+from decode.strategies.skipping import FeatureCache, SkipLimits, StepContext, UniformSkip, path_similarity, select_skip_tokens
 from decode.core.trees import Tree, TreeParams, ancestry_mask, leaf_paths
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
 
@@ -22,9 +22,9 @@ def small_tree(tokens, parents):
 def test_vvs_that_never_skips_is_its_base_method(sampling):
     target, drafter, cond, codebook = world(3)
     kw = dict(sampling=sampling, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
-    base = run(target, cond, build_method("lantern", **kw, options=MethodOptions(lantern_k=16)), sampling)
-    for name, opts in [("vvs", MethodOptions(lantern_k=16, tau=2.0)),          # similarity never reaches 2
-                       ("vvs_u", MethodOptions(lantern_k=16, interval=1))]:   # interval 1 never skips
+    base = run(target, cond, build_method("lantern", **kw, options=dict(lantern_k=16)), sampling)
+    for name, opts in [("vvs", dict(lantern_k=16, tau=2.0)),          # similarity never reaches 2
+                       ("vvs_u", dict(lantern_k=16, interval=1))]:   # interval 1 never skips
         vvs = run(target, cond, build_method(name, **kw, options=opts), sampling)
         assert torch.equal(vvs.tokens, base.tokens) and torch.equal(vvs.nfe, base.nfe)
         assert int(vvs.skipped.sum()) == 0
@@ -33,8 +33,8 @@ def test_vvs_that_never_skips_is_its_base_method(sampling):
 def test_skipping_saves_target_passes_and_respects_the_cap():
     target, drafter, cond, codebook = world(2)
     kw = dict(sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
-    base = run(target, cond, build_method("lantern", **kw, options=MethodOptions(lantern_k=16)), SAMPLED)
-    vvs_u = run(target, cond, build_method("vvs_u", **kw, options=MethodOptions(lantern_k=16, interval=2)), SAMPLED)
+    base = run(target, cond, build_method("lantern", **kw, options=dict(lantern_k=16)), SAMPLED)
+    vvs_u = run(target, cond, build_method("vvs_u", **kw, options=dict(lantern_k=16, interval=2)), SAMPLED)
     assert (vvs_u.skipped > 0).all()
     assert (vvs_u.nfe + vvs_u.skipped == vvs_u.steps).all()
     # interval 2 alternates: never two skips in a row, so at most about half the steps are skipped
@@ -112,9 +112,13 @@ def test_path_similarity_is_one_for_identical_paths_and_lower_otherwise():
 
 def test_uniform_schedule_and_warmup():
     tree = small_tree([5, 9, 3], [-1, 0, 1])
-    sched = UniformSkip(interval=5)
-    decide = lambda step, made, run=0: bool(sched.decide(StepContext(  # noqa: E731
-        tree, step, torch.tensor([made]), torch.tensor([run]), 64))[0])
+    rule, limits = UniformSkip(interval=5), SkipLimits(max_consecutive=1, warmup=5)
+
+    def decide(step, made, run=0):
+        ctx = StepContext(tree, step, torch.tensor([made]), torch.tensor([run]), 64)
+        allowed = limits.eligible(ctx)
+        return bool((allowed & rule.wants_skip(ctx, allowed))[0])
+
     assert [decide(t, 20) for t in range(12)] == [t % 5 == 1 for t in range(12)]
     # warm-up: no skip until more than 5 tokens are committed (made also counts the pending root)
     assert not decide(1, 6) and decide(1, 7)
@@ -130,13 +134,13 @@ def test_learned_scheduler_interface_with_a_test_double():
         return torch.ones(features.shape[0])
 
     kw = dict(sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
-    opts = MethodOptions(lantern_k=16, scheduler="learned", threshold=0.5)
+    opts = dict(lantern_k=16, skipping="learned", threshold=0.5)
     gen = run(target, cond, build_method("vvs", **kw, options=opts, learned_policy=always_safe), SAMPLED)
     assert calls and calls[0][1] == 8
     assert (gen.skipped > 0).all()
     never = run(target, cond, build_method("vvs", **kw, options=opts, learned_policy=lambda f: torch.zeros(len(f))),
                 SAMPLED)
-    base = run(target, cond, build_method("lantern", **kw, options=MethodOptions(lantern_k=16)), SAMPLED)
+    base = run(target, cond, build_method("lantern", **kw, options=dict(lantern_k=16)), SAMPLED)
     assert torch.equal(never.tokens, base.tokens)
     with pytest.raises(ValueError, match="scheduler.ckpt"):
         build_method("vvs", **kw, options=opts)
@@ -155,8 +159,8 @@ def test_feature_cache_reuses_the_most_recent_features():
 def test_a_batch_runs_a_pass_whenever_any_row_verifies():
     target, drafter, cond, codebook = world(3)
     kw = dict(sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
-    vvs = run(target, cond, build_method("vvs", **kw, options=MethodOptions(lantern_k=16, tau=0.2)), SAMPLED)
+    vvs = run(target, cond, build_method("vvs", **kw, options=dict(lantern_k=16, tau=0.2)), SAMPLED)
     assert vvs.batch_passes >= int(vvs.nfe.max())  # per-row NFE never exceeds the batch's passes
-    uniform = run(target, cond, build_method("vvs_u", **kw, options=MethodOptions(lantern_k=16, interval=2)),
+    uniform = run(target, cond, build_method("vvs_u", **kw, options=dict(lantern_k=16, interval=2)),
                   SAMPLED)
     assert uniform.batch_passes < int(uniform.steps.max())  # synchronous skips save whole passes

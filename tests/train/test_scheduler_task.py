@@ -6,7 +6,8 @@ import torch
 
 from data.traces import image_records
 from decode.models.drafter import Drafter, DrafterConfig
-from decode.strategies.registry import MethodOptions
+from decode.api import Components
+from decode.strategies.registry import resolve_method
 from decode.core.sampling import SamplingParams
 from decode.strategies.learned_skip import SkipPolicy, load_scheduler_policy, save_scheduler
 from decode.models.target import LlamaGenTarget
@@ -33,14 +34,15 @@ def test_traces_are_deterministic_for_a_seed():
 
     target, drafter, _, codebook = world(1)
     vq = SimpleNamespace(quantize=SimpleNamespace(embedding=SimpleNamespace(weight=codebook)))
+    parts = Components(target, vq, _TinyText(), drafter)
     kw = dict(seed=3, first_image=0, sampling=SamplingParams(1.0), tree=TreeParams(12, 3, 4),
-              options=MethodOptions(lantern_k=16, delta=0.2), batch_size=2, progress=False)
+              base=resolve_method("lantern", {"lantern_k": 16}), warmup=5, batch_size=2, progress=False)
     prompts = ["a", "b", "c"]
-    one = record_traces(target, vq, _TinyText(), drafter, prompts, **kw)
-    two = record_traces(target, vq, _TinyText(), drafter, prompts, **kw)
+    one = record_traces(parts, prompts, **kw)
+    two = record_traces(parts, prompts, **kw)
     assert [r["__key__"] for r in one] == ["00000000", "00000001", "00000002"]
     assert one == two
-    other = record_traces(target, vq, _TinyText(), drafter, prompts, **{**kw, "seed": 4})
+    other = record_traces(parts, prompts, **{**kw, "seed": 4})
     assert other != one
     assert image_records([], 0, 1)[0]["__key__"] == "00000000"
 

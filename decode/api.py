@@ -1,0 +1,197 @@
+"""The one assembly and decode API: every entry point that decodes goes through these two functions.
+
+    parts = build_components(cfg, device, methods=[config])        # target, tokenizer, text encoder,
+                                                                    # drafter, skip policy: each only if asked
+    method = make_method(parts, config, sampling, tree)            # the engine's Method
+    out = decode_batch(parts, prompts, method, seeds, sampling)     # tokens, images, per-image stats
+
+`cfg` holds the component groups of conf/decode.yaml: target, tokenizer, text_encoder, and where
+asked drafter.ckpt, evaluator, clip, compile. The decode CLI, the multi-process pipeline, the
+benchmark and the training tasks that decode (scheduler traces) all build and decode here.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+
+from decode.core.engine import Generation, Method, generate
+from decode.core.host import wait_for
+from decode.core.sampling import SamplingParams, row_generators
+from decode.core.trees import TreeParams
+from decode.models.drafter import Drafter, load_drafter
+from decode.models.target import Condition, LlamaGenTarget
+from decode.models.target.llamagen_gpt import COMPILE_SCOPES
+from decode.models.text import TextEncoder
+from decode.models.vq import VQModel
+from decode.strategies.learned_skip import SkipPolicy, load_scheduler_policy
+from decode.strategies.registry import MethodConfig, build_method
+
+
+@dataclass(frozen=True)
+class Components:
+    """What decoding needs, built once per run."""
+    target: LlamaGenTarget
+    vq: VQModel
+    text: TextEncoder | None
+    drafter: Drafter | None = None
+    skip_policies: dict[str, SkipPolicy] | None = None  # learned skip policies by folder
+    scorer: object | None = None  # decode.evaluation.world_evaluator.AlignmentScorer
+    clip: object | None = None    # decode.evaluation.quality.CLIPScorer
+
+    @property
+    def codebook(self) -> Tensor:
+        """[V, d] the raw VQ codebook rows (LANTERN's neighbourhoods, VVS's path similarity)."""
+        return self.vq.quantize.embedding.weight.detach()
+
+
+def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                     methods: Sequence[MethodConfig] = (), evaluator: bool = False) -> Components:
+    """Instantiate the configured components `methods` need, check that they fit each other, and
+    compile the layers if `cfg.compile` asks."""
+    target = instantiate(cfg.target)
+    target.gpt.to(device=device, dtype=dtype)
+    vq = instantiate(cfg.tokenizer).to(device)
+    text = None
+    if target.config.model_type == "t2i":  # the caption length follows the target unless set
+        length = cfg.text_encoder.get("max_length") or target.config.cls_token_num
+        text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
+    check_compatible(target, vq, text)
+    drafter = None
+    if any(m.needs_drafter for m in methods):
+        ckpt = cfg.get("drafter") and cfg.drafter.get("ckpt")
+        if not ckpt:
+            names = ", ".join(m.name for m in methods if m.needs_drafter)
+            raise ValueError(f"method {names} needs a drafter: drafter.ckpt=FOLDER (python -m train drafter)")
+        drafter = load_drafter(ckpt, target.gpt)  # fails here if it does not fit the target
+    policies = {m.knobs["scheduler_ckpt"]: load_scheduler_policy(m.knobs["scheduler_ckpt"], target, drafter)
+                for m in methods if m.skipping == "learned"}
+    scorer = instantiate(cfg.evaluator, device=str(device)) if evaluator and cfg.get("evaluator") else None
+    clip = None
+    if cfg.get("clip"):
+        from decode.evaluation.quality import CLIPScorer
+
+        clip = CLIPScorer(cfg.clip, device=device)
+    compile_models(cfg.get("compile"), target.gpt, drafter)
+    return Components(target, vq, text, drafter, policies, scorer, clip)
+
+
+def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None) -> None:
+    """Components that do not fit each other fail before any work starts."""
+    cfg = target.config
+    if vq.config.codebook_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer codebook ({vq.config.codebook_size}) != target vocab_size ({cfg.vocab_size})")
+    if cfg.model_type == "t2i":
+        if text is None:
+            raise ValueError("a text-to-image target needs a text encoder")
+        if text.dim != cfg.caption_dim:
+            raise ValueError(f"text encoder width {text.dim} != target caption_dim {cfg.caption_dim}")
+        if text.max_length != cfg.cls_token_num:
+            raise ValueError(f"text encoder length {text.max_length} != target cls_token_num {cfg.cls_token_num}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the named device, if it is there.
+    On CUDA, also keeps this process's attention off cuDNN (see `avoid_cudnn_attention`)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but this torch sees no CUDA device "
+                             f"(torch {torch.__version__}); use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        avoid_cudnn_attention()
+    return device
+
+
+def avoid_cudnn_attention() -> None:
+    """Turn off cuDNN's backend of `scaled_dot_product_attention` for this process (the
+    memory-efficient kernel takes the masked passes instead). cuDNN builds an execution plan per
+    new key length, and a decode's key length grows at every step: on an H200 (torch 2.11, bf16)
+    each drafter pass of a round spent ~68 ms on the host building one, and a drafter round at XL
+    dimensions took 227-291 ms, 13-15 ms without cuDNN (docs/results.md, the GPU section)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def compile_models(setting, *models) -> str | None:
+    """The `compile` option: false (eager), true or "stack" (one graph over each model's layers),
+    "layer" (one graph per block, shared by the layers; much quicker to trace on deep models).
+    Compiles each model given (target GPT, drafter; None is passed over) and returns the scope.
+
+    The same computation, but inductor's fused kernels round differently from eager ones, so a
+    sampled image can differ from its eager twin (the distribution does not). The first batch of
+    each shape kind (prefill, one token, a tree, a sub-batch) pays the tracing."""
+    if setting in (None, False):
+        return None
+    scope = "stack" if setting is True else setting
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile must be false, true, 'stack' or 'layer'; got {setting!r}")
+    for m in models:
+        if m is not None:
+            m.compile_blocks(scope)
+    return scope
+
+
+def make_method(parts: Components, config: MethodConfig, sampling: SamplingParams,
+                tree: TreeParams = TreeParams()) -> Method:
+    policy = (parts.skip_policies or {}).get(config.knobs.get("scheduler_ckpt"))
+    return build_method(config, sampling=sampling, tree=tree, drafter=parts.drafter, codebook=parts.codebook,
+                        learned_policy=policy)
+
+
+def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: list[str]) -> Condition:
+    """The target's condition for `prompts`: class ids (c2i) or encoded captions (t2i)."""
+    if target.config.model_type == "c2i":
+        try:
+            labels = [int(p) for p in prompts]
+        except ValueError as err:
+            raise ValueError(f"a class-to-image target takes class ids as prompts, got {prompts!r}") from err
+        bad = [x for x in labels if not 0 <= x < target.config.num_classes]
+        if bad:
+            raise ValueError(f"class ids {bad} outside [0, {target.config.num_classes})")
+        return Condition(torch.tensor(labels))
+    feats = text.encode(prompts)
+    return Condition(feats.emb, feats.mask)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    generation: Generation
+    images: Tensor | None  # [B, 3, H, W] in [-1, 1] (None: not decoded to pixels)
+    text_s: float          # caption encoding, batch
+    vq_s: float            # VQ decoding, batch
+
+    @property
+    def tokens(self) -> Tensor:
+        return self.generation.tokens
+
+
+@torch.no_grad()
+def decode_batch(parts: Components, prompts: list[str], method: Method, seeds: list[int],
+                 sampling: SamplingParams, *, num_tokens: int | None = None, images: bool = True) -> Decoded:
+    """One image per prompt, each seeded by its own seed: tokens, per-row stats and (if asked) pixels."""
+    target = parts.target
+    t0 = time.perf_counter()
+    cond = condition_for(target, parts.text, prompts)
+    wait_for(target.device)  # on a GPU the encoder's queued kernels would otherwise fall into the decode
+    t1 = time.perf_counter()
+    gen = generate(target, cond, num_tokens=num_tokens or target.num_image_tokens, sampling=sampling,
+                   generators=row_generators(list(seeds), target.device), method=method)
+    t2 = time.perf_counter()
+    pixels = None
+    if images:
+        pixels = parts.vq.decode_codes(gen.tokens.to(next(parts.vq.parameters()).device))
+        wait_for(pixels.device)
+    return Decoded(gen, pixels, t1 - t0, time.perf_counter() - t2)

@@ -112,7 +112,7 @@ def test_main_refuses_before_loading_anything_or_making_out_dir(bench, cfg, monk
     def heavy(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(bench, "instantiate", heavy)
+    monkeypatch.setattr(bench, "build_components", heavy)
     monkeypatch.setattr(bench, "pick_device", heavy)
     bad = _with(cfg, runs=[])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)

@@ -171,7 +171,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     print(f"traces: {len(train)} train steps ({float(train.safe.mean()):.3f} exactly safe, mean latent similarity "
           f"{float(train.similarity.mean()):.3f}), {len(held)} held-out steps, built in {trace_s:.0f} s -> {folder}")
     module = SchedulerModule(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim))
-    module.policy.set_standardisation(train.features_task)
+    module.policy.set_standardisation(train.features)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "scheduler"))
     t1 = time.perf_counter()
     label = cfg.data.label

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from decode.resolvers import register_resolvers
-from train.__main__ import CONF_DIR
+from train.__main__ import CONF_DIR, TASKS
 from train.common import output_dir, resume_step
 
 MODEL_TASKS = ["drafter", "target", "tokenizer", "evaluator", "scheduler"]
@@ -18,7 +18,7 @@ def run_task(task: str, *overrides: str):
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(f"train_{task}", overrides=list(overrides))
-    return importlib.import_module(f"train.{task}").run(cfg)
+    return importlib.import_module(TASKS[task][0]).run(cfg)
 
 
 def finished_run(out, task):

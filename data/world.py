@@ -33,7 +33,7 @@ COLOURS = {
 }
 PATTERNS = ("vertical gradient", "horizontal gradient", "stripes", "checks", "noise")
 # Amplitude of the fractal grain laid over every background (see `fractal_noise`): it decides how
-# ambiguous the target's next-token distributions are (DESIGN.md 4, the realism bar).
+# ambiguous the target's next-token distributions are (docs/algorithms.md 5.3, the realism bar).
 WORLD_TEXTURE = 0.3
 PHOTO_PATTERN = "photo"  # only with SceneGenerator(photos=True): needs scikit-image, not a dependency
 

@@ -176,7 +176,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     notes = [
         "", f"Device {meta['device']}, dtype {meta.get('dtype', 'float32')}{_compiled(meta)}, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
         f"world prompts per seed, sampling {meta['sampling']}, CFG {meta['cfg_scale']}, tree {meta['tree']}.",
-        "Definitions (DESIGN.md section 6): step compression = image tokens / target forwards after the prefill; "
+        "Definitions (docs/algorithms.md 5): step compression = image tokens / target forwards after the prefill; "
         "tau = tokens committed per verified step (the target's own token included); skip ratio = skipped / all "
         "steps; batch passes = target passes the image's batch ran (one whenever any of its rows verifies); "
         "latency = wall-clock per image from prefill to last token (its batch's; text encoding and VQ decoding "

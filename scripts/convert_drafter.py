@@ -1,4 +1,4 @@
-"""Convert EAGLE drafters between LANTERN's published format and this project's (DESIGN.md 5).
+"""Convert EAGLE drafters between LANTERN's published format and this project's.
 
 LANTERN's LlamaGen drafters (jadohu/LANTERN `models/drafters/cnets_llamagen.py::Model`, loaded by
 `EaModel.from_pretrained`) are Hugging Face-style folders: `config.json` (a LlamaConfig plus
@@ -14,7 +14,7 @@ TARGET is a project model folder or an official LlamaGen file (`--size XL`, geom
 drafter's config, `--set key=value` for any other GPTConfig field). Export needs the target too:
 LANTERN's format carries the token embedding, copied from the target's `tok_embeddings`.
 
-What the formats cannot say of each other (ALGORITHMS.md 2.3; see `PREFIX_NOTE`):
+What the formats cannot say of each other (docs/algorithms.md 6; see `PREFIX_NOTE`):
 - LANTERN feeds the embedding of token id 0 at the P-1 prefix slots; this project's drafters are
   trained with a zero embedding there unless `DrafterConfig.prefix_token` is 0. Import sets it to 0,
   so an imported drafter computes what LANTERN's does. Exporting a drafter trained with zeros: layer

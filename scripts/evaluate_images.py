@@ -4,7 +4,7 @@
 targets (official LlamaGen weights) this puts the runs of the same prompts in one table: NFE, step
 compression, tau, skip ratio, latency per image, images/s and the wall-clock speed-up over the AR
 run (from the runs' own stats), beside FID and precision/recall against a folder of real images and
-the CLIP score. Definitions: DESIGN.md section 6. Writes evaluation.md, evaluation.csv and
+the CLIP score. Definitions: docs/algorithms.md 5. Writes evaluation.md, evaluation.csv and
 evaluation.json into out_dir.
 
 python scripts/evaluate_images.py 'runs=[outputs/decode/ar,outputs/decode/vvs]' real=data/coco_val
@@ -430,7 +430,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if dup:
         notes.append("Stats rows naming an image already listed were dropped: " + ", ".join(dup) + ".")
     notes.append(
-        "Definitions (DESIGN.md section 6): NFE = target forward passes after the prefill; step compression = image "
+        "Definitions (docs/algorithms.md 5): NFE = target forward passes after the prefill; step compression = image "
         "tokens / NFE; tau = tokens committed per verified step (the target's own token included); skip ratio = "
         "skipped / all steps; latency = wall-clock from prefill to last token of the image's batch (text encoding "
         "and VQ decoding excluded), averaged over images; images/s = images / the summed latency of the run's "

@@ -72,7 +72,7 @@ def sample_images(target, vq, text, prompts: list[str], seed: int, sampling: Sam
 @torch.no_grad()
 def next_token_confidence(gpt, cfg_scale: float, text, captions: list[str], codes: torch.Tensor,
                           batch_size: int) -> dict[str, float]:
-    """The realism bar (DESIGN.md 4): mean top-1 probability and entropy (nats) of the target's
+    """The realism bar (docs/algorithms.md 5.3): mean top-1 probability and entropy (nats) of the target's
     next-token distributions along real held-out images (teacher forcing; cfg 1 = the conditional model)."""
     target = LlamaGenTarget(gpt, cfg_scale=cfg_scale)
     sums = {"top1_prob": 0.0, "entropy": 0.0}

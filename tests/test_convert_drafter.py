@@ -1,4 +1,4 @@
-"""scripts/convert_drafter.py: LANTERN <-> project drafter folders (DESIGN.md 5, ALGORITHMS.md 2.3)."""
+"""scripts/convert_drafter.py: LANTERN <-> project drafter folders (docs/algorithms.md 6)."""
 import json
 import math
 import warnings
@@ -60,7 +60,7 @@ def _ours(drafter, gpt, ids, feats, pos):
 
 @torch.no_grad()
 def _lantern_reference(sd, config, ids, feats):
-    """The published drafter's computation, written from ALGORITHMS.md 2.3 with LANTERN's key names:
+    """The published drafter's computation, written from docs/algorithms.md 6 with LANTERN's key names:
     fc([embed_tokens(ids) ; h]), layers (no input norm on layer 0), interleaved 2D RoPE with zero
     prefix rows, no final norm."""
     d, h = config["hidden_size"], config["num_attention_heads"]

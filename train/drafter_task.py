@@ -5,7 +5,7 @@ step on (caption, image codes) and its post-norm features are the drafter's inpu
 nothing is dumped to disk. The target's weights are held outside the module's registry, so they
 never enter checkpoints or hyperparameters (only its path does).
 
-Loss (EAGLE, ALGORITHMS.md 2.4): SmoothL1 between predicted and true next features plus
+Loss (EAGLE, docs/algorithms.md 6): SmoothL1 between predicted and true next features plus
 `p_weight` x soft cross-entropy between the LM-head distributions of the two, both over the
 positions whose next feature predicts an image token. Inputs get uniform feature noise.
 """

@@ -1,6 +1,6 @@
 """The decode loop: one engine for AR, speculative decoding (EAGLE-2, LANTERN, LANTERN++), VVS and
 the Jacobi baselines. A method is three strategies (`Method`), not a loop of its own; the loop
-follows VVS's Algorithm 2 (docs/algorithms.md):
+follows VVS's Algorithm 2 (docs/algorithms.md 1):
 
     prefill -> root
     every step, per image row:

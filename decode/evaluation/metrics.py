@@ -1,4 +1,4 @@
-"""Per-image decode statistics and the end-of-run summary (definitions: DESIGN.md section 6).
+"""Per-image decode statistics and the end-of-run summary (definitions: docs/algorithms.md 5).
 
 - NFE: target forward passes after the prefill (the prefill is reported on its own).
 - step compression: generated image tokens / NFE.
@@ -129,7 +129,7 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
     clipped = [r.clip_score for r in rows if r.clip_score is not None]
     if clipped:
         lines.append(f"CLIP score          {sum(clipped) / len(clipped):.4f}  (raw cosine, 'A photo depicts ' + prompt)")
-    if not scored and not clipped:  # DESIGN.md 6: speed travels with quality, or says it has none
+    if not scored and not clipped:  # docs/algorithms.md 5.2: speed travels with quality, or says it has none
         lines.append("quality             not measured: no world prompts for the evaluator and no clip= weights; "
                      "these speed figures say nothing about the images (scripts/benchmark.py adds FID)")
     return "\n".join(lines)

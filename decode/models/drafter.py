@@ -1,4 +1,4 @@
-"""The EAGLE-style drafter (ALGORITHMS.md 2.3): `fc([E(token) ; f])`, then one decoder layer (the
+"""The EAGLE-style drafter (docs/algorithms.md 6): `fc([E(token) ; f])`, then one decoder layer (the
 count configurable) with the target's 2D RoPE; the output is the predicted next target feature,
 read out through the target's frozen LM head.
 

@@ -9,14 +9,14 @@ or its argmax when greedy.
 - greedy: a child is accepted iff it is the target's argmax (tokens equal greedy AR).
 - sampled (exact, multi-candidate): child x, drawn from q (one-hot for deterministic top-k drafts),
   is accepted with probability min(1, p(x) / q(x)); on rejection p <- norm(max(p - q, 0)) and the
-  next sibling is tried. The committed tokens have the target's distribution (ALGORITHMS.md 2.1).
+  next sibling is tried. The committed tokens have the target's distribution (docs/algorithms.md 3.2).
 - LANTERN relaxation: before testing x, the mass of its latent neighbourhood A(x) (the longest prefix
   of x's codebook-distance-ordered neighbours whose mass fits the bound) moves onto x. With the
   total-variation bound delta, the relaxed p moves at most delta of mass; with lambda (LANTERN++),
   x's probability grows at most lambda-fold. With delta = 0 this is exact speculative sampling.
   On rejection we zero exactly A(x) (the relaxed distribution's support change); the released code
   zeroes x's k + 1 nearest neighbours whether or not they are in A(x), which no longer bounds the
-  distance it moves the distribution (ALGORITHMS.md 2.1, NOTE). The residual is likewise taken from
+  distance it moves the distribution (docs/algorithms.md 3.5). The residual is likewise taken from
   the relaxed distribution, max(p~ - q, 0), for the static tree's sampled drafts too (the released
   LANTERN++ code subtracts q from p with x's k + 1 neighbours zeroed in q), so that each child's test
   is exact speculative sampling against the relaxed distribution it was tested under.
@@ -102,8 +102,8 @@ class GreedyAcceptance:
         if tree.size == 1:
             return _root_only(asked, b, choice[:, 0])
         parts = [choice]
-        if self.relax is not None:  # greedy LANTERN: the plain softmax, no logits processor (ALGORITHMS.md
-            parts.append(logits.float().softmax(-1))  # 2.1); a top_k=1 filter would leave nothing to relax
+        if self.relax is not None:  # greedy LANTERN: the plain softmax, no logits processor (docs/algorithms.md
+            parts.append(logits.float().softmax(-1))  # 3.3); a top_k=1 filter would leave nothing to relax
         fetched, tree = tree.fetch_with(*parts)
         choice, soft = fetched[0], fetched[1] if self.relax is not None else None
         tokens, parents = tree.host.tokens, tree.host.parents

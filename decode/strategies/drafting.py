@@ -5,7 +5,7 @@ Per step and per image row b (rows run batched, each with its own tree):
    each paired with the token after it: EAGLE's shift) and commits them to its own KV cache; on a
    VVS skipped step the features are stale ones from the feature cache, never recomputed;
 2. it grows a tree from the root (the token committed last):
-   - dynamic (EAGLE-2, ALGORITHMS.md 2.2): `top_k` children per frontier node, `depth` expansion
+   - dynamic (EAGLE-2, docs/algorithms.md 2.2): `top_k` children per frontier node, `depth` expansion
      rounds, frontier and the final `total_tokens - 1` nodes chosen by cumulative log-probability;
      the drafts are deterministic (q = 1 for sampled acceptance, as in LANTERN);
    - static (LANTERN++): a fixed shape; children drawn without replacement from the drafter's

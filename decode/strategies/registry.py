@@ -54,7 +54,7 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
     },
     "acceptance": {
         "exact": {},
-        "lantern": {"lantern_k": 1000, "delta": 0.2},  # VVS's base (docs/algorithms.md, LANTERN)
+        "lantern": {"lantern_k": 1000, "delta": 0.2},  # VVS's base (docs/algorithms.md 3.3)
         "lantern_pp": {"lantern_k": 10, "lam": 5.0},    # LANTERN++'s run.sh
     },
     "skipping": {

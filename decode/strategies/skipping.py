@@ -1,4 +1,4 @@
-"""VVS: partial verification skipping (ALGORITHMS.md 1.3 to 1.7).
+"""VVS: partial verification skipping (docs/algorithms.md 4).
 
 On a skipped step the target does not run. The verification-free selector takes tokens from the
 draft tree (a uniformly drawn root-to-leaf path, truncated to the tree's mean path length), they
@@ -88,7 +88,7 @@ class UniformSkip:
 
 
 def path_similarity(tree: Tree | HostTree, latents: Tensor, decay: float = 0.9, stride: int = 2) -> Tensor:
-    """VVS's similarity of the tree's candidate paths, per row [B] (ALGORITHMS.md 1.6).
+    """VVS's similarity of the tree's candidate paths, per row [B] (docs/algorithms.md 4.2).
 
     Every `stride`-th root-to-leaf path, root dropped, codes embedded with the raw VQ codebook rows
     `latents` [V, d] and L2-normalised; pairs compared position by position (both valid), weighted
@@ -171,7 +171,7 @@ def select_skip_tokens(tree: Tree | HostTree, row: int, u: float) -> list[int]:
     """VVS's verification-free selector for one row: a uniformly drawn root-to-leaf path (path
     floor(u * paths) for a uniform draw u in [0, 1)), truncated to the tree's mean path length
     (`dynamical truncation`). Returns its first L + 1 nodes: the first L are committed unverified,
-    the last becomes the next root (ALGORITHMS.md 1.4)."""
+    the last becomes the next root (docs/algorithms.md 4.1)."""
     paths = leaf_paths(tree.parents[row].cpu())
     mean_len = sum(len(p) for p in paths) // len(paths)  # root included
     path = paths[min(int(u * len(paths)), len(paths) - 1)]

@@ -6,14 +6,14 @@
   equals greedy AR.
 - Skipping: a rule that never fires changes nothing (over every base with a tree); when rows skip,
   the selector's nodes are a root-to-leaf path, drawn uniformly among the tree's paths and cut to
-  their mean length (docs/algorithms.md 4).
+  their mean length (docs/algorithms.md 4.1).
 """
 import itertools
 
 import pytest
 import torch
 
-from decode.core.engine import Method, generate
+from decode.core.engine import Method
 from decode.core.sampling import row_generators
 from decode.core.trees import TreeParams, ancestry_mask, leaf_paths
 from decode.strategies.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours

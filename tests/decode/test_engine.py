@@ -126,7 +126,7 @@ def test_inverse_cdf_draws_follow_p_and_never_pick_a_zero():
 
 
 def test_dynamic_tree_scores_follow_the_sampling_processor():
-    # EAGLE-2 ranks candidates by log-probabilities after the logits processor (ALGORITHMS.md 2.2)
+    # EAGLE-2 ranks candidates by log-probabilities after the logits processor (docs/algorithms.md 2.2)
     from decode.strategies.drafting import EagleDrafting
     from decode.core.trees import TreeParams
 

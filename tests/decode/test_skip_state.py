@@ -1,6 +1,6 @@
 """VVS skipped-step state: the feature cache holds the target's own feature of every committed
-token, in order, once the deferred fill has run (ALGORITHMS.md 1.3, 1.5, 1.7); the similarity
-scheduler compares every second candidate path (ALGORITHMS.md 1.6)."""
+token, in order, once the deferred fill has run (docs/algorithms.md 4.6); the similarity
+scheduler compares every second candidate path (docs/algorithms.md 4.2)."""
 import pytest
 import torch
 

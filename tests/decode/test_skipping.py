@@ -1,5 +1,5 @@
 """VVS invariants: never skipping is the base method; the deferred fill writes the same KV and
-features as a direct pass; the selector, similarity and schedulers follow ALGORITHMS.md 1.4-1.6."""
+features as a direct pass; the selector, similarity and schedulers follow docs/algorithms.md 4.1-4.5."""
 import pytest
 import torch
 

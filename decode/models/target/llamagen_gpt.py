@@ -6,7 +6,7 @@ checkpoints load unchanged. Unlike the reference it has one forward that takes e
 positions, an explicit attention mask and an optional preallocated KV cache, so prefill,
 one-token decode and a masked forward over a whole draft tree are the same code.
 
-Two behaviours of the reference are reproduced on purpose (ALGORITHMS.md 3.4):
+Two behaviours of the reference are reproduced on purpose (docs/algorithms.md 7):
 - the 2D RoPE table has all-zero rows for the `cls_token_num` prefix positions, so prefix
   queries and keys are multiplied by zero and the condition reaches image tokens only through
   the values;

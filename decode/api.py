@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import Tensor
 
 from decode.core.engine import Generation, Method, generate
@@ -28,6 +29,7 @@ from decode.models.target import Condition, LlamaGenTarget
 from decode.models.target.llamagen_gpt import COMPILE_SCOPES
 from decode.models.text import TextEncoder
 from decode.models.vq import VQModel
+from decode.resolvers import REPO, register_resolvers
 from decode.strategies.learned_skip import SkipPolicy, load_scheduler_policy
 from decode.strategies.registry import MethodConfig, build_method
 
@@ -50,17 +52,19 @@ class Components:
 
 
 def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float32, *,
-                     methods: Sequence[MethodConfig] = (), evaluator: bool = False) -> Components:
+                     methods: Sequence[MethodConfig] = (), evaluator: bool = False,
+                     text_encoder: bool = True) -> Components:
     """Instantiate the configured components `methods` need, check that they fit each other, and
-    compile the layers if `cfg.compile` asks."""
+    compile the layers if `cfg.compile` asks. `text_encoder=False`: none (the caller makes its own
+    conditions, e.g. random caption features on a machine without the encoder's weights)."""
     target = instantiate(cfg.target)
     target.gpt.to(device=device, dtype=dtype)
     vq = instantiate(cfg.tokenizer).to(device)
     text = None
-    if target.config.model_type == "t2i":  # the caption length follows the target unless set
+    if target.config.model_type == "t2i" and text_encoder:  # the caption length follows the target unless set
         length = cfg.text_encoder.get("max_length") or target.config.cls_token_num
         text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
-    check_compatible(target, vq, text)
+    check_compatible(target, vq, text, text_encoder)
     drafter = None
     if any(m.needs_drafter for m in methods):
         ckpt = cfg.get("drafter") and cfg.drafter.get("ckpt")
@@ -80,12 +84,12 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
     return Components(target, vq, text, drafter, policies, scorer, clip)
 
 
-def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None) -> None:
+def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None, needs_text: bool = True) -> None:
     """Components that do not fit each other fail before any work starts."""
     cfg = target.config
     if vq.config.codebook_size != cfg.vocab_size:
         raise ValueError(f"tokenizer codebook ({vq.config.codebook_size}) != target vocab_size ({cfg.vocab_size})")
-    if cfg.model_type == "t2i":
+    if cfg.model_type == "t2i" and needs_text:
         if text is None:
             raise ValueError("a text-to-image target needs a text encoder")
         if text.dim != cfg.caption_dim:
@@ -142,6 +146,16 @@ def compile_models(setting, *models) -> str | None:
         if m is not None:
             m.compile_blocks(scope)
     return scope
+
+
+def decode_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/decode.yaml composed with `overrides` (the embedded world by default), for entry points
+    outside a Hydra app: scripts build their components from the same config the CLI does."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("decode", overrides=["prompt=unused", *overrides])
 
 
 def make_method(parts: Components, config: MethodConfig, sampling: SamplingParams,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -22,15 +23,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.models.drafter import load_drafter  # noqa: E402
+from decode.api import (DTYPES, Components, build_components, compile_models, condition_for, decode_config,  # noqa: E402
+                        make_method, pick_device)
 from decode.core.engine import generate  # noqa: E402
-from decode.strategies.registry import build_method  # noqa: E402
-from decode.pipeline import image_seed  # noqa: E402
-from decode.api import DTYPES, compile_models, pick_device  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
-from decode.core.trees import TreeParams  # noqa: E402
-from decode.models.vq import load_vq  # noqa: E402
+from decode.models.target import Condition, LlamaGenTarget  # noqa: E402
+from decode.pipeline import image_seed  # noqa: E402
+from decode.strategies.registry import resolve_method  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def conditions(args, target: LlamaGenTarget) -> list[Condition]:
+def conditions(args, parts: Components) -> list[Condition]:
     """One Condition per batch of prompts."""
+    target = parts.target
     if args.prompts == "random":
         g = torch.Generator().manual_seed(0)
         c, p = target.config.caption_dim, target.prefix_len
@@ -58,19 +58,14 @@ def conditions(args, target: LlamaGenTarget) -> list[Condition]:
         return [Condition(feats[s:s + args.batch_size]) for s in range(0, args.num, args.batch_size)]
     from data.shards import HELDOUT_OFFSET
     from data.world import SceneGenerator
-    from decode.api import condition_for
-    from decode.models.text import load_text_encoder
-
-    text = load_text_encoder("minilm", max_length=target.config.cls_token_num, device=str(target.device))
     world = SceneGenerator(image_size=64)
     prompts = [world.scene(HELDOUT_OFFSET + i).caption for i in range(args.num)]
-    return [condition_for(target, text, prompts[s:s + args.batch_size]) for s in range(0, args.num, args.batch_size)]
+    return [condition_for(target, parts.text, prompts[s:s + args.batch_size]) for s in range(0, args.num, args.batch_size)]
 
 
-def decode_all(target, drafter, codebook, name: str, conds: list[Condition], batch_size: int) -> tuple[torch.Tensor, float]:
+def decode_all(parts: Components, name: str, conds: list[Condition], batch_size: int) -> tuple[torch.Tensor, float]:
     sampling = SamplingParams(temperature=1.0)
-    method = build_method(name, sampling=sampling, tree=TreeParams(), options=None, drafter=drafter,
-                          codebook=codebook)
+    method, target = make_method(parts, resolve_method(name), sampling), parts.target
     out, t0 = [], time.perf_counter()
     for i, cond in enumerate(conds):
         seeds = [image_seed(0, i * batch_size + r, 0) for r in range(cond.batch)]
@@ -86,19 +81,18 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    gpt = build_gpt(str(REPO / "models/world/target")).to(device=device, dtype=DTYPES[args.dtype])
-    target = LlamaGenTarget(gpt, cfg_scale=args.cfg_scale)
-    drafter = load_drafter(REPO / "models/world/drafter", gpt)
-    codebook = load_vq(str(REPO / "models/world/tokenizer")).quantize.embedding.weight.detach().to(device)
-    fast_gpt, fast_drafter = copy.deepcopy(gpt), copy.deepcopy(drafter)
+    parts = build_components(decode_config([f"target.cfg_scale={args.cfg_scale}"]), device, DTYPES[args.dtype],
+                             methods=[resolve_method(name) for name in args.methods],
+                             text_encoder=args.prompts == "world")
+    fast_gpt, fast_drafter = copy.deepcopy(parts.target.gpt), copy.deepcopy(parts.drafter)
     compile_models(args.scope, fast_gpt, fast_drafter)
-    fast = LlamaGenTarget(fast_gpt, cfg_scale=args.cfg_scale)
-    conds = conditions(args, target)
+    fast = dataclasses.replace(parts, target=LlamaGenTarget(fast_gpt, cfg_scale=args.cfg_scale), drafter=fast_drafter)
+    conds = conditions(args, parts)
     rows = []
     for name in args.methods:
-        decode_all(fast, fast_drafter, codebook, name, conds[:1], args.batch_size)  # tracing, untimed
-        eager, t_eager = decode_all(target, drafter, codebook, name, conds, args.batch_size)
-        compiled, t_compiled = decode_all(fast, fast_drafter, codebook, name, conds, args.batch_size)
+        decode_all(fast, name, conds[:1], args.batch_size)  # tracing, untimed
+        eager, t_eager = decode_all(parts, name, conds, args.batch_size)
+        compiled, t_compiled = decode_all(fast, name, conds, args.batch_size)
         same_token = (eager == compiled).float().mean(1)  # [N]
         first = [int((e != c).nonzero()[0]) if (e != c).any() else None for e, c in zip(eager, compiled)]
         diverged = [f for f in first if f is not None]

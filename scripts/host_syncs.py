@@ -20,15 +20,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from decode.models.drafter import load_drafter  # noqa: E402
+from decode.api import DTYPES, Components, build_components, decode_config, make_method, pick_device  # noqa: E402
 from decode.core.engine import generate  # noqa: E402
 from decode.core.host import SyncCounter, cuda_sync_sites, cuda_syncs  # noqa: E402
-from decode.strategies.registry import build_method  # noqa: E402
-from decode.api import DTYPES, pick_device  # noqa: E402
 from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
-from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
-from decode.core.trees import TreeParams  # noqa: E402
-from decode.models.vq import load_vq  # noqa: E402
+from decode.models.target import Condition  # noqa: E402
+from decode.strategies.registry import resolve_method  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,9 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def decode(target, drafter, codebook, name: str, batch: int, tokens: int, sampling: SamplingParams, counter=None):
-    method = build_method(name, sampling=sampling, tree=TreeParams(), options=None, drafter=drafter,
-                          codebook=codebook)
+def decode(parts: Components, name: str, batch: int, tokens: int, sampling: SamplingParams, counter=None):
+    method, target = make_method(parts, resolve_method(name), sampling), parts.target
     g = torch.Generator().manual_seed(0)
     cond = Condition(torch.randn(batch, target.prefix_len, target.config.caption_dim, generator=g).mul(0.1)
                      .to(target.device))
@@ -62,25 +58,24 @@ def decode(target, drafter, codebook, name: str, batch: int, tokens: int, sampli
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
-    gpt = build_gpt(str(REPO / "models/world/target")).to(device=device, dtype=DTYPES[args.dtype])
-    target = LlamaGenTarget(gpt, cfg_scale=4.0)
-    drafter = load_drafter(REPO / "models/world/drafter", gpt)
-    codebook = load_vq(str(REPO / "models/world/tokenizer")).quantize.embedding.weight.detach().to(device)
+    parts = build_components(decode_config(), device, DTYPES[args.dtype],
+                             methods=[resolve_method(name) for name in args.methods], text_encoder=False)
+    gpt, drafter = parts.target.gpt, parts.drafter
     sampling = SamplingParams(temperature=args.temperature)
     rows = []
     for name in args.methods:
         for b in args.batch:
             prefill, full = SyncCounter(gpt, drafter), SyncCounter(gpt, drafter)
-            decode(target, drafter, codebook, name, b, 1, sampling, prefill)
-            gen = decode(target, drafter, codebook, name, b, args.tokens, sampling, full)
+            decode(parts, name, b, 1, sampling, prefill)
+            gen = decode(parts, name, b, args.tokens, sampling, full)
             steps = gen.batch_steps
             row = dict(method=name, batch=b, steps=steps, prefill_waits=prefill.waits,
                        per_step=(full.waits - prefill.waits) / max(steps, 1),
                        by_kind={k: (full.counts[k] - prefill.counts[k]) / max(steps, 1) for k in full.counts},
                        sites=[(k, s, n) for (k, s), n in full.sites.most_common(args.top)])
             if args.cuda_debug and device.type == "cuda":
-                real_prefill = cuda_syncs(lambda: decode(target, drafter, codebook, name, b, 1, sampling))
-                real_full = cuda_sync_sites(lambda: decode(target, drafter, codebook, name, b, args.tokens, sampling))
+                real_prefill = cuda_syncs(lambda: decode(parts, name, b, 1, sampling))
+                real_full = cuda_sync_sites(lambda: decode(parts, name, b, args.tokens, sampling))
                 row["cuda_per_step"] = (sum(real_full.values()) - real_prefill) / max(steps, 1)
                 row["cuda_sites"] = real_full.most_common(args.top)  # the whole decode's, set-up included
             rows.append(row)

@@ -1,5 +1,5 @@
-"""scripts/benchmark.py refuses bad input up front (check_config), naming the option, before any model,
-Inception or FID reference loads."""
+"""The benchmark (decode.evaluation.benchmark, run by scripts/benchmark.py) refuses bad input up front
+(check_config), naming the option, before any model, Inception or FID reference loads."""
 import pytest
 from omegaconf import OmegaConf
 
@@ -8,7 +8,9 @@ from tests.conftest import REPO, load_script as _load
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("benchmark")
+    import decode.evaluation.benchmark as library
+
+    return library
 
 
 @pytest.fixture
@@ -117,6 +119,6 @@ def test_main_refuses_before_loading_anything_or_making_out_dir(bench, cfg, monk
     bad = _with(cfg, runs=[])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit) as stop:
-        bench.main.__wrapped__(bad)  # under Hydra: the checked main, which reports bad input in one line
+        _load("benchmark").main.__wrapped__(bad)  # under Hydra: the checked main, reporting bad input in one line
     assert stop.value.code == 1 and capsys.readouterr().err.startswith("error: runs must be a non-empty list")
     assert not (REPO / bad.out_dir).exists()

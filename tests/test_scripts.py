@@ -1,7 +1,6 @@
 """The benchmark's table and plot, and the cost model's prediction (pure functions; no timing)."""
 import pytest
 
-from tests.conftest import load_script as _load
 
 
 ROWS = [dict(label=label, curve=curve, method=method, seed=seed, images=4, nfe=nfe, step_compression=256 / nfe,
@@ -16,7 +15,7 @@ META = dict(device="cpu (1 threads)", batch_size=8, num_prompts=4, cfg_scale=4.0
 
 
 def test_benchmark_writes_a_table_and_a_plot(tmp_path):
-    bench = _load("benchmark")
+    import decode.evaluation.benchmark as bench
     text = bench.markdown(ROWS, META)
     assert text.count("\n| vvs_t0.5 |") == 2 and "speed-up vs AR" in text and "floor" in text
     assert "compile" not in text  # older results did not record how the layers ran: no claim either way
@@ -36,7 +35,7 @@ def test_benchmark_writes_a_table_and_a_plot(tmp_path):
 
 
 def test_a_benchmark_without_fid_says_so(tmp_path):
-    bench = _load("benchmark")
+    import decode.evaluation.benchmark as bench
     rows, meta = [{**r, "fid": float("nan")} for r in ROWS], {**META, "fid_floor": float("nan")}
     text = bench.markdown(rows, meta)
     assert "FID not computed (fid=false" in text and "floor with another" not in text
@@ -47,7 +46,7 @@ def test_a_benchmark_without_fid_says_so(tmp_path):
 
 
 def test_cost_model_prediction_combines_timings_with_acceptance():
-    cm = _load("cost_model")
+    import decode.evaluation.cost_model as cm
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.0)
     row = dict(method="eagle2", step_compression=4.0, skip_ratio=0.0)  # 64 target passes for 256 tokens
     assert cm.predict(times, row, 256) == 256 / (64 * 2.0 + 64 * 1.0)
@@ -59,7 +58,7 @@ def test_cost_model_prediction_combines_timings_with_acceptance():
 
 
 def test_cost_model_charges_each_method_its_own_acceptance_and_drafting():
-    cm = _load("cost_model")
+    import decode.evaluation.cost_model as cm
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_draft_static=3.0, t_jacobi=0.5,
                  t_jacobi_vp=0.75, t_sched=0.5, t_accept=0.25, t_accept_relaxed=0.5, t_accept_static=0.75, t_accept_chain=0.1)
     row = dict(method="eagle2", step_compression=4.0, skip_ratio=0.0)  # 64 passes, 64 steps
@@ -85,7 +84,7 @@ def test_cost_model_times_every_component_on_a_tiny_model():
     import torch
     from omegaconf import OmegaConf
 
-    cm = _load("cost_model")
+    import decode.evaluation.cost_model as cm
     cfg = OmegaConf.create(dict(size="tiny", vocab_size=64, block_size=16, cls_token_num=4, caption_dim=8,
                                 cfg_scale=2.0, batch=2, repeats=1, tree=dict(total_tokens=8, depth=2, top_k=3),
                                 sjd_window=4, sampling=dict(temperature=1.0, top_k=0, top_p=1.0),
@@ -103,7 +102,7 @@ def test_cost_model_times_every_component_on_a_tiny_model():
 def test_benchmark_logs_its_table_to_wandb_offline(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    bench = _load("benchmark")
+    import decode.evaluation.benchmark as bench
     monkeypatch.setenv("WANDB_MODE", "offline")
     bench.plot(ROWS, tmp_path / "results.png", META)
     bench.log_wandb(ROWS, tmp_path, OmegaConf.create({"wandb": True, "wandb_project": "test"}))
@@ -111,7 +110,7 @@ def test_benchmark_logs_its_table_to_wandb_offline(tmp_path, monkeypatch):
 
 
 def test_cost_model_uses_the_batch_counts_when_the_benchmark_recorded_them():
-    cm = _load("cost_model")
+    import decode.evaluation.cost_model as cm
     times = dict(t_ar=1.0, t_verify=2.0, t_verify_chain=1.5, t_draft=1.0, t_sched=0.5)
     row = dict(method="vvs", step_compression=4.0, skip_ratio=0.1, batch_passes=80.0, batch_steps=90.0, nfe=64.0)
     assert cm.predict(times, row, 256) == pytest.approx(256 / (80 * 2.0 + 90 * 1.0 + 90 * 0.5))
@@ -126,7 +125,7 @@ def test_cost_model_uses_the_batch_counts_when_the_benchmark_recorded_them():
 def test_a_run_can_set_its_own_tree_and_batch_size():
     from omegaconf import OmegaConf
 
-    bench = _load("benchmark")
+    import decode.evaluation.benchmark as bench
     cfg = OmegaConf.create({"batch_size": 8, "tree": {"total_tokens": 59, "depth": 4, "top_k": 10}})
     tree, batch = bench.run_settings(cfg, OmegaConf.create({"label": "a", "method": "lantern"}))
     assert (tree.total_tokens, tree.depth, tree.top_k, batch) == (59, 4, 10, 8)

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from train.strategies import build_strategy
+from train.trainer_strategies import build_strategy
 
 log = logging.getLogger(__name__)
 

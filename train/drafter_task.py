@@ -41,7 +41,7 @@ from train.common import (
     resume_step,
     write_model_card,
 )
-from train.strategies import full_parameters
+from train.trainer_strategies import full_parameters
 
 
 class DrafterModule(L.LightningModule):

@@ -7,15 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-
-def centre_square(img: Image.Image, size: tuple[int, int], resample=Image.LANCZOS) -> Image.Image:
-    """`img` centre-cropped to a square and resized to `size` (width, height); as it is if already that size."""
-    if img.size == size:
-        return img
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize(size, resample)
+from decode.evaluation.image_sets import centre_square
 
 
 def image_to_tensor(img: Image.Image, size: int | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""scripts/evaluate_images.py: decode run folders side by side (speed from their stats.jsonl, quality against
-real images). Tiny fake run folders written in the real format (decode.evaluation.metrics.ImageStats); a cheap colour
-feature stands in for Inception, so FID and precision/recall run in milliseconds. No timing assertions."""
+"""decode.evaluation.image_sets (the library behind scripts/evaluate_images.py): decode run folders side by side
+(speed from their stats.jsonl, quality against real images). Tiny fake run folders written in the real format
+(decode.evaluation.metrics.ImageStats); a cheap colour feature stands in for Inception, so FID and precision/recall
+run in milliseconds. No timing assertions."""
 import subprocess
 import sys
 
@@ -11,15 +12,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from decode.evaluation.metrics import ImageStats, append_jsonl
-from tests.conftest import REPO, load_script
+from decode.evaluation import image_sets as ev
+from decode.evaluation.metrics import ImageStats, append_jsonl, batches
+from tests.conftest import REPO
 
 PROMPTS = [f"a {c} square" for c in ("red", "green", "blue", "yellow", "white", "black", "grey", "pink")]
-
-
-@pytest.fixture(scope="module")
-def ev():
-    return load_script("evaluate_images")
 
 
 class ColourFeature(nn.Module):
@@ -81,14 +78,14 @@ def folders(tmp_path):
     return ar, vvs, make_real(tmp_path / "real")
 
 
-def _evaluate(ev, cfg, **kw):
+def _evaluate(cfg, **kw):
     return ev.evaluate(ev.check_inputs(cfg), feature=ColourFeature(), device=torch.device("cpu"), batch_size=4,
                        progress=False, **kw)
 
 
-def test_a_row_per_run_and_the_speed_up_is_the_latency_ratio(ev, folders, tmp_path):
+def test_a_row_per_run_and_the_speed_up_is_the_latency_ratio(folders, tmp_path):
     ar, vvs, real = folders
-    rows, meta = _evaluate(ev, _cfg([ar, vvs], real), out=tmp_path / "out")
+    rows, meta = _evaluate(_cfg([ar, vvs], real), out=tmp_path / "out")
     assert [r["label"] for r in rows] == ["ar", "vvs"] and [r["images"] for r in rows] == [8, 8]
     by = {r["label"]: r for r in rows}
     assert by["ar"]["latency_s"] == pytest.approx(2.1) and by["vvs"]["latency_s"] == pytest.approx(0.6)
@@ -104,43 +101,43 @@ def test_a_row_per_run_and_the_speed_up_is_the_latency_ratio(ev, folders, tmp_pa
     assert (tmp_path / "out" / "evaluation.json").is_file()
 
 
-def test_fid_of_a_run_against_itself_is_zero_and_against_noise_larger(ev, folders, tmp_path):
+def test_fid_of_a_run_against_itself_is_zero_and_against_noise_larger(folders, tmp_path):
     ar, vvs, _ = folders
-    rows, _ = _evaluate(ev, _cfg([ar], ar / "images"))
+    rows, _ = _evaluate(_cfg([ar], ar / "images"))
     itself = rows[0]["fid"]
     assert itself == pytest.approx(0.0, abs=1e-4)
     assert rows[0]["precision"] == 1.0 and rows[0]["recall"] == 1.0
     noise = make_real(tmp_path / "noise", kind=_noise)
     floor = make_real(tmp_path / "floor", seed=11)
-    rows, meta = _evaluate(ev, _cfg([ar], noise, real2=str(floor)))
+    rows, meta = _evaluate(_cfg([ar], noise, real2=str(floor)))
     assert rows[0]["fid"] > 0.1 and rows[0]["fid"] > 1000 * abs(itself)
     assert meta["fid_floor"] > 0.1 and meta["real2_images"] == 8  # flat colours against noise: far apart
 
 
-def test_speed_up_is_not_given_across_batch_sizes_devices_or_dtypes(ev, tmp_path):
+def test_speed_up_is_not_given_across_batch_sizes_devices_or_dtypes(tmp_path):
     ar = make_run(tmp_path / "ar", "ar", [2.0, 2.0])
     b8 = make_run(tmp_path / "b8", "eagle2", [1.0], batch_size=8, seed=1)
     bf = make_run(tmp_path / "bf16", "lantern", [1.0, 1.0], dtype="bfloat16", seed=2)
     real = make_real(tmp_path / "real")
-    rows, meta = _evaluate(ev, _cfg([b8, bf, ar], real))  # the AR run listed last still serves the earlier rows
+    rows, meta = _evaluate(_cfg([b8, bf, ar], real))  # the AR run listed last still serves the earlier rows
     by = {r["label"]: r for r in rows}
     assert np.isnan(by["b8"]["speedup_vs_ar"]) and "batch_size 8 vs AR's 4" in by["b8"]["speedup_note"]
     assert np.isnan(by["bf16"]["speedup_vs_ar"]) and "dtype bfloat16 vs AR's float32" in by["bf16"]["speedup_note"]
     text = ev.markdown(rows, meta)
     assert "Speed-up n/a: b8: not measured alike" in text and "| n/a |" in text
-    no_ar, meta = _evaluate(ev, _cfg([b8], real))
+    no_ar, meta = _evaluate(_cfg([b8], real))
     assert no_ar[0]["speedup_note"] == "no run of method ar given"
     assert "Speed-up n/a: no run of method ar given." in ev.markdown(no_ar, meta)
 
 
-def test_batches_are_found_however_the_rows_are_ordered(ev):
+def test_batches_are_found_however_the_rows_are_ordered():
     rows = [dict(latency_s=lat, batch_size=2, prefill_s=0.1, text_encode_s=0.1, vq_decode_s=0.1)
             for lat in (1.0, 3.0, 1.0, 3.0, 1.0, 1.0, 5.0)]  # a multi-process stats.jsonl: batches interleaved
     rows[-1]["batch_size"] = 1  # the last, partial batch
-    assert sorted(ev.batches(rows)) == [(1.0, 2), (1.0, 2), (3.0, 2), (5.0, 1)]
+    assert sorted(batches(rows)) == [(1.0, 2), (1.0, 2), (3.0, 2), (5.0, 1)]
 
 
-def test_runs_of_other_prompts_are_refused_naming_the_run(ev, folders, tmp_path):
+def test_runs_of_other_prompts_are_refused_naming_the_run(folders, tmp_path):
     ar, _, real = folders
     other = make_run(tmp_path / "sjd_other", "sjd", [1.0, 1.0], prompts=PROMPTS[:3] + ["a cat"] + PROMPTS[4:])
     with pytest.raises(ValueError, match=r"run sjd_other .*other prompts than run ar.*'a cat'.*same prompts"):
@@ -150,7 +147,7 @@ def test_runs_of_other_prompts_are_refused_naming_the_run(ev, folders, tmp_path)
         ev.check_inputs(_cfg([ar, fewer], real))
 
 
-def test_a_folder_that_is_not_a_run_is_refused(ev, folders, tmp_path):
+def test_a_folder_that_is_not_a_run_is_refused(folders, tmp_path):
     ar, _, real = folders
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"run empty: .*has no images"):
@@ -160,7 +157,7 @@ def test_a_folder_that_is_not_a_run_is_refused(ev, folders, tmp_path):
     with pytest.raises(ValueError, match=r"run nostats: .*stats.jsonl is missing"):
         ev.check_inputs(_cfg([tmp_path / "nostats"], real))
     two = make_run(tmp_path / "two", "ar", [1.0], prompts=PROMPTS[:2])  # FID, but too few for precision/recall
-    rows, meta = _evaluate(ev, _cfg([two], real))
+    rows, meta = _evaluate(_cfg([two], real))
     assert rows[0]["fid"] >= 0 and np.isnan(rows[0]["precision"])
     assert "Precision/recall n/a for two: k=3 needs more than 3" in ev.markdown(rows, meta)
     one = make_run(tmp_path / "one", "ar", [1.0], prompts=PROMPTS[:1])
@@ -170,7 +167,7 @@ def test_a_folder_that_is_not_a_run_is_refused(ev, folders, tmp_path):
         ev.check_inputs(_cfg([], real))
 
 
-def test_unreadable_real_images_are_skipped_and_counted(ev, folders, tmp_path):
+def test_unreadable_real_images_are_skipped_and_counted(folders, tmp_path):
     ar, _, _ = folders
     real = make_real(tmp_path / "real_small", n=3)
     for i in range(2):
@@ -178,20 +175,20 @@ def test_unreadable_real_images_are_skipped_and_counted(ev, folders, tmp_path):
     with pytest.raises(ValueError, match=r"real=.*3 readable image\(s\) \(2 unreadable skipped.*at least 4"):
         ev.check_inputs(_cfg([ar], real))
     _flat(np.random.default_rng(5)).save(real / "extra.webp")
-    rows, meta = _evaluate(ev, _cfg([ar], real))
+    rows, meta = _evaluate(_cfg([ar], real))
     assert meta["real_images"] == 4 and meta["real_unreadable"] == 2
     assert "(2 unreadable skipped)" in ev.markdown(rows, meta)
     with pytest.raises(ValueError, match="shares images with real"):
         ev.check_inputs(_cfg([ar], real, real2=str(real)))
 
 
-def test_clip_scores_in_the_stats_are_reused(ev, tmp_path):
+def test_clip_scores_in_the_stats_are_reused(tmp_path):
     ar = make_run(tmp_path / "ar", "ar", [1.0, 1.0], clip_score=0.25)
-    rows, _ = _evaluate(ev, _cfg([ar], make_real(tmp_path / "real")))
+    rows, _ = _evaluate(_cfg([ar], make_real(tmp_path / "real")))
     assert rows[0]["clip_score"] == pytest.approx(0.25) and rows[0]["clip_source"] == "stats.jsonl"
 
 
-def test_runs_without_clip_scores_are_scored_each_image_with_its_own_prompt(ev, tmp_path):
+def test_runs_without_clip_scores_are_scored_each_image_with_its_own_prompt(tmp_path):
     ar = make_run(tmp_path / "ar", "ar", [1.0, 1.0])  # no CLIP score in its stats
     seen = {}
 
@@ -200,12 +197,22 @@ def test_runs_without_clip_scores_are_scored_each_image_with_its_own_prompt(ev, 
             seen[prompt] = image.float().mean().item()
         return [float(PROMPTS.index(p)) for p in prompts]
 
-    rows, _ = _evaluate(ev, _cfg([ar], make_real(tmp_path / "real")), clip=scorer)
+    rows, _ = _evaluate(_cfg([ar], make_real(tmp_path / "real")), clip=scorer)
     assert rows[0]["clip_source"] == "clip folder" and rows[0]["clip_score"] == pytest.approx(3.5)
     assert sorted(seen) == sorted(PROMPTS)
     for i, prompt in enumerate(PROMPTS):  # the image scored with prompt i is image i (flat colours differ)
         png = np.asarray(Image.open(ar / "images" / f"{i:05d}_000.png").resize((32, 32)), dtype=np.float64)
         assert seen[prompt] == pytest.approx(png.mean(), abs=2.0)
+
+
+def test_evaluate_runs_writes_the_tables_with_the_settings(folders, tmp_path, monkeypatch):
+    ar, vvs, real = folders
+    monkeypatch.setattr(ev, "InceptionPool", ColourFeature)  # where evaluate_runs looks it up
+    out = tmp_path / "out"
+    rows, meta = ev.evaluate_runs(_cfg([ar, vvs], real, out_dir=str(out)))
+    assert [r["label"] for r in rows] == ["ar", "vvs"] and meta["settings"]["out_dir"] == str(out)
+    assert {p.name for p in out.iterdir()} >= {"evaluation.md", "evaluation.csv", "evaluation.json"}
+    assert '"settings"' in (out / "evaluation.json").read_text()
 
 
 def test_the_config_composes_and_the_entry_point_reports_bad_input_in_one_line(tmp_path):

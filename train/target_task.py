@@ -83,23 +83,23 @@ class SampleGrid(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: "TargetModule") -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        from decode.core.engine import generate_ar
-        from decode.pipeline import save_png, to_pil
-        from decode.api import condition_for
-        from decode.core.sampling import SamplingParams, row_generators
+        from PIL import Image
+
+        from decode.api import Components, decode_batch
+        from decode.core.engine import Method
+        from decode.core.sampling import SamplingParams
         from decode.models.text import load_text_encoder
         from decode.models.vq import load_vq
-        from PIL import Image
+        from decode.pipeline import save_png, to_pil
 
         was_training = module.training
         module.eval()
-        target = LlamaGenTarget(module.gpt, cfg_scale=self.cfg_scale)
-        vq = load_vq(self.tokenizer).to(module.device)
-        text = load_text_encoder("minilm", max_length=self.max_length, device=str(module.device))
-        gens = row_generators([self.seed + i for i in range(len(self.prompts))], module.device)
-        out = generate_ar(target, condition_for(target, text, self.prompts), num_tokens=target.num_image_tokens,
-                          sampling=SamplingParams(temperature=1.0, top_k=0, top_p=1.0), generators=gens)
-        images = to_pil(vq.decode_codes(out.tokens))
+        parts = Components(LlamaGenTarget(module.gpt, cfg_scale=self.cfg_scale),  # the model being trained
+                           load_vq(self.tokenizer).to(module.device),
+                           load_text_encoder("minilm", max_length=self.max_length, device=str(module.device)))
+        out = decode_batch(parts, self.prompts, Method(), [self.seed + i for i in range(len(self.prompts))],
+                           SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
+        images = to_pil(out.images)
         side = images[0].width
         grid = Image.new("RGB", (side * len(images), side))
         for i, img in enumerate(images):

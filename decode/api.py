@@ -24,6 +24,7 @@ from decode.core.engine import Generation, Method, generate
 from decode.core.host import wait_for
 from decode.core.sampling import SamplingParams, row_generators
 from decode.core.trees import TreeParams
+from decode.evaluation.measures import target_nll
 from decode.models.drafter import Drafter, load_drafter
 from decode.models.target import Condition, LlamaGenTarget
 from decode.models.target.llamagen_gpt import COMPILE_SCOPES
@@ -186,6 +187,7 @@ class Decoded:
     images: Tensor | None  # [B, 3, H, W] in [-1, 1] (None: not decoded to pixels)
     text_s: float          # caption encoding, batch
     vq_s: float            # VQ decoding, batch
+    nll: Tensor | None = None  # [B] target NLL per token (decode.evaluation.measures.target_nll), if asked
 
     @property
     def tokens(self) -> Tensor:
@@ -194,8 +196,10 @@ class Decoded:
 
 @torch.no_grad()
 def decode_batch(parts: Components, prompts: list[str], method: Method, seeds: list[int],
-                 sampling: SamplingParams, *, num_tokens: int | None = None, images: bool = True) -> Decoded:
-    """One image per prompt, each seeded by its own seed: tokens, per-row stats and (if asked) pixels."""
+                 sampling: SamplingParams, *, num_tokens: int | None = None, images: bool = True,
+                 nll: bool = False) -> Decoded:
+    """One image per prompt, each seeded by its own seed: tokens, per-row stats and (if asked) pixels
+    and each image's target NLL (one teacher-forced pass over the batch, after the timed decode)."""
     target = parts.target
     t0 = time.perf_counter()
     cond = condition_for(target, parts.text, prompts)
@@ -208,4 +212,6 @@ def decode_batch(parts: Components, prompts: list[str], method: Method, seeds: l
     if images:
         pixels = parts.vq.decode_codes(gen.tokens.to(next(parts.vq.parameters()).device))
         wait_for(pixels.device)
-    return Decoded(gen, pixels, t1 - t0, time.perf_counter() - t2)
+    vq_s = time.perf_counter() - t2
+    per_token = target_nll(target, cond, gen.tokens, sampling) if nll else None
+    return Decoded(gen, pixels, t1 - t0, vq_s, per_token)

@@ -39,10 +39,21 @@ def test_a_benchmark_without_fid_says_so(tmp_path):
     rows, meta = [{**r, "fid": float("nan")} for r in ROWS], {**META, "fid_floor": float("nan")}
     text = bench.markdown(rows, meta)
     assert "FID not computed (fid=false" in text and "floor with another" not in text
-    assert "| nan | 0.300 |" in text  # the FID column reads nan; alignment is still there
+    assert "| nan | n/a | n/a | 0.300 |" in text  # FID reads nan; rows without FD-world / NLL say n/a
     assert "FID not computed" not in bench.markdown(ROWS, META)
     bench.plot(rows, tmp_path / "results.png", meta)
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_benchmark_table_shows_each_quality_figure_with_its_interval():
+    import decode.evaluation.benchmark as bench
+    row = {**ROWS[0], "fd_world": 12.34, "fd_world_lo": 10.0, "fd_world_hi": 15.5, "target_nll": 2.5,
+           "target_nll_lo": 2.4, "target_nll_hi": 2.6, "alignment_lo": 0.25, "alignment_hi": 0.35}
+    text = bench.markdown([row], {**META, "fd_world_floor": 3.0})
+    assert "| 12.3 [10.0, 15.5] | 2.500 [2.400, 2.600] | 0.300 [0.250, 0.350] |" in text
+    assert "real-vs-real floor with another held-out set: 3.0" in text and "bootstrap interval" in text
+    assert set(bench.COLUMNS) >= {"fd_world", "fd_world_lo", "fd_world_hi", "target_nll", "target_nll_lo",
+                                  "target_nll_hi", "alignment_lo", "alignment_hi"}
 
 
 def test_cost_model_prediction_combines_timings_with_acceptance():

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from decode.api import DTYPES, Components, build_components, decode_batch, make_method, pick_device
 from decode.core.sampling import SamplingParams
 from decode.core.trees import TreeParams
+from decode.evaluation.measures import Interval, fd_interval, frechet_distance, mean_interval, world_features
 from decode.evaluation.metrics import speed_stats, write_tables
 from decode.evaluation.quality import CLIPScorer, FIDReference, InceptionPool, PRReference, fid, to_uint8
 from decode.evaluation.world_evaluator import load_evaluator, score_images
@@ -26,8 +27,9 @@ from decode.resolvers import register_resolvers
 from decode.strategies.registry import METHODS, MethodConfig, resolve_method
 
 COLUMNS = ["label", "curve", "method", "seed", "images", "nfe", "step_compression", "tau", "tau_all", "skip_ratio",
-           "latency_s", "images_per_s", "total_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment", "precision",
-           "recall", "clip_score", "batch_passes", "batch_steps", "batch_size", "tree_size", "tree_depth", "tree_top_k"]
+           "latency_s", "images_per_s", "total_s", "speedup_vs_ar", "draft_s", "verify_s", "schedule_s", "fid", "alignment",
+           "alignment_lo", "alignment_hi", "fd_world", "fd_world_lo", "fd_world_hi", "target_nll", "target_nll_lo",
+           "target_nll_hi", "precision", "recall", "clip_score", "batch_passes", "batch_steps", "batch_size", "tree_size", "tree_depth", "tree_top_k"]
 
 
 def method_config(name: str, overrides: dict) -> MethodConfig:
@@ -138,11 +140,12 @@ def decode_set(parts: Components, prompts: list[str], seed: int, sampling, metho
     images, stats, latency = [], [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         batch = prompts[start:start + batch_size]
-        out = decode_batch(parts, batch, method, [image_seed(seed, start + i, 0) for i in range(len(batch))], sampling)
+        out = decode_batch(parts, batch, method, [image_seed(seed, start + i, 0) for i in range(len(batch))], sampling,
+                           nll=True)
         gen = out.generation
         latency.append(gen.prefill_s + gen.loop_s)
         images.append(to_uint8(out.images).cpu())  # scored on the CPU
-        stats.extend({**speed_stats(gen, i), "batch_steps": gen.batch_steps,
+        stats.extend({**speed_stats(gen, i), "batch_steps": gen.batch_steps, "target_nll": float(out.nll[i]),
                       "latency_s": latency[-1]}  # every image of the batch waited this long
                      for i in range(len(batch)))
     return torch.cat(images), stats, latency
@@ -151,13 +154,14 @@ def decode_set(parts: Components, prompts: list[str], seed: int, sampling, metho
 def markdown(rows: list[dict], meta: dict) -> str:
     batch = all("batch_passes" in r for r in rows)
     head = ("| run | seed | step compression | tau | skip ratio | NFE | " + ("batch passes | " if batch else "") +
-            "latency s | images/s | speed-up vs AR | FID | alignment | precision | recall |")
-    lines = [head, "|" + "---|" * (14 if batch else 13)]
+            "latency s | images/s | speed-up vs AR | FID | FD-world | target NLL | alignment | precision | recall |")
+    lines = [head, "|" + "---|" * (16 if batch else 15)]
     for r in rows:
         passes = f"{r['batch_passes']:.1f} | " if batch else ""
         lines.append(f"| {r['label']}{_overrides(r, meta)} | {r['seed']} | {r['step_compression']:.3f} | {r['tau']:.3f} | "
                      f"{r['skip_ratio']:.3f} | {r['nfe']:.1f} | {passes}{r['latency_s']:.2f} | {_rate(r)} | "
-                     f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {r['alignment']:.3f} | {r['precision']:.3f} | "
+                     f"{r['speedup_vs_ar']:.3f} | {r['fid']:.1f} | {_ci(r, 'fd_world', '.1f')} | "
+                     f"{_ci(r, 'target_nll', '.3f')} | {_ci(r, 'alignment', '.3f')} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} |")
     notes = [
         "", f"Device {meta['device']}, dtype {meta.get('dtype', 'float32')}{_compiled(meta)}, batch size {meta['batch_size']}, {meta['num_prompts']} held-out "
@@ -169,9 +173,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "excluded); images/s = images / the batches' summed latency; speed-up = AR's summed latency (same seed, "
         "same process) / the run's; " + _fid_note(meta) + "; alignment = evaluator's share of "
         "the prompt's attributes found (real images: "
-        f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space.",
+        f"{meta['alignment_real']:.3f}); precision/recall k=3 in the evaluator's feature space; "
+        "FD-world = Frechet distance in the world evaluator's features against the real images of the same prompts"
+        + (f" (real-vs-real floor with another held-out set: {meta['fd_world_floor']:.1f})" if "fd_world_floor" in meta
+           else "") + "; target NLL = mean per-token NLL of the generated tokens under the distribution AR samples "
+        "(the run's CFG and sampling); [lo, hi] = 95 % bootstrap interval over images (1,000 resamples, seeded; "
+        "FD-world's re-centred on its value).",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _ci(row: dict, name: str, fmt: str) -> str:
+    """A figure with its interval ("n/a" in rows measured before it existed)."""
+    if name not in row:
+        return "n/a"
+    if f"{name}_lo" not in row:
+        return format(row[name], fmt)
+    return f"{row[name]:{fmt}} [{row[name + '_lo']:{fmt}}, {row[name + '_hi']:{fmt}}]"
 
 
 def _fid_note(meta: dict) -> str:
@@ -244,6 +262,7 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
     pr_of = PRReference(feat_real, k=PR_K)  # the real set's k-NN balls, once for every run
     floor = fid(ref.real, ref.others, feature=inception) if inception else float("nan")
     meta = _meta(cfg, device, floor, float(align_real.mean()))
+    meta["fd_world_floor"] = frechet_distance(world_features(evaluator, ref.others), feat_real)
     sampling = SamplingParams(**cfg.sampling)
     # every run's method is built first, so a bad run fails before any decoding
     methods = [make_method(parts, plan.method, sampling, plan.tree) for plan in plans]
@@ -261,7 +280,11 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
                 ar_latency.setdefault((seed, plan.batch_size), wall)
             align, feats = score_images(evaluator, images, ref.attributes)
             row = _row(run, plan, seed, stats, wall, ar_latency.get((seed, plan.batch_size), float("nan")))
-            row.update(fid=fid_ref(images) if fid_ref else float("nan"), alignment=float(align.mean()))
+            row.update(fid=fid_ref(images) if fid_ref else float("nan"))
+            row.update(_with_interval("alignment", mean_interval(align, name="alignment")))
+            row.update(_with_interval("fd_world", fd_interval(feats, feat_real)))
+            row.update(_with_interval("target_nll", mean_interval(torch.tensor([s["target_nll"] for s in stats]),
+                                                                  name="target NLL")))
             row["precision"], row["recall"] = pr_of(feats)
             if clip is not None:
                 row["clip_score"] = sum(clip(images, prompts)) / len(prompts)
@@ -275,6 +298,10 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
         log_wandb(rows, out, cfg)
     print(f"results in {out}")
     return rows
+
+
+def _with_interval(name: str, interval: Interval) -> dict:
+    return {name: interval.value, f"{name}_lo": interval.lo, f"{name}_hi": interval.hi}
 
 
 def _row(run, plan: RunPlan, seed: int, stats: list[dict], wall: float, ar_wall: float) -> dict:

@@ -18,8 +18,9 @@ from tqdm import tqdm
 from decode.api import DTYPES, Components, build_components, decode_batch, make_method, pick_device
 from decode.core.sampling import SamplingParams
 from decode.core.trees import TreeParams
-from decode.evaluation.measures import Interval, fd_interval, frechet_distance, mean_interval, world_features
-from decode.evaluation.metrics import speed_stats, write_tables
+from decode.evaluation.measures import (Interval, PerImage, fd_interval, frechet_distance, mean_interval,
+                                       separation_markdown, separation_table, world_features)
+from decode.evaluation.metrics import speed_stats, write_summary, write_tables
 from decode.evaluation.quality import CLIPScorer, FIDReference, InceptionPool, PRReference, fid, to_uint8
 from decode.evaluation.world_evaluator import load_evaluator, score_images
 from decode.pipeline import image_seed
@@ -266,7 +267,7 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
     sampling = SamplingParams(**cfg.sampling)
     # every run's method is built first, so a bad run fails before any decoding
     methods = [make_method(parts, plan.method, sampling, plan.tree) for plan in plans]
-    rows, ar_latency = [], {}
+    rows, ar_latency, per_image = [], {}, {}
     bar = tqdm(total=len(cfg.runs) * len(cfg.seeds), desc="benchmark", unit="run")
     for run, method, plan in zip(cfg.runs, methods, plans):
         if cfg.warmup:  # one untimed batch first: tracing (compile=true), allocator and kernel set-up
@@ -279,12 +280,14 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
             if run.method == "ar":  # the reference of every run with this seed and batch size
                 ar_latency.setdefault((seed, plan.batch_size), wall)
             align, feats = score_images(evaluator, images, ref.attributes)
+            nll = torch.tensor([s["target_nll"] for s in stats])
             row = _row(run, plan, seed, stats, wall, ar_latency.get((seed, plan.batch_size), float("nan")))
             row.update(fid=fid_ref(images) if fid_ref else float("nan"))
             row.update(_with_interval("alignment", mean_interval(align, name="alignment")))
             row.update(_with_interval("fd_world", fd_interval(feats, feat_real)))
-            row.update(_with_interval("target_nll", mean_interval(torch.tensor([s["target_nll"] for s in stats]),
-                                                                  name="target NLL")))
+            row.update(_with_interval("target_nll", mean_interval(nll, name="target NLL")))
+            if cfg.get("per_image"):  # what the instrument study re-measures on the first n images
+                per_image[(run.label, seed)] = PerImage(align, nll, feats)
             row["precision"], row["recall"] = pr_of(feats)
             if clip is not None:
                 row["clip_score"] = sum(clip(images, prompts)) / len(prompts)
@@ -294,6 +297,13 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
             _write(out, rows, meta)
     bar.close()
     print(markdown(rows, meta))
+    if cfg.get("instrument"):  # {ar: label, lossy: label}: the smallest n at which each measure separates them
+        i = cfg.instrument
+        table = separation_table(per_image[(i.ar, cfg.seeds[0])], per_image[(i.ar, cfg.seeds[1])],
+                                 per_image[(i.lossy, cfg.seeds[0])], feat_real, list(i.sizes))
+        text = separation_markdown(table, i.ar, i.lossy, cfg.seeds[:2])
+        write_summary(out / "instrument.md", text)
+        print(text)
     if cfg.get("wandb"):
         log_wandb(rows, out, cfg)
     print(f"results in {out}")

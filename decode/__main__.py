@@ -121,7 +121,8 @@ def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks
         log.info("method %s", method.describe())
     rows = run_jobs(jobs[ranks.rank::ranks.world], parts=parts,
                     method=make_method(parts, method, sampling, TreeParams(**cfg.tree)), sampling=sampling,
-                    batch_size=int(cfg.batch_size), out_dir=out_dir, stats_name=stats_name, progress=ranks.main)
+                    batch_size=int(cfg.batch_size), out_dir=out_dir, stats_name=stats_name, progress=ranks.main,
+                    nll=bool(cfg.get("target_nll", True)))
     rows = distributed.gather(rows, ranks)
     if not ranks.main:
         return {"images": 0.0}

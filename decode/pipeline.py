@@ -95,9 +95,10 @@ def record_run_folder(out_dir: Path, settings: dict) -> None:
 
 
 def run_jobs(jobs: list[Job], *, parts: Components, method: Method, sampling: SamplingParams, batch_size: int,
-             out_dir: Path, progress: bool = True, stats_name: str = "stats.jsonl") -> list[ImageStats]:
+             out_dir: Path, progress: bool = True, stats_name: str = "stats.jsonl", nll: bool = True) -> list[ImageStats]:
     """Decode every job not already on disk (decode.api.decode_batch), write its PNG and stats line;
-    returns the stats of the images made now. `parts.scorer` adds alignment, `parts.clip` the CLIP score."""
+    returns the stats of the images made now. `parts.scorer` adds alignment, `parts.clip` the CLIP
+    score, `nll` each image's target NLL (one teacher-forced pass per batch, outside the timed decode)."""
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (img_dir / j.name).exists()]
@@ -107,7 +108,7 @@ def run_jobs(jobs: list[Job], *, parts: Components, method: Method, sampling: Sa
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         prompts = [j.prompt for j in batch]
-        out = decode_batch(parts, prompts, method, [j.seed for j in batch], sampling)
+        out = decode_batch(parts, prompts, method, [j.seed for j in batch], sampling, nll=nll)
         gen = out.generation
         aligned = parts.scorer(out.images, prompts) if parts.scorer is not None else [None] * len(batch)
         clipped = parts.clip(out.images, prompts) if parts.clip is not None else [None] * len(batch)
@@ -119,7 +120,7 @@ def run_jobs(jobs: list[Job], *, parts: Components, method: Method, sampling: Sa
                 method=method.name, latency_s=gen.prefill_s + gen.loop_s, prefill_s=gen.prefill_s,
                 text_encode_s=out.text_s, vq_decode_s=out.vq_s, batch_size=len(batch), device=str(device),
                 dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name), alignment=aligned[i],
-                clip_score=clipped[i], **speed_stats(gen, i)))
+                clip_score=clipped[i], target_nll=float(out.nll[i]) if nll else None, **speed_stats(gen, i)))
         append_jsonl(out_dir / stats_name, rows)
         made.extend(rows)
         bar.update(len(batch))

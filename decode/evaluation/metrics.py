@@ -58,6 +58,7 @@ class ImageStats:
     schedule_s: float = 0.0  # batch: skip decisions (VVS schedulers)
     batch_passes: int = 0  # target passes the image's batch ran (>= NFE: a pass serves every verifying row)
     clip_score: float | None = None  # raw CLIP cosine with "A photo depicts " + prompt (clip=FOLDER)
+    target_nll: float | None = None  # nats per token under the distribution AR samples (decode.evaluation.measures)
 
 
 def speed_stats(gen, i: int) -> dict:
@@ -129,7 +130,11 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
     clipped = [r.clip_score for r in rows if r.clip_score is not None]
     if clipped:
         lines.append(f"CLIP score          {sum(clipped) / len(clipped):.4f}  (raw cosine, 'A photo depicts ' + prompt)")
-    if not scored and not clipped:  # docs/algorithms.md 5.2: speed travels with quality, or says it has none
+    nll = [r.target_nll for r in rows if r.target_nll is not None]
+    if nll:
+        lines.append(f"target NLL          {_with_interval(nll)}  (nats per token under the distribution AR samples: "
+                     f"AR's value for a lossless method; compare with an AR run of the same prompts)")
+    if not scored and not clipped and not nll:  # docs/algorithms.md 5.2: speed travels with quality, or says it has none
         lines.append("quality             not measured: no world prompts for the evaluator and no clip= weights; "
                      "these speed figures say nothing about the images (scripts/benchmark.py adds FID)")
     return "\n".join(lines)
@@ -152,3 +157,12 @@ def write_summary(path: str | os.PathLike, text: str) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
+
+
+def _with_interval(values: list[float]) -> str:
+    """The mean, with its 95 % bootstrap interval where there are enough images for one."""
+    from decode.evaluation.measures import MIN_IMAGES, mean_interval
+
+    if len(values) < MIN_IMAGES:
+        return f"{sum(values) / len(values):.3f} (no interval: {len(values)} images, fewer than {MIN_IMAGES})"
+    return str(mean_interval(torch.tensor(values), name="target NLL"))

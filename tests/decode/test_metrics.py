@@ -35,3 +35,14 @@ def test_speed_stats_follow_their_definitions():
     assert s["tau"] == 200 / 60 and s["tau_all"] == 255 / 70
     assert s["skip_ratio"] == 10 / 70 and s["tokens_per_skip"] == 55 / 10
     assert s["nfe"] == 60 and s["steps"] == 70 and s["batch_passes"] == 61
+
+
+def test_summary_gives_target_nll_with_its_interval_when_there_are_enough_images():
+    import dataclasses
+
+    rows = [dataclasses.replace(_stats(1.0, i), target_nll=2.0 + 0.1 * (i % 3)) for i in range(12)]
+    text = summary_table(rows, wall_s=10.0)
+    line = next(x for x in text.splitlines() if x.startswith("target NLL"))
+    assert line.startswith("target NLL          2.100 [") and "not measured" not in text
+    few = summary_table(rows[:4], wall_s=1.0)
+    assert "no interval: 4 images, fewer than 8" in few

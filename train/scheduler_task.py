@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -21,17 +20,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import BinaryAUROC
-from tqdm import tqdm
 
 from data.shards import HELDOUT_OFFSET
 from data.traces import Traces, image_records, load_traces, read_manifest, write_manifest, write_shard
 from data.world import SceneGenerator
 from decode.strategies.registry import MethodConfig, resolve_method
-from decode.api import Components, build_components, decode_batch, make_method
+from decode.api import Components, build_components, make_method
+from decode.evaluation.redundancy import trace_steps
 from decode.resolvers import register_resolvers
 from decode.pipeline import image_seed
 from decode.core.sampling import SamplingParams
-from decode.strategies.learned_skip import PolicyConfig, SkipPolicy, TraceRecorder, drafter_fingerprint, save_scheduler
+from decode.strategies.learned_skip import PolicyConfig, SkipPolicy, drafter_fingerprint, save_scheduler
 from decode.core.trees import TreeParams
 from train.common import build_logger, build_trainer, inherited_licence, output_dir, require_ints, write_model_card
 
@@ -46,21 +45,15 @@ def decode_parts(cfg: DictConfig) -> Components:
     return build_components(cfg, torch.device("cpu"), methods=[trace_method(cfg)])
 
 
-@torch.no_grad()
 def record_traces(parts: Components, prompts: list[str], *, seed: int, first_image: int, sampling: SamplingParams,
                   tree: TreeParams, base: MethodConfig, warmup: int, batch_size: int,
                   progress: bool = True) -> list[dict]:
     """Decode `prompts` (verifying every step) and return one trace record per image."""
-    method = make_method(parts, base, sampling, tree)
-    records = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="traces", unit="batch", disable=not progress):
-        batch = prompts[start:start + batch_size]
-        ids = [first_image + start + i for i in range(len(batch))]
-        recorder = TraceRecorder(parts.codebook, seeds=[image_seed(seed, i, 1) for i in ids], warmup=warmup)
-        decode_batch(parts, batch, dataclasses.replace(method, skipping=recorder.skipping()),
-                     [image_seed(seed, i, 0) for i in ids], sampling, images=False)
-        records.extend(image_records(recorder.steps, first_image + start, len(batch)))
-    return records
+    ids = [first_image + i for i in range(len(prompts))]
+    traced = trace_steps(parts, prompts, make_method(parts, base, sampling, tree), [image_seed(seed, i, 0) for i in ids],
+                         [image_seed(seed, i, 1) for i in ids], sampling, warmup=warmup, batch_size=batch_size,
+                         progress=progress)
+    return image_records(traced.steps, first_image, len(prompts))
 
 
 def ensure_traces(cfg: DictConfig, folder: Path, parts) -> Path:

@@ -117,8 +117,9 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     device, b = target.device, condition.batch
     accept = method.acceptance or make_acceptance(sampling)
     timing = {"draft": 0.0, "verify": 0.0, "schedule": 0.0}
-    lap = functools.partial(_lap, timing, device if (device.type != "cuda" if phase_times is None else phase_times)
-                            else None)
+    if phase_times is None:
+        phase_times = device.type != "cuda"
+    lap = functools.partial(_lap, timing, device if phase_times else None)
     wait_for(device)
     t0 = time.perf_counter()
     drafts = method.drafting.start(target, b, num_tokens) if method.drafting else None
@@ -148,9 +149,8 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
                                         num_tokens)
         tick = lap("verify", tick)
         for r, nodes in skip.items():
-            nodes = nodes[: num_tokens - rows.made[r] + 1]  # the last becomes the next root
-            commits[r] = RowCommit(nodes[:-1], nodes[1:], verified=False,
-                                   stale=skips.stale_features(r, len(nodes) - 1))
+            nodes = nodes[: num_tokens - rows.made[r] + 1]  # what the image has room for
+            commits[r] = _skipped(nodes, skips.stale_features(r, len(nodes) - 1))
         rows.record(commits, tree)
         outcome = _outcome(tree, verified, commits, target)
         skips.observe(outcome, {r: verified.hidden[:, r, :c.filled] for r, c in commits.items() if c.verified})
@@ -165,6 +165,12 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
                       loop_s=t2 - t1, skipped=c["skipped"], verified_tokens=c["verified_tokens"],
                       draft_s=timing["draft"], verify_s=timing["verify"], schedule_s=timing["schedule"],
                       batch_passes=passes, batch_steps=step)
+
+
+def _skipped(nodes: list[int], stale: Tensor) -> RowCommit:
+    """A skipping row's commit: the planned nodes but the last (which becomes the next root), with
+    stand-in features [G, n, D]."""
+    return RowCommit(nodes[:-1], nodes[1:], verified=False, stale=stale)
 
 
 def _lap(timing: dict[str, float], device, phase: str, since: float) -> float:

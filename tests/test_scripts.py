@@ -145,3 +145,13 @@ def test_a_run_can_set_its_own_tree_and_batch_size():
     assert (tree.total_tokens, tree.depth, tree.top_k, batch) == (20, 4, 10, 1)
     with pytest.raises(ValueError, match="run c: batch_size"):
         bench.run_settings(cfg, OmegaConf.create({"label": "c", "method": "ar", "batch_size": -2}))
+
+
+def test_pareto_front_keeps_runs_no_other_beats_on_speed_and_quality():
+    from decode.evaluation.benchmark import pareto_front
+
+    pts = {"ar": dict(step_compression=1.0, target_nll=2.6, alignment=0.20),
+           "fast_close": dict(step_compression=3.0, target_nll=2.5, alignment=0.15),
+           "slow_far": dict(step_compression=2.0, target_nll=2.0, alignment=0.18)}
+    assert pareto_front(pts, "target_nll", 2.6) == ["ar", "fast_close"]  # two-sided: distance from AR
+    assert pareto_front(pts, "alignment", None) == ["ar", "slow_far", "fast_close"]

@@ -355,47 +355,92 @@ def _write(out: Path, rows: list[dict], meta: dict) -> None:
     plot(rows, out / "results.png", meta)
 
 
+QUALITY = {  # measure -> (axis label, how a point's distance from AR's quality is read: 1 higher is better,
+    #                                              -1 lower is better, 0 closer to AR is better)
+    "target_nll": ("target NLL, nats/token (AR's value is lossless)", 0),
+    "fd_world": ("FD-world (lower is better)", -1),
+    "alignment": ("alignment (higher is better)", 1),
+    "fid": ("FID (lower is better)", -1),
+}
+
+
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
-    """Speed (step compression, wall-clock speed-up) against quality (FID, alignment), one point per
-    run (mean over seeds); runs of the same `curve` (a knob sweep) joined by a line."""
+    """Step compression against each quality measure the rows carry, one point per run (mean over
+    seeds) with its bootstrap interval (the seeds' range for rows without one), AR's interval as a
+    band, runs of one `curve` (a knob sweep) joined, and each panel's Pareto front dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("step_compression", "speedup_vs_ar", "fid", "alignment")
-    seeds_of: dict[str, list[dict]] = {}
-    for r in rows:
-        seeds_of.setdefault(r["label"], []).append(r)
-    points = {}  # label -> mean over seeds, and the seeds' min / max of each key
-    for label, rs in seeds_of.items():
-        pt = {"curve": rs[0].get("curve") or label}
-        for k in keys:
-            vals = [r[k] for r in rs]
-            pt[k], pt[k + "_lo"], pt[k + "_hi"] = sum(vals) / len(vals), min(vals), max(vals)
-        points[label] = pt
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for (xk, yk), ax in zip([(x, y) for y in ("fid", "alignment") for x in ("step_compression", "speedup_vs_ar")],
-                            axes.flat):
+    measures = [k for k in QUALITY if any(k in r and not math.isnan(r[k]) for r in rows)]
+    points = _points(rows, measures)
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4.8), squeeze=False)
+    for key, ax in zip(measures, axes[0]):
+        ar = [p for p in points.values() if p["method"] == "ar"]
+        if ar:
+            ax.axhspan(min(p[key + "_lo"] for p in ar), max(p[key + "_hi"] for p in ar), color="grey", alpha=0.2,
+                       label="AR's interval")
         curves: dict[str, list] = {}
         for label, p in points.items():
-            curves.setdefault(p["curve"], []).append((p[xk], p[yk], label, p[yk] - p[yk + "_lo"],
-                                                      p[yk + "_hi"] - p[yk]))
+            curves.setdefault(p["curve"], []).append((p["step_compression"], label, p))
         for curve, pts in curves.items():
-            pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[3] for p in pts], [p[4] for p in pts]],
+            pts.sort(key=lambda t: t[0])
+            ys = [p[key] for _, _, p in pts]
+            ax.errorbar([x for x, _, _ in pts], ys, yerr=[[p[key] - p[key + "_lo"] for _, _, p in pts],
+                                                          [p[key + "_hi"] - p[key] for _, _, p in pts]],
                         fmt="o-" if len(pts) > 1 else "o", capsize=3, label=curve)
-            for x, y, label, _, _ in pts:
+            for x, label, p in pts:
                 if label != curve:
-                    ax.annotate(label.removeprefix(curve).strip("_ "), (x, y), fontsize=7)
-        ax.set_xlabel({"step_compression": "step compression (tokens / target forwards)",
-                       "speedup_vs_ar": f"wall-clock speed-up vs AR ({meta['device']})"}[xk])
-        ax.set_ylabel({"fid": "FID (lower is better)", "alignment": "alignment (higher is better)"}[yk])
+                    ax.annotate(label.removeprefix(curve).strip("_ "), (x, p[key]), fontsize=7)
+        front = pareto_front(points, key, ar[0][key] if ar else None)
+        if len(front) > 1:
+            ax.plot([points[lb]["step_compression"] for lb in front], [points[lb][key] for lb in front], "k--", lw=1,
+                    label="Pareto front")
+        ax.set_xlabel("step compression (tokens / target forwards)")
+        ax.set_ylabel(QUALITY[key][0])
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{meta['num_prompts']} held-out world prompts x {len(set(r['seed'] for r in rows))} seeds "
-                 f"(points: mean, bars: the seeds' range), batch {meta['batch_size']}; "
-                 + ("no FID (fid=false)" if math.isnan(meta["fid_floor"]) else f"FID floor {meta['fid_floor']:.0f}"))
+                 f"(points: mean over seeds; bars: 95 % bootstrap intervals), batch {meta['batch_size']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _points(rows: list[dict], measures: list[str]) -> dict[str, dict]:
+    """label -> step compression and each measure, averaged over the run's seeds, with an interval."""
+    seeds_of: dict[str, list[dict]] = {}
+    for r in rows:
+        seeds_of.setdefault(r["label"], []).append(r)
+    points = {}
+    for label, rs in seeds_of.items():
+        pt = {"curve": rs[0].get("curve") or label, "method": rs[0]["method"],
+              "step_compression": sum(r["step_compression"] for r in rs) / len(rs)}
+        for k in measures:
+            vals = [r[k] for r in rs]
+            pt[k] = sum(vals) / len(vals)
+            with_ci = all(f"{k}_lo" in r for r in rs)
+            pt[k + "_lo"] = min(r[f"{k}_lo"] for r in rs) if with_ci else min(vals)
+            pt[k + "_hi"] = max(r[f"{k}_hi"] for r in rs) if with_ci else max(vals)
+        points[label] = pt
+    return points
+
+
+def pareto_front(points: dict[str, dict], key: str, ar_value: float | None) -> list[str]:
+    """Labels no other run beats on both step compression and quality `key` (QUALITY's reading; for
+    target NLL, the distance from AR's value), sorted by step compression."""
+    sense = QUALITY[key][1]
+
+    def badness(p):
+        if sense == 0:
+            return abs(p[key] - ar_value) if ar_value is not None else 0.0
+        return -sense * p[key]
+
+    def beaten(a, b):  # b at least as fast and as good, and better in one
+        fa, fb = points[a]["step_compression"], points[b]["step_compression"]
+        qa, qb = badness(points[a]), badness(points[b])
+        return fb >= fa and qb <= qa and (fb > fa or qb < qa)
+
+    front = [a for a in points if not any(beaten(a, b) for b in points if b != a)]
+    return sorted(front, key=lambda lb: points[lb]["step_compression"])

@@ -89,7 +89,8 @@ def test_every_method_config_builds_its_method():
     assert set(block) == knobs and all(v is None for v in block.values())
 
 
-@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "benchmark_trees", "cost_model"])
+@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "benchmark_trees", "benchmark_instrument",
+                                  "benchmark_frontier", "cost_model"])
 def test_script_configs_compose_and_resolve(name):
     """The scripts' root configs compose, and their runs name known methods, knobs and trees."""
     from omegaconf import OmegaConf

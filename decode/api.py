@@ -25,6 +25,7 @@ from decode.core.host import wait_for
 from decode.core.sampling import SamplingParams, row_generators
 from decode.core.trees import TreeParams
 from decode.evaluation.measures import target_nll
+from decode.models.checkpoint import DTYPES  # noqa: F401 (the entry points read dtype= names here)
 from decode.models.drafter import Drafter, load_drafter
 from decode.models.target import Condition, LlamaGenTarget
 from decode.models.target.llamagen_gpt import COMPILE_SCOPES
@@ -99,7 +100,6 @@ def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | No
             raise ValueError(f"text encoder length {text.max_length} != target cls_token_num {cfg.cls_token_num}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,4 +1,5 @@
-"""scripts/convert_drafter.py: LANTERN <-> project drafter folders (docs/algorithms.md 6)."""
+"""decode/models/lantern_format.py and its command line scripts/convert_drafter.py: LANTERN <-> project
+drafter folders (docs/algorithms.md 6)."""
 import json
 import math
 import warnings
@@ -11,10 +12,18 @@ from safetensors.torch import load_file, save_file
 
 from decode.models.checkpoint import CheckpointError, save_model_folder
 from decode.models.drafter import Drafter, DrafterConfig, load_drafter, prefix_embedding, save_drafter
+from decode.models.lantern_format import (
+    drafter_target_geometry,
+    export_lantern,
+    import_lantern,
+    lantern_target_geometry,
+    load_gpt,
+    official_geometry,
+)
 from decode.models.target.llamagen_gpt import rope_table_2d
 from tests.conftest import load_script, tiny_gpt
 
-conv = load_script("convert_drafter")
+conv = load_script("convert_drafter")  # the command line only
 
 # LANTERN's names for a 2-layer drafter (cnets_llamagen.py::Model): written out, not derived from the table
 LANTERN_LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -92,7 +101,7 @@ def _lantern_reference(sd, config, ids, feats):
 
 def _export(tmp_path, gpt, drafter, name="lantern", **kw):
     save_drafter(tmp_path / "ours", drafter)
-    return conv.export_lantern(tmp_path / "ours", gpt, tmp_path / name, **kw)
+    return export_lantern(tmp_path / "ours", gpt, tmp_path / name, **kw)
 
 
 def test_export_writes_lanterns_keys_shapes_and_config(tmp_path):
@@ -130,7 +139,7 @@ def test_exported_weights_compute_what_lanterns_drafter_computes(tmp_path):
     p = d.prefix_len
     assert (ref[:, p:] - ours[:, p:]).abs().max() > 1e-3
     # imported back, the drafter embeds token 0 at the prefix as LANTERN does: the same outputs as LANTERN's
-    conv.import_lantern(out, gpt, tmp_path / "imported")
+    import_lantern(out, gpt, tmp_path / "imported")
     imported = load_drafter(tmp_path / "imported", gpt)
     assert imported.config.prefix_token == 0
     torch.testing.assert_close(_ours(imported, gpt, ids, feats, pos), ref, atol=1e-5, rtol=1e-5)
@@ -142,7 +151,7 @@ def test_import_round_trip_gives_equal_weights_and_outputs(tmp_path, fmt, dtype)
     d = _drafter(gpt)
     lantern = _export(tmp_path, gpt, d, fmt=fmt, dtype=dtype)
     assert (lantern / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors")).is_file()
-    conv.import_lantern(lantern, gpt, tmp_path / "back")
+    import_lantern(lantern, gpt, tmp_path / "back")
     back = load_drafter(tmp_path / "back", gpt)
     assert back.config.norm_eps == d.config.norm_eps and back.config.n_layer == 2
     assert back.config.prefix_token == 0  # LANTERN's prefix slots: token 0's embedding
@@ -161,7 +170,7 @@ def test_import_carries_lanterns_norm_eps(tmp_path):
     config = json.loads((lantern / "config.json").read_text())
     config["rms_norm_eps"] = 1e-6  # the published LlamaGen drafters' value (the target's is 1e-5)
     (lantern / "config.json").write_text(json.dumps(config))
-    conv.import_lantern(lantern, gpt, tmp_path / "back")
+    import_lantern(lantern, gpt, tmp_path / "back")
     back = load_drafter(tmp_path / "back", gpt)
     assert back.config.norm_eps == 1e-6
     assert back.layers[0].ffn_norm.eps == 1e-6 and back.layers[1].attention_norm.eps == 1e-6
@@ -180,7 +189,7 @@ def test_a_malformed_lantern_folder_is_refused_naming_the_key(tmp_path, edit, me
     edit(sd)
     save_file(sd, str(lantern / "model.safetensors"))
     with pytest.raises(CheckpointError, match=message):
-        conv.import_lantern(lantern, gpt, tmp_path / "back")
+        import_lantern(lantern, gpt, tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
 
@@ -191,9 +200,9 @@ def test_an_embedding_other_than_the_targets_is_refused_unless_allowed(tmp_path)
     sd["embed_tokens.weight"] = gpt.output.weight.detach().clone()  # LANTERN's fallback: the LM head
     save_file(sd, str(lantern / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"matches the target's LM head"):
-        conv.import_lantern(lantern, gpt, tmp_path / "back")
+        import_lantern(lantern, gpt, tmp_path / "back")
     with pytest.warns(UserWarning, match="differs from the target's tok_embeddings"):
-        conv.import_lantern(lantern, gpt, tmp_path / "back", allow_embedding_mismatch=True)
+        import_lantern(lantern, gpt, tmp_path / "back", allow_embedding_mismatch=True)
     assert load_drafter(tmp_path / "back", gpt).config.n_layer == 2
 
 
@@ -201,7 +210,21 @@ def test_export_refuses_a_drafter_of_another_target(tmp_path):
     gpt = tiny_gpt()
     save_drafter(tmp_path / "ours", _drafter(gpt))
     with pytest.raises(CheckpointError, match="fingerprint"):
-        conv.export_lantern(tmp_path / "ours", tiny_gpt(seed=1), tmp_path / "lantern")
+        export_lantern(tmp_path / "ours", tiny_gpt(seed=1), tmp_path / "lantern")
+
+
+def test_target_geometry_of_either_folder_builds_the_official_target(tmp_path):
+    gpt = tiny_gpt()
+    lantern = _export(tmp_path, gpt, _drafter(gpt))  # also writes our folder at tmp_path / "ours"
+    geo = {"model_type": "t2i", "block_size": 16, "cls_token_num": 8, "vocab_size": 64}
+    assert drafter_target_geometry(tmp_path / "ours") == geo
+    assert lantern_target_geometry(lantern) == {**geo, "caption_dim": 12}  # export writes the t2i caption_dim
+    assert official_geometry(576, 1, 16384)["model_type"] == "c2i"  # one class slot
+    torch.save({"model": gpt.state_dict()}, tmp_path / "target.pt")
+    built = load_gpt(str(tmp_path / "target.pt"), "tiny", geo, ["caption_dim=12"])
+    assert torch.equal(built.tok_embeddings.weight, gpt.tok_embeddings.weight)
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        load_gpt(str(tmp_path / "target.pt"), "tiny", geo, ["caption_dim"])
 
 
 def test_command_line_with_an_official_target_file_and_a_target_folder(tmp_path, capsys):

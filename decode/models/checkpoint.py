@@ -28,6 +28,8 @@ INDEX = "model.safetensors.index.json"
 # Buffers some official checkpoints carry that are recomputed here (RoPE table, KV caches, masks).
 IGNORED_SUFFIXES = ("freqs_cis", "causal_mask", "kv_cache.k_cache", "kv_cache.v_cache")
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dtype= names
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""

@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.images import image_to_tensor  # noqa: E402
 from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
-from decode.core.engine import generate_ar  # noqa: E402
+from decode.api import Components, decode_batch  # noqa: E402
+from decode.core.engine import Method  # noqa: E402
 from decode.evaluation.world_evaluator import load_evaluator, score_images  # noqa: E402
 from decode.evaluation.metrics import next_token_stats  # noqa: E402
 from decode.pipeline import image_seed  # noqa: E402
 from decode.api import condition_for  # noqa: E402
 from decode.evaluation.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
-from decode.core.sampling import SamplingParams, row_generators  # noqa: E402
+from decode.core.sampling import SamplingParams  # noqa: E402
 from decode.models.target import LlamaGenTarget, build_gpt  # noqa: E402
 from decode.models.text import load_text_encoder  # noqa: E402
 from decode.models.vq import load_vq  # noqa: E402
@@ -55,17 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def sample_images(target, vq, text, prompts: list[str], seed: int, sampling: SamplingParams,
+def sample_images(parts: Components, prompts: list[str], seed: int, sampling: SamplingParams,
                   batch_size: int) -> torch.Tensor:
-    """uint8 [N, 3, H, W]: one sample per prompt, seeded per prompt as python -m decode seeds them."""
+    """uint8 [N, 3, H, W]: one AR sample per prompt, seeded per prompt as python -m decode seeds them."""
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
         batch = prompts[start:start + batch_size]
-        gens = row_generators([image_seed(seed, start + i, 0) for i in range(len(batch))])
-        gen = generate_ar(target, condition_for(target, text, batch), num_tokens=target.num_image_tokens,
-                          sampling=sampling, generators=gens)
-        out.append(to_uint8(vq.decode_codes(gen.tokens)))
+        seeds = [image_seed(seed, start + i, 0) for i in range(len(batch))]
+        out.append(to_uint8(decode_batch(parts, batch, Method(), seeds, sampling).images))
     return torch.cat(out)
 
 
@@ -120,7 +118,8 @@ def main(argv=None) -> dict:
     real = torch.stack([to_uint8(image_to_tensor(s.image)) for s in scenes])
     real2 = torch.stack([to_uint8(image_to_tensor(s.image)) for s in others])
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=1.0)
-    fake = sample_images(target, vq, text, [s.caption for s in scenes], args.seed, sampling, args.batch_size)
+    fake = sample_images(Components(target, vq, text), [s.caption for s in scenes], args.seed, sampling,
+                         args.batch_size)
     attrs = [s.attributes for s in scenes]
     align_fake, feat_fake = score_images(evaluator, fake, attrs)
     align_real, feat_real = score_images(evaluator, real, attrs)

@@ -31,20 +31,39 @@ INITS = ("random", "repeat_horizon", "repeat_vertical")
 
 @dataclass(frozen=True)
 class JacobiDrafts:
-    """Jacobi drafting on the target itself: SJD (vp_beta 0) and SJD-VP."""
+    """Jacobi drafting on the target itself: SJD (vp_beta 0), SJD-VP, and MC-SJD (coupled)."""
     window: int = 16
     init: str = "repeat_horizon"
     vp_beta: float = 0.0
     vp_cap: float = 10.0
+    coupled: bool = False
 
     def start(self, target: LlamaGenTarget, batch: int, num_tokens: int) -> "JacobiDrafting":
         return JacobiDrafting(target, batch, num_tokens, window=self.window, init=self.init, vp_beta=self.vp_beta,
-                              vp_cap=self.vp_cap)
+                              vp_cap=self.vp_cap, coupled=self.coupled)
+
+
+def coupled_draw(q: Tensor, previous: int, q_previous: Tensor | None, generator) -> Tensor:
+    """MC-SJD's redraw of a window slot (docs/algorithms.md 2.4): keep the slot's previous draft x with
+    probability min(1, q(x) / q_prev(x)), else draw from norm(max(0, q - q_prev)). This maximal
+    coupling of q_prev and q leaves the draft's marginal exactly q, so acceptance stays exact, while
+    drafts stop churning where the prediction barely moved. q_prev None: x was a one-hot guess.
+    [INFER: the rule is written from the abstract of arXiv 2510.24211, whose code we did not read.]
+    Always draws both the uniform and the residual sample, so the row's stream advances alike."""
+    if q_previous is None:
+        q_previous = torch.zeros_like(q)
+        q_previous[previous] = 1.0
+    u = torch.rand((), generator=generator, device=q.device)
+    keep = u * q_previous[previous] < q[previous]
+    residual = (q - q_previous).clamp_min(0)
+    total = residual.sum()
+    fresh = draw(torch.where(total > 0, residual / total.clamp_min(1e-30), q)[None], generator)
+    return torch.where(keep, torch.tensor([previous], device=q.device), fresh)
 
 
 class JacobiDrafting:
     def __init__(self, target: LlamaGenTarget, batch: int, num_tokens: int, *, window: int = 16,
-                 init: str = "repeat_horizon", vp_beta: float = 0.0, vp_cap: float = 10.0):
+                 init: str = "repeat_horizon", vp_beta: float = 0.0, vp_cap: float = 10.0, coupled: bool = False):
         if window < 1:
             raise ValueError(f"sjd window must be >= 1, got {window}")
         if init not in INITS:
@@ -58,6 +77,7 @@ class JacobiDrafting:
         self.roots: list[int] = []  # each row's current root, on the host (read with the step's fetch)
         self.spare: list[list[int]] = [[] for _ in range(batch)]  # init=random: guesses drawn ahead
         self.num_tokens = num_tokens
+        self.coupled = coupled
 
     def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
         """The first roots (and, for init=random, the first window of guesses), read in the prefill."""
@@ -94,7 +114,12 @@ class JacobiDrafting:
             for node in tail:
                 p = probabilities(step.logits[r, node - 1].float(), sampling)
                 q = self._favour(p, self.prev[r][node - 1]) if self.beta > 0 else p
-                draws.append(q.argmax()[None] if sampling.greedy else draw(q[None], generators[r]))
+                if sampling.greedy:
+                    draws.append(q.argmax()[None])
+                elif self.coupled:
+                    draws.append(coupled_draw(q, self.drafts[r][node - 1], self.q[r][node - 1], generators[r]))
+                else:
+                    draws.append(draw(q[None], generators[r]))
                 new_q.append(q)
                 new_p.append(p)
             self.q[r], self.prev[r] = new_q, new_p

@@ -10,6 +10,7 @@
 | vvs        | eagle                        | lantern                           | similarity, tau      |
 | sjd        | jacobi window on the target  | exact (SJD's probabilistic rule)  | never                |
 | sjd_vp     | jacobi, VP-favoured redraws  | exact                             | never                |
+| mc_sjd     | jacobi, coupled redraws      | exact (lossless)                  | never                |
 
 Any part can be swapped: `method=vvs method.base=lantern_pp` is VVS's skipping over LANTERN++'s
 drafting and acceptance; `method=eagle2 method.skipping=uniform` skips over exact acceptance;
@@ -44,13 +45,15 @@ METHODS: dict[str, tuple[str, str, str, dict]] = {
     "vvs": ("eagle", "lantern", "similarity", {}),
     "sjd": ("jacobi", "exact", "never", {}),
     "sjd_vp": ("jacobi", "exact", "never", {"vp_beta": 1.0}),
+    "mc_sjd": ("jacobi", "exact", "never", {"coupled": True}),
 }
 _LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
 KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
     "drafting": {
         "none": {}, "eagle": {},  # the dynamic tree's size is the run's `tree.*`
         "static": {"static_tree": "naive_extend_57"},  # LANTERN++'s LlamaGen default
-        "jacobi": {"window": 16, "init": "repeat_horizon", "vp_beta": 0.0, "vp_cap": 10.0},  # SJD's LlamaGen setting
+        "jacobi": {"window": 16, "init": "repeat_horizon", "vp_beta": 0.0, "vp_cap": 10.0,  # SJD's LlamaGen setting
+                   "coupled": False},  # MC-SJD: redrawn slots coupled to their previous draft
     },
     "acceptance": {
         "exact": {},
@@ -168,7 +171,8 @@ def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
     if config.drafting == "none":
         return None
     if config.drafting == "jacobi":
-        return JacobiDrafts(window=k["window"], init=k["init"], vp_beta=k["vp_beta"], vp_cap=k["vp_cap"])
+        return JacobiDrafts(window=k["window"], init=k["init"], vp_beta=k["vp_beta"], vp_cap=k["vp_cap"],
+                            coupled=bool(k["coupled"]))
     if drafter is None:
         raise ValueError(f"method={config.name} needs a drafter (drafter.ckpt=FOLDER, trained by python -m train drafter)")
     if config.drafting == "static":

@@ -132,6 +132,7 @@ def _two_token_distribution(target, cond1, method, sampling, n, seed0):
     ("eagle2", TreeParams(static="balanced_25", top_k=2)),      # static tree, drafts sampled (q)
     ("sjd", None),                                              # Jacobi window, q from the last pass
     ("sjd_vp", None),
+    ("mc_sjd", None),                                           # Jacobi window, coupled redraws
 ])
 def test_exact_sampled_methods_have_the_targets_distribution(name, tree):
     """The first two tokens' joint distribution matches the target's exact one (enumerated) as
@@ -144,7 +145,7 @@ def test_exact_sampled_methods_have_the_targets_distribution(name, tree):
     exact = probs[:, 0].gather(1, pairs[:, :1])[:, 0] * probs[:, 1].gather(1, pairs[:, 1:])[:, 0]
     assert abs(exact.sum().item() - 1) < 1e-5
     n = 3000
-    opts = dict(window=3, init="random") if name.startswith("sjd") else None
+    opts = dict(window=3, init="random") if "sjd" in name else None
     method = build_method(name, sampling=SAMPLED, tree=tree or TreeParams(), drafter=drafter, options=opts)
     emp_ar, _ = _two_token_distribution(target, cond1, Method(), SAMPLED, n, 0)
     emp_sd, gen = _two_token_distribution(target, cond1, method, SAMPLED, n, n)
@@ -188,3 +189,15 @@ def test_sampled_methods_need_generators():
     with pytest.raises(ValueError, match="generator"):
         generate(target, cond, num_tokens=8, sampling=SAMPLED, generators=None,
                  method=build_method("eagle2", sampling=SAMPLED, drafter=drafter))
+
+
+def test_a_broken_coupling_fails_the_distribution_test(monkeypatch):
+    """MC-SJD's coupling must leave each redrawn draft's marginal at q: one that always keeps the
+    previous draft does not, and the same distribution test catches it."""
+    from decode.strategies import jacobi
+
+    monkeypatch.setattr(jacobi, "coupled_draw", lambda q, previous, q_previous, generator:
+                        torch.tensor([previous], device=q.device))
+    with pytest.raises(AssertionError):
+        test_exact_sampled_methods_have_the_targets_distribution("mc_sjd", None)
+

@@ -1,11 +1,5 @@
-"""Convert EAGLE drafters between LANTERN's published format and this project's.
-
-LANTERN's LlamaGen drafters (jadohu/LANTERN `models/drafters/cnets_llamagen.py::Model`, loaded by
-`EaModel.from_pretrained`) are Hugging Face-style folders: `config.json` (a LlamaConfig plus
-`input_type`, optionally `bias`) and `pytorch_model.bin` or `model.safetensors` with the drafter's
-own frozen `embed_tokens.weight`, `fc`, and Llama-named decoder layers. Ours (decode/models/drafter.py) is
-`config.json` (kind `eagle_drafter`) + `model.safetensors`, reads the target's `tok_embeddings`, and
-names its layers like the LlamaGen target.
+"""Convert EAGLE drafters between LANTERN's published format and this project's (the two formats,
+and what each cannot express about the other: decode/models/lantern_format.py).
 
 python scripts/convert_drafter.py import LANTERN_FOLDER --target TARGET --out OUR_FOLDER
 python scripts/convert_drafter.py export OUR_FOLDER --target TARGET --out LANTERN_FOLDER [--format bin]

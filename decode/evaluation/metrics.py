@@ -132,7 +132,7 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         lines.append(f"CLIP score          {sum(clipped) / len(clipped):.4f}  (raw cosine, 'A photo depicts ' + prompt)")
     nll = [r.target_nll for r in rows if r.target_nll is not None]
     if nll:
-        lines.append(f"target NLL          {_with_interval(nll)}  (nats per token under the distribution AR samples: "
+        lines.append(f"target NLL          {_mean_with_interval(nll)}  (nats per token under the distribution AR samples: "
                      f"AR's value for a lossless method; compare with an AR run of the same prompts)")
     if not scored and not clipped and not nll:  # docs/algorithms.md 5.2: speed travels with quality, or says it has none
         lines.append("quality             not measured: no world prompts for the evaluator and no clip= weights; "
@@ -159,7 +159,7 @@ def write_summary(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _with_interval(values: list[float]) -> str:
+def _mean_with_interval(values: list[float]) -> str:
     """The mean, with its 95 % bootstrap interval where there are enough images for one."""
     from decode.evaluation.measures import MIN_IMAGES, mean_interval
 

@@ -21,13 +21,13 @@ def image_to_tensor(img: Image.Image, size: int | None = None) -> torch.Tensor:
 
 class WorldImages(Dataset):
     """Scenes `start .. start + length - 1` of the embedded world's generator (`texture` None: the
-    world's default grain)."""
+    world's default grain; `world` None: the default world version)."""
 
     def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0,
-                 texture: float | None = None):
+                 texture: float | None = None, world: str | None = None):
         from data.world import SceneGenerator
 
-        self.generator = SceneGenerator(image_size=image_size, seed=seed, texture=texture)
+        self.generator = SceneGenerator(image_size=image_size, seed=seed, texture=texture, world=world)
         self.length, self.start = int(length), int(start)
 
     def __len__(self) -> int:
@@ -55,10 +55,10 @@ class WorldScenes(Dataset):
     view of the world, for the attribute evaluator."""
 
     def __init__(self, length: int, image_size: int = 64, seed: int = 0, start: int = 0,
-                 texture: float | None = None):
+                 texture: float | None = None, world: str | None = None):
         from data.world import SceneGenerator
 
-        self.generator = SceneGenerator(image_size=image_size, seed=seed, texture=texture)
+        self.generator = SceneGenerator(image_size=image_size, seed=seed, texture=texture, world=world)
         self.length, self.start = int(length), int(start)
 
     def __len__(self) -> int:

@@ -483,15 +483,16 @@ class CodeShards(ShardStream):
 
 
 def _same_world(world: Path, data) -> bool:
-    """Whether the world shards under `world` (if any) match today's generator (seed, size, texture)."""
+    """Whether the world shards under `world` (if any) match today's generator (version, seed, size, texture)."""
     from data.shards import MANIFEST
-    from data.world import WORLD_TEXTURE
+    from data.world import WORLD_TEXTURE, world_name
 
     path = world / MANIFEST
     if not path.is_file():
         return True  # nothing built yet
     m = json.loads(path.read_text())
-    return (m.get("seed"), m.get("image_size"), m.get("texture", 0.0)) == (data.seed, data.image_size, WORLD_TEXTURE)
+    built = (m.get("world", "v2"), m.get("seed"), m.get("image_size"), m.get("texture", 0.0))
+    return built == (world_name(data.get("world")), data.seed, data.image_size, WORLD_TEXTURE)
 
 
 def _complete_manifests(codes: Path, data) -> tuple[str, str] | None:
@@ -511,7 +512,8 @@ def ensure_code_shards(data, out: Path) -> tuple[str, str]:
     """Code shard patterns for train and held-out; built from the world when `data.build` says so.
 
     `data` is a training task's data config (train_urls, heldout_urls, build, build_train,
-    build_heldout, tokenizer, random_tokenizer, image_size, shard_size, seed, max_length).
+    build_heldout, tokenizer, random_tokenizer, image_size, shard_size, seed, max_length; world:
+    the world version, absent or null for the default).
     """
     if data.train_urls and data.heldout_urls:
         return data.train_urls, data.heldout_urls
@@ -522,13 +524,13 @@ def ensure_code_shards(data, out: Path) -> tuple[str, str]:
 
     world, codes = out / "world", out / "codes"
     if not _same_world(world, data):  # its codes would be reused as if they were today's world's
-        raise ValueError(f"{world} holds scenes of another world (seed, image size or texture differ from "
+        raise ValueError(f"{world} holds scenes of another world (version, seed, image size or texture differ from "
                          f"data/world.py today): use another out_dir, or delete {world} and {codes}")
     done = _complete_manifests(codes, data)
     if done:  # a resumed run, or a DDP rank started after rank 0 built them
         return done
     write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
-                       image_size=data.image_size, shard_size=data.shard_size)
+                       image_size=data.image_size, shard_size=data.shard_size, world=data.get("world"))
     vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
     if not data.tokenizer:
         log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")

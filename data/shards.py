@@ -16,7 +16,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data.world import ATTRIBUTION, SceneGenerator, preview_grid
+from data.world import ATTRIBUTION, DEFAULT_WORLD, WORLDS, SceneGenerator, preview_grid
 
 HELDOUT_OFFSET = 1 << 40  # far above any training index
 SPLITS = ("train", "heldout")
@@ -103,7 +103,8 @@ def _remove_stale_shards(out_dir: Path, split: str, keep: set[Path]) -> None:
 
 
 def write_world_shards(out_dir: str | os.PathLike, num_train: int, num_heldout: int, seed: int = 0,
-                       image_size: int = 64, shard_size: int = 1000, *, progress: bool = True) -> dict:
+                       image_size: int = 64, shard_size: int = 1000, *, progress: bool = True,
+                       world: str | None = None) -> dict:
     """Write `num_train` and `num_heldout` world scenes as webdataset shards in `out_dir`; returns
     the manifest (counts, shard patterns, seed, attribution), also written as manifest.json."""
     if num_train < 0 or num_heldout < 0 or num_train + num_heldout == 0:
@@ -114,13 +115,13 @@ def write_world_shards(out_dir: str | os.PathLike, num_train: int, num_heldout: 
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    generator = SceneGenerator(image_size=image_size, seed=seed)
+    generator = SceneGenerator(image_size=image_size, seed=seed, world=world)
     ranges = {"train": range(num_train), "heldout": range(HELDOUT_OFFSET, HELDOUT_OFFSET + num_heldout)}
     with tqdm(total=num_train + num_heldout, desc="world shards", unit="scene", disable=not progress) as bar:
         splits = {name: _write_split(generator, out, name, ranges[name], shard_size, bar) for name in SPLITS}
     manifest = {
         "format": "webdataset", "members": {"png": "image", "txt": "caption", "json": "attributes"},
-        "generator": "data.world.SceneGenerator", "seed": seed, "image_size": image_size,
+        "generator": "data.world.SceneGenerator", "world": generator.world, "seed": seed, "image_size": image_size,
         "texture": generator.texture,
         "shard_size": shard_size, "heldout_index_offset": HELDOUT_OFFSET, "splits": splits,
         "attribution": ATTRIBUTION, "license": "images made from OpenMoji: CC BY-SA 4.0",
@@ -149,14 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", type=int, default=10_000, help="number of training scenes")
     parser.add_argument("--heldout", type=int, default=1_000, help="number of held-out scenes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", default=None, choices=WORLDS, help=f"world version (default {DEFAULT_WORLD})")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=1_000, help="scenes per shard")
     parser.add_argument("--preview", default=None, help="also write a 3x3 preview grid to this PNG")
     args = parser.parse_args(argv)
     manifest = write_world_shards(args.out_dir, args.train, args.heldout, seed=args.seed,
-                                  image_size=args.image_size, shard_size=args.shard_size)
+                                  image_size=args.image_size, shard_size=args.shard_size, world=args.world)
     if args.preview:
-        gen = SceneGenerator(image_size=args.image_size, seed=args.seed)
+        gen = SceneGenerator(image_size=args.image_size, seed=args.seed, world=args.world)
         preview_grid([gen.scene(i) for i in range(9)]).save(args.preview)
     print(f"wrote {manifest['splits']['train']['count']} train and {manifest['splits']['heldout']['count']} "
           f"held-out scenes to {args.out_dir}")

@@ -36,6 +36,14 @@ PATTERNS = ("vertical gradient", "horizontal gradient", "stripes", "checks", "no
 # ambiguous the target's next-token distributions are (docs/algorithms.md 5.3, the realism bar).
 WORLD_TEXTURE = 0.3
 PHOTO_PATTERN = "photo"  # only with SceneGenerator(photos=True): needs scikit-image, not a dependency
+# World versions differ only in their object kinds. v2 draws from every usable OpenMoji emoji (295
+# kinds: at 64 px a small target learns backgrounds but not objects, and even the tokenizer's
+# reconstructions lose a third of the alignment); v3 keeps 16 emoji whose colour and silhouette stay
+# distinct at 13-21 px, so that the conditional part of a scene is learnable by a small target.
+WORLDS = ("v2", "v3")
+DEFAULT_WORLD = "v2"
+_V3_EMOJI = ("red apple", "banana", "watermelon", "carrot", "mushroom", "evergreen tree", "sunflower", "cat face",
+             "frog face", "penguin", "fish", "butterfly", "rocket", "automobile", "crown", "snail")
 
 # --- the emoji catalogue ------------------------------------------------------------------------
 # The package ships no group metadata, so groups are Unicode ranges. Every range stops at Unicode
@@ -122,9 +130,25 @@ def _usable_name(codepoint: int, group: str) -> str | None:
     return name
 
 
+def world_name(world: str | None) -> str:
+    """The world version (None: the default one); an unknown name is an error that lists the known ones."""
+    world = DEFAULT_WORLD if world is None else str(world)
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; expected one of {WORLDS}")
+    return world
+
+
 @functools.cache
-def emoji_catalogue() -> tuple[Emoji, ...]:
-    """The chosen emoji, sorted by code point; names are unique."""
+def emoji_catalogue(world: str | None = None) -> tuple[Emoji, ...]:
+    """The world's emoji, sorted by code point; names are unique."""
+    if world_name(world) == "v3":
+        by_name = {e.name: e for e in _all_emoji()}
+        return tuple(sorted((by_name[n] for n in _V3_EMOJI), key=lambda e: e.codepoint))
+    return _all_emoji()
+
+
+@functools.cache
+def _all_emoji() -> tuple[Emoji, ...]:
     available, chosen, names = _available_codepoints(), [], set()
     for group, ranges in _GROUP_RANGES.items():
         for lo, hi in ranges:
@@ -136,19 +160,19 @@ def emoji_catalogue() -> tuple[Emoji, ...]:
     return tuple(sorted(chosen, key=lambda e: e.codepoint))
 
 
-def world_vocabulary() -> dict:
-    """Everything a scene can contain, in a fixed order: the label space of an attribute classifier."""
-    emoji = emoji_catalogue()
-    return {"emoji": [e.name for e in emoji], "emoji_groups": {e.name: e.group for e in emoji},
+def world_vocabulary(world: str | None = None) -> dict:
+    """Everything a scene of the world can contain, in a fixed order: the label space of an attribute classifier."""
+    emoji = emoji_catalogue(world)
+    return {"world": world_name(world), "emoji": [e.name for e in emoji], "emoji_groups": {e.name: e.group for e in emoji},
             "shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "cells": list(CELLS),
             "patterns": list(PATTERNS) + [PHOTO_PATTERN]}
 
 
-def evaluator_labels() -> dict:
-    """The label spaces and caption phrase tables an attribute evaluator of this world needs
+def evaluator_labels(world: str | None = None) -> dict:
+    """The label spaces and caption phrase tables an attribute evaluator of the world needs
     (decode.evaluation.world_evaluator.EvaluatorConfig fields): decode/ reads captions back without importing data/."""
-    v = world_vocabulary()
-    return {"objects": v["shapes"] + v["emoji"], "shapes": v["shapes"], "colours": v["colours"],
+    v = world_vocabulary(world)
+    return {"world": v["world"], "objects": v["shapes"] + v["emoji"], "shapes": v["shapes"], "colours": v["colours"],
             "sizes": v["sizes"], "cells": v["cells"], "patterns": v["patterns"],
             "cell_phrases": {c: list(_CELL_PHRASES[c]) for c in CELLS},
             "pattern_phrases": {p: list(t) for p, t in _PATTERN_PHRASES.items()}}
@@ -350,10 +374,10 @@ class Scene:
 
 
 class SceneGenerator:
-    """Scene i depends only on (seed, i); fonts and emoji glyphs are rendered once and cached."""
+    """Scene i depends only on (world, seed, i); fonts and emoji glyphs are rendered once and cached."""
 
     def __init__(self, image_size: int = 64, seed: int = 0, *, supersample: int = 2, emoji_share: float = 0.6,
-                 max_objects: int = 3, photos: bool = False, texture: float | None = None):
+                 max_objects: int = 3, photos: bool = False, texture: float | None = None, world: str | None = None):
         texture = WORLD_TEXTURE if texture is None else float(texture)  # None: the world's grain
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
@@ -364,7 +388,8 @@ class SceneGenerator:
         self.texture = texture
         self.patterns = PATTERNS + ((PHOTO_PATTERN,) if photos else ())
         self._photos = _skimage_photos() if photos else ()
-        self._emoji = emoji_catalogue()
+        self.world = world_name(world)
+        self._emoji = emoji_catalogue(self.world)
         self._cell = self.image_size * self.supersample / 3
         # One cached glyph resolution per generator, a little above the largest drawn size.
         self._glyph_px = int(math.ceil(self._cell * 1.25 / 16) * 16)

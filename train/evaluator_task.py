@@ -6,6 +6,7 @@ held-out scenes use indices far from the training ones.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import lightning as L
@@ -19,6 +20,8 @@ from data.world import evaluator_labels
 from decode.models.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
 from decode.evaluation.world_evaluator import AttributeEvaluator, EvaluatorConfig, alignment_scores
 from train.common import build_logger, build_trainer, output_dir, require_ints, write_model_card
+
+log = logging.getLogger(__name__)
 
 
 class EvaluatorModule(L.LightningModule):
@@ -65,13 +68,24 @@ class EvaluatorModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+# Keys an evaluator may change when it is fine-tuned onto another world version: only the object
+# label space differs between worlds, so every layer but the object head carries over.
+_WORLD_KEYS = ("world", "objects")
+
+
 def start_from(model, folder: str) -> None:
-    """Fine-tuning: start from an exported evaluator of the same architecture (labels and width)."""
+    """Fine-tuning: start from an exported evaluator of the same architecture. One of another world
+    version gives everything but its object head, which starts fresh for the new object labels."""
     meta, state = read_model_folder(folder, kind="world_evaluator")
     mine = model.config.to_dict()
-    if meta["config"] != mine:
-        changed = sorted(k for k in meta["config"] if meta["config"][k] != mine.get(k))
+    theirs = {"world": "v2", **meta["config"]}  # folders written before world versions existed are v2
+    changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+    if any(k not in _WORLD_KEYS for k in changed):
         raise ValueError(f"init={folder} is an evaluator with another configuration ({', '.join(changed)} differ)")
+    if changed:
+        log.warning("init=%s is an evaluator of another world (%s differ): its object head starts fresh",
+                    folder, ", ".join(changed))
+        state = {**state, **{k: v for k, v in model.state_dict().items() if k.startswith("object_head.")}}
     load_state_dict_strict(model, state, source=str(folder))
 
 
@@ -81,13 +95,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     require_ints(cfg, 0, "data.num_workers")
     L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg, "evaluator")
-    model_cfg = {**evaluator_labels(), "image_size": cfg.data.image_size, "width": cfg.model.width}
+    model_cfg = {**evaluator_labels(cfg.data.get("world")), "image_size": cfg.data.image_size, "width": cfg.model.width}
     module = EvaluatorModule(model=model_cfg, **OmegaConf.to_container(cfg.optim, resolve=True))
     if cfg.get("init"):
         start_from(module.model, cfg.init)
     d = cfg.data
     loader = lambda n, start, shuffle: DataLoader(  # noqa: E731
-        WorldScenes(n, image_size=d.image_size, seed=d.seed, start=start, texture=d.get("texture")), batch_size=d.batch_size,
+        WorldScenes(n, image_size=d.image_size, seed=d.seed, start=start, texture=d.get("texture"),
+                             world=d.get("world")), batch_size=d.batch_size,
         shuffle=shuffle, num_workers=d.num_workers, collate_fn=collate_scenes, drop_last=shuffle,
         persistent_workers=d.num_workers > 0)
     heldout = loader(d.num_heldout, d.heldout_start, False)

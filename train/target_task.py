@@ -117,7 +117,7 @@ def sample_prompts(data: DictConfig, count: int) -> list[str]:
     from data.shards import HELDOUT_OFFSET
     from data.world import SceneGenerator
 
-    gen = SceneGenerator(image_size=data.image_size, seed=data.seed)
+    gen = SceneGenerator(image_size=data.image_size, seed=data.seed, world=data.get("world"))
     return [gen.scene(HELDOUT_OFFSET + i).caption for i in range(count)]
 
 

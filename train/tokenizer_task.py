@@ -88,7 +88,8 @@ def build_images(data: DictConfig, split: str):
     if data.source == "world":
         n = data.num_train if split == "train" else data.num_heldout
         start = 0 if split == "train" else data.heldout_start  # held-out scenes: indices never trained on
-        return WorldImages(n, image_size=data.image_size, seed=data.seed, start=start, texture=data.get("texture"))
+        return WorldImages(n, image_size=data.image_size, seed=data.seed, start=start, texture=data.get("texture"),
+                           world=data.get("world"))
     if data.source == "webdataset":
         return ShardImages(data.train_urls if split == "train" else data.heldout_urls, data.image_size)
     raise ValueError(f"data.source must be 'world' or 'webdataset', got {data.source!r}")

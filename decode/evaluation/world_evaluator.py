@@ -31,6 +31,7 @@ class EvaluatorConfig:
     pattern_phrases: dict[str, list[str]]    # pattern -> templates with {c} for the colour
     image_size: int = 64
     width: int = 64
+    world: str = "v2"     # the world version whose labels these are (folders written before v3 lack it)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -16,10 +16,17 @@ or its argmax when greedy.
   x's probability grows at most lambda-fold. With delta = 0 this is exact speculative sampling.
   On rejection we zero exactly A(x) (the relaxed distribution's support change); the released code
   zeroes x's k + 1 nearest neighbours whether or not they are in A(x), which no longer bounds the
-  distance it moves the distribution (docs/algorithms.md 3.5). The residual is likewise taken from
+  distance it moves the distribution (docs/algorithms.md 3.6). The residual is likewise taken from
   the relaxed distribution, max(p~ - q, 0), for the static tree's sampled drafts too (the released
   LANTERN++ code subtracts q from p with x's k + 1 neighbours zeroed in q), so that each child's test
   is exact speculative sampling against the relaxed distribution it was tested under.
+- GSD grouping (grouped speculative decoding): x is accepted with probability
+  min(1, p(G(x)) / q(G(x))), G(x) the tokens near x in the target's ranking that are also near it in
+  probability and in embedding (`Grouping`); on rejection the usual residual norm(max(p - q, 0)).
+
+A relaxation is an object with `test(p, q, x) -> (numerator, denominator, p')` (accept when a uniform
+draw times the denominator is below the numerator; p' is what the residual is taken from) and
+`greedy_accepts(p, x)`; None is exact acceptance.
 """
 from __future__ import annotations
 
@@ -71,6 +78,61 @@ class Relaxation:
         m = int((cum <= bound + 1e-12).sum())  # cum is non-decreasing: the qualifying set is a prefix
         return nb[:m], float(cum[m - 1]) if m else 0.0
 
+    def test(self, p: Tensor, q: Tensor | None, x: int) -> tuple[float, float, Tensor]:
+        """Speculative sampling against the relaxed p~ (A(x)'s mass moved onto x)."""
+        hood, mass = self.neighbourhood(p, x)
+        if mass > 0:
+            p = p.clone()
+            p[x] += mass
+            p[hood] = 0
+        return float(p[x]), float(q[x]) if q is not None else 1.0, p
+
+    def greedy_accepts(self, p: Tensor, x: int) -> bool:
+        """Greedy LANTERN: x's relaxed probability is the largest."""
+        _, mass = self.neighbourhood(p, x)
+        return float(p[x]) + mass >= float(p.max())
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """GSD's groups (arXiv 2508.07747; ALGORITHMS.md 7.1): G(x) holds the tokens within `ranks`
+    places of x in the target's ranking at that position whose probability differs from x's by
+    less than `p_gap` and whose embedding lies within squared L2 distance `max_sq_dist` of x's.
+
+    `embeddings` [V, d] are the VQ codebook rows, L2-normalised (the released code uses Lumina-mGPT's
+    input embedding rows, whose scale is the model's; unit rows make the published 0.5 mean cosine
+    similarity above 0.75 for every target). The released window is [rank - 7, rank + 7), which
+    wraps to the bottom of the ranking for x among the top 7; here it is symmetric and clipped."""
+    embeddings: Tensor
+    ranks: int = 7
+    p_gap: float = 0.15
+    max_sq_dist: float = 0.5
+
+    def __post_init__(self):
+        if self.ranks < 0 or self.p_gap < 0 or self.max_sq_dist < 0:
+            raise ValueError(f"GSD's ranks, p_gap and max_sq_dist must be >= 0; got {self.ranks}, {self.p_gap}, "
+                             f"{self.max_sq_dist}")
+        unit = torch.nn.functional.normalize(self.embeddings.detach().float().cpu(), dim=-1)
+        object.__setattr__(self, "embeddings", unit)
+
+    def group(self, p: Tensor, x: int) -> Tensor:
+        """G(x) (host tensor of token ids, x included) under p [V]."""
+        order = p.argsort(descending=True, stable=True)
+        at = int((order == x).nonzero()[0])
+        near = order[max(0, at - self.ranks): at + self.ranks + 1]
+        close_p = (p[near] - p[x]).abs() < self.p_gap
+        close_e = (self.embeddings[near] - self.embeddings[x]).pow(2).sum(-1) < self.max_sq_dist
+        return near[(close_p & close_e) | (near == x)]
+
+    def test(self, p: Tensor, q: Tensor | None, x: int) -> tuple[float, float, Tensor]:
+        g = self.group(p, x)
+        # deterministic drafts put all of q on x, which is in its own group
+        return float(p[g].sum()), float(q[g].sum()) if q is not None else 1.0, p
+
+    def greedy_accepts(self, p: Tensor, x: int) -> bool:
+        """Greedy GSD: the target's argmax is in x's group."""
+        return bool((self.group(p, x) == int(p.argmax())).any())
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -92,7 +154,7 @@ class GreedyAcceptance:
     """Accept the target's argmax path (with `relax`: LANTERN's greedy rule, x accepted iff its
     relaxed probability is the largest). One wait for the device per call (none without drafts)."""
 
-    def __init__(self, relax: Relaxation | None = None):
+    def __init__(self, relax: Relaxation | Grouping | None = None):
         self.relax = relax
 
     def __call__(self, tree: Tree, logits: Tensor, sampling: SamplingParams, generators,
@@ -127,12 +189,7 @@ class GreedyAcceptance:
         return best
 
     def _accepts(self, x: int, best: int, p: Tensor | None) -> bool:
-        if x == best:
-            return True
-        if p is None:
-            return False
-        _, mass = self.relax.neighbourhood(p, x)
-        return float(p[x]) + mass >= float(p.max())
+        return x == best or (p is not None and self.relax.greedy_accepts(p, x))
 
 
 class SampledAcceptance:
@@ -142,7 +199,7 @@ class SampledAcceptance:
     each row's uniform draws (drawn up front on the row's generator: one per child test, one for
     the next token) come to the host together, and the tree is walked there."""
 
-    def __init__(self, relax: Relaxation | None = None):
+    def __init__(self, relax: Relaxation | Grouping | None = None):
         self.relax = relax
 
     def __call__(self, tree: Tree, logits: Tensor, sampling: SamplingParams, generators,
@@ -190,13 +247,8 @@ class SampledAcceptance:
             qx = float(qc[x]) if qc is not None else 1.0
             if qx <= 0:
                 continue
-            if self.relax is not None:
-                hood, mass = self.relax.neighbourhood(p, x)
-                if mass > 0:  # the relaxed distribution: A(x)'s mass moved onto x
-                    p = p.clone()
-                    p[x] += mass
-                    p[hood] = 0
-            if next(draws) * qx < float(p[x]):  # u in [0, 1): accept with probability min(1, p(x) / q(x))
+            num, den, p = (float(p[x]), qx, p) if self.relax is None else self.relax.test(p, qc, x)
+            if next(draws) * den < num:  # u in [0, 1): accept with probability min(1, num / den)
                 return c, p
             if qc is None:
                 residual = p.clone()
@@ -216,5 +268,5 @@ def _inverse_cdf(p: Tensor, u: float) -> int:
     return min(i, int(p.nonzero()[-1]))  # u * total rounded up to the total: the last token with mass
 
 
-def make_acceptance(sampling: SamplingParams, relax: Relaxation | None = None):
+def make_acceptance(sampling: SamplingParams, relax: Relaxation | Grouping | None = None):
     return GreedyAcceptance(relax) if sampling.greedy else SampledAcceptance(relax)

@@ -11,10 +11,12 @@
 | sjd        | jacobi window on the target  | exact (SJD's probabilistic rule)  | never                |
 | sjd_vp     | jacobi, VP-favoured redraws  | exact                             | never                |
 | mc_sjd     | jacobi, coupled redraws      | exact (lossless)                  | never                |
+| gsd        | jacobi window on the target  | gsd (grouped: ranks, p gap, dist) | never                |
 
 Any part can be swapped: `method=vvs method.base=lantern_pp` is VVS's skipping over LANTERN++'s
 drafting and acceptance; `method=eagle2 method.skipping=uniform` skips over exact acceptance;
-`method.drafting`, `method.acceptance`, `method.skipping` pick one part. Skipping needs a drafter's
+`method.drafting`, `method.acceptance`, `method.skipping` pick one part
+(`method=eagle2 method.acceptance=gsd` is GSD's grouped acceptance on the drafter's tree). Skipping needs a drafter's
 tree (drafting eagle or static). Each knob belongs to one strategy (KNOBS, with its published
 default: the one place defaults live); a knob the composition does not read is refused.
 """
@@ -30,7 +32,7 @@ from decode.core.trees import STATIC_SHAPES, TreeParams
 from decode.core.engine import Method
 from decode.models.drafter import Drafter
 from decode.resolvers import REPO
-from decode.strategies.acceptance import Relaxation, latent_neighbours, make_acceptance
+from decode.strategies.acceptance import Grouping, Relaxation, latent_neighbours, make_acceptance
 from decode.strategies.drafting import EagleDrafts
 from decode.strategies.jacobi import INITS, JacobiDrafts
 from decode.strategies.skipping import LearnedSkip, NeverSkip, SimilaritySkip, SkipLimits, Skipping, UniformSkip
@@ -46,6 +48,7 @@ METHODS: dict[str, tuple[str, str, str, dict]] = {
     "sjd": ("jacobi", "exact", "never", {}),
     "sjd_vp": ("jacobi", "exact", "never", {"vp_beta": 1.0}),
     "mc_sjd": ("jacobi", "exact", "never", {"coupled": True}),
+    "gsd": ("jacobi", "gsd", "never", {}),
 }
 _LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
 KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
@@ -59,6 +62,7 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
         "exact": {},
         "lantern": {"lantern_k": 1000, "delta": 0.2},  # VVS's base (docs/algorithms.md 3.3)
         "lantern_pp": {"lantern_k": 10, "lam": 5.0},    # LANTERN++'s run.sh
+        "gsd": {"group_ranks": 7, "group_p_gap": 0.15, "group_sq_dist": 0.5},  # junhyukso/GSD's constants
     },
     "skipping": {
         "never": {},
@@ -83,6 +87,9 @@ _CHECKS = {  # knob -> (valid?, what is allowed)
     "vp_cap": (lambda v: v >= 1, ">= 1"),
     "static_tree": (lambda v: v in STATIC_SHAPES, f"one of {', '.join(STATIC_SHAPES)}"),
     "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "group_ranks": (lambda v: v >= 0, ">= 0 (0: exact)"),
+    "group_p_gap": (lambda v: v >= 0, ">= 0"),
+    "group_sq_dist": (lambda v: 0 <= v <= 4, "in [0, 4] (squared distance of unit embedding rows)"),
 }
 
 
@@ -180,13 +187,16 @@ def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
     return EagleDrafts(drafter, tree)
 
 
-def relaxation(config: MethodConfig, codebook: Tensor | None) -> Relaxation | None:
-    """LANTERN's latent neighbourhoods with the acceptance's bound (None: exact acceptance)."""
+def relaxation(config: MethodConfig, codebook: Tensor | None) -> Relaxation | Grouping | None:
+    """LANTERN's latent neighbourhoods with the acceptance's bound, or GSD's groups (None: exact acceptance)."""
     if config.acceptance == "exact":
         return None
     if codebook is None:
-        raise ValueError(f"method={config.name} needs the VQ codebook (LANTERN's latent neighbourhoods)")
+        raise ValueError(f"method={config.name} needs the VQ codebook ({config.acceptance} acceptance "
+                         "compares tokens by their codebook rows)")
     k = config.knobs
+    if config.acceptance == "gsd":
+        return Grouping(codebook, k["group_ranks"], k["group_p_gap"], k["group_sq_dist"])
     if config.acceptance == "lantern":
         return Relaxation(latent_neighbours(codebook, k["lantern_k"]), k["delta"])
     return Relaxation(latent_neighbours(codebook, k["lantern_k"]), k["lam"], multiplicative=True)

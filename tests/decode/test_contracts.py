@@ -16,7 +16,7 @@ import torch
 from decode.core.engine import Method
 from decode.core.sampling import row_generators
 from decode.core.trees import TreeParams, ancestry_mask, leaf_paths
-from decode.strategies.acceptance import GreedyAcceptance, Relaxation, SampledAcceptance, latent_neighbours
+from decode.strategies.acceptance import GreedyAcceptance, Grouping, Relaxation, SampledAcceptance, latent_neighbours
 from decode.strategies.drafting import EagleDrafts
 from decode.strategies.jacobi import JacobiDrafts
 from decode.strategies.registry import KNOBS, build_method, resolve_method
@@ -35,7 +35,7 @@ def draftings(drafter):
 
 def test_the_registry_names_every_drafting_acceptance_and_skipping_here():
     assert set(KNOBS["drafting"]) == {"none", *draftings(None)}
-    assert set(KNOBS["acceptance"]) == {"exact", "lantern", "lantern_pp"}
+    assert set(KNOBS["acceptance"]) == {"exact", "lantern", "lantern_pp", "gsd"}
     assert set(KNOBS["skipping"]) == {"never", "uniform", "similarity", "learned"}
 
 
@@ -85,11 +85,12 @@ def _acceptances(codebook):
     return {"exact_greedy": GreedyAcceptance(), "exact_sampled": SampledAcceptance(),
             "lantern_greedy": GreedyAcceptance(Relaxation(nb, 0.3)),
             "lantern_sampled": SampledAcceptance(Relaxation(nb, 0.3)),
-            "lantern_pp_sampled": SampledAcceptance(Relaxation(nb, 4.0, multiplicative=True))}
+            "lantern_pp_sampled": SampledAcceptance(Relaxation(nb, 4.0, multiplicative=True)),
+            "gsd_greedy": GreedyAcceptance(Grouping(codebook)), "gsd_sampled": SampledAcceptance(Grouping(codebook))}
 
 
 @pytest.mark.parametrize("name", ["exact_greedy", "exact_sampled", "lantern_greedy", "lantern_sampled",
-                                  "lantern_pp_sampled"])
+                                  "lantern_pp_sampled", "gsd_greedy", "gsd_sampled"])
 def test_every_acceptance_returns_root_first_paths_along_parent_links(name):
     codebook = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
     accept = _acceptances(codebook)[name]
@@ -126,11 +127,13 @@ def _silent_rules(codebook):
             "learned": LearnedSkip(lambda f: torch.zeros(len(f)), codebook, threshold=0.5)}
 
 
-@pytest.mark.parametrize("base", ["eagle2", "lantern", "lantern_pp"])
+@pytest.mark.parametrize("base", ["eagle2", "lantern", "lantern_pp", "eagle2+gsd"])
 @pytest.mark.parametrize("rule", ["uniform", "similarity", "learned"])
 def test_a_skip_rule_that_never_fires_decodes_its_base_method(base, rule):
     target, drafter, cond, codebook = world(2)
-    options = {"lantern_k": 16} if base != "eagle2" else None
+    options = {"lantern_k": 16} if base in ("lantern", "lantern_pp") else None
+    base, _, acceptance = base.partition("+")
+    options = {"acceptance": acceptance} if acceptance else options
     method = build_method(base, sampling=SAMPLED, tree=TREE, drafter=drafter, codebook=codebook, options=options)
     plain = run(target, cond, method, SAMPLED, seeds=[5, 6], n=32)
     silent = Method(base, method.drafting, method.acceptance, Skipping(_silent_rules(codebook)[rule], SkipLimits(1, 2)))

@@ -1,4 +1,4 @@
-"""LANTERN's sampled acceptance follows the relaxed target distribution (docs/algorithms.md 3.3, 3.5).
+"""LANTERN's sampled acceptance follows the relaxed target distribution (docs/algorithms.md 3.3, 3.6).
 
 A tiny root with deterministic drafted children (q one-hot), a fixed target distribution p at the
 root and a hand-written latent-neighbour table: the law of the first committed token (the accepted

@@ -32,3 +32,20 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_architect
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), fresh.state_dict().values()))
     with pytest.raises(ValueError, match="width"):
         start_from(make(16), str(tmp_path / "ev"))
+
+
+def test_fine_tuning_onto_another_world_keeps_all_but_the_object_head(tmp_path):
+    from data.world import evaluator_labels
+    from decode.models.checkpoint import save_model_folder
+    from decode.evaluation.world_evaluator import AttributeEvaluator, EvaluatorConfig
+    from train.evaluator_task import start_from
+
+    torch.manual_seed(0)
+    v2 = AttributeEvaluator(EvaluatorConfig(**evaluator_labels("v2"), image_size=64, width=8))
+    v3 = AttributeEvaluator(EvaluatorConfig(**evaluator_labels("v3"), image_size=64, width=8))
+    head_before = v3.object_head.weight.clone()
+    save_model_folder(tmp_path / "ev", v2, v2.config.to_dict(), kind="world_evaluator")
+    start_from(v3, str(tmp_path / "ev"))
+    assert torch.equal(v3.trunk[0][0].weight, v2.trunk[0][0].weight)
+    assert torch.equal(v3.object_head.weight, head_before)  # 24 labels against 303: it starts fresh
+    assert v3.object_head.out_features == 1 + 8 + 16

@@ -199,3 +199,21 @@ def test_world_shards_record_their_texture(tmp_path):
 
     manifest = write_world_shards(tmp_path, num_train=2, num_heldout=1, progress=False)
     assert manifest["texture"] == WORLD_TEXTURE
+
+
+def test_world_v3_draws_its_sixteen_emoji_and_keeps_the_grammar():
+    v2, v3 = SceneGenerator(seed=3), SceneGenerator(seed=3, world="v3")
+    kinds = set(world_vocabulary("v3")["emoji"])
+    assert len(kinds) == 16 and kinds < set(world_vocabulary("v2")["emoji"])
+    names = {o["name"] for i in range(300) for o in v3.scene(i).attributes["objects"]}
+    assert names - set(SHAPES) == kinds  # every emoji appears, and no other
+    a, b = v2.scene(5), v3.scene(5)
+    assert a.attributes["background"] == b.attributes["background"]  # same layout stream, other kinds
+    assert all(o["name"] in b.caption for o in b.attributes["objects"])
+
+
+def test_an_unknown_world_is_named(tmp_path):
+    with pytest.raises(ValueError, match="v9.*v2"):
+        SceneGenerator(world="v9")
+    manifest = write_world_shards(tmp_path, num_train=1, num_heldout=1, progress=False, world="v3")
+    assert manifest["world"] == "v3"

@@ -16,9 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from decode import distributed
-from decode.api import DTYPES, build_components, make_method, pick_device
+from decode.api import DTYPES, Components, build_components, make_method, method_with_tree, pick_device, tree_setting
+from decode.budget import AutoTree, BudgetChoice
+from decode.core.engine import Method
 from decode.core.sampling import SamplingParams
-from decode.core.trees import TreeParams
 from decode.distributed import Ranks, ranks_from_env
 from decode.evaluation.metrics import append_jsonl, summary_table, write_summary
 from decode.pipeline import check_run_folder, plan_jobs, record_run_folder, run_jobs
@@ -119,8 +120,8 @@ def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks
     t0 = time.perf_counter()
     if ranks.main:
         log.info("method %s", method.describe())
-    rows = run_jobs(jobs[ranks.rank::ranks.world], parts=parts,
-                    method=make_method(parts, method, sampling, TreeParams(**cfg.tree)), sampling=sampling,
+    engine_method, choice = method_for_run(cfg, parts, method, sampling, jobs[: int(cfg.batch_size)], ranks)
+    rows = run_jobs(jobs[ranks.rank::ranks.world], parts=parts, method=engine_method, sampling=sampling,
                     batch_size=int(cfg.batch_size), out_dir=out_dir, stats_name=stats_name, progress=ranks.main,
                     nll=bool(cfg.get("target_nll", True)))
     rows = distributed.gather(rows, ranks)
@@ -134,6 +135,8 @@ def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks
               f"the run that made them)")
         return {"images": 0.0}
     summary = summary_table(rows, time.perf_counter() - t0)
+    if choice is not None:
+        summary += f"\ntree                {choice.describe()}"
     if len(rows) < len(jobs):
         summary += (f"\nresumed             this run made {len(rows)} of {len(jobs)} images; the other "
                     f"{len(jobs) - len(rows)} were already there (their stats: stats.jsonl, or stats.rank*.jsonl "
@@ -144,6 +147,25 @@ def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks
     print(summary)
     print(f"images and stats.jsonl in {out_dir}")
     return {"images": float(len(rows))}
+
+
+def method_for_run(cfg: DictConfig, parts: Components, method: MethodConfig, sampling: SamplingParams, first_jobs,
+                   ranks: Ranks) -> tuple[Method, BudgetChoice | None]:
+    """The engine's Method with the run's tree. tree=auto is measured on the main rank over the run's
+    first batch (decode.budget; cached per device) and shared, so every rank decodes with the same tree."""
+    tree = tree_setting(cfg.tree)
+    if not (isinstance(tree, AutoTree) and method.uses_tree):
+        return method_with_tree(parts, method, sampling, tree, [], [])
+    choice = None
+    if ranks.main:
+        _, choice = method_with_tree(parts, method, sampling, tree, [j.prompt for j in first_jobs],
+                                     [j.seed for j in first_jobs], {"compile": cfg.get("compile")})
+        print(choice.table() if not choice.cached else "tree=auto: the cached choice for this device, models and batch")
+        log.info(choice.describe())
+    choice = distributed.share(choice, ranks)
+    if choice.tree is None:
+        return choice.method(Method(method.name)), choice
+    return make_method(parts, method, sampling, choice.tree), choice
 
 
 def main() -> None:

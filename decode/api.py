@@ -3,6 +3,8 @@
     parts = build_components(cfg, device, methods=[config])        # target, tokenizer, text encoder,
                                                                     # drafter, skip policy: each only if asked
     method = make_method(parts, config, sampling, tree)            # the engine's Method
+    method, choice = method_with_tree(parts, config, sampling, tree_setting(cfg.tree), prompts, seeds)
+                                                                    # the same, tree=auto resolved
     out = decode_batch(parts, prompts, method, seeds, sampling)     # tokens, images, per-image stats
 
 `cfg` holds the component groups of conf/decode.yaml: target, tokenizer, text_encoder, and where
@@ -20,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from decode.budget import AutoTree, BudgetChoice, choose_tree
 from decode.core.engine import Generation, Method, generate
 from decode.core.host import wait_for
 from decode.core.sampling import SamplingParams, row_generators
@@ -164,6 +167,47 @@ def make_method(parts: Components, config: MethodConfig, sampling: SamplingParam
     policy = (parts.skip_policies or {}).get(config.knobs.get("scheduler_ckpt"))
     return build_method(config, sampling=sampling, tree=tree, drafter=parts.drafter, codebook=parts.codebook,
                         learned_policy=policy)
+
+
+def tree_setting(tree) -> TreeParams | AutoTree:
+    """A `tree` config (conf/tree/): `auto: true` with the budget's candidates (decode.budget), or a
+    fixed tree's total_tokens, depth, top_k, static."""
+    tree = dict(tree or {})
+    if tree.get("auto"):
+        return AutoTree.from_config(tree)
+    tree.pop("auto", None)
+    unknown = sorted(set(tree) - set(TreeParams.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"tree: unknown key(s) {unknown}; known: {', '.join(TreeParams.__dataclass_fields__)} "
+                         f"(or tree=auto)")
+    return TreeParams(**tree)
+
+
+def method_with_tree(parts: Components, config: MethodConfig, sampling: SamplingParams, tree: TreeParams | AutoTree,
+                     prompts: list[str], seeds: list[int], identity: dict | None = None
+                     ) -> tuple[Method, BudgetChoice | None]:
+    """The engine's Method with its tree: a fixed one, or for tree=auto the one decode.budget measures
+    as fastest on this device over `prompts` (one batch of the run's own) - plain AR when no tree
+    pays. `identity` names what the cached choice depends on beyond the device, batch, method and sampling."""
+    if not isinstance(tree, AutoTree):
+        return make_method(parts, config, sampling, tree), None
+    if not config.uses_tree:  # AR, Jacobi and static trees have no dynamic tree to size
+        return make_method(parts, config, sampling), None
+    calibrating = make_method(parts, config, sampling, TreeParams(max(tree.sizes), max(tree.depths), tree.top_k))
+    identity = {**(identity or {}), "method": [config.name, config.drafting, config.acceptance, config.knobs],
+                "target": [parts.target.config, _fingerprint(parts.target.gpt), parts.target.cfg_scale],
+                "drafter": [parts.drafter.config, _fingerprint(parts.drafter)],
+                "dtype": str(parts.target.gpt.output.weight.dtype)}
+    choice = choose_tree(parts.target, parts.drafter, calibrating, condition_for(parts.target, parts.text, prompts),
+                         seeds, sampling, tree, identity)
+    if choice.tree is None:
+        return choice.method(calibrating), choice
+    return make_method(parts, config, sampling, choice.tree), choice
+
+
+def _fingerprint(model: torch.nn.Module) -> float:
+    """A cheap number that tells two models' weights apart (for the tree budget's cache key)."""
+    return round(float(sum(p.detach().float().abs().sum() for p in model.parameters())), 3)
 
 
 def condition_for(target: LlamaGenTarget, text: TextEncoder | None, prompts: list[str]) -> Condition:

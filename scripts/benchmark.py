@@ -37,7 +37,9 @@ def world_held_out(cfg: DictConfig, image_size: int) -> HeldOut:
     scenes = [world.scene(HELDOUT_OFFSET + i) for i in range(cfg.num_prompts)]
     others = [world.scene(HELDOUT_OFFSET + cfg.num_prompts + i) for i in range(cfg.num_prompts)]
     images = lambda ss: torch.stack([to_uint8(image_to_tensor(s.image)) for s in ss])  # noqa: E731
-    return HeldOut([s.caption for s in scenes], [s.attributes for s in scenes], images(scenes), images(others))
+    calibration = [world.scene(i).caption for i in range(cfg.batch_size)]  # training scenes: tree=auto's first batch
+    return HeldOut([s.caption for s in scenes], [s.attributes for s in scenes], images(scenes), images(others),
+                   calibration)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="benchmark")

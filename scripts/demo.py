@@ -9,7 +9,11 @@
      byte with fewer target forwards (checked here);
    - sampled AR and sampled VVS (LANTERN acceptance + similarity-scheduled verification skipping):
      each prints its speed summary (NFE, step compression, tau, skip ratio, latency split) and the
-     evaluator's alignment of what it made; a side-by-side table closes the demo.
+     evaluator's alignment of what it made; a side-by-side table closes the demo. These runs fix
+     the draft tree (tree=fixed, 59 nodes) to show what speculation does to the step count;
+   - sampled VVS with tree=auto, the decode default: the tree measured fastest on this machine,
+     or plain AR when no tree pays (on a CPU the world target's tree passes cost more than they
+     save, so it prints the table it chose from and decodes as AR, never slower).
 Four images per run are far too few to compare quality; scripts/benchmark.py does that.
 """
 import json
@@ -23,8 +27,9 @@ PROMPTS = [
     "a large red star in the top left and a small cat face at the bottom, on a striped blue background",
     "one large green circle in the center, against a noisy yellow background",
 ]
-RUNS = [  # (run name, method, sampling temperature)
-    ("ar_greedy", "ar", 0.0), ("eagle2_greedy", "eagle2", 0.0), ("ar", "ar", 1.0), ("vvs", "vvs", 1.0)]
+RUNS = [  # (run name, method, sampling temperature, tree)
+    ("ar_greedy", "ar", 0.0, "fixed"), ("eagle2_greedy", "eagle2", 0.0, "fixed"), ("ar", "ar", 1.0, "fixed"),
+    ("vvs", "vvs", 1.0, "fixed"), ("vvs_auto", "vvs", 1.0, "auto")]
 
 
 def run(cmd: list[str]) -> None:
@@ -45,13 +50,14 @@ def main() -> int:
     prompts = out / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     images, stats = {}, {}
-    for name, method, temperature in RUNS:
+    for name, method, temperature, tree in RUNS:
         run_dir = out / name
         for old in (run_dir / "images").glob("*.png"):
             old.unlink()  # the demo always regenerates
         (run_dir / "stats.jsonl").unlink(missing_ok=True)
-        print(f"\n== {name}: method={method} sampling.temperature={temperature} ==", flush=True)
+        print(f"\n== {name}: method={method} sampling.temperature={temperature} tree={tree} ==", flush=True)
         run([sys.executable, "-m", "decode", f"prompts={prompts}", f"method={method}", f"drafter.ckpt={drafter}",
+             f"tree={tree}",
              "n=2", "batch_size=4", "seed=0", f"sampling.temperature={temperature}", f"out_dir={run_dir}",
              f"hydra.run.dir={run_dir / 'hydra'}"])
         images[name] = [p.read_bytes() for p in sorted((run_dir / "images").glob("*.png"))]

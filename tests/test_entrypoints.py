@@ -76,7 +76,7 @@ def test_every_greedy_exact_method_writes_the_images_of_greedy_ar(tmp_path):
     common = ["prompt=a cat face, on a blue background", "n=2", "batch_size=2", "sampling.temperature=0",
               "target=tiny_random_t2i", "tokenizer=tiny_random", "target.block_size=64",
               "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]", f"hydra.run.dir={tmp_path}/h",
-              f"drafter.ckpt={tmp_path / 'drafter'}", "tree.total_tokens=6", "tree.depth=2", "tree.top_k=3"]
+              f"drafter.ckpt={tmp_path / 'drafter'}", "tree=fixed", "tree.total_tokens=6", "tree.depth=2", "tree.top_k=3"]
     runs = {"ar": [], "eagle2": [], "lantern": ["method.delta=0"], "sjd": ["method.window=4"],
             "vvs": ["method.tau=0", "method.lantern_k=8", "method.delta=0.3"]}
     images, rows = {}, {}

@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from decode.api import DTYPES, Components, build_components, decode_batch, make_method, pick_device
+from decode.api import DTYPES, Components, build_components, decode_batch, method_with_tree, pick_device, tree_setting
+from decode.budget import AutoTree, BudgetChoice
 from decode.core.sampling import SamplingParams
 from decode.core.trees import TreeParams
 from decode.evaluation.measures import (Interval, PerImage, fd_interval, frechet_distance, mean_interval,
@@ -38,18 +39,16 @@ def method_config(name: str, overrides: dict) -> MethodConfig:
     return resolve_method(name, overrides)
 
 
-def run_settings(cfg: DictConfig, run) -> tuple[TreeParams, int]:
+def run_settings(cfg: DictConfig, run) -> tuple[TreeParams | AutoTree, int]:
     """A run's draft tree and batch size: the benchmark's, with the run's `tree` / `batch_size`
-    overrides (a tree-size or batch-size sweep; speed-ups are taken against AR at the same batch size)."""
+    overrides (a tree-size or batch-size sweep; speed-ups are taken against AR at the same batch size).
+    A run's `tree: {auto: true, ...}` is decode.budget's choice, measured before the run decodes."""
     if run.get("tree") is not None and not isinstance(run.tree, DictConfig):
-        raise ValueError(f"run {run.label}: tree must be a mapping like {{total_tokens: 20}}, got {_show(run.tree)}")
-    tree = {**cfg.tree, **(run.get("tree") or {})}
-    unknown = sorted(set(tree) - set(TreeParams.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"run {run.label}: unknown tree key(s) {unknown}; known: "
-                         f"{', '.join(TreeParams.__dataclass_fields__)}")
+        raise ValueError(f"run {run.label}: tree must be a mapping like {{total_tokens: 20}} or {{auto: true}}, "
+                         f"got {_show(run.tree)}")
+    mine = OmegaConf.to_container(run.tree, resolve=True) if run.get("tree") else {}
     try:
-        tree = TreeParams(**tree)
+        tree = tree_setting(mine if mine.get("auto") else {**cfg.tree, **mine})
     except (TypeError, ValueError) as e:
         raise ValueError(f"run {run.label}: {e}") from None
     batch_size = run.get("batch_size")
@@ -65,10 +64,12 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One run's checked settings: its resolved method, tree, batch."""
+    """One run's checked settings: its resolved method, tree (tree=auto: the budget's settings until
+    it has chosen, then the choice), batch."""
     method: MethodConfig
-    tree: TreeParams
+    tree: TreeParams | AutoTree
     batch_size: int
+    choice: BudgetChoice | None = None  # tree=auto: what it chose (tree None: plain AR)
 
 
 def check_config(cfg: DictConfig) -> list[RunPlan]:
@@ -213,7 +214,9 @@ def _overrides(row: dict, meta: dict) -> str:
         out.append(f"batch {row['batch_size']}")
     tree = meta.get("tree") or {}
     mine = {k: row.get(f"tree_{'size' if k == 'total_tokens' else k}") for k in ("total_tokens", "depth", "top_k")}
-    if row["method"] not in ("ar", "sjd", "sjd_vp") and all(mine.values()) and tree and \
+    if row["method"] not in ("ar", "sjd", "sjd_vp") and mine["total_tokens"] == 1:
+        out.append("tree auto: AR")
+    elif row["method"] not in ("ar", "sjd", "sjd_vp") and all(mine.values()) and tree and \
             any(mine[k] != tree.get(k) for k in mine):
         out.append(f"tree {mine['total_tokens']}/{mine['depth']}/{mine['top_k']}")
     return f" ({', '.join(out)})" if out else ""
@@ -237,6 +240,7 @@ class HeldOut:
     attributes: list
     real: torch.Tensor
     others: torch.Tensor
+    calibration: list[str] | None = None  # prompts outside the evaluation set for tree=auto runs (None: its first batch)
 
 
 def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]:
@@ -266,7 +270,16 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
     meta["fd_world_floor"] = frechet_distance(world_features(evaluator, ref.others), feat_real)
     sampling = SamplingParams(**cfg.sampling)
     # every run's method is built first, so a bad run fails before any decoding
-    methods = [make_method(parts, plan.method, sampling, plan.tree) for plan in plans]
+    methods = []
+    for i, plan in enumerate(plans):
+        calibration = (ref.calibration or prompts)[:plan.batch_size]
+        method, choice = method_with_tree(parts, plan.method, sampling, plan.tree, calibration,
+                                          [image_seed(cfg.seeds[0], i, 0) for i in range(len(calibration))],
+                                          {"compile": cfg.get("compile")})
+        if choice is not None:  # the row reports the tree it decoded with
+            print(f"{cfg.runs[i].label}: {choice.describe()}\n{choice.table()}")
+            plans[i] = RunPlan(plan.method, choice.tree or TreeParams(), plan.batch_size, choice)
+        methods.append(method)
     rows, ar_latency, per_image = [], {}, {}
     bar = tqdm(total=len(cfg.runs) * len(cfg.seeds), desc="benchmark", unit="run")
     for run, method, plan in zip(cfg.runs, methods, plans):
@@ -319,13 +332,16 @@ def _row(run, plan: RunPlan, seed: int, stats: list[dict], wall: float, ar_wall:
     mean = lambda k: sum(s[k] for s in stats) / len(stats)  # noqa: E731
     per_batch = lambda k: sum(s[k] for s in stats[::plan.batch_size])  # noqa: E731
     tree = plan.tree
+    shape = (tree.total_tokens, tree.depth, tree.top_k)
+    if plan.choice is not None and plan.choice.tree is None:  # tree=auto chose plain AR: one node per pass
+        shape = (1, 0, 0)
     return dict(label=run.label, curve=run.get("curve") or run.label, method=run.method, seed=seed,
                 images=len(stats), nfe=mean("nfe"), step_compression=mean("step_compression"), tau=mean("tau"),
                 tau_all=mean("tau_all"), skip_ratio=mean("skip_ratio"), latency_s=mean("latency_s"),
                 images_per_s=len(stats) / wall, total_s=wall, speedup_vs_ar=ar_wall / wall,
                 draft_s=per_batch("draft_s"), verify_s=per_batch("verify_s"), schedule_s=per_batch("schedule_s"),
-                batch_size=plan.batch_size, tree_size=tree.total_tokens, tree_depth=tree.depth,
-                tree_top_k=tree.top_k, batch_passes=mean("batch_passes"), batch_steps=mean("batch_steps"))
+                batch_size=plan.batch_size, tree_size=shape[0], tree_depth=shape[1],
+                tree_top_k=shape[2], batch_passes=mean("batch_passes"), batch_steps=mean("batch_steps"))
 
 
 def log_wandb(rows: list[dict], out: Path, cfg) -> None:

@@ -1,0 +1,227 @@
+"""`tree=auto`: the draft tree that gives the most tokens per second on this device, or plain AR
+when no tree pays (docs/algorithms.md 6).
+
+A tree of n nodes costs one target pass over n tokens plus a drafter round whose cost grows with
+its depth; what it buys is the tokens acceptance keeps. Both sides are measured on the run's own
+target, drafter, device, dtype and batch, through the real engine:
+
+- cost: short decodes time the verification of a tree of each candidate size (target pass and
+  acceptance), the drafter round of each candidate depth, and one AR step;
+- acceptance: one calibration decode with the largest candidate tree records each verified
+  step's tree (its nodes' depths and drafter scores) and accepted path. A smaller EAGLE-2 tree of n
+  nodes and depth d keeps the n - 1 best-scored nodes of depth <= d + 1, and would have accepted
+  the prefix of that path that lies inside it: E(n, d) = 1 + the mean accepted drafts inside it
+  (the next token is always made). Exact for greedy acceptance; for sampled acceptance an
+  estimate, since a rejected sibling changes the residual the next sibling is tested against.
+
+tokens/s (n, d) = E(n, d) / (verify(n) + draft(d)); AR = 1 / ar_step. The choice, with the whole
+table, is cached per device, model, dtype, batch, method and sampling (`cache_dir`), so it is
+measured once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from decode.core.engine import Method, generate
+from decode.core.sampling import SamplingParams, row_generators
+from decode.core.trees import TreeParams
+from decode.strategies.drafting import EagleDrafts
+
+log = logging.getLogger("decode")
+
+
+def drafted_nodes(depth: int, top_k: int) -> int:
+    """Nodes EAGLE-2 drafts: top_k at level 1, then each round top_k children of each of top_k frontier nodes."""
+    return top_k + depth * top_k * top_k
+
+
+@dataclass(frozen=True)
+class AutoTree:
+    """The candidates and the measurement's size. The largest size and depth are the calibration tree."""
+    sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 59)
+    depths: tuple[int, ...] = (0, 1, 2, 3, 4)
+    top_k: int = 10
+    timing_tokens: int = 16       # tokens per timing decode (each timed twice, the faster kept)
+    calibration_tokens: int = 0   # tokens of the calibration decode (0: the whole image)
+    cache_dir: str | None = None  # None: measured every run
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(sorted({int(s) for s in self.sizes})))
+        object.__setattr__(self, "depths", tuple(sorted({int(d) for d in self.depths})))
+        if not self.sizes or self.sizes[0] < 2 or not self.depths or self.depths[0] < 0 or self.top_k < 1:
+            raise ValueError(f"tree=auto needs sizes >= 2, depths >= 0 and top_k >= 1; got sizes {self.sizes}, "
+                             f"depths {self.depths}, top_k {self.top_k}")
+        drafted = drafted_nodes(max(self.depths), self.top_k)
+        if max(self.sizes) - 1 > drafted:
+            raise ValueError(f"tree=auto: the largest size {max(self.sizes)} needs more drafts than depth "
+                             f"{max(self.depths)} with top_k {self.top_k} makes ({drafted}); add a depth or drop the size")
+        if self.timing_tokens < 2 or self.calibration_tokens < 0:
+            raise ValueError(f"tree=auto needs timing_tokens >= 2 and calibration_tokens >= 0; got "
+                             f"{self.timing_tokens}, {self.calibration_tokens}")
+
+    @classmethod
+    def from_config(cls, tree: dict) -> "AutoTree":
+        fixed = {k: tree[k] for k in ("total_tokens", "depth", "static") if tree.get(k) is not None}
+        if fixed:
+            raise ValueError(f"tree=auto chooses the tree's size and depth; {fixed} fixes them: use tree=fixed "
+                             f"({' '.join(f'tree.{k}={v}' for k, v in fixed.items())})")
+        tree = {k: v for k, v in tree.items() if k not in ("total_tokens", "depth", "static")}
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(tree) - known - {"auto"})
+        if unknown:
+            raise ValueError(f"tree=auto: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in tree.items() if k in known})
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    tree: TreeParams | None          # None: plain AR pays best
+    ar_tokens_per_s: float
+    rows: list[dict] = field(default_factory=list)  # per candidate: size, depth, tokens_per_pass, step_s, tokens_per_s
+    cached: bool = False
+
+    def describe(self) -> str:
+        best = max(self.rows, key=lambda r: r["tokens_per_s"]) if self.rows else None
+        if self.tree is None:
+            why = (f"the best tree ({best['size']} nodes, depth {best['depth']}: {best['tokens_per_s']:.1f} tokens/s) "
+                   f"is slower than AR ({self.ar_tokens_per_s:.1f} tokens/s)") if best else "no candidate tree"
+            return f"tree=auto chose AR: {why}"
+        return (f"tree=auto chose {self.tree.total_tokens} nodes, depth {self.tree.depth}, top-k {self.tree.top_k}: "
+                f"{best['tokens_per_pass']:.2f} tokens per pass in {1e3 * best['step_s']:.1f} ms, "
+                f"{best['tokens_per_s']:.1f} tokens/s against AR's {self.ar_tokens_per_s:.1f}")
+
+    def table(self) -> str:
+        lines = ["size depth tokens/pass step_ms tokens/s"]
+        lines += [f"{r['size']:4d} {r['depth']:5d} {r['tokens_per_pass']:11.2f} {1e3 * r['step_s']:7.2f} "
+                  f"{r['tokens_per_s']:8.1f}" for r in sorted(self.rows, key=lambda r: -r["tokens_per_s"])]
+        lines.append(f"  AR     1 {1.0:11.2f} {1e3 / self.ar_tokens_per_s:7.2f} {self.ar_tokens_per_s:8.1f}")
+        return "\n".join(lines)
+
+    def method(self, method: Method) -> Method:
+        """The method to decode with: as given, or plain AR (named so) when no tree pays."""
+        return method if self.tree is not None else Method(f"{method.name} (auto: ar)")
+
+
+# --- acceptance ---------------------------------------------------------------------------------
+class _RecordingAcceptance:
+    """Acceptance as given, recording per verified row its tree (node depths and scores) and path.
+    Calibration only: it reads the tree back from the device once more per step."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, []
+
+    def __call__(self, tree, logits, sampling, generators, rows=None):
+        verdict = self.inner(tree, logits, sampling, generators, rows)
+        depths, scores = tree.depths.cpu(), tree.scores.float().cpu()
+        for r in range(tree.tokens.shape[0]) if rows is None else rows:
+            self.steps.append((depths[r], scores[r], verdict.paths[r]))
+        return verdict
+
+
+def expected_tokens(steps, size: int, depth: int) -> float:
+    """E(n, d): tokens per pass a tree of `size` nodes and `depth` would have made, from the
+    calibration tree's recorded steps (module docstring)."""
+    total = 0
+    for depths, scores, path in steps:
+        eligible = (depths >= 1) & (depths <= depth + 1)
+        ranked = torch.where(eligible, scores, torch.tensor(float("-inf"))).argsort(descending=True, stable=True)
+        inside = set(ranked[: min(size - 1, int(eligible.sum()))].tolist())
+        kept = 0
+        for node in path[1:]:
+            if node not in inside:
+                break
+            kept += 1
+        total += kept
+    return 1.0 + total / max(1, len(steps))
+
+
+# --- cost ------------------------------------------------------------------------------------------
+def _fastest_of_two(run) -> object:
+    """Each timing decode runs twice and the faster counts: the first pays one-time costs
+    (allocation, compilation of a new shape)."""
+    first, second = run(), run()
+    return first if first.loop_s <= second.loop_s else second
+
+
+def measure(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
+            auto: AutoTree, num_tokens: int) -> BudgetChoice:
+    """Calibrate and time on this device (module docstring); `cond` is one batch of the run's conditions."""
+    def decode(m: Method, n: int):
+        return generate(target, cond, num_tokens=n, sampling=sampling, method=m, phase_times=True,
+                        generators=None if sampling.greedy else row_generators(seeds, target.device))
+
+    def eagle(size: int, depth: int, acceptance=None) -> Method:
+        return Method(method.name, drafting=EagleDrafts(drafter, TreeParams(size, depth, auto.top_k)),
+                      acceptance=acceptance or method.acceptance)
+
+    recorder = _RecordingAcceptance(method.acceptance)
+    decode(eagle(max(auto.sizes), max(auto.depths), recorder), auto.calibration_tokens or num_tokens)
+    t = auto.timing_tokens
+    ar = _fastest_of_two(lambda: decode(Method(), t))
+    ar_step = ar.loop_s / max(1, ar.batch_passes)
+    verify = {}
+    for size in auto.sizes:  # the deepest tree can hold every size; its drafting is timed apart
+        g = _fastest_of_two(lambda: decode(eagle(size, max(auto.depths)), t))
+        verify[size] = g.verify_s / max(1, g.batch_passes)
+    draft = {}
+    for depth in auto.depths:
+        g = _fastest_of_two(lambda: decode(eagle(2, depth), t))
+        draft[depth] = g.draft_s / max(1, g.batch_steps)
+    rows = []
+    for size in auto.sizes:
+        for depth in auto.depths:
+            if size - 1 > drafted_nodes(depth, auto.top_k):
+                continue  # EAGLE-2 cannot draft that many nodes that shallow
+            e, step = expected_tokens(recorder.steps, size, depth), verify[size] + draft[depth]
+            rows.append(dict(size=size, depth=depth, tokens_per_pass=e, step_s=step, tokens_per_s=e / step))
+    return _choose(rows, 1.0 / ar_step, auto.top_k)
+
+
+def _choose(rows: list[dict], ar_tokens_per_s: float, top_k: int) -> BudgetChoice:
+    best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
+    if best is None or best["tokens_per_s"] <= ar_tokens_per_s:
+        return BudgetChoice(None, ar_tokens_per_s, rows)
+    return BudgetChoice(TreeParams(best["size"], best["depth"], top_k), ar_tokens_per_s, rows)
+
+
+# --- the cached choice -------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.machine()}:{os.cpu_count()}cores:{torch.get_num_threads()}threads"
+
+
+def cache_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def choose_tree(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
+                auto: AutoTree, identity: dict, num_tokens: int | None = None) -> BudgetChoice:
+    """The cached choice for `identity` (what the run's models, dtype, batch, method and sampling
+    are), or a fresh measurement, written to the cache."""
+    if drafter is None:
+        raise ValueError(f"tree=auto chooses the tree of a drafter method; {method.name} has no drafter")
+    identity = {**identity, "device": device_name(target.device), "auto": asdict(auto) | {"cache_dir": None},
+                "batch": cond.batch, "sampling": asdict(sampling)}
+    path = Path(auto.cache_dir) / f"{cache_key(identity)}.json" if auto.cache_dir else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        tree = TreeParams(**saved["tree"]) if saved["tree"] else None
+        return BudgetChoice(tree, saved["ar_tokens_per_s"], saved["rows"], cached=True)
+    choice = measure(target, drafter, method, cond, seeds, sampling, auto, num_tokens or target.num_image_tokens)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"identity": identity, "tree": asdict(choice.tree) if choice.tree else None,
+                  "ar_tokens_per_s": choice.ar_tokens_per_s, "rows": choice.rows}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    return choice

@@ -28,12 +28,14 @@ from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
 from decode.evaluation.benchmark import HeldOut, check_config, plot, run_benchmark  # noqa: E402
 from decode.evaluation.quality import to_uint8  # noqa: E402
+from decode.evaluation.world_evaluator import evaluator_world  # noqa: E402
 from decode.resolvers import register_resolvers, reporting_input_errors  # noqa: E402
 
 
 def world_held_out(cfg: DictConfig, image_size: int) -> HeldOut:
-    """cfg.num_prompts held-out world scenes, and as many others for the FID floor."""
-    world = SceneGenerator(image_size=image_size, seed=cfg.world_seed)
+    """cfg.num_prompts held-out world scenes, and as many others for the FID floor, of the world the
+    evaluator reads."""
+    world = SceneGenerator(image_size=image_size, seed=cfg.world_seed, world=evaluator_world(cfg.evaluator_ckpt))
     scenes = [world.scene(HELDOUT_OFFSET + i) for i in range(cfg.num_prompts)]
     others = [world.scene(HELDOUT_OFFSET + cfg.num_prompts + i) for i in range(cfg.num_prompts)]
     images = lambda ss: torch.stack([to_uint8(image_to_tensor(s.image)) for s in ss])  # noqa: E731

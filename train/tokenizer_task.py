@@ -84,6 +84,18 @@ class TokenizerModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def start_from(vq: VQModel, folder: str) -> None:
+    """Fine-tuning (e.g. after the world changes): start from an exported tokenizer of the same architecture."""
+    from decode.models.checkpoint import load_state_dict_strict, read_model_folder
+
+    meta, state = read_model_folder(folder, kind="llamagen_vq")
+    theirs, mine = VQConfig.from_dict(meta["config"]).to_dict(), vq.config.to_dict()
+    changed = sorted(k for k in mine if theirs.get(k) != mine[k])
+    if changed:
+        raise ValueError(f"init={folder} is a tokenizer of another architecture ({', '.join(changed)} differ)")
+    load_state_dict_strict(vq, state, source=str(folder))
+
+
 def build_images(data: DictConfig, split: str):
     if data.source == "world":
         n = data.num_train if split == "train" else data.num_heldout
@@ -117,6 +129,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # plain containers: checkpoints must reload with torch.load(weights_only=True)
     module = TokenizerModule(vq=OmegaConf.to_container(cfg.vq, resolve=True),
                              **OmegaConf.to_container(cfg.optim, resolve=True))
+    if cfg.get("init"):
+        start_from(module.vq, cfg.init)
     loader = lambda split, shuffle: DataLoader(  # noqa: E731
         build_images(cfg.data, split), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         shuffle=shuffle, drop_last=split == "train", persistent_workers=cfg.data.num_workers > 0)

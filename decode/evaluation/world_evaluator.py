@@ -151,6 +151,13 @@ class CaptionParser:
                 "background": background}
 
 
+def evaluator_world(folder: str | Path) -> str:
+    """The world version an evaluator folder reads (its labels are that world's; folders before v3: v2)."""
+    from decode.models.checkpoint import read_model_meta
+
+    return read_model_meta(folder, kind="world_evaluator")["config"].get("world", "v2")
+
+
 def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> AttributeEvaluator:
     from decode.models.checkpoint import load_state_dict_strict, read_model_folder
 

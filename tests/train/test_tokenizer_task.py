@@ -40,3 +40,20 @@ def test_wandb_offline_run_records_metrics_and_reconstruction_images(tmp_path):
     assert len(runs) == 1
     images = list(runs[0].glob("files/media/images/val/reconstructions_*.png"))
     assert images, sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*"))[:40]
+
+
+def test_fine_tuning_starts_from_a_tokenizer_of_the_same_architecture(tmp_path):
+    import pytest
+
+    from decode.models.checkpoint import save_model_folder
+    from decode.models.vq import VQConfig, VQModel
+    from train.tokenizer_task import start_from
+
+    small = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=32, num_res_blocks=1)
+    torch.manual_seed(0)
+    source, fresh = VQModel(VQConfig(**small)), VQModel(VQConfig(**small))
+    save_model_folder(tmp_path / "tok", source, source.config.to_dict(), kind="llamagen_vq")
+    start_from(fresh, str(tmp_path / "tok"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ValueError, match="codebook_size"):
+        start_from(VQModel(VQConfig(**{**small, "codebook_size": 128})), str(tmp_path / "tok"))

@@ -92,6 +92,24 @@ def _portable(value):
     return value
 
 
+def check_schedule_fits(method: MethodConfig, target: DictConfig) -> None:
+    """A next-set schedule's knobs against the target's token grid, read from its config (no weights
+    loaded): a window wider than a row or more rows than the grid has fail here."""
+    if method.schedule != "next_set":
+        return
+    block = target.get("block_size")
+    ckpt = target.get("ckpt")
+    if block is None and ckpt and Path(str(ckpt)).is_dir():
+        from decode.models.checkpoint import read_model_meta
+
+        block = read_model_meta(ckpt, kind="llamagen_gpt")["config"].get("block_size")
+    if block is not None:
+        from decode.core.wavefront import NextSet, grid_shape
+
+        width, height = grid_shape(int(block), int(block))
+        NextSet(method.knobs["row_window"], method.knobs["max_rows"]).check(width, height)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
@@ -99,7 +117,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     jobs = plan_jobs(prompts, integer(cfg, "n"), integer(cfg, "seed"))
     integer(cfg, "batch_size", least=1)
     method = resolve_method(cfg.method.name, OmegaConf.to_container(cfg.method, resolve=True))  # bad knobs fail
-    ranks = ranks_from_env()                                                                    # before any load
+    check_schedule_fits(method, cfg.target)                                                     # before any load
+    ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
     with distributed.group_left_at_end():
         return _run_rank(cfg, jobs, method, run_settings(cfg, method, prompts), ranks, device)

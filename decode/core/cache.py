@@ -69,20 +69,24 @@ class KVCache:
         """Rows of the storage this cache's batch rows are (all of them; a `CacheRows` view: some)."""
         return torch.arange(self.batch, device=device)
 
-    def attention_mask(self, block_mask: Tensor, upto: int) -> Tensor:
+    def attention_mask(self, block_mask: Tensor, upto: int, committed_visible: Tensor | None = None) -> Tensor:
         """Mask [B, T, upto] for T new tokens written at `new_slots(T, offset)`.
 
-        A new token sees every committed valid slot before its row's length, and the uncommitted
-        entries that `block_mask` [B, T, offset + T] allows: earlier scratch entries of this step
-        and the new tokens themselves (causal for a chain, ancestors for a tree).
+        A new token sees every committed valid slot before its row's length (with `committed_visible`
+        [B, T, upto]: only those it allows, e.g. the earlier positions of a wavefront whose slots are not
+        in raster order), and the uncommitted entries that `block_mask` [B, T, offset + T] allows:
+        earlier scratch entries of this step and the new tokens themselves (causal for a chain,
+        ancestors for a tree).
         """
         b, t, width = block_mask.shape
         cols = torch.arange(upto, device=block_mask.device)[None, :]  # [1, S]
-        committed = self.valid[:, :upto] & (cols < self.length[:, None])  # [B, S]
+        committed = (self.valid[:, :upto] & (cols < self.length[:, None]))[:, None, :]  # [B, 1, S]
+        if committed_visible is not None:
+            committed = committed & committed_visible
         rel = cols - self.length[:, None]  # [B, S] index of the scratch entry stored in each slot
         in_block = (rel >= 0) & (rel < width)
         gathered = torch.gather(block_mask, 2, rel.clamp(0, max(width - 1, 0))[:, None, :].expand(b, t, upto))
-        return committed[:, None, :] | (in_block[:, None, :] & gathered)
+        return committed | (in_block[:, None, :] & gathered)
 
     def commit(self, num_new: int | Sequence[int] | Tensor, key_valid: Tensor | None = None) -> None:
         """Mark the next `num_new` slots of each row as committed (optionally some as not attendable).

@@ -50,12 +50,15 @@ class Generation:
 
 @dataclass(frozen=True)
 class Method:
-    """A decoding method as three strategies (decode/strategies/protocols.py). `drafting` None: no
-    drafts (plain AR); `acceptance` None: greedy / exact sampled by the run's `sampling`."""
+    """A decoding method as three strategies (decode/strategies/protocols.py) and a schedule.
+    `drafting` None: no drafts (plain AR); `acceptance` None: greedy / exact sampled by the run's
+    `sampling`; `schedule` None: one raster-order frontier (this loop), or a next-set wavefront of
+    grid rows (decode.core.wavefront.NextSet: ZipAR)."""
     name: str = "ar"
     drafting: Drafting | None = None
     acceptance: Acceptance | None = None
     skipping: Skipping = field(default_factory=NeverSkip)
+    schedule: object | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,11 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     skipping adds one, before the pass) and never for AR: the host keeps the counts, the device
     keeps the tokens. `phase_times` times drafting, verification and scheduling apart, which waits
     for the device three times a step: off on a GPU unless asked for, on on a CPU (free there)."""
+    if method.schedule is not None:
+        from decode.core.wavefront import generate_wavefront  # it builds on this module's types
+
+        return generate_wavefront(target, condition, num_tokens=num_tokens, sampling=sampling, generators=generators,
+                                  method=method, schedule=method.schedule)
     if not sampling.greedy and generators is None:
         raise ValueError(f"sampled decoding ({method.name}) needs one generator per image")
     device, b = target.device, condition.batch

@@ -12,6 +12,10 @@
 | sjd_vp     | jacobi, VP-favoured redraws  | exact                             | never                |
 | mc_sjd     | jacobi, coupled redraws      | exact (lossless)                  | never                |
 | gsd        | jacobi window on the target  | gsd (grouped: ranks, p gap, dist) | never                |
+| zipar      | none; rows advance together  | exact (each row's sampled token)  | never                |
+
+zipar's schedule is next_set (decode/core/wavefront.py: row_window, max_rows); every other method's
+is raster (one frontier in raster order).
 
 Any part can be swapped: `method=vvs method.base=lantern_pp` is VVS's skipping over LANTERN++'s
 drafting and acceptance; `method=eagle2 method.skipping=uniform` skips over exact acceptance;
@@ -30,6 +34,7 @@ from torch import Tensor
 from decode.core.sampling import SamplingParams
 from decode.core.trees import STATIC_SHAPES, TreeParams
 from decode.core.engine import Method
+from decode.core.wavefront import NextSet
 from decode.models.drafter import Drafter
 from decode.resolvers import REPO
 from decode.strategies.acceptance import Grouping, Relaxation, latent_neighbours, make_acceptance
@@ -38,17 +43,18 @@ from decode.strategies.jacobi import INITS, JacobiDrafts
 from decode.strategies.skipping import LearnedSkip, NeverSkip, SimilaritySkip, SkipLimits, Skipping, UniformSkip
 
 # (drafting, acceptance, skipping) and the method's own knob values, where they differ from the strategy's
-METHODS: dict[str, tuple[str, str, str, dict]] = {
-    "ar": ("none", "exact", "never", {}),
-    "eagle2": ("eagle", "exact", "never", {}),
-    "lantern": ("eagle", "lantern", "never", {}),
-    "lantern_pp": ("static", "lantern_pp", "never", {}),
-    "vvs_u": ("eagle", "lantern", "uniform", {}),
-    "vvs": ("eagle", "lantern", "similarity", {}),
-    "sjd": ("jacobi", "exact", "never", {}),
-    "sjd_vp": ("jacobi", "exact", "never", {"vp_beta": 1.0}),
-    "mc_sjd": ("jacobi", "exact", "never", {"coupled": True}),
-    "gsd": ("jacobi", "gsd", "never", {}),
+METHODS: dict[str, tuple[str, str, str, str, dict]] = {
+    "ar": ("none", "exact", "never", "raster", {}),
+    "eagle2": ("eagle", "exact", "never", "raster", {}),
+    "lantern": ("eagle", "lantern", "never", "raster", {}),
+    "lantern_pp": ("static", "lantern_pp", "never", "raster", {}),
+    "vvs_u": ("eagle", "lantern", "uniform", "raster", {}),
+    "vvs": ("eagle", "lantern", "similarity", "raster", {}),
+    "sjd": ("jacobi", "exact", "never", "raster", {}),
+    "sjd_vp": ("jacobi", "exact", "never", "raster", {"vp_beta": 1.0}),
+    "mc_sjd": ("jacobi", "exact", "never", "raster", {"coupled": True}),
+    "gsd": ("jacobi", "gsd", "never", "raster", {}),
+    "zipar": ("none", "exact", "never", "next_set", {}),
 }
 _LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
 KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
@@ -70,6 +76,11 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
         "similarity": {"tau": 0.7, "decay": 0.9, **_LIMITS},
         "learned": {"threshold": 0.865, "scheduler_ckpt": str(REPO / "models" / "world" / "scheduler"), **_LIMITS},
     },
+    "schedule": {
+        "raster": {},
+        # ZipAR's Lumina-mGPT default is 16 of 48 columns; a third of our 16-column grid rounds to 6
+        "next_set": {"row_window": 6, "max_rows": 16},
+    },
 }
 PARTS = tuple(KNOBS)
 TREE_DRAFTING = ("eagle", "static")  # the drafts skipping can take from
@@ -90,6 +101,8 @@ _CHECKS = {  # knob -> (valid?, what is allowed)
     "group_ranks": (lambda v: v >= 0, ">= 0 (0: exact)"),
     "group_p_gap": (lambda v: v >= 0, ">= 0"),
     "group_sq_dist": (lambda v: 0 <= v <= 4, "in [0, 4] (squared distance of unit embedding rows)"),
+    "row_window": (lambda v: v >= 1, ">= 1 (tokens of the row above before a row starts; at most the grid width)"),
+    "max_rows": (lambda v: v >= 1, ">= 1 (grid rows in flight; at most the grid's rows)"),
 }
 
 
@@ -101,6 +114,7 @@ class MethodConfig:
     acceptance: str
     skipping: str
     knobs: dict = field(default_factory=dict)
+    schedule: str = "raster"
 
     @property
     def needs_drafter(self) -> bool:
@@ -112,7 +126,8 @@ class MethodConfig:
         return self.drafting == "eagle"
 
     def describe(self) -> str:
-        return f"{self.name} ({self.drafting} drafting, {self.acceptance} acceptance, {self.skipping} skipping)"
+        return (f"{self.name} ({self.drafting} drafting, {self.acceptance} acceptance, {self.skipping} skipping"
+                + (f", {self.schedule} schedule)" if self.schedule != "raster" else ")"))
 
 
 def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
@@ -123,19 +138,22 @@ def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
     if name not in METHODS:
         raise ValueError(f"method={name!r} is unknown; available: {', '.join(METHODS)}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "name"}
-    parts = dict(zip(PARTS, METHODS[name][:3]))
-    knobs = dict(METHODS[name][3])
+    parts = dict(zip(PARTS, METHODS[name][:4]))
+    knobs = dict(METHODS[name][4])
     base = given.pop("base", None)
     if base is not None:
         if base not in METHODS:
             raise ValueError(f"method.base={base!r} is unknown; available: {', '.join(METHODS)}")
         parts.update(drafting=METHODS[base][0], acceptance=METHODS[base][1])
-        knobs.update(METHODS[base][3])
+        knobs.update(METHODS[base][4])
     for part in PARTS:
         choice = given.pop(part, parts[part])
         if choice not in KNOBS[part]:
             raise ValueError(f"method.{part}={choice!r} is unknown; known: {', '.join(KNOBS[part])}")
         parts[part] = choice
+    if parts["schedule"] == "next_set" and parts["drafting"] != "none":
+        raise ValueError(f"method.schedule=next_set advances each grid row by one sampled token per pass; it takes "
+                         f"no drafts (method={name} drafts with {parts['drafting']}): use method.drafting=none")
     if parts["skipping"] != "never" and parts["drafting"] not in TREE_DRAFTING:
         raise ValueError(f"method.skipping={parts['skipping']} needs a drafter's tree to take tokens from "
                          f"(drafting {' or '.join(TREE_DRAFTING)}); method={name} drafts with {parts['drafting']}")
@@ -154,7 +172,7 @@ def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
     if values.get("tau", 0) > 1:  # allowed: the rule's cost without its skips (tests use it); never silently
         warnings.warn(f"method.tau={values['tau']} > 1: path similarity never reaches it, so the similarity rule "
                       "never skips (method.skipping=never skips nothing without computing it)")
-    return MethodConfig(name, parts["drafting"], parts["acceptance"], parts["skipping"], values)
+    return MethodConfig(name, parts["drafting"], parts["acceptance"], parts["skipping"], values, parts["schedule"])
 
 
 def _composition(name: str, parts: dict) -> str:
@@ -168,9 +186,12 @@ def build_method(method: MethodConfig | str, *, sampling: SamplingParams, tree: 
     `codebook` [V, d] (raw VQ rows) is needed by LANTERN's acceptance and VVS's similarity and learned
     skipping; `learned_policy` by skipping=learned."""
     config = resolve_method(method, options) if isinstance(method, str) else method
+    schedule = None
+    if config.schedule == "next_set":
+        schedule = NextSet(config.knobs["row_window"], config.knobs["max_rows"])
     return Method(config.name, drafting=_drafting(config, tree, drafter),
                   acceptance=make_acceptance(sampling, relaxation(config, codebook)),
-                  skipping=_skipping(config, codebook, learned_policy))
+                  skipping=_skipping(config, codebook, learned_policy), schedule=schedule)
 
 
 def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from decode.core.cache import KVCache
@@ -137,7 +138,8 @@ class LlamaGenTarget:
 
     @torch.no_grad()
     def extend(self, cache: KVCache, tokens: Tensor, block_mask: Tensor | None = None,
-               depths: Tensor | None = None, rows: Sequence[int] | None = None) -> TargetOutput:
+               depths: Tensor | None = None, rows: Sequence[int] | None = None,
+               positions: Tensor | None = None, slot_positions: Tensor | None = None) -> TargetOutput:
         """Forward new tokens [B, T] after each row's committed part; KV is written but not committed.
 
         Args:
@@ -147,6 +149,10 @@ class LlamaGenTarget:
             depths: [B, T] position offsets from the row's length (default 0..T-1; a tree passes depth).
             rows: R image rows of the cache to run (host ints; the others skip this pass); tokens,
                 block_mask and depths are then those rows' [R, ...], and so is the output.
+            positions: [B, T] absolute sequence positions of the new tokens (prefix included), instead of
+                the row's length + depths: tokens out of raster order (a wavefront of grid rows).
+            slot_positions: [B, S] the absolute position of each committed slot (with `positions`): a new
+                token then sees only the committed slots before its own position.
         """
         if rows is not None:
             full, rows = cache.batch // self.groups, [int(r) for r in rows]
@@ -160,9 +166,16 @@ class LlamaGenTarget:
         block_mask, depths2 = block_mask.repeat(rep), depths.repeat(self.groups, 1)
         x = self.gpt.embed_tokens(tokens.repeat(self.groups, 1))
         # past the last image position (trees at the final steps) RoPE rows are zero padding
-        pos = (cache.length[:, None] + depths2).clamp_max(self.gpt.max_positions - 1)
+        if positions is None:
+            pos = (cache.length[:, None] + depths2).clamp_max(self.gpt.max_positions - 1)
+        else:
+            pos = positions.repeat(self.groups, 1).clamp_max(self.gpt.max_positions - 1)
         upto = cache.longest + t
-        hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto), cache)
+        visible = None
+        if slot_positions is not None:  # [G*B, T, upto]: committed slots at earlier positions only
+            slots = slot_positions.repeat(self.groups, 1)[:, :upto]
+            visible = F.pad(slots, (0, upto - slots.shape[1]), value=1 << 30)[:, None, :] < pos[:, :, None]
+        hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto, visible), cache)
         return self.guide(hidden)
 
     def commit(self, cache: KVCache, num_new: int | Tensor) -> None:

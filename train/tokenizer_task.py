@@ -1,7 +1,8 @@
 """`python -m train tokenizer`: train the decode/ VQ tokenizer (LlamaGen architecture).
 
-Loss: L1 + L2 reconstruction, plus the codebook and commitment terms of VQ-VAE. LlamaGen's
-perceptual (LPIPS) and adversarial terms are left out: their VGG weights cannot be fetched here.
+Loss: L1 + L2 reconstruction, plus the codebook and commitment terms of VQ-VAE, and optionally
+(`optim.perceptual_weight`) a perceptual term from Inception-v3's first blocks (train/perceptual.py):
+LlamaGen's LPIPS needs VGG weights that cannot be fetched here. Its adversarial term is left out.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from data.images import ShardImages, WorldImages
 from decode.models.checkpoint import save_model_folder
 from decode.models.vq import VQConfig, VQModel
+from train.perceptual import InceptionPerceptual
 from train.common import (
     build_logger,
     build_trainer,
@@ -34,10 +36,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class TokenizerModule(L.LightningModule):
     def __init__(self, vq: dict, lr: float = 2e-4, weight_decay: float = 0.0, l2_weight: float = 1.0,
-                 codebook_weight: float = 1.0, commit_beta: float = 0.25, warmup_steps: int = 100):
+                 codebook_weight: float = 1.0, commit_beta: float = 0.25, warmup_steps: int = 100,
+                 perceptual_weight: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.vq = VQModel(VQConfig(**vq))
+        # a frozen feature network, not a submodule: it stays out of checkpoints and of the optimizer
+        self._perceptual = [InceptionPerceptual()] if perceptual_weight > 0 else []
 
     def losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         q = self.vq.quantize_image(images)
@@ -47,6 +52,10 @@ class TokenizerModule(L.LightningModule):
                  "codebook": q.codebook_loss, "commit": q.commit_loss}
         parts["loss"] = (parts["l1"] + hp.l2_weight * parts["l2"] + hp.codebook_weight * parts["codebook"]
                          + hp.commit_beta * parts["commit"])
+        if self._perceptual:
+            net = self._perceptual[0].to(images.device)
+            parts["perceptual"] = net(recon, images)
+            parts["loss"] = parts["loss"] + hp.get("perceptual_weight", 0.0) * parts["perceptual"]
         return parts, recon, q.codes
 
     def training_step(self, images: torch.Tensor, _: int) -> torch.Tensor:

@@ -57,3 +57,21 @@ def test_fine_tuning_starts_from_a_tokenizer_of_the_same_architecture(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), fresh.state_dict().values()))
     with pytest.raises(ValueError, match="codebook_size"):
         start_from(VQModel(VQConfig(**{**small, "codebook_size": 128})), str(tmp_path / "tok"))
+
+
+def test_the_perceptual_loss_is_zero_for_equal_images_and_trains_the_reconstruction_only():
+    from train.perceptual import InceptionPerceptual
+    from train.tokenizer_task import TokenizerModule
+
+    net = InceptionPerceptual(size=96)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = (x + 0.2 * torch.randn_like(x)).requires_grad_()
+    assert float(net(x, x)) == 0.0
+    loss = net(y, x)
+    loss.backward()
+    assert float(loss) > 0 and y.grad.abs().sum() > 0
+    small = dict(codebook_size=64, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], z_channels=32, ch=32, num_res_blocks=1)
+    module = TokenizerModule(vq=small, perceptual_weight=1.0)
+    parts, _, _ = module.losses(x)
+    assert float(parts["perceptual"]) > 0
+    assert all(k.startswith("vq.") for k in module.state_dict())  # Inception stays out of checkpoints

@@ -64,9 +64,37 @@ def main() -> int:
         stats[name] = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     same = images["ar_greedy"] == images["eagle2_greedy"]
     print(f"\ngreedy EAGLE-2 images identical to greedy AR: {same} ({len(images['ar_greedy'])} images)")
+    prompt_grid(PROMPTS, {name: sorted((out / name / "images").glob("*.png")) for name in ("ar", "vvs")},
+                out / "grid.png")
     print(side_by_side(stats))
+    print(f"prompt | AR | VVS, side by side: {out / 'grid.png'}")
     print(f"files in {out}")
     return 0 if same else 1
+
+
+def prompt_grid(prompts: list[str], columns: dict[str, list[Path]], path: Path, scale: int = 3) -> None:
+    """One row per image: its prompt, then each run's image of it (same prompt, same seed), upscaled."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = list(columns)
+    first = Image.open(columns[names[0]][0])
+    side, text_w, font = first.width * scale, 260, ImageFont.load_default()
+    rows = len(columns[names[0]])
+    sheet = Image.new("RGB", (text_w + len(names) * (side + 8), 16 + rows * (side + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(names):
+        draw.text((text_w + c * (side + 8), 2), name, fill="black", font=font)
+    for r in range(rows):
+        y = 16 + r * (side + 8)
+        prompt = prompts[int(columns[names[0]][r].name[:5])]
+        for j, line in enumerate(textwrap.wrap(prompt, width=40)):
+            draw.text((4, y + 12 * j), line, fill="black", font=font)
+        for c, name in enumerate(names):
+            img = Image.open(columns[name][r]).convert("RGB").resize((side, side), Image.NEAREST)
+            sheet.paste(img, (text_w + c * (side + 8), y))
+    sheet.save(path)
 
 
 def side_by_side(stats: dict[str, list[dict]]) -> str:

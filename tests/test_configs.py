@@ -95,8 +95,8 @@ def test_script_configs_compose_and_resolve(name):
     """The scripts' root configs compose, and their runs name known methods, knobs and trees."""
     from omegaconf import OmegaConf
 
+    from decode.api import tree_setting
     from decode.strategies.registry import METHODS, resolve_method
-    from decode.core.trees import TreeParams
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -107,7 +107,8 @@ def test_script_configs_compose_and_resolve(name):
         opts = dict(run.get("options") or {})
         ckpt = resolve_method(run["method"], opts).knobs.get("scheduler_ckpt")
         assert ckpt is None or (REPO / "models" / "world" / "scheduler" / "config.json").is_file()
-        TreeParams(**{**resolved["tree"], **(run.get("tree") or {})})
+        mine = run.get("tree") or {}
+        tree_setting(mine if mine.get("auto") else {**resolved["tree"], **mine})
 
 
 TASKS = sorted(p.stem.removeprefix("train_") for p in CONF.glob("train_*.yaml"))

@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo bench device-wheels clean
+.PHONY: install test test-all demo bench bench-xl device-wheels clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ demo: install
 # every decoding method on 100 held-out world prompts x 2 seeds, one process (about 40 min on 1 CPU thread)
 bench: install
 	$(BIN)/python scripts/benchmark.py threads=1 out_dir=outputs/benchmark/world_cpu
+
+# each method's world decisions replayed at LlamaGen-XL size (random weights): speed where users are.
+# BENCH_XL_OUT=dir picks the output folder; extra Hydra overrides: make bench-xl ARGS="size=L batch_size=2"
+bench-xl: install
+	BENCH_XL_OUT=$(or $(BENCH_XL_OUT),outputs/bench_xl) $(BIN)/python scripts/bench_xl.py $(ARGS)
 
 # the pure-Python packages the GPU machine's image lacks, as wheels to carry there (scripts/gpu_check.sh)
 device-wheels: install

@@ -151,38 +151,69 @@ def _fastest_of_two(run) -> object:
     return first if first.loop_s <= second.loop_s else second
 
 
-def measure(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
-            auto: AutoTree, num_tokens: int) -> BudgetChoice:
-    """Calibrate and time on this device (module docstring); `cond` is one batch of the run's conditions."""
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per AR step, per verification of a tree of each size, per drafter round of each depth."""
+    ar_step: float
+    verify: dict[int, float]
+    draft: dict[int, float]
+
+
+def _decoder(target, cond, seeds: list[int], sampling: SamplingParams):
     def decode(m: Method, n: int):
         return generate(target, cond, num_tokens=n, sampling=sampling, method=m, phase_times=True,
                         generators=None if sampling.greedy else row_generators(seeds, target.device))
+    return decode
 
-    def eagle(size: int, depth: int, acceptance=None) -> Method:
-        return Method(method.name, drafting=EagleDrafts(drafter, TreeParams(size, depth, auto.top_k)),
-                      acceptance=acceptance or method.acceptance)
 
+def _eagle(method: Method, drafter, size: int, depth: int, top_k: int, acceptance=None) -> Method:
+    return Method(method.name, drafting=EagleDrafts(drafter, TreeParams(size, depth, top_k)),
+                  acceptance=acceptance or method.acceptance)
+
+
+def calibrate(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams, auto: AutoTree,
+              num_tokens: int) -> list:
+    """The recorded steps of one decode with the largest candidate tree (no skipping): what
+    `expected_tokens` reads."""
     recorder = _RecordingAcceptance(method.acceptance)
-    decode(eagle(max(auto.sizes), max(auto.depths), recorder), auto.calibration_tokens or num_tokens)
-    t = auto.timing_tokens
+    _decoder(target, cond, seeds, sampling)(
+        _eagle(method, drafter, max(auto.sizes), max(auto.depths), auto.top_k, recorder), num_tokens)
+    return recorder.steps
+
+
+def time_candidates(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
+                    auto: AutoTree) -> Costs:
+    """Short timed decodes on this device: an AR step, verification per size, drafting per depth."""
+    decode, t = _decoder(target, cond, seeds, sampling), auto.timing_tokens
     ar = _fastest_of_two(lambda: decode(Method(), t))
-    ar_step = ar.loop_s / max(1, ar.batch_passes)
     verify = {}
     for size in auto.sizes:  # the deepest tree can hold every size; its drafting is timed apart
-        g = _fastest_of_two(lambda: decode(eagle(size, max(auto.depths)), t))
+        g = _fastest_of_two(lambda: decode(_eagle(method, drafter, size, max(auto.depths), auto.top_k), t))
         verify[size] = g.verify_s / max(1, g.batch_passes)
     draft = {}
     for depth in auto.depths:
-        g = _fastest_of_two(lambda: decode(eagle(2, depth), t))
+        g = _fastest_of_two(lambda: decode(_eagle(method, drafter, 2, depth, auto.top_k), t))
         draft[depth] = g.draft_s / max(1, g.batch_steps)
+    return Costs(ar.loop_s / max(1, ar.batch_passes), verify, draft)
+
+
+def decide(steps: list, costs: Costs, auto: AutoTree) -> BudgetChoice:
+    """The candidate with the most tokens per second, or AR (None) when none beats it."""
     rows = []
     for size in auto.sizes:
         for depth in auto.depths:
             if size - 1 > drafted_nodes(depth, auto.top_k):
                 continue  # EAGLE-2 cannot draft that many nodes that shallow
-            e, step = expected_tokens(recorder.steps, size, depth), verify[size] + draft[depth]
+            e, step = expected_tokens(steps, size, depth), costs.verify[size] + costs.draft[depth]
             rows.append(dict(size=size, depth=depth, tokens_per_pass=e, step_s=step, tokens_per_s=e / step))
-    return _choose(rows, 1.0 / ar_step, auto.top_k)
+    return _choose(rows, 1.0 / costs.ar_step, auto.top_k)
+
+
+def measure(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
+            auto: AutoTree, num_tokens: int) -> BudgetChoice:
+    """Calibrate and time on this device (module docstring); `cond` is one batch of the run's conditions."""
+    steps = calibrate(target, drafter, method, cond, seeds, sampling, auto, auto.calibration_tokens or num_tokens)
+    return decide(steps, time_candidates(target, drafter, method, cond, seeds, sampling, auto), auto)
 
 
 def _choose(rows: list[dict], ar_tokens_per_s: float, top_k: int) -> BudgetChoice:

@@ -51,8 +51,9 @@ class DrafterConfig:
         c = gpt.config
         base = dict(dim=c.dim, n_head=c.n_head, vocab_size=c.vocab_size, block_size=c.block_size,
                     cls_token_num=c.cls_token_num, n_layer=n_layer, n_kv_head=c.n_kv_head, multiple_of=c.multiple_of,
-                    ffn_dim_multiplier=c.ffn_dim_multiplier, rope_base=c.rope_base, norm_eps=c.norm_eps,
-                    target_fingerprint=target_fingerprint(gpt))
+                    ffn_dim_multiplier=c.ffn_dim_multiplier, rope_base=c.rope_base, norm_eps=c.norm_eps)
+        if "target_fingerprint" not in overrides:  # given: e.g. a target on the meta device, which has no values
+            base["target_fingerprint"] = target_fingerprint(gpt)
         return cls(**{**base, **overrides})
 
     def layer_config(self) -> GPTConfig:

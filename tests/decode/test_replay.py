@@ -1,0 +1,45 @@
+"""Replaying a method's decisions on another model (decode/evaluation/replay.py, make bench-xl): the
+replay makes exactly the recorded passes and skips on trees of the recorded shapes, and a trace of
+another tree is refused."""
+import pytest
+import torch
+
+from decode.core.trees import TreeParams
+from decode.evaluation.replay import SKIP, VERIFY, Trace, recording, replaying
+from decode.strategies.registry import build_method
+from tests.decode.test_speculative import SAMPLED, run, world
+
+
+@pytest.mark.parametrize("name,options", [("eagle2", {}), ("vvs", {"lantern_k": 16, "tau": 0.2})])
+def test_a_replay_on_another_model_makes_the_recorded_passes_and_skips(name, options):
+    small, drafter, cond, codebook = world(2, seed=0)
+    other, other_drafter, _, _ = world(2, seed=5)  # other weights: its own decisions would differ
+    tree = TreeParams(12, 3, 4)
+    recorded, events = recording(build_method(name, sampling=SAMPLED, tree=tree, drafter=drafter, codebook=codebook,
+                                              options=options), 2)
+    original = run(small, cond, recorded, SAMPLED)
+    assert all(e[0] in (VERIFY, SKIP) for image in events for e in image)
+    free = run(other, cond, build_method(name, sampling=SAMPLED, tree=tree, drafter=other_drafter,
+                                         codebook=codebook, options=options), SAMPLED)
+    method, cursor = replaying(build_method(name, sampling=SAMPLED, tree=tree, drafter=other_drafter,
+                                            codebook=codebook, options=options), events)
+    replayed = run(other, cond, method, SAMPLED)
+    assert torch.equal(replayed.nfe, original.nfe) and torch.equal(replayed.skipped, original.skipped)
+    assert cursor.past_end == 0 and cursor.at == [len(e) for e in events]
+    assert not torch.equal(free.nfe, original.nfe)  # the other model alone decides otherwise
+    if name == "vvs":
+        assert int(original.skipped.sum()) > 0
+
+
+def test_a_trace_of_another_tree_or_method_is_refused(tmp_path):
+    small, drafter, cond, codebook = world(1)
+    recorded, events = recording(build_method("eagle2", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter), 1)
+    run(small, cond, recorded, SAMPLED)
+    method, _ = replaying(build_method("eagle2", sampling=SAMPLED, tree=TreeParams(8, 3, 4), drafter=drafter), events)
+    with pytest.raises(ValueError, match="12 nodes, this method's 8"):
+        run(small, cond, method, SAMPLED)
+    trace = Trace("eagle2", 64, events)
+    trace.save(tmp_path / "t.json")
+    assert Trace.load(tmp_path / "t.json", "eagle2", 64).step_compression() == trace.step_compression()
+    with pytest.raises(ValueError, match="a trace of eagle2 over 64 tokens; this replay needs vvs"):
+        Trace.load(tmp_path / "t.json", "vvs", 64)

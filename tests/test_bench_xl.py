@@ -17,7 +17,7 @@ BASE = dict(runs=["ar", "eagle2"], batch_size=1, trace_prompts=2, num_tokens=256
     (dict(runs=["eagle2"]), "runs must include ar"),
     (dict(runs=["ar", "sjd"]), "runs must include ar and be among"),
     (dict(trace_prompts=3, batch_size=2), "multiple of batch_size"),
-    (dict(size="XXXL"), "unknown GPT size"),
+    (dict(size="XXXXL"), "unknown GPT size"),
     (dict(dtype="fp8"), "dtype must be one of"),
 ])
 def test_bad_settings_are_named(change, match):

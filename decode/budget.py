@@ -1,5 +1,5 @@
 """`tree=auto`: the draft tree that gives the most tokens per second on this device, or plain AR
-when no tree pays (docs/algorithms.md 6).
+when no tree pays (docs/algorithms.md 2.5).
 
 A tree of n nodes costs one target pass over n tokens plus a drafter round whose cost grows with
 its depth; what it buys is the tokens acceptance keeps. Both sides are measured on the run's own

@@ -1,4 +1,4 @@
-"""Replaying a method's decisions at another model size (docs/algorithms.md 6.2; `make bench-xl`).
+"""Replaying a method's decisions at another model size (docs/algorithms.md 5.4; `make bench-xl`).
 
 The world target is small enough that a pass over a tree costs far more than a pass over one
 token; a LlamaGen-XL-sized target is not, and there speculation pays. Its weights cannot be trained

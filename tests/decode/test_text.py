@@ -65,7 +65,7 @@ def test_flan_t5_folder_loads_with_left_padding(tmp_path):
 
 
 def test_unknown_kind_is_named():
-    with pytest.raises(ValueError, match="'minilm' or 't5'"):
+    with pytest.raises(ValueError, match="'minilm', 't5' or 'precomputed'"):
         load_text_encoder("clip")
 
 

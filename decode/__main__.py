@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from decode import distributed
-from decode.api import DTYPES, Components, build_components, make_method, method_with_tree, pick_device, tree_setting
+from decode.api import (DTYPES, Components, build_components, method_from_choice, method_with_tree, pick_device,
+                        tree_setting)
 from decode.budget import AutoTree, BudgetChoice
 from decode.core.engine import Method
 from decode.core.sampling import SamplingParams
@@ -182,9 +183,7 @@ def method_for_run(cfg: DictConfig, parts: Components, method: MethodConfig, sam
         print(choice.table() if not choice.cached else "tree=auto: the cached choice for this device, models and batch")
         log.info(choice.describe())
     choice = distributed.share(choice, ranks)
-    if choice.tree is None:
-        return choice.method(Method(method.name)), choice
-    return make_method(parts, method, sampling, choice.tree), choice
+    return method_from_choice(parts, method, sampling, choice), choice
 
 
 def main() -> None:

@@ -200,13 +200,20 @@ def method_with_tree(parts: Components, config: MethodConfig, sampling: Sampling
                 "dtype": str(parts.target.gpt.output.weight.dtype)}
     choice = choose_tree(parts.target, parts.drafter, calibrating, condition_for(parts.target, parts.text, prompts),
                          seeds, sampling, tree, identity)
+    return method_from_choice(parts, config, sampling, choice), choice
+
+
+def method_from_choice(parts: Components, config: MethodConfig, sampling: SamplingParams,
+                       choice: BudgetChoice) -> Method:
+    """The method with the tree tree=auto chose, or plain AR (named after the method) when it chose none."""
     if choice.tree is None:
-        return choice.method(calibrating), choice
-    return make_method(parts, config, sampling, choice.tree), choice
+        return choice.method(Method(config.name))
+    return make_method(parts, config, sampling, choice.tree)
 
 
 def _fingerprint(model: torch.nn.Module) -> float:
-    """A cheap number that tells two models' weights apart (for the tree budget's cache key)."""
+    """A number that tells two models' weights apart (for the tree budget's cache key): one pass over
+    the weights, paid once per run, cached choice or not."""
     return round(float(sum(p.detach().float().abs().sum() for p in model.parameters())), 3)
 
 

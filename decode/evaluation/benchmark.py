@@ -274,7 +274,7 @@ def run_benchmark(cfg: DictConfig, plans: list[RunPlan], held_out) -> list[dict]
     for i, plan in enumerate(plans):
         calibration = (ref.calibration or prompts)[:plan.batch_size]
         method, choice = method_with_tree(parts, plan.method, sampling, plan.tree, calibration,
-                                          [image_seed(cfg.seeds[0], i, 0) for i in range(len(calibration))],
+                                          [image_seed(cfg.seeds[0], j, 0) for j in range(len(calibration))],
                                           {"compile": cfg.get("compile")})
         if choice is not None:  # the row reports the tree it decoded with
             print(f"{cfg.runs[i].label}: {choice.describe()}\n{choice.table()}")

@@ -81,8 +81,8 @@ class _Rows:
     counts: dict[str, list[int]]  # nfe, steps, skipped, verified_tokens
 
     @classmethod
-    def start(cls, b: int) -> "_Rows":
-        return cls([1] * b, [[] for _ in range(b)], {k: [0] * b for k in ("nfe", "steps", "skipped", "verified_tokens")})
+    def start(cls, b: int, made: int = 1) -> "_Rows":
+        return cls([made] * b, [[] for _ in range(b)], {k: [0] * b for k in ("nfe", "steps", "skipped", "verified_tokens")})
 
     def record(self, commits: dict[int, RowCommit], tree: Tree) -> None:
         for r, c in commits.items():
@@ -108,14 +108,21 @@ class _Verified:
 @torch.no_grad()
 def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, sampling: SamplingParams,
              generators: list[torch.Generator] | None = None, method: Method = Method(),
-             phase_times: bool | None = None) -> Generation:
-    """Decode `num_tokens` image tokens per row.
+             phase_times: bool | None = None, prefix: Tensor | None = None) -> Generation:
+    """Decode `num_tokens` image tokens per row; with `prefix` [B, k], the first k are given (GridAR's
+    anchors: prefilled with the caption in one pass, then decoding continues after them; they count
+    in `tokens` but not in nfe or steps).
 
     The loop reads the device at most once a step for a speculative method (acceptance's fetch;
     skipping adds one, before the pass) and never for AR: the host keeps the counts, the device
     keeps the tokens. `phase_times` times drafting, verification and scheduling apart, which waits
     for the device three times a step: off on a GPU unless asked for, on on a CPU (free there)."""
+    k = 0 if prefix is None else prefix.shape[1]
+    if not 0 <= k < num_tokens:
+        raise ValueError(f"a prefix of {k} image tokens leaves nothing to decode of {num_tokens}")
     if method.schedule is not None:
+        if k:
+            raise ValueError(f"method {method.name}: a next-set schedule starts from an empty grid (no image prefix)")
         from decode.core.wavefront import generate_wavefront  # it builds on this module's types
 
         return generate_wavefront(target, condition, num_tokens=num_tokens, sampling=sampling, generators=generators,
@@ -131,17 +138,20 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     wait_for(device)
     t0 = time.perf_counter()
     drafts = method.drafting.start(target, b, num_tokens) if method.drafting else None
-    cache, out = target.start(condition, num_tokens, extra_slots=256 if drafts else 1, all_positions=drafts is not None)
+    cache, out = target.start(condition, num_tokens - k, extra_slots=256 if drafts else 1,
+                              all_positions=drafts is not None, image_prefix=prefix)
     root = sample(out.logits[:, -1], sampling, generators)  # [B]
-    if drafts:
-        drafts.begin(out, cache.valid[:, :target.prefix_len], root, generators)
-    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype)
     # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
     made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
-    made[:, 0] = root
+    if k:
+        made[:, :k] = prefix.to(device)
+    made[:, k] = root
+    if drafts:
+        drafts.begin(out, cache.valid[:, :target.prefix_len + k], made[:, :k + 1], generators)
+    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype)
     wait_for(device)
     t1 = time.perf_counter()
-    rows, step, passes = _Rows.start(b), 0, 0
+    rows, step, passes = _Rows.start(b, k + 1), 0, 0
     while min(rows.made) < num_tokens:
         live = [m < num_tokens for m in rows.made]
         tick = time.perf_counter()

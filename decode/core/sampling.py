@@ -35,6 +35,18 @@ def cfg_combine(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Ten
     return uncond_logits + (cond_logits - uncond_logits) * scale
 
 
+def cfg_three_way(cond_logits: Tensor, uncond_logits: Tensor, refined_logits: Tensor, scale: float) -> Tensor:
+    """GridAR's 3-way guidance (arXiv 2511.21185; its code's `cfg_decode_3_way`), in LlamaGen's scale:
+    uncond + scale (cond - uncond) + (scale - 1) orth, orth the refined prompt's direction
+    (refined - uncond) without its component along the original one (per position, over the vocabulary),
+    so the refinement adds only what the original prompt does not already say. GridAR writes the
+    scales as w + 1 and w; LlamaGen's scale is GridAR's w + 1."""
+    original = cond_logits - uncond_logits
+    refined = refined_logits - uncond_logits
+    along = (refined * original).sum(-1, keepdim=True) / (original * original).sum(-1, keepdim=True).clamp_min(1e-12)
+    return uncond_logits + scale * original + (scale - 1.0) * (refined - along * original)
+
+
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Temperature, then top-k, then top-p (LlamaGen's order); filtered entries become -inf."""
     if params.temperature != 1.0:  # (x / 1 is x: no copy per drafter level at the default)

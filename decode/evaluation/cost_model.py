@@ -108,7 +108,7 @@ class Drafts:
         b, p = fill.root.shape[0], target.prefix_len
         self.target, self.sampling, self.gens, self.root = target, sampling, gens, fill.root
         self.drafting = EagleDrafting(drafter, target, params, b, target.num_image_tokens)
-        self.drafting.begin(fill.out, fill.cache.valid[:, :p], fill.root)
+        self.drafting.begin(fill.out, fill.cache.valid[:, :p], fill.root[:, None])
         self.tree = self.drafting.propose(fill.root, sampling, gens)  # consumes the prefix entries
         if fill.tokens.shape[1]:  # the drafter's cache also holds one entry per image token
             n = fill.tokens.shape[1]
@@ -162,7 +162,7 @@ def jacobi_chain(fill: Fill, target: LlamaGenTarget, window: int, sampling, gens
     by its probability's rise since the round before."""
     b, dev = fill.root.shape[0], fill.root.device
     jacobi = JacobiDrafting(target, b, target.num_image_tokens, window=window, vp_beta=vp_beta, vp_cap=vp_cap)
-    jacobi.begin(fill.out, fill.cache.valid[:, :target.prefix_len], fill.root, gens)
+    jacobi.begin(fill.out, fill.cache.valid[:, :target.prefix_len], fill.root[:, None], gens)
     chain = jacobi.propose(fill.root, sampling, gens)
     logits = fill.verify(target, chain).logits
     following = torch.randint(target.vocab_size, chain.tokens.shape, device=dev)

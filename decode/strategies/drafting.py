@@ -101,12 +101,15 @@ class EagleDrafting:
         self.pending: Pending | None = None
 
     # --- the engine's interface -----------------------------------------------------------------
-    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
-        """First entries: the prefix features, no tokens (the drafter's prefix embedding) except the root's."""
+    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, following: Tensor, generators=None) -> None:
+        """First entries: the prefix features, each paired with the token after it: none over the
+        caption (the drafter's prefix embedding) but at its last slot, which takes image token 0; the
+        image tokens given before the root, if any, and the root last (`following` [B, k + 1])."""
         g, b, p = prefix.hidden.shape[:3]
         feats = prefix.hidden.reshape(g * b, p, -1)
         emb = prefix_embedding(self.target.gpt, self.drafter.config.prefix_token, feats)
-        emb[:, -1] = self.target.gpt.embed_tokens(root).repeat(g, 1).to(emb.dtype)
+        k = following.shape[1]
+        emb[:, -k:] = self.target.gpt.embed_tokens(following).repeat(g, 1, 1).to(emb.dtype)
         self.pending = Pending(emb=emb, feats=feats, valid=prefix_valid.clone(), count=torch.full((b,), p))
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:

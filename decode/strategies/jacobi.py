@@ -79,12 +79,15 @@ class JacobiDrafting:
         self.num_tokens = num_tokens
         self.coupled = coupled
 
-    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, root: Tensor, generators=None) -> None:
-        """The first roots (and, for init=random, the first window of guesses), read in the prefill."""
-        gens = generators or [None] * root.shape[0]
-        fresh = [g for r in range(root.shape[0]) for g in self._guesses(self.window, gens[r])]
-        root, *guesses = fetch(root, *fresh)
-        self.roots, self.spare = root.tolist(), [g.tolist() for g in guesses] or self.spare
+    def begin(self, prefix: TargetOutput, prefix_valid: Tensor, following: Tensor, generators=None) -> None:
+        """The first roots (and, for init=random, the first window of guesses), read in the prefill;
+        image tokens given before the root (`following` [B, k + 1]) start each row's history."""
+        b = following.shape[0]
+        gens = generators or [None] * b
+        fresh = [g for r in range(b) for g in self._guesses(self.window, gens[r])]
+        known, *guesses = fetch(following, *fresh)
+        self.history = [row[:-1] for row in known.tolist()]
+        self.roots, self.spare = known[:, -1].tolist(), [g.tolist() for g in guesses] or self.spare
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
         b, dev, v = root.shape[0], root.device, self.target.vocab_size

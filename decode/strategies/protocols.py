@@ -24,9 +24,11 @@ from decode.core.trees import StepOutcome, Tree
 class DraftRun(Protocol):
     """One generation's drafter state."""
 
-    def begin(self, prefix, prefix_valid: Tensor, root: Tensor, generators) -> None:
-        """Told the prefill's output (target features of the prefix), which prefix slots are real
-        [G*B, P] and the first root [B]."""
+    def begin(self, prefix, prefix_valid: Tensor, following: Tensor, generators) -> None:
+        """Told the prefill's output (target features of the prefix [G, B, P + k, D]: the caption,
+        then the k image tokens given before decoding starts, if any), which prefix slots are real
+        [G*B, P + k] and the token after each of the last k + 1 slots [B, k + 1]: those image tokens
+        then the first root."""
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
         """A tree [B, T] rooted at each row's root [B]."""

@@ -83,7 +83,7 @@ def test_prefix_slots_get_the_same_embedding_in_training_and_decoding(prefix_tok
     torch.testing.assert_close(tf.token_emb[0, :p - 1], expected.expand(p - 1, -1))
     drafting = EagleDrafting(_drafter(gpt, prefix_token=prefix_token), target, TreeParams(8, 2, 3), 1, 16)
     cache, out = target.start(Condition(text, mask), 16, extra_slots=64, all_positions=True)
-    drafting.begin(out, cache.valid[:, :target.prefix_len], tokens[:, 0])
+    drafting.begin(out, cache.valid[:, :target.prefix_len], tokens[:, :1])
     emb = drafting.pending.emb  # [G*B, P, D]: prefix slots, then the root (token 0) at the last one
     torch.testing.assert_close(emb[:, :-1], expected.expand_as(emb[:, :-1]))
     torch.testing.assert_close(emb[:, -1], gpt.embed_tokens(tokens[:, 0]).expand(emb.shape[0], -1))

@@ -93,7 +93,7 @@ def test_jacobi_window_and_inits():
     with pytest.raises(ValueError, match="init"):
         JacobiDrafting(target, 1, 64, init="diagonal")
     d = JacobiDrafting(target, 1, 64, window=4, init="repeat_horizon")
-    d.begin(None, None, torch.tensor([7]))  # the engine's call after the prefill: the first root
+    d.begin(None, None, torch.tensor([[7]]))  # the engine's call after the prefill: the first root
     tree = d.propose(torch.tensor([7]), SAMPLED, row_generators([0]))
     assert tree.tokens.tolist() == [[7, 7, 7, 7, 7]]  # each guess copies its left neighbour
     assert tree.q[0, 1:].argmax(-1).tolist() == [7] * 4 and tree.parents.tolist() == [[-1, 0, 1, 2, 3]]
@@ -135,7 +135,7 @@ def test_dynamic_tree_scores_follow_the_sampling_processor():
     def first_level(sampling):
         d = EagleDrafting(drafter, target, TreeParams(12, 3, 4), 1, 64)
         cache, out = target.start(cond, 64, extra_slots=256, all_positions=True)
-        d.begin(out, cache.valid[:, :target.prefix_len], torch.tensor([7]))
+        d.begin(out, cache.valid[:, :target.prefix_len], torch.tensor([[7]]))
         tree = d.propose(torch.tensor([7]), sampling, row_generators([0]))
         level = (tree.depths[0] == 1).nonzero().flatten()
         return dict(zip(tree.tokens[0, level].tolist(), tree.scores[0, level].exp().tolist()))

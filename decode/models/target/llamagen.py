@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from decode.core.cache import KVCache
-from decode.core.sampling import cfg_combine
+from decode.core.sampling import cfg_combine, cfg_three_way
 from decode.models.target.llamagen_gpt import LlamaGenGPT
 
 
@@ -26,6 +26,8 @@ class Condition:
 
     cond: Tensor  # t2i: [B, Tc, C] left-padded caption features (padding rows zero); c2i: [B] class ids
     mask: Tensor | None = None  # t2i: [B, Tc] bool, True for valid caption slots; None = all valid
+    refined: Tensor | None = None       # GridAR's reformulated prompts, like `cond` (3-way guidance only)
+    refined_mask: Tensor | None = None  # like `mask`, for `refined`
 
     @property
     def batch(self) -> int:
@@ -45,9 +47,17 @@ def causal_mask(t: int, device: torch.device | str = "cpu") -> Tensor:
 class LlamaGenTarget:
     """A LlamaGen GPT with classifier-free guidance, ready for cached decoding."""
 
-    def __init__(self, gpt: LlamaGenGPT, cfg_scale: float = 1.0):
+    def __init__(self, gpt: LlamaGenGPT, cfg_scale: float = 1.0, three_way: bool = False):
         self.gpt = gpt
         self.cfg_scale = float(cfg_scale)
+        self.three_way = three_way  # a third group, the refined prompt (decode.core.sampling.cfg_three_way)
+        if three_way and not self.guided:
+            raise ValueError(f"3-way guidance needs cfg_scale > 1 (got {cfg_scale}): it adds a direction to CFG's")
+
+    def with_refined_prompts(self) -> "LlamaGenTarget":
+        """The same model with GridAR's 3-way guidance: conditions then carry `refined` prompts, and every
+        pass runs three groups (cond, null, refined) and combines them (the drafter runs on all three)."""
+        return LlamaGenTarget(self.gpt, self.cfg_scale, three_way=True)
 
     @property
     def config(self):
@@ -59,7 +69,7 @@ class LlamaGenTarget:
 
     @property
     def groups(self) -> int:
-        return 2 if self.guided else 1
+        return 3 if self.three_way else 2 if self.guided else 1
 
     @property
     def prefix_len(self) -> int:
@@ -97,18 +107,30 @@ class LlamaGenTarget:
         cond = c.cond.to(self.device)
         if c.cond.is_floating_point():
             cond = cond.to(self.gpt.output.weight.dtype)
-        mask = c.mask if c.mask is not None else torch.ones(cond.shape[0], self.prefix_len, dtype=torch.bool)
-        mask = mask.to(self.device).bool()
+        mask = self._mask(c.mask, cond)
         if self.guided:
             cond = torch.cat([cond, self.gpt.null_cond(c.batch, self.device).to(cond.dtype)])
             mask = torch.cat([mask, mask])  # the caption's padding mask applies to the null half too
+        if self.three_way:
+            if c.refined is None or c.refined.shape != c.cond.shape:
+                raise ValueError(f"3-way guidance needs refined prompts shaped like the condition {list(c.cond.shape)}, "
+                                 f"got {None if c.refined is None else list(c.refined.shape)}")
+            refined = c.refined.to(device=self.device, dtype=cond.dtype)
+            cond, mask = torch.cat([cond, refined]), torch.cat([mask, self._mask(c.refined_mask, refined)])
         return self.gpt.embed_cond(cond), mask
 
+    def _mask(self, mask: Tensor | None, cond: Tensor) -> Tensor:
+        if mask is None:
+            return torch.ones(cond.shape[0], self.prefix_len, dtype=torch.bool, device=self.device)
+        return mask.to(self.device).bool()
+
     def guide(self, hidden: Tensor) -> TargetOutput:
-        """hidden [G*B, T, D] -> CFG-combined logits and hidden as [G, B, T, D]."""
+        """hidden [G*B, T, D] -> CFG-combined logits and hidden as [G, B, T, D] (G: cond, null[, refined])."""
         h = hidden.view(self.groups, -1, *hidden.shape[1:])
         logits = self.gpt.logits(h)  # [G, B, T, V]
-        if self.guided:
+        if self.three_way:
+            logits = cfg_three_way(logits[0], logits[1], logits[2], self.cfg_scale)
+        elif self.guided:
             logits = cfg_combine(logits[0], logits[1], self.cfg_scale)
         else:
             logits = logits[0]
@@ -117,15 +139,24 @@ class LlamaGenTarget:
     # ---- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
     def start(self, c: Condition, max_new_tokens: int, extra_slots: int = 0,
-              all_positions: bool = False) -> tuple[KVCache, TargetOutput]:
+              all_positions: bool = False, image_prefix: Tensor | None = None) -> tuple[KVCache, TargetOutput]:
         """Prefill the prefix; returns the cache and the output at the last prefix position (at
         every prefix position with `all_positions`: a drafter's first input).
 
         `extra_slots` reserves scratch room past the image (a draft tree at the last step).
+        `image_prefix` [B, k]: image tokens already decided (GridAR's anchors), prefilled after the
+        caption in the same pass; decoding continues at image position k.
         """
-        if max_new_tokens > self.num_image_tokens:
-            raise ValueError(f"{max_new_tokens} tokens requested, the target makes {self.num_image_tokens}")
+        k = 0 if image_prefix is None else image_prefix.shape[1]
+        if k + max_new_tokens > self.num_image_tokens:
+            raise ValueError(f"{k} given + {max_new_tokens} new image tokens requested, the target makes "
+                             f"{self.num_image_tokens}")
         x, valid = self._prefix(c)
+        if k:
+            if image_prefix.shape[0] != c.batch:
+                raise ValueError(f"image_prefix has {image_prefix.shape[0]} rows for a batch of {c.batch}")
+            x = torch.cat([x, self.gpt.embed_tokens(image_prefix.to(self.device).repeat(self.groups, 1)).to(x.dtype)], 1)
+            valid = torch.cat([valid, valid.new_ones(valid.shape[0], k)], 1)
         g_b, t = valid.shape
         cache = self.gpt.new_cache(g_b, t + max_new_tokens + extra_slots)
         # LlamaGen: padded caption columns are masked, the diagonal is forced to 1

@@ -5,6 +5,7 @@ Prompts work as typed: `prompt="a cat face, on a blue background"` is quoted for
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -23,8 +24,9 @@ from decode.core.engine import Method
 from decode.core.sampling import SamplingParams
 from decode.distributed import Ranks, ranks_from_env
 from decode.evaluation.metrics import append_jsonl, summary_table, write_summary
-from decode.pipeline import check_run_folder, plan_jobs, record_run_folder, run_jobs
+from decode.pipeline import check_run_folder, plan_jobs, record_run_folder, run_jobs, run_scaled_jobs
 from decode.resolvers import REPO, register_resolvers, reporting_input_errors
+from decode.scaling.config import ScalingPlan, make_verifier, split_scaling
 from decode.strategies.registry import MethodConfig, resolve_method
 
 CONF_DIR = str(REPO / "conf")
@@ -117,16 +119,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
     prompts = read_prompts(cfg)
     jobs = plan_jobs(prompts, integer(cfg, "n"), integer(cfg, "seed"))
     integer(cfg, "batch_size", least=1)
-    method = resolve_method(cfg.method.name, OmegaConf.to_container(cfg.method, resolve=True))  # bad knobs fail
-    check_schedule_fits(method, cfg.target)                                                     # before any load
+    scaling, name, options = split_scaling(OmegaConf.to_container(cfg.method, resolve=True))
+    method = resolve_method(name, options)                 # bad knobs fail
+    check_schedule_fits(method, cfg.target)                # before any load
+    settings = run_settings(cfg, method, prompts)
+    if scaling is not None:
+        settings["scaling"] = _portable(dataclasses.asdict(scaling))
     ranks = ranks_from_env()
     device = distributed.start(ranks, pick_device(cfg.device))
     with distributed.group_left_at_end():
-        return _run_rank(cfg, jobs, method, run_settings(cfg, method, prompts), ranks, device)
+        return _run_rank(cfg, jobs, method, settings, ranks, device, scaling)
 
 
 def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks: Ranks,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, scaling: ScalingPlan | None = None) -> dict[str, float]:
     out_dir = Path(distributed.share(str(cfg.out_dir or HydraConfig.get().runtime.output_dir), ranks))
     check_run_folder(out_dir, settings)
     if ranks.main:  # before any rank writes an image: a crash later must not leave images unrecorded
@@ -139,11 +145,16 @@ def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks
     stats_name = f"stats.rank{ranks.rank}.jsonl" if ranks.distributed else "stats.jsonl"
     t0 = time.perf_counter()
     if ranks.main:
-        log.info("method %s", method.describe())
+        log.info("method %s%s", method.describe(), f", searched by {scaling.describe()}" if scaling else "")
     engine_method, choice = method_for_run(cfg, parts, method, sampling, jobs[: int(cfg.batch_size)], ranks)
-    rows = run_jobs(jobs[ranks.rank::ranks.world], parts=parts, method=engine_method, sampling=sampling,
-                    batch_size=int(cfg.batch_size), out_dir=out_dir, stats_name=stats_name, progress=ranks.main,
-                    nll=bool(cfg.get("target_nll", True)))
+    if scaling is not None:
+        rows = run_scaled_jobs(jobs[ranks.rank::ranks.world], parts=parts, method=engine_method, sampling=sampling,
+                               plan=scaling, verifier=make_verifier(scaling, parts), out_dir=out_dir,
+                               progress=ranks.main, stats_name=stats_name)
+    else:
+        rows = run_jobs(jobs[ranks.rank::ranks.world], parts=parts, method=engine_method, sampling=sampling,
+                        batch_size=int(cfg.batch_size), out_dir=out_dir, stats_name=stats_name, progress=ranks.main,
+                        nll=bool(cfg.get("target_nll", True)))
     rows = distributed.gather(rows, ranks)
     if not ranks.main:
         return {"images": 0.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from decode.core.engine import Method
 from decode.core.sampling import SamplingParams
 from decode.evaluation.metrics import ImageStats, append_jsonl, speed_stats
 from decode.models.text import check_prompts
+from decode.scaling.config import ScalingPlan
+from decode.scaling.gridar import Scaled, best_of_n, gridar
 
 
 @dataclass(frozen=True)
@@ -125,4 +128,54 @@ def run_jobs(jobs: list[Job], *, parts: Components, method: Method, sampling: Sa
         made.extend(rows)
         bar.update(len(batch))
     bar.close()
+    return made
+
+
+def candidate_seeds(job: Job, n: int) -> list[int]:
+    """The random streams of a job's n candidates (test-time scaling): from the job's seed alone."""
+    return [image_seed(job.seed, 0, c) for c in range(n)]
+
+
+def run_scaled_jobs(jobs: list[Job], *, parts: Components, method: Method, sampling: SamplingParams,
+                    plan: ScalingPlan, verifier, out_dir: Path, progress: bool = True,
+                    stats_name: str = "stats.jsonl") -> list[ImageStats]:
+    """GridAR or Best-of-N per job (decode.scaling): the chosen image in images/, every final candidate
+    side by side in candidates/ (the chosen one first), one stats line per job whose speed figures
+    count the whole search: nfe is the target passes of all candidates (prefills included) and
+    step compression the image's tokens over them, beside the verifier calls."""
+    img_dir, cand_dir = out_dir / "images", out_dir / "candidates"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    cand_dir.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if not (img_dir / j.name).exists()]
+    device, dtype = parts.target.device, parts.target.gpt.output.weight.dtype
+    made: list[ImageStats] = []
+    for job in tqdm(todo, desc=f"{plan.name} ({method.name})", unit="img", disable=not progress):
+        seeds = candidate_seeds(job, plan.candidates)
+        t0 = time.perf_counter()
+        if plan.gridar is not None:
+            out: Scaled = gridar(parts, job.prompt, method, seeds, sampling, verifier, plan.gridar)
+        else:
+            out = best_of_n(parts, job.prompt, method, seeds, sampling, verifier)
+        wall = time.perf_counter() - t0
+        pils = to_pil(out.images)
+        order = [out.best] + [i for i in range(len(pils)) if i != out.best]
+        strip = Image.new("RGB", (sum(pils[i].width for i in order), pils[0].height))
+        for x, i in enumerate(order):
+            strip.paste(pils[i], (x * pils[0].width, 0))
+        save_png(strip, cand_dir / job.name)
+        save_png(pils[out.best], img_dir / job.name)
+        aligned = parts.scorer(out.image[None], [job.prompt]) if parts.scorer is not None else [None]
+        n = int(out.tokens.shape[1])
+        row = ImageStats(prompt_index=job.prompt_index, sample_index=job.sample_index, prompt=job.prompt,
+                         seed=job.seed, method=f"{plan.name}+{method.name}", tokens=n, nfe=out.target_passes,
+                         step_compression=n / out.target_passes, latency_s=wall, prefill_s=0.0, text_encode_s=0.0,
+                         vq_decode_s=0.0, batch_size=plan.candidates, device=str(device),
+                         dtype=str(dtype).removeprefix("torch."), image=str(img_dir / job.name),
+                         alignment=aligned[0], steps=out.steps, skipped_steps=out.skipped,
+                         skip_ratio=out.skipped / max(out.steps, 1), tau=out.verified_tokens / max(out.nfe_steps, 1),
+                         tau_all=out.decoded / max(out.steps, 1), batch_passes=out.target_passes,
+                         candidates=plan.candidates, verifier_calls=out.verifier_calls, guided_rows=out.guided_rows,
+                         pruned=out.pruned)
+        append_jsonl(out_dir / stats_name, [row])
+        made.append(row)
     return made

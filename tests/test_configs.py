@@ -76,16 +76,22 @@ def test_every_method_config_builds_its_method():
     from decode.strategies.registry import KNOBS, METHODS, build_method
     from tests.conftest import tiny_gpt
 
+    from decode.scaling.config import SCALING, split_scaling
+
     files = sorted((REPO / "conf" / "method").glob("*.yaml"))
-    assert sorted(f.stem for f in files) == sorted(METHODS)
+    assert sorted(f.stem for f in files) == sorted([*METHODS, *SCALING])
     gpt = tiny_gpt()
     drafter = Drafter(DrafterConfig.for_target(gpt))
     for f in files:
         assert OmegaConf.to_container(OmegaConf.load(f)) == {"name": f.stem}
-        method = build_method(f.stem, sampling=SamplingParams(), drafter=drafter, codebook=torch.randn(64, 8))
-        assert method.name == f.stem
+        plan, name, options = split_scaling({"name": f.stem})
+        assert (plan is not None) == (f.stem in SCALING)
+        method = build_method(name, sampling=SamplingParams(), options=options, drafter=drafter,
+                              codebook=torch.randn(64, 8))
+        assert method.name == (f.stem if plan is None else "ar")
     block = OmegaConf.to_container(OmegaConf.load(CONF / "decode.yaml"))["method"]
     knobs = {k for part in KNOBS.values() for kn in part.values() for k in kn} | {"base", *KNOBS}
+    knobs |= {k for kn in SCALING.values() for k in kn}
     assert set(block) == knobs and all(v is None for v in block.values())
 
 

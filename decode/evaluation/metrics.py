@@ -59,6 +59,10 @@ class ImageStats:
     batch_passes: int = 0  # target passes the image's batch ran (>= NFE: a pass serves every verifying row)
     clip_score: float | None = None  # raw CLIP cosine with "A photo depicts " + prompt (clip=FOLDER)
     target_nll: float | None = None  # nats per token under the distribution AR samples (decode.evaluation.measures)
+    candidates: int = 1  # test-time scaling (method=gridar / best_of_n): candidates searched for this image
+    verifier_calls: int = 0  # test-time scaling: prune, reformulate and rank calls, one per canvas
+    guided_rows: int = 0  # test-time scaling: target passes x guidance groups (3-way guidance runs 3)
+    pruned: list | None = None  # GridAR: candidates judged impossible at each stage
 
 
 def speed_stats(gen, i: int) -> dict:
@@ -123,6 +127,10 @@ def summary_table(rows: list[ImageStats], wall_s: float) -> str:
         f"one process: the batches' latencies summed), "
         f"{n / wall_s:.2f} images/s over the whole run ({wall_s:.1f} s: text, VQ, scoring and files included)",
     ]
+    if rows[0].candidates > 1:
+        lines.insert(3, f"search              {rows[0].candidates} candidates per image, {mean('verifier_calls'):.1f} "
+                        f"verifier calls per image; NFE and step compression count every candidate's target passes, "
+                        f"prefills included ({mean('guided_rows'):.0f} guided rows: passes x guidance groups)")
     scored = [r.alignment for r in rows if r.alignment is not None]
     if scored:
         lines.append(f"alignment           {sum(scored) / len(scored):.3f}  (evaluator: share of the prompt's "

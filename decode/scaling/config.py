@@ -54,6 +54,9 @@ def split_scaling(options: dict) -> tuple[ScalingPlan | None, str, dict]:
     if verifier != "world" and not Path(verifier).is_dir():
         raise ValueError(f"method.verifier={verifier!r}: world (the world evaluator) or a folder holding a "
                          f"vision-language model saved by transformers; no such folder")
+    if verifier != "world" and not (Path(verifier) / "config.json").is_file():
+        raise ValueError(f"method.verifier={verifier!r} is not a model folder: no config.json (a vision-language "
+                         f"model saved by transformers' save_pretrained)")
     n = int(knobs["candidates"])
     if name == "best_of_n":
         if n < 1:

@@ -8,6 +8,7 @@ from decode.api import Components
 from decode.core.engine import Method
 from decode.models.text import TextFeatures
 from decode.models.vq import load_vq
+from decode.resolvers import REPO
 from decode.scaling.config import split_scaling
 from decode.scaling.gridar import GridAR, anchors, best_of_n, gridar, tiled_canvas
 from decode.scaling.verifiers import WorldVerifier, visible_cell_rows
@@ -92,7 +93,6 @@ def test_best_of_n_ranks_every_candidate():
 def test_the_world_verifier_reads_its_captions_and_writes_what_is_left():
     from data.world import SceneGenerator
     from decode.evaluation.world_evaluator import load_evaluator
-    from decode.resolvers import REPO
 
     evaluator = load_evaluator(REPO / "models" / "world" / "evaluator")
     verifier = WorldVerifier(evaluator)
@@ -125,6 +125,7 @@ def test_the_world_verifier_reads_its_captions_and_writes_what_is_left():
     ({"name": "gridar", "stages": [0.5, 0.25]}, "increasing"),
     ({"name": "gridar", "verifier": "/no/such/vlm"}, "no such folder"),
     ({"name": "gridar", "certainty": 0.3}, "certainty"),
+    ({"name": "gridar", "verifier": str(REPO / "docs")}, "not a model folder"),
     ({"name": "best_of_n", "stages": [0.25]}, "GridAR knob"),
     ({"name": "vvs", "candidates": 4}, "test-time scaling"),
     ({"name": "gridar", "decode": "best_of_n"}, "is a scaling"),

@@ -197,7 +197,7 @@ def method_with_tree(parts: Components, config: MethodConfig, sampling: Sampling
     identity = {**(identity or {}), "method": [config.name, config.drafting, config.acceptance, config.knobs],
                 "target": [parts.target.config, _fingerprint(parts.target.gpt), parts.target.cfg_scale],
                 "drafter": [parts.drafter.config, _fingerprint(parts.drafter)],
-                "dtype": str(parts.target.gpt.output.weight.dtype)}
+                "dtype": str(parts.target.dtype)}
     choice = choose_tree(parts.target, parts.drafter, calibrating, condition_for(parts.target, parts.text, prompts),
                          seeds, sampling, tree, identity)
     return method_from_choice(parts, config, sampling, choice), choice

@@ -105,7 +105,7 @@ def run_jobs(jobs: list[Job], *, parts: Components, method: Method, sampling: Sa
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (img_dir / j.name).exists()]
-    device, dtype = parts.target.device, parts.target.gpt.output.weight.dtype
+    device, dtype = parts.target.device, parts.target.dtype
     made: list[ImageStats] = []
     bar = tqdm(total=len(todo), desc=f"decode ({method.name})", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
@@ -147,7 +147,7 @@ def run_scaled_jobs(jobs: list[Job], *, parts: Components, method: Method, sampl
     img_dir.mkdir(parents=True, exist_ok=True)
     cand_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (img_dir / j.name).exists()]
-    device, dtype = parts.target.device, parts.target.gpt.output.weight.dtype
+    device, dtype = parts.target.device, parts.target.dtype
     made: list[ImageStats] = []
     for job in tqdm(todo, desc=f"{plan.name} ({method.name})", unit="img", disable=not progress):
         seeds = candidate_seeds(job, plan.candidates)

@@ -294,7 +294,7 @@ def _outcome(tree: Tree, verified: _Verified | None, commits: dict[int, RowCommi
         hidden = verified.hidden[:, :, verified.chain_width:]  # [G, B, T, D]
         feats = hidden.gather(2, nodes[None, :, :, None].expand(g, b, width, d))
     else:
-        feats = torch.zeros(g, b, width, d, device=dev, dtype=target.gpt.output.weight.dtype)
+        feats = torch.zeros(g, b, width, d, device=dev, dtype=target.dtype)
     for r, c in enumerate(per_row):
         if c.stale is not None:
             feats[:, r, :c.stale.shape[1]] = c.stale

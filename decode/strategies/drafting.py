@@ -109,7 +109,7 @@ class EagleDrafting:
         feats = prefix.hidden.reshape(g * b, p, -1)
         emb = prefix_embedding(self.target.gpt, self.drafter.config.prefix_token, feats)
         k = following.shape[1]
-        emb[:, -k:] = self.target.gpt.embed_tokens(following).repeat(g, 1, 1).to(emb.dtype)
+        emb[:, -k:] = self.target.embed_tokens(following).repeat(g, 1, 1).to(emb.dtype)
         self.pending = Pending(emb=emb, feats=feats, valid=prefix_valid.clone(), count=torch.full((b,), p))
 
     def propose(self, root: Tensor, sampling: SamplingParams, generators) -> Tree:
@@ -121,7 +121,7 @@ class EagleDrafting:
     def observe(self, step: StepOutcome, sampling: SamplingParams, generators) -> None:
         """Next entries: the feature of each committed node paired with the token after it."""
         g = self.target.groups
-        emb = self.target.gpt.embed_tokens(step.following).repeat(g, 1, 1)
+        emb = self.target.embed_tokens(step.following).repeat(g, 1, 1)
         feats = step.feats.flatten(0, 1)  # [G, B, W, D] -> [G*B, W, D]
         self.pending = Pending(emb=emb.to(feats.dtype), feats=feats,
                                valid=torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device),
@@ -193,7 +193,7 @@ class EagleDrafting:
         """One drafter pass over frontier nodes tokens [B, n] (input features [G*B, n, D]) at drafter
         positions [B], seeing committed entries and their scratch ancestors anc [B, n, written + n]."""
         g, (b, n) = self.target.groups, tokens.shape
-        emb = self.target.gpt.embed_tokens(tokens).repeat(g, 1, 1)
+        emb = self.target.embed_tokens(tokens).repeat(g, 1, 1)
         pos = positions[:, None].expand(b, n).repeat(g, 1)
         upto = self.cache.longest + written + n
         mask = self.cache.attention_mask(anc.repeat(g, 1, 1), upto)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from decode.core.cache import KVCache
-from decode.core.sampling import cfg_combine, cfg_three_way
+from decode.models.target.guidance import Guided
 from decode.models.target.llamagen_gpt import LlamaGenGPT
 
 
@@ -44,15 +44,14 @@ def causal_mask(t: int, device: torch.device | str = "cpu") -> Tensor:
     return torch.ones(t, t, dtype=torch.bool, device=device).tril()
 
 
-class LlamaGenTarget:
+class LlamaGenTarget(Guided):
     """A LlamaGen GPT with classifier-free guidance, ready for cached decoding."""
 
     def __init__(self, gpt: LlamaGenGPT, cfg_scale: float = 1.0, three_way: bool = False):
         self.gpt = gpt
         self.cfg_scale = float(cfg_scale)
         self.three_way = three_way  # a third group, the refined prompt (decode.core.sampling.cfg_three_way)
-        if three_way and not self.guided:
-            raise ValueError(f"3-way guidance needs cfg_scale > 1 (got {cfg_scale}): it adds a direction to CFG's")
+        self._check_guidance()
 
     def with_refined_prompts(self) -> "LlamaGenTarget":
         """The same model with GridAR's 3-way guidance: conditions then carry `refined` prompts, and every
@@ -62,14 +61,6 @@ class LlamaGenTarget:
     @property
     def config(self):
         return self.gpt.config
-
-    @property
-    def guided(self) -> bool:
-        return self.cfg_scale > 1.0  # LlamaGen applies guidance only above 1
-
-    @property
-    def groups(self) -> int:
-        return 3 if self.three_way else 2 if self.guided else 1
 
     @property
     def prefix_len(self) -> int:
@@ -90,6 +81,14 @@ class LlamaGenTarget:
     @property
     def device(self) -> torch.device:
         return self.gpt.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gpt.output.weight.dtype
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Image tokens [...] -> the target's input embeddings [..., D] (a drafter's token input)."""
+        return self.gpt.embed_tokens(tokens)
 
     # ---- condition handling (CFG doubling, padding) -------------------------------------------
     def _check_condition(self, c: Condition) -> None:
@@ -127,14 +126,7 @@ class LlamaGenTarget:
     def guide(self, hidden: Tensor) -> TargetOutput:
         """hidden [G*B, T, D] -> CFG-combined logits and hidden as [G, B, T, D] (G: cond, null[, refined])."""
         h = hidden.view(self.groups, -1, *hidden.shape[1:])
-        logits = self.gpt.logits(h)  # [G, B, T, V]
-        if self.three_way:
-            logits = cfg_three_way(logits[0], logits[1], logits[2], self.cfg_scale)
-        elif self.guided:
-            logits = cfg_combine(logits[0], logits[1], self.cfg_scale)
-        else:
-            logits = logits[0]
-        return TargetOutput(logits=logits, hidden=h)
+        return TargetOutput(logits=self.combine(self.gpt.logits(h)), hidden=h)  # logits [G, B, T, V] combined
 
     # ---- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,8 +178,7 @@ class LlamaGenTarget:
                 token then sees only the committed slots before its own position.
         """
         if rows is not None:
-            full, rows = cache.batch // self.groups, [int(r) for r in rows]
-            cache = cache.rows([r + i * full for i in range(self.groups) for r in rows])  # both CFG halves
+            cache = cache.rows(self.group_rows(cache.batch // self.groups, [int(r) for r in rows]))  # every group
         b, t = tokens.shape
         if block_mask is None:
             block_mask = causal_mask(t, tokens.device).expand(b, t, t)

@@ -17,7 +17,6 @@ python scripts/bench_xl.py size=B batch_size=2 out_dir=outputs/bench_b
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys

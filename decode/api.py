@@ -53,7 +53,8 @@ class Components:
     @property
     def codebook(self) -> Tensor:
         """[V, d] the raw VQ codebook rows (LANTERN's neighbourhoods, VVS's path similarity)."""
-        return self.vq.quantize.embedding.weight.detach()
+        own = getattr(self.vq, "codebook", None)  # a transformers target's own VQ (tokenizer=own)
+        return own if own is not None else self.vq.quantize.embedding.weight.detach()
 
 
 def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float32, *,
@@ -62,15 +63,17 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
     """Instantiate the configured components `methods` need, check that they fit each other, and
     compile the layers if `cfg.compile` asks. `text_encoder=False`: none (the caller makes its own
     conditions, e.g. random caption features on a machine without the encoder's weights)."""
-    target = instantiate(cfg.target)
-    target.gpt.to(device=device, dtype=dtype)
-    vq = instantiate(cfg.tokenizer).to(device)
+    target = instantiate(cfg.target).to(device=device, dtype=dtype)
+    vq = own_tokenizer(target) if cfg.tokenizer.get("own") else instantiate(cfg.tokenizer).to(device)
     text = None
     if target.config.model_type == "t2i" and text_encoder:  # the caption length follows the target unless set
         length = cfg.text_encoder.get("max_length") or target.config.cls_token_num
         text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
     check_compatible(target, vq, text, text_encoder)
     drafter = None
+    if any(m.needs_drafter for m in methods) and not hasattr(target, "gpt"):
+        raise ValueError("drafters are trained for LlamaGen targets so far; on this target use a method without one "
+                         "(ar, sjd, sjd_vp, mc_sjd, gsd, zipar)")
     if any(m.needs_drafter for m in methods):
         ckpt = cfg.get("drafter") and cfg.drafter.get("ckpt")
         if not ckpt:
@@ -85,8 +88,21 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
         from decode.evaluation.quality import CLIPScorer
 
         clip = CLIPScorer(cfg.clip, device=device)
-    compile_models(cfg.get("compile"), target.gpt, drafter)
+    compile_models(cfg.get("compile"), getattr(target, "gpt", None), drafter)
     return Components(target, vq, text, drafter, policies, scorer, clip)
+
+
+def own_tokenizer(target):
+    """`tokenizer=own`: a transformers target decodes its images with its own VQ model."""
+    if not hasattr(target, "decode_images"):
+        raise ValueError("tokenizer=own needs a target that decodes its own images (Janus-Pro, Lumina-mGPT); "
+                         "a LlamaGen target takes tokenizer=world or tokenizer=llamagen_vq16")
+    if not target.draws_images:
+        raise ValueError(f"{type(target).__name__} cannot draw its images: transformers ships its VQ encoder, not "
+                         f"the decoder (decode.api.decode_batch(..., images=False) decodes its tokens)")
+    from decode.models.target.hf_target import OwnTokenizer
+
+    return OwnTokenizer(target)
 
 
 def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | None, needs_text: bool = True) -> None:
@@ -97,6 +113,13 @@ def check_compatible(target: LlamaGenTarget, vq: VQModel, text: TextEncoder | No
     if cfg.model_type == "t2i" and needs_text:
         if text is None:
             raise ValueError("a text-to-image target needs a text encoder")
+        takes_ids = not hasattr(cfg, "caption_dim")  # transformers targets: prompts as token ids
+        if takes_ids != (text.dim is None):
+            raise ValueError(f"the target takes prompts as {'token ids' if takes_ids else 'caption features'}; "
+                             f"the text encoder gives {'token ids' if text.dim is None else 'features'} (transformers "
+                             f"targets: text_encoder=hash_ids or text_encoder=template_ids)")
+        if takes_ids:
+            return
         if text.dim != cfg.caption_dim:
             raise ValueError(f"text encoder width {text.dim} != target caption_dim {cfg.caption_dim}")
         if text.max_length != cfg.cls_token_num:
@@ -195,7 +218,8 @@ def method_with_tree(parts: Components, config: MethodConfig, sampling: Sampling
         return make_method(parts, config, sampling), None
     calibrating = make_method(parts, config, sampling, TreeParams(max(tree.sizes), max(tree.depths), tree.top_k))
     identity = {**(identity or {}), "method": [config.name, config.drafting, config.acceptance, config.knobs],
-                "target": [parts.target.config, _fingerprint(parts.target.gpt), parts.target.cfg_scale],
+                "target": [parts.target.config, _fingerprint(getattr(parts.target, "gpt", None) or parts.target.model),
+                           parts.target.cfg_scale],
                 "drafter": [parts.drafter.config, _fingerprint(parts.drafter)],
                 "dtype": str(parts.target.dtype)}
     choice = choose_tree(parts.target, parts.drafter, calibrating, condition_for(parts.target, parts.text, prompts),

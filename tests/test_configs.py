@@ -24,13 +24,19 @@ def test_decode_configs_compose(target, tokenizer, text_encoder):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("decode", overrides=[f"target={target}", f"tokenizer={tokenizer}",
                                            f"text_encoder={text_encoder}", "prompt=x"])
-    assert cfg.target._target_ and cfg.tokenizer._target_ and cfg.text_encoder._target_
+    assert cfg.target._target_ and (cfg.tokenizer.get("own") or cfg.tokenizer._target_) and cfg.text_encoder._target_
 
 
 TARGET_USERS = sorted(p.stem for p in CONF.glob("*.yaml") if "\n  - target:" in p.read_text())
+# transformers targets (Janus-Pro, Lumina-mGPT) decode but have no drafter training yet: the training
+# configs, which take no tokenizer or prompt encoder groups, do not compose with them (issue 23, item 5)
+TRANSFORMERS = [t for t in _options("target") if "hf_target" in (CONF / "target" / f"{t}.yaml").read_text()
+                or "tokenizer@_global_.tokenizer: own" in (CONF / "target" / f"{t}.yaml").read_text()]
+PAIRS = [(c, t) for c, t in itertools.product(TARGET_USERS, _options("target"))
+         if not (t in TRANSFORMERS and c in ("train_drafter", "train_features"))]
 
 
-@pytest.mark.parametrize("config,target", list(itertools.product(TARGET_USERS, _options("target"))))
+@pytest.mark.parametrize("config,target", PAIRS)
 def test_every_target_composes_in_every_config_that_takes_one(config, target):
     register_resolvers()
     task = CONF / "train" / config.removeprefix("train_")

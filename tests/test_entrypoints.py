@@ -119,3 +119,20 @@ def test_two_processes_write_the_images_of_one(tmp_path):
     again = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "decode",
                   f"out_dir={tmp_path / 'two'}", *common])
     assert again.returncode == 0 and "nothing to do: all 6 images" in again.stdout
+
+
+def test_transformers_targets_decode_from_the_cli(tmp_path):
+    """The tiny random Janus-Pro writes images and stats with an exact training-free method; a method that
+    needs a drafter, and Chameleon (no VQ decoder in transformers), fail before decoding, naming why."""
+    out = tmp_path / "janus"
+    res = _run(["-m", "decode", "target=janus_tiny_random", "prompt=a red star", "method=mc_sjd", "n=2",
+                f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["tokens"] == 16 and len(list((out / "images").glob("*.png"))) == 2
+    res = _run(["-m", "decode", "target=janus_tiny_random", "prompt=a red star", "method=vvs",
+                f"hydra.run.dir={tmp_path / 'hydra2'}"])
+    assert res.returncode == 1 and "drafters are trained for LlamaGen targets" in res.stderr
+    res = _run(["-m", "decode", "target=chameleon_tiny_random", "prompt=a red star",
+                f"hydra.run.dir={tmp_path / 'hydra3'}"])
+    assert res.returncode == 1 and "cannot draw its images" in res.stderr

@@ -27,6 +27,7 @@ HEADER = 3  # begin-of-image, height token, width token: what the unconditional 
 
 
 class ChameleonTarget(HFTarget):
+    draws_images = False  # transformers ships Chameleon's VQ encoder only
     def __init__(self, model, grid: int, newline_id: int, cfg_scale: float = 3.0, three_way: bool = False,
                  max_prompt: int = 64):
         self.model = model.eval()
@@ -82,8 +83,14 @@ class ChameleonTarget(HFTarget):
             raise ValueError("tokens break Lumina-mGPT's row structure (a newline ends each row, nowhere else)")
         return grid[:, :, :-1].reshape(tokens.shape[0], -1)
 
+    def codebook(self) -> Tensor:
+        """[C + 1, d] the VQ codebook and, for the newline, a row far from every code (never a neighbour)."""
+        rows = self.model.model.vqmodel.quantize.embedding.weight.detach()
+        far = rows.abs().max() * 1e3 * torch.ones(1, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        return torch.cat([rows, far])
+
     def decode_images(self, tokens: Tensor) -> Tensor:
-        raise NotImplementedError("transformers ships Chameleon's VQ encoder only: decoding codes to pixels needs "
+        raise ValueError("transformers ships Chameleon's VQ encoder only: decoding codes to pixels needs "
                                   "the Chameleon VQGAN decoder, not available here")
 
 

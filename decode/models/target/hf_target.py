@@ -38,6 +38,7 @@ class HFTarget(Guided):
     text_config = None
     config: ConfigView
     pad: int = 0
+    draws_images = True   # False: the family's VQ decoder is not in transformers (tokenizer=own refuses it)
 
     # ---- a family's part -----------------------------------------------------------------------
     def embed_tokens(self, tokens: Tensor) -> Tensor:
@@ -75,6 +76,14 @@ class HFTarget(Guided):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
+
+    def to(self, device=None, dtype=None) -> "HFTarget":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def codebook(self) -> Tensor:
+        """[V, d] the rows LANTERN's neighbourhoods and VVS's path similarity compare (the VQ codebook)."""
+        return self.model.model.vqmodel.quantize.embedding.weight.detach()
 
     def guide(self, hidden: Tensor, next_index: Tensor | None = None) -> TargetOutput:
         """hidden [G*B, T, D] -> guided logits [B, T, V] and hidden as [G, B, T, D]."""
@@ -179,3 +188,27 @@ class HFTarget(Guided):
         n = tokens.shape[1]
         index = torch.arange(n, device=hidden.device).expand(hidden.shape[0], n)
         return self.guide(hidden[:, self.prefix_len - 1:], index)
+
+
+class OwnTokenizer:
+    """A transformers target's own VQ decoder in the place of the run's tokenizer (`tokenizer=own`):
+    what the pipeline and LANTERN / VVS read of a tokenizer (codes to pixels, the codebook rows)."""
+
+    @dataclass(frozen=True)
+    class _Config:
+        codebook_size: int
+
+    def __init__(self, target: HFTarget):
+        self.target = target
+        self.config = self._Config(target.vocab_size)
+        self.codebook = target.codebook()
+
+    def decode_codes(self, tokens: Tensor) -> Tensor:
+        return self.target.decode_images(tokens)
+
+    def parameters(self):
+        return iter([self.codebook])
+
+    def to(self, device):
+        self.codebook = self.codebook.to(device)
+        return self

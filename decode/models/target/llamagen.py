@@ -86,6 +86,10 @@ class LlamaGenTarget(Guided):
     def dtype(self) -> torch.dtype:
         return self.gpt.output.weight.dtype
 
+    def to(self, device=None, dtype=None) -> "LlamaGenTarget":
+        self.gpt.to(device=device, dtype=dtype)
+        return self
+
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """Image tokens [...] -> the target's input embeddings [..., D] (a drafter's token input)."""
         return self.gpt.embed_tokens(tokens)

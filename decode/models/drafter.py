@@ -15,6 +15,7 @@ drafter folder stores only its own weights plus a fingerprint of the target it w
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -47,11 +48,17 @@ class DrafterConfig:
     target_fingerprint: str = ""
 
     @classmethod
-    def for_target(cls, gpt: LlamaGenGPT, n_layer: int = 1, **overrides) -> "DrafterConfig":
-        c = gpt.config
-        base = dict(dim=c.dim, n_head=c.n_head, vocab_size=c.vocab_size, block_size=c.block_size,
-                    cls_token_num=c.cls_token_num, n_layer=n_layer, n_kv_head=c.n_kv_head, multiple_of=c.multiple_of,
-                    ffn_dim_multiplier=c.ffn_dim_multiplier, rope_base=c.rope_base, norm_eps=c.norm_eps)
+    def for_target(cls, gpt, n_layer: int = 1, **overrides) -> "DrafterConfig":
+        """The drafter's shape for a LlamaGen GPT, or for a target adapter that says it (`drafter_dims`:
+        the transformers targets), with `overrides`."""
+        if hasattr(gpt, "drafter_dims"):
+            base = {**gpt.drafter_dims(), "n_layer": n_layer}
+        else:
+            c = gpt.config
+            base = dict(dim=c.dim, n_head=c.n_head, vocab_size=c.vocab_size, block_size=c.block_size,
+                        cls_token_num=c.cls_token_num, n_layer=n_layer, n_kv_head=c.n_kv_head,
+                        multiple_of=c.multiple_of, ffn_dim_multiplier=c.ffn_dim_multiplier, rope_base=c.rope_base,
+                        norm_eps=c.norm_eps)
         if "target_fingerprint" not in overrides:  # given: e.g. a target on the meta device, which has no values
             base["target_fingerprint"] = target_fingerprint(gpt)
         return cls(**{**base, **overrides})
@@ -61,7 +68,7 @@ class DrafterConfig:
         return GPTConfig(dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
                          multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier,
                          rope_base=self.rope_base, norm_eps=self.norm_eps, vocab_size=self.vocab_size,
-                         block_size=self.block_size, cls_token_num=self.cls_token_num - 1)
+                         block_size=math.isqrt(self.block_size) ** 2, cls_token_num=self.cls_token_num - 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,10 +79,13 @@ class DrafterConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def target_fingerprint(gpt: LlamaGenGPT) -> str:
-    """sha256 of the target's LM head and token embedding (float32 bytes): the parts the drafter reads."""
+def target_fingerprint(gpt) -> str:
+    """sha256 of the target's LM head and token embedding (float32 bytes): the parts the drafter reads
+    (a target adapter names them with `fingerprint_weights`)."""
     h = hashlib.sha256()
-    for w in (gpt.output.weight, gpt.tok_embeddings.weight):
+    weights = gpt.fingerprint_weights() if hasattr(gpt, "fingerprint_weights") else (gpt.output.weight,
+                                                                                      gpt.tok_embeddings.weight)
+    for w in weights:
         t = w.detach().float().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
@@ -91,6 +101,9 @@ class Drafter(BlockStack, nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(layer_cfg) for _ in range(cfg.n_layer))
         # EAGLE: the first layer has no input norm (its input is fc's output, not a residual stream)
         self.layers[0].attention_norm = nn.Identity()
+        # a grid that is not square (Lumina-mGPT's rows end in a newline) takes the rest as extra rows: the
+        # drafter's own positions, consistent between its training and decoding
+        rope_extra += cfg.block_size - layer_cfg.block_size
         rope = rope_table_2d(layer_cfg.grid_size, layer_cfg.head_dim, cfg.rope_base, cfg.cls_token_num - 1,
                              rope_extra)
         self.register_buffer("rope", rope, persistent=False)
@@ -194,5 +207,6 @@ def load_drafter(folder: str | Path, gpt: LlamaGenGPT) -> Drafter:
     check_fits(cfg, gpt, str(folder))
     drafter = Drafter(cfg)
     load_state_dict_strict(drafter, state, source=str(folder))
-    p = gpt.output.weight
-    return drafter.to(device=p.device, dtype=p.dtype).eval()
+    if hasattr(gpt, "drafter_dims"):  # a target adapter
+        return drafter.to(device=gpt.device, dtype=gpt.dtype).eval()
+    return drafter.to(device=gpt.output.weight.device, dtype=gpt.output.weight.dtype).eval()

@@ -107,7 +107,7 @@ class EagleDrafting:
         image tokens given before the root, if any, and the root last (`following` [B, k + 1])."""
         g, b, p = prefix.hidden.shape[:3]
         feats = prefix.hidden.reshape(g * b, p, -1)
-        emb = prefix_embedding(self.target.gpt, self.drafter.config.prefix_token, feats)
+        emb = prefix_embedding(self.target, self.drafter.config.prefix_token, feats)
         k = following.shape[1]
         emb[:, -k:] = self.target.embed_tokens(following).repeat(g, 1, 1).to(emb.dtype)
         self.pending = Pending(emb=emb, feats=feats, valid=prefix_valid.clone(), count=torch.full((b,), p))

@@ -89,3 +89,15 @@ def test_bad_chameleon_inputs_are_refused(lumina, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "janus"}')
     with pytest.raises(ValueError, match="expects Lumina-mGPT"):
         load_chameleon(str(tmp_path))
+
+
+def test_greedy_eagle2_gives_greedy_ar_on_lumina(lumina):
+    from decode.models.drafter import Drafter, DrafterConfig
+
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig.for_target(lumina)).eval()
+    ids = prompt(batch=2, seed=3)
+    cond = Condition(ids, torch.ones_like(ids, dtype=torch.bool))
+    ar = generate(lumina, cond, num_tokens=20, sampling=GREEDY, method=Method()).tokens
+    method = build_method("eagle2", sampling=GREEDY, drafter=drafter, codebook=lumina.codebook())
+    assert torch.equal(generate(lumina, cond, num_tokens=20, sampling=GREEDY, method=method).tokens, ar)

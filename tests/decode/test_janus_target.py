@@ -96,3 +96,17 @@ def test_a_folder_of_another_family_is_refused(tmp_path):
         load_janus(str(tmp_path))
     with pytest.raises(ValueError, match="no config.json"):
         load_janus(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("name", ["eagle2", "lantern_pp"])
+def test_greedy_drafts_of_an_eagle_drafter_give_greedy_ar_on_janus(janus, name):
+    from decode.models.drafter import Drafter, DrafterConfig
+
+    torch.manual_seed(0)
+    drafter = Drafter(DrafterConfig.for_target(janus)).eval()  # untrained: exactness does not need a good one
+    ids = prompt_ids(batch=2, length=6)
+    cond = Condition(ids, torch.ones_like(ids, dtype=torch.bool))
+    ar = generate(janus, cond, num_tokens=16, sampling=GREEDY, method=Method()).tokens
+    options = {"lam": 1.0} if name == "lantern_pp" else None  # lambda 1: LANTERN++'s rule is exact
+    method = build_method(name, sampling=GREEDY, drafter=drafter, codebook=janus.codebook(), options=options)
+    assert torch.equal(generate(janus, cond, num_tokens=16, sampling=GREEDY, method=method).tokens, ar)

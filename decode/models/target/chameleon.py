@@ -55,6 +55,10 @@ class ChameleonTarget(HFTarget):
         """The newline's index in the engine's vocabulary (the last)."""
         return self.vocab_size - 1
 
+    def fingerprint_weights(self) -> tuple[Tensor, Tensor]:
+        cols = self.columns.to(self.device)
+        return self.model.lm_head.weight[cols], self.model.get_input_embeddings().weight[cols]
+
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(self.columns.to(tokens.device)[tokens])
 

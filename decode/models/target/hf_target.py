@@ -85,6 +85,17 @@ class HFTarget(Guided):
         """[V, d] the rows LANTERN's neighbourhoods and VVS's path similarity compare (the VQ codebook)."""
         return self.model.model.vqmodel.quantize.embedding.weight.detach()
 
+    def drafter_dims(self) -> dict:
+        """An EAGLE drafter's shape for this target (decode.models.drafter.DrafterConfig.for_target)."""
+        tc = self.text_config
+        return dict(dim=tc.hidden_size, n_head=tc.num_attention_heads, n_kv_head=tc.num_key_value_heads,
+                    vocab_size=self.vocab_size, block_size=self.num_image_tokens, cls_token_num=self.prefix_len,
+                    multiple_of=64, ffn_dim_multiplier=None, rope_base=10000.0, norm_eps=tc.rms_norm_eps)
+
+    def fingerprint_weights(self) -> tuple[Tensor, Tensor]:
+        """The weights a drafter reads through this target: its image head and image embedding."""
+        raise NotImplementedError
+
     def guide(self, hidden: Tensor, next_index: Tensor | None = None) -> TargetOutput:
         """hidden [G*B, T, D] -> guided logits [B, T, V] and hidden as [G, B, T, D]."""
         h = hidden.view(self.groups, -1, *hidden.shape[1:])

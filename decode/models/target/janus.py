@@ -39,6 +39,9 @@ class JanusTarget(HFTarget):
         """Image tokens [...] -> the decoder's input embeddings [..., D] (generation embeddings + aligner)."""
         return self.model.prepare_embeddings_for_image_generation(tokens)
 
+    def fingerprint_weights(self) -> tuple[Tensor, Tensor]:
+        return self.model.model.generation_head.vision_head.weight, self.model.model.generation_embeddings.weight
+
     def image_logits(self, h: Tensor, next_index: Tensor | None) -> Tensor:
         return self.model.model.generation_head(h)
 

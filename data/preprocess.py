@@ -508,12 +508,13 @@ def _complete_manifests(codes: Path, data) -> tuple[str, str] | None:
     return patterns[0], patterns[1]
 
 
-def ensure_code_shards(data, out: Path) -> tuple[str, str]:
+def ensure_code_shards(data, out: Path, vq=None) -> tuple[str, str]:
     """Code shard patterns for train and held-out; built from the world when `data.build` says so.
 
     `data` is a training task's data config (train_urls, heldout_urls, build, build_train,
     build_heldout, tokenizer, random_tokenizer, image_size, shard_size, seed, max_length; world:
-    the world version, absent or null for the default).
+    the world version, absent or null for the default). `vq`: the codes' tokenizer instead of
+    data.tokenizer (a transformers target's own VQ, decode.models.target.hf_target.OwnTokenizer).
     """
     if data.train_urls and data.heldout_urls:
         return data.train_urls, data.heldout_urls
@@ -531,9 +532,12 @@ def ensure_code_shards(data, out: Path) -> tuple[str, str]:
         return done
     write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
                        image_size=data.image_size, shard_size=data.shard_size, world=data.get("world"))
-    vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
-    if not data.tokenizer:
-        log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")
+    if vq is not None:
+        log.warning("the target encodes its own images: data.tokenizer and data.random_tokenizer are not used")
+    else:
+        vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
+        if not data.tokenizer:
+            log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")
     text = load_text_encoder("minilm", max_length=data.max_length)
     patterns = {}
     for split in ("train", "heldout"):

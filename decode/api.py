@@ -71,15 +71,12 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
         text = instantiate(cfg.text_encoder, device=str(device), max_length=int(length))
     check_compatible(target, vq, text, text_encoder)
     drafter = None
-    if any(m.needs_drafter for m in methods) and not hasattr(target, "gpt"):
-        raise ValueError("drafters are trained for LlamaGen targets so far; on this target use a method without one "
-                         "(ar, sjd, sjd_vp, mc_sjd, gsd, zipar)")
     if any(m.needs_drafter for m in methods):
         ckpt = cfg.get("drafter") and cfg.drafter.get("ckpt")
         if not ckpt:
             names = ", ".join(m.name for m in methods if m.needs_drafter)
             raise ValueError(f"method {names} needs a drafter: drafter.ckpt=FOLDER (python -m train drafter)")
-        drafter = load_drafter(ckpt, target.gpt)  # fails here if it does not fit the target
+        drafter = load_drafter(ckpt, getattr(target, "gpt", target))  # fails here if it does not fit the target
     policies = {m.knobs["scheduler_ckpt"]: load_scheduler_policy(m.knobs["scheduler_ckpt"], target, drafter)
                 for m in methods if m.skipping == "learned"}
     scorer = instantiate(cfg.evaluator, device=str(device)) if evaluator and cfg.get("evaluator") else None

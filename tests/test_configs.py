@@ -28,12 +28,12 @@ def test_decode_configs_compose(target, tokenizer, text_encoder):
 
 
 TARGET_USERS = sorted(p.stem for p in CONF.glob("*.yaml") if "\n  - target:" in p.read_text())
-# transformers targets (Janus-Pro, Lumina-mGPT) decode but have no drafter training yet: the training
-# configs, which take no tokenizer or prompt encoder groups, do not compose with them (issue 23, item 5)
+# transformers targets (Janus-Pro, Lumina-mGPT) choose their tokenizer and prompt encoder: offline feature
+# dumps (train_features), which take neither group, are for LlamaGen targets only
 TRANSFORMERS = [t for t in _options("target") if "hf_target" in (CONF / "target" / f"{t}.yaml").read_text()
                 or "tokenizer@_global_.tokenizer: own" in (CONF / "target" / f"{t}.yaml").read_text()]
 PAIRS = [(c, t) for c, t in itertools.product(TARGET_USERS, _options("target"))
-         if not (t in TRANSFORMERS and c in ("train_drafter", "train_features"))]
+         if not (t in TRANSFORMERS and c == "train_features")]
 
 
 @pytest.mark.parametrize("config,target", PAIRS)

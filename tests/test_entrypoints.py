@@ -122,8 +122,8 @@ def test_two_processes_write_the_images_of_one(tmp_path):
 
 
 def test_transformers_targets_decode_from_the_cli(tmp_path):
-    """The tiny random Janus-Pro writes images and stats with an exact training-free method; a method that
-    needs a drafter, and Chameleon (no VQ decoder in transformers), fail before decoding, naming why."""
+    """The tiny random Janus-Pro writes images and stats with an exact training-free method; a drafter made
+    for another target, and Chameleon (no VQ decoder in transformers), fail before decoding, naming why."""
     out = tmp_path / "janus"
     res = _run(["-m", "decode", "target=janus_tiny_random", "prompt=a red star", "method=mc_sjd", "n=2",
                 f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"])
@@ -132,7 +132,7 @@ def test_transformers_targets_decode_from_the_cli(tmp_path):
     assert len(rows) == 2 and rows[0]["tokens"] == 16 and len(list((out / "images").glob("*.png"))) == 2
     res = _run(["-m", "decode", "target=janus_tiny_random", "prompt=a red star", "method=vvs",
                 f"hydra.run.dir={tmp_path / 'hydra2'}"])
-    assert res.returncode == 1 and "drafters are trained for LlamaGen targets" in res.stderr
+    assert res.returncode == 1 and "trained for another target" in res.stderr  # the world drafter: refused
     res = _run(["-m", "decode", "target=chameleon_tiny_random", "prompt=a red star",
                 f"hydra.run.dir={tmp_path / 'hydra3'}"])
     assert res.returncode == 1 and "cannot draw its images" in res.stderr

@@ -18,6 +18,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -29,7 +30,8 @@ from decode.core.sampling import SamplingParams
 from decode.core.engine import generate
 from decode.strategies.registry import build_method
 from decode.core.trees import TreeParams
-from decode.models.target import Condition, LlamaGenTarget, load_target
+from decode.models.target import Condition
+from decode.models.target.hf_target import OwnTokenizer
 from train.common import (
     STEPS_END_THE_STREAM,
     build_logger,
@@ -49,22 +51,34 @@ class DrafterModule(L.LightningModule):
                  warmup_steps: int = 100, total_steps: int = 10000, p_weight: float = 0.1, noise_std: float = 0.2,
                  null_prob: float = 0.1, topk: int = 10, unroll_depth: int = 5, seed: int = 0,
                  decode_prompts: int = 2, decode_cfg_scale: float = 4.0, tree: dict | None = None,
-                 decay: str = "cosine"):
+                 decay: str = "cosine", prompt_ids: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
-        # `target`: a conf/target entry (load_target's arguments). Only this description is saved;
-        # a tuple keeps the frozen weights out of state_dict, checkpoints and the optimizer.
-        args = {k: v for k, v in target.items() if k not in ("_target_", "cfg_scale")}
-        gpt = load_target(**args, cfg_scale=1.0).gpt
-        self._frozen = (LlamaGenTarget(gpt, cfg_scale=1.0),)
-        self.drafter = Drafter(DrafterConfig.for_target(gpt, **drafter))
+        # `target`: a conf/target entry. Only this description is saved; a tuple keeps the frozen weights
+        # (and a transformers target's prompt encoder, `prompt_ids`) out of state_dict, checkpoints and the optimizer.
+        frozen = training_target(target)
+        prompts = None
+        if frozen.takes_prompt_ids:
+            if not prompt_ids:
+                raise ValueError("a target conditioned on prompt token ids needs its prompt encoder (text_encoder)")
+            prompts = instantiate({**prompt_ids, "max_length": prompt_ids.get("max_length") or frozen.prefix_len})
+        self._frozen = (frozen, prompts)
+        self.drafter = Drafter(DrafterConfig.for_target(drafter_source(frozen), **drafter))
 
     @property
-    def target(self) -> LlamaGenTarget:
+    def target(self):
         return self._frozen[0]
 
+    def condition(self, batch) -> Condition:
+        """The target's condition for a batch: its caption states, or (a transformers target) the
+        captions' prompt ids."""
+        if not self.target.takes_prompt_ids:
+            return Condition(batch.text, batch.mask)
+        ids = self._frozen[1].encode(batch.captions)
+        return Condition(ids.emb.to(self.device), ids.mask.to(self.device))
+
     def on_fit_start(self) -> None:
-        self.target.gpt.to(self.device).eval()
+        self.target.to(device=self.device)
 
     on_validation_start = on_fit_start
 
@@ -78,15 +92,14 @@ class DrafterModule(L.LightningModule):
     def teacher(self, batch, gen: torch.Generator | None) -> TeacherForced:
         """Drafter inputs from the frozen target; with `gen`, some captions become the null caption."""
         if isinstance(batch, FeatureBatch):  # offline: features dumped by `python -m train features`
-            return drafter_inputs(self.target.gpt, batch.codes, batch.hidden, batch.valid,
+            return drafter_inputs(drafter_source(self.target), batch.codes, batch.hidden, batch.valid,
                                   self.drafter.config.prefix_token)
-        text = batch.text
+        cond, tokens = self.condition(batch), self.target.tokens_from_codes(batch.codes)
         if gen is not None and self.hparams.null_prob > 0:  # CFG: the drafter must also serve null rows
-            drop = torch.rand(text.shape[0], device=text.device, generator=gen) < self.hparams.null_prob
-            null = self.target.gpt.cls_embedding.uncond_embedding[None].to(text.dtype)
-            text = torch.where(drop[:, None, None], null, text)
-        hidden, valid = self.target.hidden_states(Condition(text, batch.mask), batch.codes)
-        return drafter_inputs(self.target.gpt, batch.codes, hidden, valid, self.drafter.config.prefix_token)
+            drop = torch.rand(tokens.shape[0], device=tokens.device, generator=gen) < self.hparams.null_prob
+            cond = self.target.null_condition(cond, drop)
+        hidden, valid = self.target.hidden_states(cond, tokens)
+        return drafter_inputs(drafter_source(self.target), tokens, hidden, valid, self.drafter.config.prefix_token)
 
     def predict_features(self, tf: TeacherForced, features: Tensor) -> Tensor:
         b, t, _ = features.shape
@@ -103,7 +116,7 @@ class DrafterModule(L.LightningModule):
         m = tf.loss_mask.float()
         denom = m.sum().clamp_min(1)
         vloss = (F.smooth_l1_loss(pred, tf.next_features, reduction="none").mean(-1) * m).sum() / denom
-        head = self.target.gpt.logits
+        head = self.target.logits
         with torch.no_grad():
             target_logits = head(tf.next_features)
         p_target = target_logits.softmax(-1)
@@ -127,7 +140,7 @@ class DrafterModule(L.LightningModule):
         """Top-1 agreement with the target at depths 1 .. unroll_depth. At depth d every position is
         fed the drafter's own depth d-1 prediction of its feature instead of the target's (EAGLE
         drafting depth d); a proxy for acceptance, which also feeds predictions as context."""
-        head, m = self.target.gpt.logits, tf.loss_mask
+        head, m = self.target.logits, tf.loss_mask
         want = head(tf.next_features).argmax(-1)
         feats, curve = tf.features, []
         p0 = int(m[0].float().argmax())  # first trained position (P - 1)
@@ -146,11 +159,12 @@ class DrafterModule(L.LightningModule):
         """Real acceptance: greedy EAGLE-2 decodes (with CFG, the decode-time tree) of the first
         held-out captions; image tokens per target forward after the prefill."""
         n = min(self.hparams.decode_prompts, batch.codes.shape[0])
-        target = LlamaGenTarget(self.target.gpt, cfg_scale=self.hparams.decode_cfg_scale)
+        target = self.target.with_cfg_scale(self.hparams.decode_cfg_scale)
         greedy = SamplingParams(temperature=0.0)
         method = build_method("eagle2", sampling=greedy, tree=TreeParams(**(self.hparams.tree or {})),
                               drafter=self.drafter.eval())
-        gen = generate(target, Condition(batch.text[:n], batch.mask[:n]), num_tokens=target.num_image_tokens,
+        cond = self.condition(batch)
+        gen = generate(target, Condition(cond.cond[:n], cond.mask[:n]), num_tokens=target.num_image_tokens,
                        sampling=greedy, method=method)
         return gen.tokens.shape[1] / gen.nfe.float().clamp_min(1).mean()
 
@@ -188,6 +202,23 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str = "cosine") -> f
     return 1.0 - done if decay == "linear" else 0.1 + 0.45 * (1 + math.cos(math.pi * done))
 
 
+def training_target(target: dict):
+    """The frozen target of a conf/target entry, unguided (training reads one group's features)."""
+    return instantiate({**target, "cfg_scale": 1.0})
+
+
+def drafter_source(target):
+    """What a drafter's shape, fingerprint and token embeddings come from: a LlamaGen target's GPT (the
+    folders already trained name its fingerprint), or a transformers target adapter itself."""
+    return getattr(target, "gpt", target)
+
+
+def target_name(target: DictConfig) -> str:
+    """The target a drafter was distilled from, as its model card says it: its checkpoint or folder, or
+    the loader of a random one."""
+    return str(target.get("ckpt") or target.get("folder") or f"{target._target_} (tiny random)")
+
+
 def check_options(cfg: DictConfig) -> None:
     """Bad values stop the run here, before shards are built or the target is loaded."""
     require_ints(cfg, 1, "trainer.max_steps", "optim.total_steps",
@@ -209,11 +240,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Exact resume: the stream restarts where the checkpoint's step left it (Lightning does not
     # restore an iterable dataset's position), and each step's randomness depends on the step.
     skip = resume_step(cfg, out) * int(cfg.data.batch_size)
-    train_urls, heldout_urls = ensure_code_shards(cfg.data, out)
+    target_cfg = OmegaConf.to_container(cfg.target, resolve=True)
+    own = None
+    if cfg.get("tokenizer") and cfg.tokenizer.get("own"):  # a transformers target: codes by its own VQ
+        own = OwnTokenizer(training_target(target_cfg))
+    train_urls, heldout_urls = ensure_code_shards(cfg.data, out, vq=own)
     # again: building the shards draws random numbers, finding them built does not; the model's
     # initialisation and the run must not depend on which happened
     L.seed_everything(cfg.seed, workers=True)
-    module = DrafterModule(target=OmegaConf.to_container(cfg.target, resolve=True),
+    prompts = OmegaConf.to_container(cfg.text_encoder, resolve=True) if own is not None else None
+    module = DrafterModule(target=target_cfg, prompt_ids=prompts,
                            drafter=OmegaConf.to_container(cfg.drafter, resolve=True), seed=int(cfg.seed),
                            **{"total_steps": int(cfg.trainer.max_steps),
                               **OmegaConf.to_container(cfg.optim, resolve=True)})
@@ -234,10 +270,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.validate(module, heldout_loader, verbose=False)[0].items()}
     with full_parameters(trainer, module.drafter):
         if trainer.is_global_zero:
-            folder = save_drafter(out / "drafter", module.drafter, extra={"target": str(cfg.target.get("ckpt"))})
+            folder = save_drafter(out / "drafter", module.drafter, extra={"target": target_name(cfg.target)})
     if trainer.is_global_zero:
         write_model_card(folder, title="EAGLE-style drafter", cfg=cfg, steps=trainer.global_step, wall_s=wall,
-                         metrics=metrics, notes=f"Distilled online from the target `{cfg.target.get('ckpt')}`. "
+                         metrics=metrics, notes=f"Distilled online from the target `{target_name(cfg.target)}`. "
                                                 + inherited_licence(cfg.target.get("ckpt")))
         curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"
                           for d in range(1, module.hparams.unroll_depth + 1))

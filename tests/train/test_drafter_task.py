@@ -145,3 +145,28 @@ def test_a_rerun_over_built_shards_trains_the_same_drafter(tmp_path):
         torch.testing.assert_close(second[k], first[k], atol=0, rtol=0)
     # the first run's checkpoint is gone, not kept beside the second's (as last.ckpt / last-v1.ckpt)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
+def test_drafters_distil_from_transformers_targets_and_decode_exactly(tmp_path):
+    """`python -m train drafter target=janus_tiny_random` (and Chameleon) codes the world with the target's
+    own VQ, prompts with its prompt encoder, and writes a drafter the decode CLI loads; greedy EAGLE-2 with
+    it makes greedy AR's image (the drafter only changes how many passes)."""
+    import sys
+
+    for target in ("janus_tiny_random", "chameleon_tiny_random"):
+        out = tmp_path / target
+        res = run_train("drafter", "experiment=smoke", f"target={target}", f"out_dir={out}",
+                        f"hydra.run.dir={out}/hydra")
+        assert res.returncode == 0, res.stderr[-3000:]
+        metrics = json.loads((out / "drafter" / "metrics.json").read_text())
+        assert 1.0 <= metrics["val/greedy_step_compression"] <= 20.0
+    made = {}
+    for method in ("ar", "eagle2"):
+        run = tmp_path / f"decode_{method}"
+        res = subprocess.run([sys.executable, "-m", "decode", "target=janus_tiny_random", "prompt=a red star",
+                              f"method={method}", "tree=fixed", "sampling.temperature=0",
+                              f"drafter.ckpt={tmp_path / 'janus_tiny_random' / 'drafter'}", f"out_dir={run}",
+                              f"hydra.run.dir={run}/hydra"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        made[method] = (run / "images" / "00000_000.png").read_bytes()
+    assert made["ar"] == made["eagle2"]

@@ -47,6 +47,15 @@ class ChameleonTarget(HFTarget):
         self.config = ConfigView("t2i", len(codes) + 1, self.grid * (self.grid + 1), max_prompt,
                                  model.config.hidden_size)
 
+    def with_cfg_scale(self, cfg_scale: float) -> "ChameleonTarget":
+        return ChameleonTarget(self.model, self.grid, self.newline_id, cfg_scale, False, self.prefix_len)
+
+    def tokens_from_codes(self, codes: Tensor) -> Tensor:
+        """VQ codes [B, H*W] -> tokens [B, H*(W+1)]: each row ended by the newline."""
+        grid = codes.view(codes.shape[0], self.grid, self.grid)
+        newline = torch.full((codes.shape[0], self.grid, 1), self.newline, dtype=codes.dtype, device=codes.device)
+        return torch.cat([grid, newline], 2).reshape(codes.shape[0], -1)
+
     def with_refined_prompts(self) -> "ChameleonTarget":
         return ChameleonTarget(self.model, self.grid, self.newline_id, self.cfg_scale, True, self.prefix_len)
 
@@ -107,7 +116,7 @@ def tiny_chameleon_model(seed: int = 0, codes: int = 32, scale: float = 0.2):
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3, "<newline>": 4, "<boi>": 5, "<eoi>": 6}
     vocab.update({f"IMGIMG{''.join(digits[int(d)] for d in str(c))}Z": 8 + c for c in range(codes)})
     vq = ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=32, base_channels=32,
-                              channel_multiplier=[1, 1], num_res_blocks=1, resolution=32)
+                              channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1, resolution=64)  # 64 px -> 4 x 4
     config = ChameleonConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              vq_config=vq.to_dict(), vocabulary_map=vocab, pad_token_id=0)
@@ -125,7 +134,8 @@ def load_chameleon(folder: str | None = None, tiny_random: bool = False, grid: i
     """Lumina-mGPT from a local transformers folder (grid 48 at 768 px; newline id 8803), or a tiny random
     Chameleon (`tiny_random`; newline id 4). A folder of another family fails naming what it holds."""
     if tiny_random:
-        return ChameleonTarget(tiny_chameleon_model(seed), grid, 4, cfg_scale, max_prompt=max_prompt)
+        return ChameleonTarget(tiny_chameleon_model(seed).requires_grad_(False), grid, 4, cfg_scale,
+                               max_prompt=max_prompt)
     config = Path(folder or "") / "config.json"
     if not config.is_file():
         raise ValueError(f"target folder {folder!r} holds no config.json: a Lumina-mGPT / Chameleon model saved by "
@@ -136,5 +146,5 @@ def load_chameleon(folder: str | None = None, tiny_random: bool = False, grid: i
                          f"(model_type 'chameleon')")
     from transformers import ChameleonForConditionalGeneration
 
-    model = ChameleonForConditionalGeneration.from_pretrained(folder)
+    model = ChameleonForConditionalGeneration.from_pretrained(folder).requires_grad_(False)
     return ChameleonTarget(model, grid, newline_id, cfg_scale, max_prompt=max_prompt)

@@ -85,6 +85,32 @@ class HFTarget(Guided):
         """[V, d] the rows LANTERN's neighbourhoods and VVS's path similarity compare (the VQ codebook)."""
         return self.model.model.vqmodel.quantize.embedding.weight.detach()
 
+    takes_prompt_ids = True
+
+    def with_cfg_scale(self, cfg_scale: float) -> "HFTarget":
+        """The same model at another guidance scale (training runs unguided, its checks guided)."""
+        raise NotImplementedError
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Features [..., D] -> one group's logits [..., V], no structure forced (a drafter's loss)."""
+        return self.image_logits(h, None)
+
+    def null_condition(self, c: Condition, drop: Tensor) -> Condition:
+        """`c` with the rows where `drop` [B] is set replaced by the unconditional prompt (CFG training rows)."""
+        mask = c.mask if c.mask is not None else torch.ones_like(c.cond, dtype=torch.bool)
+        ids, null_mask = self.unconditional(c.cond, mask)
+        return Condition(torch.where(drop[:, None].to(ids.device), ids, c.cond),
+                         torch.where(drop[:, None].to(mask.device), null_mask, mask))
+
+    def tokens_from_codes(self, codes: Tensor) -> Tensor:
+        """VQ codes [B, h*w] -> this target's image tokens."""
+        return codes
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> VQ codes [B, h*w] by the family's own VQ encoder."""
+        out = self.model.model.vqmodel.encode(images.to(self.device, self.dtype))
+        return out.image_tokens.view(images.shape[0], -1)
+
     def drafter_dims(self) -> dict:
         """An EAGLE drafter's shape for this target (decode.models.drafter.DrafterConfig.for_target)."""
         tc = self.text_config
@@ -208,14 +234,31 @@ class OwnTokenizer:
     @dataclass(frozen=True)
     class _Config:
         codebook_size: int
+        downsample: int
+        family: str
+
+        def to_dict(self) -> dict:
+            return dict(self.__dict__)
 
     def __init__(self, target: HFTarget):
         self.target = target
-        self.config = self._Config(target.vocab_size)
+        mult = target.model.config.vq_config.channel_multiplier
+        self.config = self._Config(target.vocab_size, 2 ** (len(mult) - 1), type(target).__name__)
         self.codebook = target.codebook()
 
     def decode_codes(self, tokens: Tensor) -> Tensor:
         return self.target.decode_images(tokens)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, h*w] (code shards for this target)."""
+        return self.target.encode_images(images)
+
+    @property
+    def quantize(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(embedding=SimpleNamespace(weight=self.codebook))
 
     def parameters(self):
         return iter([self.codebook])

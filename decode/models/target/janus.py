@@ -32,6 +32,9 @@ class JanusTarget(HFTarget):
                                  model.config.vision_config.num_image_tokens, max_prompt,
                                  model.config.text_config.hidden_size)
 
+    def with_cfg_scale(self, cfg_scale: float) -> "JanusTarget":
+        return JanusTarget(self.model, cfg_scale, max_prompt=self.prefix_len)
+
     def with_refined_prompts(self) -> "JanusTarget":
         return JanusTarget(self.model, self.cfg_scale, three_way=True, max_prompt=self.prefix_len)
 
@@ -53,7 +56,7 @@ class JanusTarget(HFTarget):
         return self.model.model.vqmodel.decode(tokens.to(self.device)).clamp(-1, 1)
 def tiny_janus_model(seed: int = 0, scale: float = 0.2):
     """A tiny random JanusForConditionalGeneration built locally (tests, CI): a 2-layer Llama of width 32,
-    4 x 4 image tokens of 64 codes, a 2-level VQ-VAE. Weights are drawn with std `scale` (transformers'
+    4 x 4 image tokens of 64 codes, a VQ-VAE of 64 px images (16x down). Weights are drawn with std `scale` (transformers'
     0.02 makes a model whose greedy image is one repeated code: useless for parity tests)."""
     from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
                               LlamaConfig)
@@ -63,7 +66,7 @@ def tiny_janus_model(seed: int = 0, scale: float = 0.2):
     vision = JanusVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
                                patch_size=16, num_image_tokens=16, projection_dim=32, depth=1)
     vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-                          channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=32, image_token_embed_dim=32,
+                          channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1, projection_dim=32, image_token_embed_dim=32,
                           num_hidden_layers=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -81,7 +84,7 @@ def load_janus(folder: str | None = None, tiny_random: bool = False, seed: int =
     """A Janus-Pro target from a local transformers folder (Janus-Pro-1B / 7B saved by save_pretrained), or
     with `tiny_random` a tiny random one. A folder that is not a Janus model fails naming what it holds."""
     if tiny_random:
-        return JanusTarget(tiny_janus_model(seed), cfg_scale, max_prompt=max_prompt)
+        return JanusTarget(tiny_janus_model(seed).requires_grad_(False), cfg_scale, max_prompt=max_prompt)
     from pathlib import Path
 
     config = Path(folder or "") / "config.json"
@@ -96,4 +99,5 @@ def load_janus(folder: str | None = None, tiny_random: bool = False, seed: int =
                          f"model (model_type 'janus')")
     from transformers import JanusForConditionalGeneration
 
-    return JanusTarget(JanusForConditionalGeneration.from_pretrained(folder), cfg_scale, max_prompt=max_prompt)
+    model = JanusForConditionalGeneration.from_pretrained(folder).requires_grad_(False)
+    return JanusTarget(model, cfg_scale, max_prompt=max_prompt)

@@ -90,6 +90,24 @@ class LlamaGenTarget(Guided):
         self.gpt.to(device=device, dtype=dtype)
         return self
 
+    takes_prompt_ids = False  # conditions are caption features (or class ids), not prompt token ids
+
+    def with_cfg_scale(self, cfg_scale: float) -> "LlamaGenTarget":
+        return LlamaGenTarget(self.gpt, cfg_scale)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Features [..., D] -> one group's logits [..., V] (a drafter's loss reads the target's head)."""
+        return self.gpt.logits(h)
+
+    def null_condition(self, c: Condition, drop: Tensor) -> Condition:
+        """`c` with the rows where `drop` [B] is set replaced by the null caption (CFG training rows)."""
+        null = self.gpt.cls_embedding.uncond_embedding[None].to(c.cond.dtype)
+        return Condition(torch.where(drop[:, None, None], null, c.cond), c.mask)
+
+    def tokens_from_codes(self, codes: Tensor) -> Tensor:
+        """VQ codes [B, h*w] -> this target's image tokens (LlamaGen: the codes themselves)."""
+        return codes
+
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """Image tokens [...] -> the target's input embeddings [..., D] (a drafter's token input)."""
         return self.gpt.embed_tokens(tokens)

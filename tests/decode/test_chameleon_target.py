@@ -86,6 +86,8 @@ def test_exact_jacobi_decoding_equals_ar_on_lumina(lumina):
 def test_bad_chameleon_inputs_are_refused(lumina, tmp_path):
     with pytest.raises(ValueError, match="row structure"):
         lumina.codes(torch.zeros(1, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions"):
+        load_chameleon(tiny_random=True, grid=40)  # the tiny model has 256 positions
     (tmp_path / "config.json").write_text('{"model_type": "janus"}')
     with pytest.raises(ValueError, match="expects Lumina-mGPT"):
         load_chameleon(str(tmp_path))

@@ -41,6 +41,10 @@ class ChameleonTarget(HFTarget):
         if newline_id in mapping.bpe2img:
             raise ValueError(f"newline_id {newline_id} is an image token; Lumina-mGPT's row end is a text token")
         self.grid, self.newline_id = int(grid), int(newline_id)
+        need = max_prompt + self.grid * (self.grid + 1)
+        if self.grid < 1 or need > model.config.max_position_embeddings:
+            raise ValueError(f"grid {grid} (a {self.grid * 16} px image) needs {need} positions with the prompt; the model "
+                             f"was trained for {model.config.max_position_embeddings} (Lumina-mGPT-7B-768: grid 48)")
         self.pad = model.config.pad_token_id or 0
         # columns of the text vocabulary the engine's tokens are: the codes, then the newline
         self.columns = torch.tensor([mapping.img2bpe[c] for c in codes] + [newline_id])

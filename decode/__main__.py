@@ -110,7 +110,7 @@ def check_schedule_fits(method: MethodConfig, target: DictConfig) -> None:
         from decode.core.wavefront import NextSet, grid_shape
 
         width, height = grid_shape(int(block), int(block))
-        NextSet(method.knobs["row_window"], method.knobs["max_rows"]).check(width, height)
+        NextSet(method.knobs["row_window"], method.knobs["max_rows"], method.knobs["lane_drafts"]).check(width, height)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -39,12 +39,15 @@ from decode.strategies.acceptance import make_acceptance
 class NextSet:
     window: int = 6     # row g + 1 starts once row g has this many tokens (the grid width: exact AR)
     max_rows: int = 16  # rows in flight at once
+    lane_drafts: int = 0  # Jacobi guesses each row in flight verifies per pass (0: ZipAR, one token per row)
 
     def check(self, width: int, height: int) -> None:
         if not 1 <= self.window <= width:
             raise ValueError(f"next-set window {self.window} must be in [1, {width}] (tokens of a grid row)")
         if not 1 <= self.max_rows <= height:
             raise ValueError(f"next-set max_rows {self.max_rows} must be in [1, {height}] (grid rows)")
+        if not 0 <= self.lane_drafts < width:
+            raise ValueError(f"next-set lane_drafts {self.lane_drafts} must be in [0, {width - 1}] (guesses within a row)")
 
 
 def grid_shape(num_image_tokens: int, num_tokens: int) -> tuple[int, int]:
@@ -94,6 +97,11 @@ def generate_wavefront(target, condition, *, num_tokens: int, sampling: Sampling
     schedule.check(width, height)
     device, b, prefix = target.device, condition.batch, target.prefix_len
     accept = method.acceptance or make_acceptance(sampling)
+    if schedule.lane_drafts:  # rows advance by their own accepted lengths: each image has its own schedule
+        from decode.core.lanes import generate_lanes
+
+        return generate_lanes(target, condition, num_tokens=num_tokens, sampling=sampling, generators=generators,
+                              accept=accept, schedule=schedule, width=width, height=height)
     wait_for(device)
     t0 = time.perf_counter()
     cache, out = target.start(condition, num_tokens, extra_slots=schedule.max_rows + 1)

@@ -13,6 +13,7 @@
 | mc_sjd     | jacobi, coupled redraws      | exact (lossless)                  | never                |
 | gsd        | jacobi window on the target  | gsd (grouped: ranks, p gap, dist) | never                |
 | zipar      | none; rows advance together  | exact (each row's sampled token)  | never                |
+| zipar_sjd  | each row in flight: 4 Jacobi guesses (decode/core/lanes.py) | exact (SJD's rule per row) | never |
 
 zipar's schedule is next_set (decode/core/wavefront.py: row_window, max_rows); every other method's
 is raster (one frontier in raster order).
@@ -55,6 +56,7 @@ METHODS: dict[str, tuple[str, str, str, str, dict]] = {
     "mc_sjd": ("jacobi", "exact", "never", "raster", {"coupled": True}),
     "gsd": ("jacobi", "gsd", "never", "raster", {}),
     "zipar": ("none", "exact", "never", "next_set", {}),
+    "zipar_sjd": ("none", "exact", "never", "next_set", {"lane_drafts": 4}),
 }
 _LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
 KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
@@ -79,7 +81,7 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
     "schedule": {
         "raster": {},
         # ZipAR's Lumina-mGPT default is 16 of 48 columns; a third of our 16-column grid rounds to 6
-        "next_set": {"row_window": 6, "max_rows": 16},
+        "next_set": {"row_window": 6, "max_rows": 16, "lane_drafts": 0},  # lane_drafts: SJD guesses per row (ours)
     },
 }
 PARTS = tuple(KNOBS)
@@ -103,6 +105,7 @@ _CHECKS = {  # knob -> (valid?, what is allowed)
     "group_sq_dist": (lambda v: 0 <= v <= 4, "in [0, 4] (squared distance of unit embedding rows)"),
     "row_window": (lambda v: v >= 1, ">= 1 (tokens of the row above before a row starts; at most the grid width)"),
     "max_rows": (lambda v: v >= 1, ">= 1 (grid rows in flight; at most the grid's rows)"),
+    "lane_drafts": (lambda v: v >= 0, ">= 0 (Jacobi guesses each row in flight verifies per pass; below the grid width)"),
 }
 
 
@@ -188,7 +191,7 @@ def build_method(method: MethodConfig | str, *, sampling: SamplingParams, tree: 
     config = resolve_method(method, options) if isinstance(method, str) else method
     schedule = None
     if config.schedule == "next_set":
-        schedule = NextSet(config.knobs["row_window"], config.knobs["max_rows"])
+        schedule = NextSet(config.knobs["row_window"], config.knobs["max_rows"], config.knobs["lane_drafts"])
     return Method(config.name, drafting=_drafting(config, tree, drafter),
                   acceptance=make_acceptance(sampling, relaxation(config, codebook)),
                   skipping=_skipping(config, codebook, learned_policy), schedule=schedule)

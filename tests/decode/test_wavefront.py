@@ -55,7 +55,7 @@ def test_images_depend_on_their_own_seed_only():
 def test_zipar_by_name_and_its_bad_knobs():
     target, _, cond, _ = world(1, block=64)
     cfg = resolve_method("zipar", {"row_window": 3})
-    assert cfg.schedule == "next_set" and cfg.knobs == {"row_window": 3, "max_rows": 16}
+    assert cfg.schedule == "next_set" and cfg.knobs == {"row_window": 3, "max_rows": 16, "lane_drafts": 0}
     method = build_method(cfg, sampling=GREEDY)
     with pytest.raises(ValueError, match="max_rows 16 must be in \\[1, 8\\]"):
         run(target, cond, method, GREEDY)  # the tiny grid has 8 rows
@@ -78,3 +78,41 @@ def test_the_cli_checks_the_window_against_the_target_grid_before_loading():
     check_schedule_fits(resolve_method("zipar"), target)
     with pytest.raises(ValueError, match="window 17 must be in \\[1, 16\\]"):
         check_schedule_fits(resolve_method("zipar", {"row_window": 17}), target)
+
+
+def lanes(window: int, drafts: int, max_rows: int = H) -> Method:
+    return Method("zipar_sjd", schedule=NextSet(window, max_rows, drafts))
+
+
+def test_rows_verifying_guesses_with_a_whole_row_window_make_greedy_ars_image_in_fewer_passes():
+    """window = the grid width: one row at a time, so each row's guesses are SJD on it, exact."""
+    target, _, cond, _ = world(2, block=64)
+    ar = run(target, cond, Method(), GREEDY)
+    z = run(target, cond, lanes(W, 4), GREEDY)
+    assert torch.equal(z.tokens, ar.tokens) and (z.nfe < ar.nfe).all()
+
+
+def test_rows_verifying_guesses_never_take_more_passes_than_zipar_and_make_every_token():
+    target, _, cond, _ = world(2, block=64)
+    zip3 = run(target, cond, zipar(3), GREEDY)
+    none = run(target, cond, lanes(3, 1), GREEDY)
+    some = run(target, cond, lanes(3, 7), GREEDY)
+    assert (some.nfe <= zip3.nfe).all() and (none.nfe <= zip3.nfe).all()
+    assert (some.tokens >= 0).all() and some.tokens.shape == zip3.tokens.shape
+
+
+def test_rows_verifying_guesses_decode_each_image_on_its_own_seed():
+    target, _, cond, _ = world(3, block=64)
+    together = run(target, cond, lanes(3, 4), SAMPLED, seeds=[7, 8, 9])
+    alone = run(target, Condition(cond.cond[1:2], cond.mask[1:2]), lanes(3, 4), SAMPLED, seeds=[8])
+    assert torch.equal(together.tokens[1:2], alone.tokens)
+
+
+def test_lane_drafts_by_name_and_their_bad_values():
+    cfg = resolve_method("zipar_sjd")
+    assert cfg.knobs["lane_drafts"] == 4 and build_method(cfg, sampling=GREEDY).schedule.lane_drafts == 4
+    target, _, cond, _ = world(1, block=64)
+    with pytest.raises(ValueError, match="lane_drafts 8 must be in \\[0, 7\\]"):
+        run(target, cond, lanes(3, 8), GREEDY)
+    with pytest.raises(ValueError, match="lane_drafts must be >= 0"):
+        resolve_method("zipar_sjd", {"lane_drafts": -1})

@@ -7,10 +7,9 @@ head (SJD per row; shared/spec/ALGORITHMS.md 7 and 10).
 Per pass, per row in flight (top row first), the input is [newest token ; guesses for the row's next
 columns] at their raster positions. A token sees the committed tokens at earlier positions, its own
 row's chain before it and the newest tokens of the rows above (real tokens of this pass); never
-another row's guesses. Guesses start as the token one row up (the spatial prior; the left neighbour
-on the top row); after a pass, the guesses past the accepted ones are redrawn from this pass's
-predictions, which become their draft distributions (SJD's Jacobi update), so each row's acceptance
-is exact with respect to what the row sees.
+another row's guesses. The guesses come from a LaneDrafting strategy (decode/strategies/protocols.py):
+JacobiLanes by default (the token one row up, then SJD's Jacobi redraws: each row's acceptance is exact
+with respect to what the row sees); a trained right/below head is the other kind the contract is for.
 
 A row never gets closer to the row above than ZipAR lets it (its count at most the row above's minus
 `window` plus one, until the row above is complete), so every token keeps ZipAR's context; a row's
@@ -27,16 +26,16 @@ from torch import Tensor
 
 from decode.core.engine import Generation
 from decode.core.host import to_device, wait_for
-from decode.core.sampling import SamplingParams, draw, probabilities, sample
+from decode.core.sampling import SamplingParams, sample
 from decode.core.trees import Tree, ancestry_mask
 from decode.models.target import Condition
-
-Guess = tuple[int, Tensor | None]  # a guessed token and the distribution it was drawn from (None: a copy)
+from decode.strategies.lane_drafting import Guess, JacobiLanes
 
 
 @torch.no_grad()
 def generate_lanes(target, condition: Condition, *, num_tokens: int, sampling: SamplingParams, generators,
-                   accept, schedule, width: int, height: int) -> Generation:
+                   accept, schedule, width: int, height: int, drafting=None) -> Generation:
+    """`drafting`: a LaneDrafting strategy (decode/strategies/protocols.py); None: JacobiLanes."""
     if not sampling.greedy and generators is None:
         raise ValueError("sampled decoding needs one generator per image")
     wait_for(target.device)
@@ -46,7 +45,7 @@ def generate_lanes(target, condition: Condition, *, num_tokens: int, sampling: S
         part = Condition(*(x[i:i + 1] if x is not None else None
                            for x in (condition.cond, condition.mask, condition.refined, condition.refined_mask)))
         tokens, n = _one_image(target, part, num_tokens, sampling, None if generators is None else generators[i],
-                               accept, schedule, width, height)
+                               accept, schedule, width, height, drafting)
         made.append(tokens)
         passes.append(n)
     wait_for(target.device)
@@ -58,7 +57,7 @@ def generate_lanes(target, condition: Condition, *, num_tokens: int, sampling: S
 
 
 def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, schedule, width: int,
-               height: int) -> tuple[Tensor, int]:
+               height: int, drafting=None) -> tuple[Tensor, int]:
     """One image's tokens [1, N] and its target passes after the prefill."""
     from decode.core.wavefront import _plan  # ZipAR's lanes: which rows are in flight and what each predicts
 
@@ -67,14 +66,14 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
     cache, out = target.start(cond, num_tokens, extra_slots=schedule.max_rows * (schedule.lane_drafts + 1) + 1)
     made = [int(sample(out.logits[:, -1], sampling, gens))] + [-1] * (num_tokens - 1)
     count, fed, slots, passes = [1] + [0] * (height - 1), [0] * height, list(range(prefix)), 0
-    guesses: dict[int, list[Guess]] = {}
+    drafts = (drafting or JacobiLanes()).start(width, sampling, gen)
     while sum(count) < num_tokens:
         lanes = _plan(count, fed, width, prefix, schedule)
         seq, pos, lane_of, real, chains = [], [], [], [], []
         for li, lane in enumerate(lanes):
             in_row = lane.keep and lane.predicts is not None and lane.predicts // width == lane.row
             room = _room(count, lane.row, lane.predicts, width, schedule) if in_row else 0
-            chain = _fill(guesses.get(lane.row, []), made, lane.predicts, room, width) if room else []
+            chain = drafts.propose(lane.row, lane.predicts, room, made) if room else []
             chains.append(chain)
             for j, tok in enumerate([made[lane.token_at]] + [t for t, _ in chain]):
                 seq.append(tok)
@@ -105,7 +104,7 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
                 made[lane.predicts + j - 1] = seq[idx[j]]
             made[lane.predicts + len(path) - 1] = nxt
             count[lane.predicts // width] += len(path)  # the row predicted (a complete row's: the next)
-            guesses[lane.row] = _redraw(chain, len(path) - 1, logits[idx], sampling, gen)
+            drafts.observe(lane.row, chain, len(path) - 1, logits[idx])
         length = int(cache.host_length[0])
         src = torch.tensor([length + i for i in keep]).expand(target.groups, len(keep))
         cache.keep(to_device(src, device), torch.full((target.groups,), len(keep)))
@@ -119,17 +118,6 @@ def _room(count: list[int], row: int, first: int, width: int, schedule) -> int:
     if row > 0 and count[row - 1] < width:
         room = min(room, count[row - 1] - schedule.window - count[row])
     return max(room, 0)
-
-
-def _fill(kept: list[Guess], made: list[int], first: int, room: int, width: int) -> list[Guess]:
-    """`room` guesses for indices first, first + 1, ...: the redrawn ones kept from the last pass, then
-    the token one row up (the left neighbour on the top row), drawn from nothing (None)."""
-    chain = list(kept[:room])
-    while len(chain) < room:
-        c = first + len(chain)
-        above = made[c - width] if c >= width else -1
-        chain.append((above if above >= 0 else (chain[-1][0] if chain else made[first - 1]), None))
-    return chain
 
 
 def _accept(accept, tokens: list[int], chain: list[Guess], logits: Tensor, sampling, gens) -> tuple[list[int], int]:
@@ -148,14 +136,3 @@ def _accept(accept, tokens: list[int], chain: list[Guess], logits: Tensor, sampl
     tree = Tree(to_device([tokens], dev), parents, torch.arange(t, device=dev)[None], ancestry_mask(parents), q=q)
     verdict = accept(tree, logits[None], sampling, gens)
     return verdict.paths[0], int(verdict.next_tokens[0])
-
-
-def _redraw(chain: list[Guess], accepted: int, logits: Tensor, sampling, gen) -> list[Guess]:
-    """SJD's Jacobi update: guesses for the indices after the next token, drawn from this pass's
-    predictions at the chain nodes past the accepted ones (logits [T, V], node j predicting index j)."""
-    out = []
-    for node in range(accepted + 1, len(chain) + 1):
-        q = probabilities(logits[node].float(), sampling)
-        tok = int(q.argmax()) if sampling.greedy else int(draw(q[None], gen))
-        out.append((tok, q))
-    return out

@@ -67,3 +67,24 @@ class SkipRun(Protocol):
 class Skipping(Protocol):
     def start(self, target, batch: int, num_tokens: int, generators, dtype) -> SkipRun:
         ...
+
+
+class LaneRun(Protocol):
+    """One image's drafts for grid rows that advance together (decode/core/lanes.py): each row in flight
+    verifies a chain of guesses after its newest token in every pass."""
+
+    def propose(self, row: int, first: int, room: int, made: list[int]) -> list[tuple[int, Tensor | None]]:
+        """Up to `room` guesses for image indices first, first + 1, ... of grid row `row`, each with the
+        distribution it was drawn from (None: a deterministic copy), given the tokens made (-1: not yet)."""
+
+    def observe(self, row: int, chain: list, accepted: int, logits: Tensor) -> None:
+        """Told how many of the row's guesses were accepted and the target's logits [1 + len(chain), V]
+        over [newest ; chain] (node j predicting index first + j)."""
+
+
+class LaneDrafting(Protocol):
+    """Drafts for rows advancing together: Jacobi guesses (decode.strategies.lane_drafting.JacobiLanes);
+    a trained spatial head (right and below) is the other kind this contract is for."""
+
+    def start(self, width: int, sampling: SamplingParams, generator) -> LaneRun:
+        ...

@@ -28,8 +28,8 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
 
     real_start = engine._Rows.start
 
-    def spying_start(b):
-        states.append(real_start(b))  # the loop's per-row state: committed counts and unfilled chains
+    def spying_start(b, made=1):
+        states.append(real_start(b, made))  # the loop's per-row state: committed counts and unfilled chains
         return states[-1]
 
     monkeypatch.setattr(skipping, "FeatureCache", Recording)

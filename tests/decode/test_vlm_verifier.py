@@ -1,11 +1,13 @@
 """GridAR's VLM verifier over a tiny random LLaVA built here (no download): it loads from a folder, reads
 its answers from the first token's probabilities, falls back to the prompt, and refuses folders that are
 not image-text models."""
+import shutil
+
 import pytest
 import torch
 
 from decode.scaling.config import make_verifier, split_scaling
-from decode.scaling.vlm import VLMVerifier
+from decode.scaling.vlm import VLMVerifier, first_token_ids
 
 WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "possible", "impossible", "yes", "Yes", "no", "USER:",
          "ASSISTANT:"] + [f"w{i}" for i in range(60)]
@@ -73,22 +75,67 @@ def test_pruning_reads_the_answers_first_token(tiny_vlm, word, possible):
     v = VLMVerifier.from_folder(str(tiny_vlm))
     favour(v, word)
     assert v.prune(["w1"] * 3, canvases(3), 0.5) == [possible] * 3
-    favour(v, "yes")
-    assert all(s > 0.99 for s in v.rank(["w1"] * 2, canvases(2)))
+
+
+@pytest.mark.parametrize("word,high", [("yes", True), ("Yes", True), ("no", False)])
+def test_ranking_is_the_probability_of_yes(tiny_vlm, word, high):
+    v = VLMVerifier.from_folder(str(tiny_vlm))
+    assert v.answer_ids["yes"] == sorted([WORDS.index("yes"), WORDS.index("Yes")])
+    favour(v, word)
+    assert all((s > 0.99) if high else (s < 0.01) for s in v.rank(["w1"] * 2, canvases(2)))
+
+
+def test_reformulating_keeps_an_answer_only_when_it_keeps_the_prompt(tiny_vlm):
+    """Greedy text through generate: "w1 w1 ..." keeps the prompt "w1"; "possible possible ..." drops it."""
+    v = VLMVerifier.from_folder(str(tiny_vlm))
+    v.max_new_tokens = 6
+    favour(v, "w1")
+    assert v.reformulate(["w1", "w1 w2"], canvases(2), 0.25) == ["w1 w1 w1 w1 w1 w1", "w1 w2"]
+    favour(v, "possible")
+    assert v.reformulate(["w1"], canvases(1), 0.25) == ["w1"]
+
+
+def test_answer_tokens_skip_whitespace_pieces():
+    """A SentencePiece-like tokenizer splits " yes" into a lone "▁" and "yes": the answer is "yes"."""
+    class Pieces:
+        unk_token_id = 0
+        vocab = {"<unk>": 0, "▁": 1, "yes": 2, "Yes": 3}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": ([1] if text.startswith(" ") else []) + [self.vocab.get(text.strip(), 0)]}
+
+        def decode(self, ids):
+            return " " if ids == [1] else next(w for w, i in self.vocab.items() if i == ids[0])
+
+    assert first_token_ids(Pieces(), ("yes", "Yes", "YES")) == [2, 3]
 
 
 def test_a_refined_prompt_must_keep_the_original():
     assert VLMVerifier._refined("a red cat", ' "A red cat, on the left" ') == "A red cat, on the left"
     assert VLMVerifier._refined("a red cat", "a dog") == "a red cat"
     assert VLMVerifier._refined("a red cat", "") == "a red cat"
+    assert VLMVerifier._refined("a red cat.", 'Sure: "a red  cat, on the left".') == "a red cat, on the left"
 
 
 def test_folders_that_are_not_vision_language_models_are_refused(tmp_path, tiny_vlm):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file' is not a folder"):
+        VLMVerifier.from_folder(str(tmp_path / "a_file"))
     with pytest.raises(ValueError, match="no config.json"):
         VLMVerifier.from_folder(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="not an image-text-to-text"):
         VLMVerifier.from_folder(str(tmp_path))
+    bare = tmp_path / "weights_only"
+    bare.mkdir()
+    shutil.copy(tiny_vlm / "config.json", bare)
+    with pytest.raises(ValueError, match="weights_only has no processor"):
+        VLMVerifier.from_folder(str(bare))
+    chatless = tmp_path / "chatless"
+    shutil.copytree(tiny_vlm, chatless)
+    (chatless / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="chatless has no chat template"):
+        VLMVerifier.from_folder(str(chatless))
     plan, _, _ = split_scaling({"name": "gridar", "verifier": str(tiny_vlm)})
 
     class Parts:

@@ -57,13 +57,17 @@ class DrafterModule(L.LightningModule):
         # `target`: a conf/target entry. Only this description is saved; a tuple keeps the frozen weights
         # (and a transformers target's prompt encoder, `prompt_ids`) out of state_dict, checkpoints and the optimizer.
         frozen = training_target(target)
-        prompts = None
-        if frozen.takes_prompt_ids:
-            if not prompt_ids:
-                raise ValueError("a target conditioned on prompt token ids needs its prompt encoder (text_encoder)")
-            prompts = instantiate({**prompt_ids, "max_length": prompt_ids.get("max_length") or frozen.prefix_len})
-        self._frozen = (frozen, prompts)
+        self._frozen = (frozen, self._prompt_encoder(frozen, prompt_ids))
         self.drafter = Drafter(DrafterConfig.for_target(drafter_source(frozen), **drafter))
+
+    @staticmethod
+    def _prompt_encoder(target, prompt_ids: dict | None):
+        """A transformers target's prompt encoder (its captions become token ids); None for LlamaGen."""
+        if not target.takes_prompt_ids:
+            return None
+        if not prompt_ids:
+            raise ValueError("a target conditioned on prompt token ids needs its prompt encoder (text_encoder)")
+        return instantiate({**prompt_ids, "max_length": prompt_ids.get("max_length") or target.prefix_len})
 
     @property
     def target(self):
@@ -249,10 +253,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # initialisation and the run must not depend on which happened
     L.seed_everything(cfg.seed, workers=True)
     prompts = OmegaConf.to_container(cfg.text_encoder, resolve=True) if own is not None else None
-    module = DrafterModule(target=target_cfg, prompt_ids=prompts,
-                           drafter=OmegaConf.to_container(cfg.drafter, resolve=True), seed=int(cfg.seed),
-                           **{"total_steps": int(cfg.trainer.max_steps),
-                              **OmegaConf.to_container(cfg.optim, resolve=True)})
+    net = OmegaConf.to_container(cfg.drafter, resolve=True)
+    kind = net.pop("kind", "eagle")
+    optim = {"total_steps": int(cfg.trainer.max_steps), **OmegaConf.to_container(cfg.optim, resolve=True)}
+    if kind == "spatial":
+        from train.spatial_task import SpatialModule
+
+        heads = {k: net[k] for k in ("right", "below") if k in net}
+        module = SpatialModule(target=target_cfg, prompt_ids=prompts, heads=heads, seed=int(cfg.seed), **optim)
+    else:
+        net = {k: v for k, v in net.items() if k not in ("right", "below")}
+        module = DrafterModule(target=target_cfg, prompt_ids=prompts, drafter=net, seed=int(cfg.seed), **optim)
     bs, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
     strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
     if cfg.data.get("features"):  # offline: stream dumped target features; validation stays online
@@ -269,9 +280,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     wall = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.validate(module, heldout_loader, verbose=False)[0].items()}
     with full_parameters(trainer, module.drafter):
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and kind == "spatial":
+            from decode.models.spatial import save_spatial
+
+            folder = save_spatial(out / "spatial", module.drafter, extra={"target": target_name(cfg.target)})
+        elif trainer.is_global_zero:
             folder = save_drafter(out / "drafter", module.drafter, extra={"target": target_name(cfg.target)})
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and kind == "spatial":
+        write_model_card(folder, title="Spatial draft heads", cfg=cfg, steps=trainer.global_step, wall_s=wall,
+                         metrics=metrics, notes=f"Distilled online from the target `{target_name(cfg.target)}`. "
+                                                + inherited_licence(cfg.target.get("ckpt")))
+        heads = ", ".join(f"{name} {metrics.get(f'val/{name}_top1', float('nan')):.3f} / "
+                          f"{metrics.get(f'val/{name}_top{module.hparams.topk}', float('nan')):.3f}"
+                          for name in module.drafter.config.offsets())
+        print(f"spatial heads: held-out top-1 / top-{module.hparams.topk} agreement [{heads}], {trainer.global_step} "
+              f"steps in {wall:.0f} s -> {folder}")
+        report_reads_at_end(train_data, heldout_data)
+    elif trainer.is_global_zero:
         write_model_card(folder, title="EAGLE-style drafter", cfg=cfg, steps=trainer.global_step, wall_s=wall,
                          metrics=metrics, notes=f"Distilled online from the target `{target_name(cfg.target)}`. "
                                                 + inherited_licence(cfg.target.get("ckpt")))

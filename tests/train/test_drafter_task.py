@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from decode.models.checkpoint import save_model_folder
@@ -56,6 +57,36 @@ def test_offline_distillation_streams_dumped_features(tmp_path):
         f"data.train_urls='{pattern}'", f"data.heldout_urls='{pattern}'", f"out_dir={tmp_path / 'offline'}")
     metrics = json.loads((tmp_path / "offline" / "drafter" / "metrics.json").read_text())
     assert 0.0 <= metrics["val/agreement_depth1"] <= 1.0
+    run("drafter", "experiment=smoke", "drafter.kind=spatial", *common, *data, f"data.features='{fpattern}'",
+        f"data.train_urls='{pattern}'", f"data.heldout_urls='{pattern}'", f"out_dir={tmp_path / 'spatial'}")
+    metrics = json.loads((tmp_path / "spatial" / "spatial" / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/below_top1"] <= metrics["val/below_top10"] <= 1.0
+
+
+def test_spatial_heads_distil_per_direction_and_refuse_another_grid(tmp_path):
+    gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    res = run_train("drafter", "experiment=smoke", "drafter.kind=spatial", "drafter.right=2",
+                    "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
+                    "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
+                    "data.max_length=16", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "spatial heads: held-out top-1 / top-10 agreement [right1" in res.stdout
+    metrics = json.loads((tmp_path / "run" / "spatial" / "metrics.json").read_text())
+    for head in ("right1", "right2", "below"):
+        assert 0.0 <= metrics[f"val/{head}_top1"] <= metrics[f"val/{head}_top10"] <= 1.0
+    assert "val/right3_top1" not in metrics
+    assert "Spatial draft heads" in (tmp_path / "run" / "spatial" / "README.md").read_text()
+
+    from decode.models.checkpoint import CheckpointError
+    from decode.models.spatial import load_spatial
+    from decode.models.target import LlamaGenTarget
+
+    heads = load_spatial(tmp_path / "run" / "spatial", LlamaGenTarget(gpt))
+    assert set(heads.heads) == {"right1", "right2", "below"} and heads.config.width == 8
+    wider = tiny_gpt(vocab_size=64, block_size=256, cls_token_num=16, caption_dim=384)
+    with pytest.raises(CheckpointError, match="grid tokens"):
+        load_spatial(tmp_path / "run" / "spatial", LlamaGenTarget(wider))
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -148,7 +148,9 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     made[:, k] = root
     if drafts:
         drafts.begin(out, cache.valid[:, :target.prefix_len + k], made[:, :k + 1], generators)
-    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype)
+    p = target.prefix_len  # with a drafter the prefill returns every position's feature: the given tokens' too
+    given = out.hidden[:, :, p:p + k] if k and out.hidden.shape[2] >= p + k else None
+    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype, given=given)
     wait_for(device)
     t1 = time.perf_counter()
     rows, step, passes = _Rows.start(b, k + 1), 0, 0

@@ -65,8 +65,8 @@ class SkipRun(Protocol):
 
 
 class Skipping(Protocol):
-    def start(self, target, batch: int, num_tokens: int, generators, dtype) -> SkipRun:
-        ...
+    def start(self, target, batch: int, num_tokens: int, generators, dtype, given: Tensor | None = None) -> SkipRun:
+        """`given` [G, B, k, D]: the target's features of the k image tokens given as a prefix."""
 
 
 class LaneRun(Protocol):

@@ -205,7 +205,7 @@ class FeatureCache:
 class NeverSkip:
     """The base method: every step is verified (nothing is fetched or cached for skipping)."""
 
-    def start(self, target, batch: int, num_tokens: int, generators, dtype) -> "NoSkips":
+    def start(self, target, batch: int, num_tokens: int, generators, dtype, given: Tensor | None = None) -> "NoSkips":
         return NoSkips()
 
 
@@ -233,9 +233,13 @@ class Skipping:
         if self.staleness < 0:
             raise ValueError(f"skip staleness must be >= 0, got {self.staleness}")
 
-    def start(self, target, batch: int, num_tokens: int, generators, dtype) -> "SkipRun":
-        return SkipRun(self, FeatureCache(target.groups, batch, num_tokens + 8, target.hidden_size, target.device,
-                                          dtype), _selector_generators(generators))
+    def start(self, target, batch: int, num_tokens: int, generators, dtype, given: Tensor | None = None) -> "SkipRun":
+        """`given` [G, B, k, D]: the target's features of k image tokens given before decoding starts
+        (GridAR's later stages): a row that skips at once continues from them, not from zeros."""
+        cache = FeatureCache(target.groups, batch, num_tokens + 8, target.hidden_size, target.device, dtype)
+        for r in range(batch if given is not None else 0):
+            cache.append(r, given[:, r])
+        return SkipRun(self, cache, _selector_generators(generators))
 
 
 class SkipRun:

@@ -11,6 +11,7 @@ from decode.strategies.skipping import FeatureCache, SimilaritySkip, SkipLimits,
 from decode.models.target import Condition
 from decode.core.trees import TreeParams, leaf_paths
 from tests.decode.test_skipping import small_tree
+from decode.core.sampling import row_generators
 from tests.decode.test_speculative import SAMPLED, run, world
 
 
@@ -49,6 +50,38 @@ def test_feature_cache_holds_the_targets_features_of_every_filled_token(monkeypa
         assert cache.count[r] == filled, (r, cache.count[r], rows.made[r], rows.unverified[r])
         assert filled >= n - 6
         torch.testing.assert_close(cache.store[:, r, :filled], tf[:, r, 1:filled + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_prefix_fills_the_feature_cache_before_the_first_skip(monkeypatch):
+    """GridAR's later stages decode from a given prefix with skipping: the target's features of the
+    given tokens are in the cache before the first step, so a row that skips at once continues from
+    its real last feature, not from zeros."""
+    caches = []
+
+    class Recording(FeatureCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(skipping, "FeatureCache", Recording)
+    target, drafter, cond, codebook = world(2)
+    method = build_method("vvs_u", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+                          options=dict(lantern_k=16, interval=2, warmup=2))
+    prefix = torch.randint(0, target.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    first = []
+    real_stale = FeatureCache.stale
+    monkeypatch.setattr(Recording, "stale", lambda self, row, n, st=0: first.append(
+        (self.count[row], real_stale(self, row, n, st))) or first[-1][1])
+    gen = engine.generate(target, cond, num_tokens=16, sampling=SAMPLED, generators=row_generators([3, 4]),
+                          method=method, prefix=prefix)
+    assert torch.equal(gen.tokens[:, :10], prefix) and (gen.skipped > 0).any()
+    given = torch.cat([prefix, torch.zeros(2, 1, dtype=torch.long)], 1)
+    tf = target.teacher_forced(Condition(cond.cond, cond.mask), given).hidden  # [G, B, 11, D]
+    (cache,) = caches
+    for r in range(2):
+        torch.testing.assert_close(cache.store[:, r, :10], tf[:, r, 1:11], atol=1e-4, rtol=1e-4)
+    count, stale = first[0]
+    assert count >= 10 and stale.abs().sum() > 0
 
 
 @pytest.mark.parametrize("codes,tau,skip", [

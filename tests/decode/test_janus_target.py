@@ -48,6 +48,18 @@ def test_padding_does_not_change_a_prompts_logits(janus):
     torch.testing.assert_close(padded, own_logits(janus.model, ids, tokens, 3.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_adapters_masks_hold_under_every_attention_implementation(attention):
+    """The adapter's 4-D masks reach transformers' attention as given: right under eager attention (which
+    adds the mask to the scores) as under sdpa."""
+    janus = load_janus(tiny_random=True, seed=0, cfg_scale=3.0, max_prompt=8)
+    janus.model.set_attn_implementation(attention)
+    ids = prompt_ids(length=5)  # padded to 8: the padding is masked out
+    tokens = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(2))
+    mine = janus.teacher_forced(Condition(ids, torch.ones_like(ids, dtype=torch.bool)), tokens).logits
+    torch.testing.assert_close(mine, own_logits(janus.model, ids, tokens, 3.0), rtol=1e-5, atol=1e-5)
+
+
 def test_a_tree_verified_over_the_cache_gives_each_nodes_teacher_forced_logits(janus):
     ids = prompt_ids(batch=1, length=6)
     cond = Condition(ids, torch.ones_like(ids, dtype=torch.bool))

@@ -45,6 +45,9 @@ def run_decoder(decoder, x: Tensor, positions: Tensor, mask: Tensor, cache: KVCa
     `positions` [B, T] with a boolean mask [B, T, S] (True: may attend) -> final-norm features
     [B, T, D]. With `cache`, the new keys go to its next slots and S = upto; without, S = T."""
     bridge = CacheBridge(cache, cache.new_slots(x.shape[1]), upto) if cache is not None else None
-    out = decoder(inputs_embeds=x, attention_mask=mask[:, None], position_ids=positions, cache=bridge,
+    # transformers passes a 4-D mask through as given; only sdpa reads a boolean one, eager attention adds
+    # it to the scores: an additive mask (0 where allowed, the dtype's minimum elsewhere) is right for both
+    additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+    out = decoder(inputs_embeds=x, attention_mask=additive[:, None], position_ids=positions, cache=bridge,
                   use_cache=bridge is not None)
     return out.last_hidden_state

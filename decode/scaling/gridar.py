@@ -80,6 +80,16 @@ def grid_rows(target) -> tuple[int, int]:
     return width, n // width
 
 
+def stage_ends(stages, width: int, rows: int) -> list[int]:
+    """The token count at each stage: its share of the grid rounded to whole rows. Shares that round to
+    the same row, to no row or to the whole grid fail here, before anything is decoded."""
+    ends = [max(1, round(s * rows)) * width for s in stages]
+    if any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] >= width * rows:
+        raise ValueError(f"GridAR's stages {list(stages)} round to grid rows {[e // width for e in ends]} of {rows}: "
+                         f"each stage must end on a later row than the one before, and before the last row")
+    return ends
+
+
 def anchors(possible: list[bool]) -> tuple[list[int], int]:
     """Which candidate each slot continues from: an impossible one takes a possible one of its group of
     4, round-robin; a group with none possible keeps its own. Returns the sources and how many groups
@@ -122,7 +132,7 @@ def gridar(parts: Components, prompt: str, method: Method, seeds: list[int], sam
         raise ValueError(f"GridAR with {n} candidates needs {n} seeds, got {len(seeds)}")
     target = parts.target
     width, rows = grid_rows(target)
-    ends = [max(1, round(s * rows)) * width for s in config.stages]
+    ends = stage_ends(config.stages, width, rows)
     gens = row_generators(list(seeds), target.device)
     original = [prompt] * n
     base = cond = condition_for(target, parts.text, original)

@@ -141,3 +141,13 @@ def test_gridar_config_splits_into_its_settings_and_the_candidates_method():
     assert plan.gridar == GridAR(8) and plan.verifier == "world"
     with pytest.raises(ValueError, match="multiple of 4"):
         GridAR(2)
+
+
+def test_stages_that_round_to_the_same_row_or_the_whole_grid_are_refused():
+    from decode.scaling.gridar import stage_ends
+
+    assert stage_ends([0.25, 0.5], 16, 16) == [64, 128]
+    with pytest.raises(ValueError, match=r"round to grid rows \[1, 1\] of 4"):
+        stage_ends([0.2, 0.3], 4, 4)
+    with pytest.raises(ValueError, match="before the last row"):
+        stage_ends([0.5, 0.97], 16, 16)

@@ -168,6 +168,9 @@ def _run_rank(cfg: DictConfig, jobs, method: MethodConfig, settings: dict, ranks
     summary = summary_table(rows, time.perf_counter() - t0)
     if choice is not None:
         summary += f"\ntree                {choice.describe()}"
+    if scaling is not None and scaling.verifier == "world":
+        summary += ("\nselection           the world verifier chose each image by the evaluator that scores "
+                    "alignment: the alignment above is the selection criterion, not an independent measure")
     if len(rows) < len(jobs):
         summary += (f"\nresumed             this run made {len(rows)} of {len(jobs)} images; the other "
                     f"{len(jobs) - len(rows)} were already there (their stats: stats.jsonl, or stats.rank*.jsonl "

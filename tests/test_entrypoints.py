@@ -136,3 +136,17 @@ def test_transformers_targets_decode_from_the_cli(tmp_path):
     res = _run(["-m", "decode", "target=chameleon_tiny_random", "prompt=a red star",
                 f"hydra.run.dir={tmp_path / 'hydra3'}"])
     assert res.returncode == 1 and "cannot draw its images" in res.stderr
+
+
+def test_gridar_from_the_cli_writes_its_candidates_and_says_how_it_chose(tmp_path):
+    """The shipped world, GridAR N=4 with VVS on the fixed tree (tree=auto picks AR on a CPU): the chosen image, the candidate strip, the search's cost in
+    the stats, and the summary's warning that the world verifier's alignment is its selection criterion."""
+    out = tmp_path / "run"
+    res = _run(["-m", "decode", "method=gridar", "method.decode=vvs", "tree=fixed", "n=1", f"out_dir={out}",
+                "prompt=one large green circle in the center, against a noisy yellow background",
+                f"hydra.run.dir={tmp_path / 'hydra'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "images" / "00000_000.png").exists() and (out / "candidates" / "00000_000.png").exists()
+    (row,) = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert row["candidates"] == 4 and row["verifier_calls"] >= 4 and row["nfe"] < 4 * 256
+    assert "the alignment above is the selection criterion" in res.stdout

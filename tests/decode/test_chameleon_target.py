@@ -103,3 +103,10 @@ def test_greedy_eagle2_gives_greedy_ar_on_lumina(lumina):
     ar = generate(lumina, cond, num_tokens=20, sampling=GREEDY, method=Method()).tokens
     method = build_method("eagle2", sampling=GREEDY, drafter=drafter, codebook=lumina.codebook())
     assert torch.equal(generate(lumina, cond, num_tokens=20, sampling=GREEDY, method=method).tokens, ar)
+
+
+def test_a_prompt_without_the_image_header_is_refused(lumina):
+    ids = prompt()
+    with pytest.raises(ValueError, match=r"must end in the image header \[5, 20, 20\]; row 0 ends in"):
+        lumina.teacher_forced(Condition(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool)),
+                              torch.zeros(1, 4, dtype=torch.long))

@@ -122,3 +122,9 @@ def test_greedy_drafts_of_an_eagle_drafter_give_greedy_ar_on_janus(janus, name):
     options = {"lam": 1.0} if name == "lantern_pp" else None  # lambda 1: LANTERN++'s rule is exact
     method = build_method(name, sampling=GREEDY, drafter=drafter, codebook=janus.codebook(), options=options)
     assert torch.equal(generate(janus, cond, num_tokens=16, sampling=GREEDY, method=method).tokens, ar)
+
+
+def test_a_prompt_that_does_not_end_in_begin_of_image_is_refused(janus):
+    ids = prompt_ids(length=5)[:, :-1]
+    with pytest.raises(ValueError, match=r"must end in the image header \[2\]"):
+        janus.teacher_forced(Condition(ids, torch.ones_like(ids, dtype=torch.bool)), torch.zeros(2, 4, dtype=torch.long))

@@ -24,13 +24,20 @@ from torch import Tensor
 from decode.models.target.hf_target import ConfigView, HFTarget
 
 HEADER = 3  # begin-of-image, height token, width token: what the unconditional branch sees
+TINY_HEADER = (5, 20, 20)  # the tiny random model's: <boi> and two ids standing for the size
 
 
 class ChameleonTarget(HFTarget):
     draws_images = False  # transformers ships Chameleon's VQ encoder only
     def __init__(self, model, grid: int, newline_id: int, cfg_scale: float = 3.0, three_way: bool = False,
-                 max_prompt: int = 64):
+                 max_prompt: int = 64, header: tuple[int, ...] | None = None):
+        """`header`: the prompt's last ids, begin-of-image and the two size tokens (default: Lumina-mGPT's,
+        <racm3:break> 8197 then <reserved{8800 + n}> with n = grid // 2, its 32 px patches per side)."""
         self.model = model.eval()
+        self.prompt_end = tuple(header) if header is not None else (8197, 8800 + grid // 2, 8800 + grid // 2)
+        if len(self.prompt_end) != HEADER:
+            raise ValueError(f"a Lumina-mGPT image header is {HEADER} ids (begin-of-image, height, width), "
+                             f"got {list(self.prompt_end)}")
         self.decoder, self.text_config = model.model, model.config
         self.cfg_scale, self.three_way = float(cfg_scale), three_way
         self._check_guidance()
@@ -52,7 +59,8 @@ class ChameleonTarget(HFTarget):
                                  model.config.hidden_size)
 
     def with_cfg_scale(self, cfg_scale: float) -> "ChameleonTarget":
-        return ChameleonTarget(self.model, self.grid, self.newline_id, cfg_scale, False, self.prefix_len)
+        return ChameleonTarget(self.model, self.grid, self.newline_id, cfg_scale, False, self.prefix_len,
+                               self.prompt_end)
 
     def tokens_from_codes(self, codes: Tensor) -> Tensor:
         """VQ codes [B, H*W] -> tokens [B, H*(W+1)]: each row ended by the newline."""
@@ -61,7 +69,8 @@ class ChameleonTarget(HFTarget):
         return torch.cat([grid, newline], 2).reshape(codes.shape[0], -1)
 
     def with_refined_prompts(self) -> "ChameleonTarget":
-        return ChameleonTarget(self.model, self.grid, self.newline_id, self.cfg_scale, True, self.prefix_len)
+        return ChameleonTarget(self.model, self.grid, self.newline_id, self.cfg_scale, True, self.prefix_len,
+                               self.prompt_end)
 
     @property
     def newline(self) -> int:
@@ -134,12 +143,13 @@ def tiny_chameleon_model(seed: int = 0, codes: int = 32, scale: float = 0.2):
 
 
 def load_chameleon(folder: str | None = None, tiny_random: bool = False, grid: int = 48, newline_id: int = 8803,
-                   seed: int = 0, cfg_scale: float = 3.0, max_prompt: int = 64) -> ChameleonTarget:
+                   seed: int = 0, cfg_scale: float = 3.0, max_prompt: int = 64,
+                   header: list[int] | None = None) -> ChameleonTarget:
     """Lumina-mGPT from a local transformers folder (grid 48 at 768 px; newline id 8803), or a tiny random
     Chameleon (`tiny_random`; newline id 4). A folder of another family fails naming what it holds."""
     if tiny_random:
         return ChameleonTarget(tiny_chameleon_model(seed).requires_grad_(False), grid, 4, cfg_scale,
-                               max_prompt=max_prompt)
+                               max_prompt=max_prompt, header=header or TINY_HEADER)
     config = Path(folder or "") / "config.json"
     if not config.is_file():
         raise ValueError(f"target folder {folder!r} holds no config.json: a Lumina-mGPT / Chameleon model saved by "
@@ -151,4 +161,4 @@ def load_chameleon(folder: str | None = None, tiny_random: bool = False, grid: i
     from transformers import ChameleonForConditionalGeneration
 
     model = ChameleonForConditionalGeneration.from_pretrained(folder).requires_grad_(False)
-    return ChameleonTarget(model, grid, newline_id, cfg_scale, max_prompt=max_prompt)
+    return ChameleonTarget(model, grid, newline_id, cfg_scale, max_prompt=max_prompt, header=header)

@@ -132,6 +132,7 @@ class HFTarget(Guided):
     def _prefix(self, c: Condition) -> tuple[Tensor, Tensor]:
         """Prompt embeddings [G*B, P, D] and valid slots [G*B, P], left-padded to P = prefix_len."""
         mask = c.mask if c.mask is not None else torch.ones_like(c.cond, dtype=torch.bool)
+        self._check_prompt_end(c.cond, mask)
         groups = [(c.cond, mask)]
         if self.guided:
             groups.append(self.unconditional(c.cond, mask))
@@ -142,6 +143,22 @@ class HFTarget(Guided):
         ids = torch.cat([self._padded(x, self.pad) for x, _ in groups]).to(self.device)
         valid = torch.cat([self._padded(m.bool(), False) for _, m in groups]).to(self.device)
         return self.model.get_input_embeddings()(ids), valid
+
+    prompt_end: tuple[int, ...] = ()  # the ids every prompt ends in (the family's image header)
+
+    def _check_prompt_end(self, ids: Tensor, mask: Tensor) -> None:
+        """Prompts (left-padded) must end in the family's image header: without it the model is asked to
+        continue text, and CFG's unconditional prompt (which keeps the header) would be wrong."""
+        k = len(self.prompt_end)
+        if not k:
+            return
+        end = torch.tensor(self.prompt_end, dtype=ids.dtype, device=ids.device)
+        tail, valid = ids[:, -k:], mask[:, -k:].bool()
+        bad = [r for r in range(ids.shape[0]) if ids.shape[1] < k or not (valid[r].all() and torch.equal(tail[r], end))]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: prompt ids must end in the image header {list(self.prompt_end)}; "
+                             f"row {bad[0]} ends in {ids[bad[0], -k:].tolist()} (set the prompt encoder's "
+                             f"text_encoder.suffix or template to end in it)")
 
     def _padded(self, x: Tensor, fill) -> Tensor:
         if x.ndim != 2 or x.shape[1] > self.prefix_len:

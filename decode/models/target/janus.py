@@ -28,6 +28,7 @@ class JanusTarget(HFTarget):
         if None in (self.bos, self.pad, self.boi):
             raise ValueError("a Janus model's generation_config needs bos_token_id, pad_token_id and "
                              "generation_kwargs.boi_token_id (the unconditional prompt keeps BOS and begin-of-image)")
+        self.prompt_end = (self.boi,)
         self.config = ConfigView("t2i", model.config.vq_config.num_embeddings,
                                  model.config.vision_config.num_image_tokens, max_prompt,
                                  model.config.text_config.hidden_size)

@@ -495,13 +495,17 @@ def _same_world(world: Path, data) -> bool:
     return built == (world_name(data.get("world")), data.seed, data.image_size, WORLD_TEXTURE)
 
 
-def _complete_manifests(codes: Path, data) -> tuple[str, str] | None:
+def _complete_manifests(codes: Path, data, vq) -> tuple[str, str] | None:
+    """The patterns of code shards already complete (None when not); codes of another tokenizer are refused."""
     patterns = []
     for split, count in (("train", data.build_train), ("heldout", data.build_heldout)):
         path = codes / manifest_name(split)
         if not path.is_file():
             return None
         m = json.loads(path.read_text())
+        if m.get("vq_fingerprint") not in (None, _vq_fingerprint(vq)):
+            raise ValueError(f"{path}: these codes were made by another tokenizer (codebook {m['vq_fingerprint']}, "
+                             f"this run's is {_vq_fingerprint(vq)}): use another out_dir, or delete {codes}")
         if not m.get("complete") or m.get("count") != count:
             return None
         patterns.append(str(codes / m["pattern"]))
@@ -527,17 +531,17 @@ def ensure_code_shards(data, out: Path, vq=None) -> tuple[str, str]:
     if not _same_world(world, data):  # its codes would be reused as if they were today's world's
         raise ValueError(f"{world} holds scenes of another world (version, seed, image size or texture differ from "
                          f"data/world.py today): use another out_dir, or delete {world} and {codes}")
-    done = _complete_manifests(codes, data)
-    if done:  # a resumed run, or a DDP rank started after rank 0 built them
-        return done
-    write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
-                       image_size=data.image_size, shard_size=data.shard_size, world=data.get("world"))
     if vq is not None:
         log.warning("the target encodes its own images: data.tokenizer and data.random_tokenizer are not used")
     else:
         vq = load_vq(data.tokenizer) if data.tokenizer else load_vq(None, **data.random_tokenizer)
         if not data.tokenizer:
             log.warning("data.tokenizer is null: codes come from a RANDOMLY INITIALISED tokenizer (smoke runs only)")
+    done = _complete_manifests(codes, data, vq)
+    if done:  # a resumed run, or a DDP rank started after rank 0 built them
+        return done
+    write_world_shards(world, num_train=data.build_train, num_heldout=data.build_heldout, seed=data.seed,
+                       image_size=data.image_size, shard_size=data.shard_size, world=data.get("world"))
     text = load_text_encoder("minilm", max_length=data.max_length)
     patterns = {}
     for split in ("train", "heldout"):

@@ -214,3 +214,22 @@ def test_codes_of_another_world_are_refused_not_reused(tmp_path):
     data = OmegaConf.create({"train_urls": None, "heldout_urls": None, "build": True, "seed": 0, "image_size": 64})
     with pytest.raises(ValueError, match="another world"):
         ensure_code_shards(data, tmp_path)
+
+
+def test_complete_codes_of_another_tokenizer_are_refused_not_reused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from data.preprocess import ensure_code_shards
+
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    for split, count in (("train", 8), ("heldout", 4)):
+        (codes / f"manifest-{split}.json").write_text(json.dumps(
+            {"complete": True, "count": count, "pattern": f"{split}-000000.tar", "vq_fingerprint": "0123456789abcdef"}))
+    data = OmegaConf.create({"train_urls": None, "heldout_urls": None, "build": True, "seed": 0, "image_size": 32,
+                             "build_train": 8, "build_heldout": 4, "tokenizer": None,
+                             "random_tokenizer": {"codebook_size": 16, "encoder_ch_mult": [1, 1],
+                                                  "decoder_ch_mult": [1, 1], "z_channels": 8, "ch": 32,
+                                                  "num_res_blocks": 1}})
+    with pytest.raises(ValueError, match="made by another tokenizer"):
+        ensure_code_shards(data, tmp_path)

@@ -113,6 +113,27 @@ def check_schedule_fits(method: MethodConfig, target: DictConfig) -> None:
         NextSet(method.knobs["row_window"], method.knobs["max_rows"], method.knobs["lane_drafts"]).check(width, height)
 
 
+def check_draft_checkpoints(method: MethodConfig, cfg: DictConfig) -> None:
+    """The checkpoint a method drafts with is of the kind it reads (config.json only, before any load):
+    spatial heads given as an EAGLE drafter, or an EAGLE drafter as spatial heads, fail naming both."""
+    from decode.models import drafter, spatial
+    from decode.models.checkpoint import CheckpointError, read_model_meta
+
+    wanted = []
+    if method.needs_drafter and cfg.get("drafter") and cfg.drafter.get("ckpt"):
+        wanted.append(("drafter.ckpt", str(cfg.drafter.ckpt), drafter.KIND))
+    if method.needs_spatial:
+        wanted.append(("method.spatial_ckpt", str(method.knobs["spatial_ckpt"]), spatial.KIND))
+    for key, folder, kind in wanted:
+        if not Path(folder).is_dir():
+            continue  # a single-file drafter or a missing folder: the loader says what is wrong
+        try:
+            read_model_meta(folder, kind=kind)
+        except CheckpointError as err:
+            raise ValueError(f"{key}: {err}; method={method.name} drafts with {kind.replace('_', ' ')} "
+                             f"({'python -m train drafter drafter.kind=spatial' if kind == spatial.KIND else 'python -m train drafter'})") from None
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
@@ -122,6 +143,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     scaling, name, options = split_scaling(OmegaConf.to_container(cfg.method, resolve=True))
     method = resolve_method(name, options)                 # bad knobs fail
     check_schedule_fits(method, cfg.target)                # before any load
+    check_draft_checkpoints(method, cfg)
     settings = run_settings(cfg, method, prompts)
     if scaling is not None:
         settings["scaling"] = _portable(dataclasses.asdict(scaling))

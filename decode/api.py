@@ -30,6 +30,7 @@ from decode.core.trees import TreeParams
 from decode.evaluation.measures import target_nll
 from decode.models.checkpoint import DTYPES  # noqa: F401 (the entry points read dtype= names here)
 from decode.models.drafter import Drafter, load_drafter
+from decode.models.spatial import SpatialHeads, load_spatial
 from decode.models.target import Condition, LlamaGenTarget
 from decode.models.target.llamagen_gpt import COMPILE_SCOPES
 from decode.models.text import TextEncoder
@@ -49,6 +50,7 @@ class Components:
     skip_policies: dict[str, SkipPolicy] | None = None  # learned skip policies by folder
     scorer: object | None = None  # decode.evaluation.world_evaluator.AlignmentScorer
     clip: object | None = None    # decode.evaluation.quality.CLIPScorer
+    spatial: dict[str, SpatialHeads] | None = None  # spatial draft heads by folder (method=spatial)
 
     @property
     def codebook(self) -> Tensor:
@@ -79,6 +81,7 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
         drafter = load_drafter(ckpt, getattr(target, "gpt", target))  # fails here if it does not fit the target
     policies = {m.knobs["scheduler_ckpt"]: load_scheduler_policy(m.knobs["scheduler_ckpt"], target, drafter)
                 for m in methods if m.skipping == "learned"}
+    spatial = {m.knobs["spatial_ckpt"]: load_spatial(m.knobs["spatial_ckpt"], target) for m in methods if m.needs_spatial}
     scorer = instantiate(cfg.evaluator, device=str(device)) if evaluator and cfg.get("evaluator") else None
     clip = None
     if cfg.get("clip"):
@@ -86,7 +89,7 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
 
         clip = CLIPScorer(cfg.clip, device=device)
     compile_models(cfg.get("compile"), getattr(target, "gpt", None), drafter)
-    return Components(target, vq, text, drafter, policies, scorer, clip)
+    return Components(target, vq, text, drafter, policies, scorer, clip, spatial)
 
 
 def own_tokenizer(target):
@@ -185,7 +188,8 @@ def decode_config(overrides: Sequence[str] = ()) -> DictConfig:
 def make_method(parts: Components, config: MethodConfig, sampling: SamplingParams,
                 tree: TreeParams = TreeParams()) -> Method:
     policy = (parts.skip_policies or {}).get(config.knobs.get("scheduler_ckpt"))
-    return build_method(config, sampling=sampling, tree=tree, drafter=parts.drafter, codebook=parts.codebook,
+    drafter = (parts.spatial or {}).get(config.knobs["spatial_ckpt"]) if config.needs_spatial else parts.drafter
+    return build_method(config, sampling=sampling, tree=tree, drafter=drafter, codebook=parts.codebook,
                         learned_policy=policy)
 
 

@@ -150,3 +150,16 @@ def test_gridar_from_the_cli_writes_its_candidates_and_says_how_it_chose(tmp_pat
     (row,) = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert row["candidates"] == 4 and row["verifier_calls"] >= 4 and row["nfe"] < 4 * 256
     assert "the alignment above is the selection criterion" in res.stdout
+
+
+def test_a_draft_checkpoint_of_the_wrong_kind_fails_before_any_model_loads(tmp_path):
+    from decode.models.spatial import SpatialConfig, SpatialHeads, save_spatial
+
+    heads = save_spatial(tmp_path / "spatial", SpatialHeads(SpatialConfig(dim=8, vocab_size=16, block_size=16,
+                                                                          cls_token_num=4)))
+    common = ["prompt=a red star", f"hydra.run.dir={tmp_path / 'hydra'}", f"out_dir={tmp_path / 'out'}"]
+    res = _run(["-m", "decode", "method=eagle2", f"drafter.ckpt={heads}", *common])
+    assert res.returncode != 0 and "drafter.ckpt" in res.stderr and "holds a 'spatial_heads'" in res.stderr, res.stderr[-2000:]
+    res = _run(["-m", "decode", "method=spatial", f"method.spatial_ckpt={REPO / 'models' / 'world' / 'drafter'}", *common])
+    assert res.returncode != 0 and "method.spatial_ckpt" in res.stderr and "holds a 'eagle_drafter'" in res.stderr
+    assert not (tmp_path / "out").exists()

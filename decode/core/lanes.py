@@ -66,7 +66,7 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
     cache, out = target.start(cond, num_tokens, extra_slots=schedule.max_rows * (schedule.lane_drafts + 1) + 1)
     made = [int(sample(out.logits[:, -1], sampling, gens))] + [-1] * (num_tokens - 1)
     count, fed, slots, passes = [1] + [0] * (height - 1), [0] * height, list(range(prefix)), 0
-    drafts = (drafting or JacobiLanes()).start(width, sampling, gen)
+    drafts = (drafting or JacobiLanes()).start(target, width, sampling, gen)
     while sum(count) < num_tokens:
         lanes = _plan(count, fed, width, prefix, schedule)
         seq, pos, lane_of, real, chains = [], [], [], [], []
@@ -83,9 +83,9 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
         p, which, real_t = torch.tensor(pos), torch.tensor(lane_of), torch.tensor(real)
         same, before = which[:, None] == which[None, :], p[None, :] < p[:, None]
         block = torch.eye(len(seq), dtype=torch.bool) | (before & (same | real_t[None, :]))
-        logits = target.extend(cache, to_device([seq], device), block_mask=to_device(block, device)[None],
-                               positions=to_device(p, device)[None],
-                               slot_positions=to_device(slots, device)[None]).logits[0]  # [n, V]
+        out = target.extend(cache, to_device([seq], device), block_mask=to_device(block, device)[None],
+                            positions=to_device(p, device)[None], slot_positions=to_device(slots, device)[None])
+        logits, hidden = out.logits[0], out.hidden[:, 0]  # [n, V], [G, n, D]
         passes += 1
         keep = []
         for li, (lane, chain) in enumerate(zip(lanes, chains)):
@@ -104,7 +104,7 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
                 made[lane.predicts + j - 1] = seq[idx[j]]
             made[lane.predicts + len(path) - 1] = nxt
             count[lane.predicts // width] += len(path)  # the row predicted (a complete row's: the next)
-            drafts.observe(lane.row, chain, len(path) - 1, logits[idx])
+            drafts.observe(lane.row, lane.predicts, chain, len(path) - 1, logits[idx], hidden[:, idx])
         length = int(cache.host_length[0])
         src = torch.tensor([length + i for i in keep]).expand(target.groups, len(keep))
         cache.keep(to_device(src, device), torch.full((target.groups,), len(keep)))

@@ -77,14 +77,15 @@ class LaneRun(Protocol):
         """Up to `room` guesses for image indices first, first + 1, ... of grid row `row`, each with the
         distribution it was drawn from (None: a deterministic copy), given the tokens made (-1: not yet)."""
 
-    def observe(self, row: int, chain: list, accepted: int, logits: Tensor) -> None:
-        """Told how many of the row's guesses were accepted and the target's logits [1 + len(chain), V]
-        over [newest ; chain] (node j predicting index first + j)."""
+    def observe(self, row: int, first: int, chain: list, accepted: int, logits: Tensor, hidden: Tensor) -> None:
+        """Told how many of the row's guesses were accepted, the target's logits [1 + len(chain), V] and
+        features [G, 1 + len(chain), D] over [newest ; chain] (node j at image index first - 1 + j,
+        predicting index first + j)."""
 
 
 class LaneDrafting(Protocol):
-    """Drafts for rows advancing together: Jacobi guesses (decode.strategies.lane_drafting.JacobiLanes);
-    a trained spatial head (right and below) is the other kind this contract is for."""
+    """Drafts for rows advancing together: Jacobi guesses (decode.strategies.lane_drafting.JacobiLanes), or
+    trained right / below heads on the target's features (SpatialLanes)."""
 
-    def start(self, width: int, sampling: SamplingParams, generator) -> LaneRun:
+    def start(self, target, width: int, sampling: SamplingParams, generator) -> LaneRun:
         ...

@@ -14,9 +14,11 @@
 | gsd        | jacobi window on the target  | gsd (grouped: ranks, p gap, dist) | never                |
 | zipar      | none; rows advance together  | exact (each row's sampled token)  | never                |
 | zipar_sjd  | each row in flight: 4 Jacobi guesses (decode/core/lanes.py) | exact (SJD's rule per row) | never |
+| spatial    | each row in flight: trained right / below heads (decode/models/spatial.py) | exact per row | never |
 
-zipar's schedule is next_set (decode/core/wavefront.py: row_window, max_rows); every other method's
-is raster (one frontier in raster order).
+zipar's, zipar_sjd's and spatial's schedule is next_set (decode/core/wavefront.py: row_window, max_rows,
+lane_drafts); every other method's is raster (one frontier in raster order). spatial's heads come from
+method.spatial_ckpt (python -m train drafter drafter.kind=spatial); any acceptance rule applies per row.
 
 Any part can be swapped: `method=vvs method.base=lantern_pp` is VVS's skipping over LANTERN++'s
 drafting and acceptance; `method=eagle2 method.skipping=uniform` skips over exact acceptance;
@@ -41,8 +43,11 @@ from decode.resolvers import REPO
 from decode.strategies.acceptance import Grouping, Relaxation, latent_neighbours, make_acceptance
 from decode.strategies.drafting import EagleDrafts
 from decode.strategies.jacobi import INITS, JacobiDrafts
+from decode.strategies.lane_drafting import SpatialLanes
+from decode.models.spatial import SpatialHeads
 from decode.strategies.skipping import LearnedSkip, NeverSkip, SimilaritySkip, SkipLimits, Skipping, UniformSkip
 
+SPATIAL_SCHEDULE = {"lane_drafts": 4}  # zipar_sjd's chain length until measured for the heads
 # (drafting, acceptance, skipping) and the method's own knob values, where they differ from the strategy's
 METHODS: dict[str, tuple[str, str, str, str, dict]] = {
     "ar": ("none", "exact", "never", "raster", {}),
@@ -57,6 +62,7 @@ METHODS: dict[str, tuple[str, str, str, str, dict]] = {
     "gsd": ("jacobi", "gsd", "never", "raster", {}),
     "zipar": ("none", "exact", "never", "next_set", {}),
     "zipar_sjd": ("none", "exact", "never", "next_set", {"lane_drafts": 4}),
+    "spatial": ("spatial", "exact", "never", "next_set", SPATIAL_SCHEDULE),
 }
 _LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
 KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
@@ -65,6 +71,7 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
         "static": {"static_tree": "naive_extend_57"},  # LANTERN++'s LlamaGen default
         "jacobi": {"window": 16, "init": "repeat_horizon", "vp_beta": 0.0, "vp_cap": 10.0,  # SJD's LlamaGen setting
                    "coupled": False},  # MC-SJD: redrawn slots coupled to their previous draft
+        "spatial": {"spatial_ckpt": str(REPO / "models" / "world" / "spatial")},  # right / below heads
     },
     "acceptance": {
         "exact": {},
@@ -86,6 +93,7 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
 }
 PARTS = tuple(KNOBS)
 TREE_DRAFTING = ("eagle", "static")  # the drafts skipping can take from
+LANE_DRAFTING = ("none", "spatial")  # what a next-set schedule's rows can draft with (none: Jacobi guesses)
 _CHECKS = {  # knob -> (valid?, what is allowed)
     "lantern_k": (lambda v: v >= 1, ">= 1 (neighbours per token)"),
     "delta": (lambda v: 0 <= v <= 1, "in [0, 1] (a total-variation bound; LANTERN++'s lambda is acceptance=lantern_pp, lam)"),
@@ -121,7 +129,13 @@ class MethodConfig:
 
     @property
     def needs_drafter(self) -> bool:
+        """Reads an EAGLE drafter (drafter.ckpt)."""
         return self.drafting in TREE_DRAFTING
+
+    @property
+    def needs_spatial(self) -> bool:
+        """Reads spatial heads (method.spatial_ckpt)."""
+        return self.drafting == "spatial"
 
     @property
     def uses_tree(self) -> bool:
@@ -154,9 +168,15 @@ def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
         if choice not in KNOBS[part]:
             raise ValueError(f"method.{part}={choice!r} is unknown; known: {', '.join(KNOBS[part])}")
         parts[part] = choice
-    if parts["schedule"] == "next_set" and parts["drafting"] != "none":
-        raise ValueError(f"method.schedule=next_set advances each grid row by one sampled token per pass; it takes "
-                         f"no drafts (method={name} drafts with {parts['drafting']}): use method.drafting=none")
+    if parts["schedule"] == "next_set" and parts["drafting"] not in LANE_DRAFTING:
+        raise ValueError(f"method.schedule=next_set drafts each grid row's guesses itself (Jacobi) or with spatial heads; "
+                         f"method={name} drafts with {parts['drafting']}: use method.drafting=none or spatial")
+    if parts["drafting"] == "spatial" and parts["schedule"] != "next_set":
+        raise ValueError(f"method.drafting=spatial drafts rows of a wavefront: it needs method.schedule=next_set "
+                         f"(method={name} has {parts['schedule']})")
+    if parts["drafting"] == "spatial" and (given.get("lane_drafts", knobs.get("lane_drafts", 0)) or 0) < 1:
+        raise ValueError(f"method.lane_drafts must be >= 1 for spatial heads (each row's chain is their guesses); "
+                         f"got {given.get('lane_drafts', knobs.get('lane_drafts', 0))}")
     if parts["skipping"] != "never" and parts["drafting"] not in TREE_DRAFTING:
         raise ValueError(f"method.skipping={parts['skipping']} needs a drafter's tree to take tokens from "
                          f"(drafting {' or '.join(TREE_DRAFTING)}); method={name} drafts with {parts['drafting']}")
@@ -201,11 +221,17 @@ def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
     k = config.knobs
     if config.drafting == "none":
         return None
+    if config.drafting == "spatial":
+        if not isinstance(drafter, SpatialHeads):
+            raise ValueError(f"method={config.name} drafts with spatial heads (method.spatial_ckpt=FOLDER, trained by "
+                             f"python -m train drafter drafter.kind=spatial), got {type(drafter).__name__}")
+        return SpatialLanes(drafter)
     if config.drafting == "jacobi":
         return JacobiDrafts(window=k["window"], init=k["init"], vp_beta=k["vp_beta"], vp_cap=k["vp_cap"],
                             coupled=bool(k["coupled"]))
-    if drafter is None:
-        raise ValueError(f"method={config.name} needs a drafter (drafter.ckpt=FOLDER, trained by python -m train drafter)")
+    if drafter is None or isinstance(drafter, SpatialHeads):
+        raise ValueError(f"method={config.name} needs an EAGLE drafter (drafter.ckpt=FOLDER, trained by python -m train "
+                         f"drafter), got {type(drafter).__name__}")
     if config.drafting == "static":
         tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, k["static_tree"])
     return EagleDrafts(drafter, tree)

@@ -34,7 +34,7 @@ def draftings(drafter):
 
 
 def test_the_registry_names_every_drafting_acceptance_and_skipping_here():
-    assert set(KNOBS["drafting"]) == {"none", *draftings(None)}
+    assert set(KNOBS["drafting"]) == {"none", "spatial", *draftings(None)}  # spatial: lanes (tests/decode/test_spatial.py)
     assert set(KNOBS["acceptance"]) == {"exact", "lantern", "lantern_pp", "gsd"}
     assert set(KNOBS["skipping"]) == {"never", "uniform", "similarity", "learned"}
 

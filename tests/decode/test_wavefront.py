@@ -63,7 +63,7 @@ def test_zipar_by_name_and_its_bad_knobs():
         run(target, cond, zipar(9), GREEDY)
     with pytest.raises(ValueError, match="whole grid rows"):
         run(target, cond, zipar(3), GREEDY, n=20)
-    with pytest.raises(ValueError, match="takes no drafts"):
+    with pytest.raises(ValueError, match="drafts each grid row.s guesses itself"):
         resolve_method("zipar", {"drafting": "jacobi"})
     with pytest.raises(ValueError, match="row_window must be >= 1"):
         resolve_method("zipar", {"row_window": 0})

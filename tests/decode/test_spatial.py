@@ -1,0 +1,96 @@
+"""Spatial draft heads on the wavefront (decode/strategies/lane_drafting.py SpatialLanes): with a whole-row
+window the image is greedy AR's and the sampled distribution the target's; heads that know the image make it
+in a few passes (so their guesses land on the right indices, right and below); bad input is refused."""
+import pytest
+import torch
+
+from decode.core.engine import Method
+from decode.core.sampling import probabilities
+from decode.core.wavefront import NextSet
+from decode.models.spatial import SpatialConfig, SpatialHeads
+from decode.models.target import Condition
+from decode.strategies import lane_drafting
+from decode.strategies.lane_drafting import SpatialLanes
+from decode.strategies.registry import resolve_method
+from tests.decode.test_speculative import GREEDY, SAMPLED, _two_token_distribution, run, world
+
+W = H = 8  # the tiny target's 64 tokens
+
+
+def heads_for(target, right=3, below=True, seed=0) -> SpatialHeads:
+    cfg = SpatialConfig(dim=target.hidden_size, vocab_size=target.vocab_size, block_size=target.num_image_tokens,
+                        cls_token_num=target.prefix_len, right=right, below=below)
+    heads = SpatialHeads(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    for p in heads.parameters():  # not the zero init: guesses that differ from the target's own next token
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    return heads
+
+
+def spatial(heads, window: int, drafts: int = 4, max_rows: int = H) -> Method:
+    return Method("spatial", drafting=SpatialLanes(heads), schedule=NextSet(window, max_rows, drafts))
+
+
+def test_a_whole_row_window_is_greedy_ar():
+    target, _, cond, _ = world(2, block=64)
+    ar = run(target, cond, Method(), GREEDY)
+    sp = run(target, cond, spatial(heads_for(target), W), GREEDY)
+    assert torch.equal(sp.tokens, ar.tokens) and (sp.nfe <= ar.nfe).all()
+
+
+def oracle(monkeypatch, target, cond, tokens):
+    """Heads that know the image: each fed feature is matched to its teacher-forced index i, and head `name`
+    guesses the image's token at i + 1 + offset."""
+    tf = target.teacher_forced(cond, torch.cat([tokens, tokens[:, :1]], 1)).hidden[:, 0]  # [G, N + 1, D]
+
+    def guesses(self, feats, names):
+        index = torch.cdist(feats[0].float(), tf[0, 1:].float()).argmin(-1)  # token index of each fed feature
+        offsets = self.heads.config.offsets()
+        out = {}
+        for name in names:
+            at = (index + 1 + offsets[name]).clamp_max(tokens.shape[1] - 1)
+            out[name] = [(int(tokens[0, i]), None) for i in at]
+        return out
+
+    monkeypatch.setattr(lane_drafting.SpatialLaneRun, "_guesses", guesses)
+
+
+@pytest.mark.parametrize("right,below,drafts,most", [(3, True, 4, 3 * H), (1, True, W - 1, 3 * H)])
+def test_heads_that_know_the_image_make_it_in_few_passes(monkeypatch, right, below, drafts, most):
+    """Right guesses continue a row; below guesses fill the row under it (with one right head, a row's chain
+    past its first guess comes from the row above's below head)."""
+    target, _, cond, _ = world(1, block=64)
+    ar = run(target, cond, Method(), GREEDY)
+    oracle(monkeypatch, target, cond, ar.tokens)
+    sp = run(target, cond, spatial(heads_for(target, right, below), W, drafts), GREEDY)
+    assert torch.equal(sp.tokens, ar.tokens)
+    assert int(sp.nfe[0]) <= most < int(ar.nfe[0]), (int(sp.nfe[0]), int(ar.nfe[0]))
+
+
+def test_a_whole_row_window_samples_the_targets_distribution():
+    """Lossless per row: drafts drawn from the heads' guided distributions, accepted by the exact rule."""
+    target, _, cond1, _ = world(1, 2.0, vocab=4, block=16, seed=3, caption_seed=7)
+    pairs = torch.cartesian_prod(torch.arange(4), torch.arange(4))
+    tf = target.teacher_forced(Condition(cond1.cond.expand(16, -1, -1), cond1.mask.expand(16, -1)),
+                               torch.cat([pairs, torch.zeros(16, 2, dtype=torch.long)], 1))
+    probs = probabilities(tf.logits, SAMPLED)
+    exact = probs[:, 0].gather(1, pairs[:, :1])[:, 0] * probs[:, 1].gather(1, pairs[:, 1:])[:, 0]
+    n = 2000
+    heads = heads_for(target, right=2)
+    emp, gen = _two_token_distribution(target, cond1, spatial(heads, 4, 3, 1), SAMPLED, n, 0)  # the top row
+    assert 0.5 * (emp - exact).abs().sum().item() < 0.05
+    third = (exact[:, None] * probs[:, 2]).sum(0)  # the third token: a right head's draft when accepted
+    emp_third = torch.bincount(gen.tokens[:, 2], minlength=4).float() / n
+    assert 0.5 * (emp_third - third).abs().sum().item() < 0.04, (emp_third, third)
+
+
+def test_heads_for_another_grid_and_a_spatial_method_without_guesses_are_refused():
+    target, _, cond, _ = world(1, block=64)
+    other, _, _, _ = world(1, block=16)
+    with pytest.raises(ValueError, match="spatial heads for a grid 4 tokens wide; this decode's grid is 8 wide"):
+        run(target, cond, spatial(heads_for(other), 3), GREEDY)
+    with pytest.raises(ValueError, match="lane_drafts"):
+        resolve_method("spatial", {"lane_drafts": 0})
+    with pytest.raises(ValueError, match="needs method.schedule=next_set"):
+        resolve_method("eagle2", {"drafting": "spatial"})
+    assert resolve_method("spatial", {"acceptance": "lantern"}).acceptance == "lantern"

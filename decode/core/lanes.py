@@ -20,6 +20,7 @@ lengths, so each image runs on its own schedule (one image at a time).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,88 +28,161 @@ from torch import Tensor
 from decode.core.engine import Generation
 from decode.core.host import to_device, wait_for
 from decode.core.sampling import SamplingParams, sample
-from decode.core.trees import Tree, ancestry_mask
+from decode.core.trees import HostTree, Tree, ancestry_mask
 from decode.models.target import Condition
 from decode.strategies.lane_drafting import Guess, JacobiLanes
 
 
 @torch.no_grad()
 def generate_lanes(target, condition: Condition, *, num_tokens: int, sampling: SamplingParams, generators,
-                   accept, schedule, width: int, height: int, drafting=None) -> Generation:
-    """`drafting`: a LaneDrafting strategy (decode/strategies/protocols.py); None: JacobiLanes."""
+                   accept, schedule, width: int, height: int, drafting=None, skipping=None) -> Generation:
+    """`drafting`: a LaneDrafting strategy (decode/strategies/protocols.py); None: JacobiLanes. `skipping`:
+    VVS's skipping per row (decode.strategies.skipping.Skipping; None or NeverSkip: every row verifies)."""
     if not sampling.greedy and generators is None:
         raise ValueError("sampled decoding needs one generator per image")
     wait_for(target.device)
     t0 = time.perf_counter()
-    made, passes = [], []
+    made, runs = [], []
     for i in range(condition.batch):
         part = Condition(*(x[i:i + 1] if x is not None else None
                            for x in (condition.cond, condition.mask, condition.refined, condition.refined_mask)))
-        tokens, n = _one_image(target, part, num_tokens, sampling, None if generators is None else generators[i],
-                               accept, schedule, width, height, drafting)
+        tokens, run = _one_image(target, part, num_tokens, sampling, None if generators is None else generators[i],
+                                 accept, schedule, width, height, drafting, skipping)
         made.append(tokens)
-        passes.append(n)
+        runs.append(run)
     wait_for(target.device)
     loop = time.perf_counter() - t0
-    nfe = torch.tensor(passes)
-    return Generation(tokens=torch.cat(made), nfe=nfe, steps=nfe, prefill_s=0.0, loop_s=loop,
-                      skipped=torch.zeros_like(nfe), verified_tokens=torch.full_like(nfe, num_tokens - 1),
+    nfe = torch.tensor([r.passes for r in runs])
+    skipped = torch.tensor([r.skipped for r in runs])
+    return Generation(tokens=torch.cat(made), nfe=nfe, steps=torch.tensor([r.row_steps for r in runs]), prefill_s=0.0,
+                      loop_s=loop, skipped=skipped, verified_tokens=torch.tensor([r.verified for r in runs]),
                       verify_s=loop, batch_passes=int(nfe.sum()), batch_steps=int(nfe.max()))
 
 
+@dataclass
+class _Count:
+    """One image's run: target passes, row-steps (a row in flight verifying or skipping once), row-steps
+    skipped, and tokens committed by verified row-steps."""
+    passes: int = 0
+    row_steps: int = 0
+    skipped: int = 0
+    verified: int = 0
+
+
 def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, schedule, width: int,
-               height: int, drafting=None) -> tuple[Tensor, int]:
-    """One image's tokens [1, N] and its target passes after the prefill."""
+               height: int, drafting=None, skipping=None) -> tuple[Tensor, _Count]:
+    """One image's tokens [1, N] and what its run cost."""
     from decode.core.wavefront import _plan  # ZipAR's lanes: which rows are in flight and what each predicts
 
     device, prefix = target.device, target.prefix_len
     gens = None if gen is None else [gen]
-    cache, out = target.start(cond, num_tokens, extra_slots=schedule.max_rows * (schedule.lane_drafts + 1) + 1)
+    # a pass feeds per row in flight its unverified tokens (at most max_consecutive chains), newest and chain
+    most = getattr(getattr(skipping, "limits", None), "max_consecutive", 0)
+    cache, out = target.start(cond, num_tokens, extra_slots=schedule.max_rows * ((most + 1) * schedule.lane_drafts + 1) + 1)
     made = [int(sample(out.logits[:, -1], sampling, gens))] + [-1] * (num_tokens - 1)
-    count, fed, slots, passes = [1] + [0] * (height - 1), [0] * height, list(range(prefix)), 0
+    count, fed, slots, tally = [1] + [0] * (height - 1), [0] * height, list(range(prefix)), _Count()
     drafts = (drafting or JacobiLanes()).start(target, width, sampling, gen)
+    skips = _LaneSkips(skipping, height, num_tokens)
     while sum(count) < num_tokens:
         lanes = _plan(count, fed, width, prefix, schedule)
-        seq, pos, lane_of, real, chains = [], [], [], [], []
+        avail = list(count)  # rooms are set by what the rows above had before this pass's skips
+        seq, pos, lane_of, real, chains, unfed = [], [], [], [], [], []
         for li, lane in enumerate(lanes):
             in_row = lane.keep and lane.predicts is not None and lane.predicts // width == lane.row
-            room = _room(count, lane.row, lane.predicts, width, schedule) if in_row else 0
+            room = _room(avail, lane.row, lane.predicts, width, schedule) if in_row else 0
             chain = drafts.propose(lane.row, lane.predicts, room, made) if room else []
+            if chain and skips.wants(lane.row, chain, drafts, sum(count), tally.row_steps):
+                for j, (tok, _) in enumerate(chain):  # committed unverified; fed (their KV) by the row's next pass
+                    made[lane.predicts + j] = tok
+                count[lane.row] += len(chain)
+                tally.row_steps, tally.skipped = tally.row_steps + 1, tally.skipped + 1
+                chains.append(None)
+                unfed.append([])
+                continue
+            # tokens of the row committed unverified on skipped steps, then the newest, then the guesses
+            before = list(range(lane.row * width + fed[lane.row], lane.token_at)) if lane.keep else []
             chains.append(chain)
-            for j, tok in enumerate([made[lane.token_at]] + [t for t, _ in chain]):
+            unfed.append(before)
+            for j, tok in enumerate([made[i] for i in before] + [made[lane.token_at]] + [t for t, _ in chain]):
                 seq.append(tok)
-                pos.append(lane.position + j)
+                pos.append(lane.position - len(before) + j)
                 lane_of.append(li)
-                real.append(lane.keep and j == 0)
+                real.append(lane.keep and j <= len(before))
+        if not seq:  # every row in flight skipped: no target pass
+            continue
         p, which, real_t = torch.tensor(pos), torch.tensor(lane_of), torch.tensor(real)
-        same, before = which[:, None] == which[None, :], p[None, :] < p[:, None]
-        block = torch.eye(len(seq), dtype=torch.bool) | (before & (same | real_t[None, :]))
+        same, earlier = which[:, None] == which[None, :], p[None, :] < p[:, None]
+        block = torch.eye(len(seq), dtype=torch.bool) | (earlier & (same | real_t[None, :]))
         out = target.extend(cache, to_device([seq], device), block_mask=to_device(block, device)[None],
                             positions=to_device(p, device)[None], slot_positions=to_device(slots, device)[None])
         logits, hidden = out.logits[0], out.hidden[:, 0]  # [n, V], [G, n, D]
-        passes += 1
+        tally.passes += 1
         keep = []
-        for li, (lane, chain) in enumerate(zip(lanes, chains)):
+        for li, (lane, chain, before) in enumerate(zip(lanes, chains, unfed)):
+            if chain is None:  # skipped this pass
+                continue
             idx = [i for i, w in enumerate(lane_of) if w == li]
+            node = idx[len(before):]  # [newest ; guesses]
             if lane.predicts is None:  # a complete row's last token, fed for its KV only
                 path, nxt = [0], None
             else:  # top row first: each image's generator is drawn in this order
-                path, nxt = _accept(accept, [seq[i] for i in idx], chain, logits[idx], sampling, gens)
-            if lane.keep:  # the newest token and the accepted guesses: real now, their KV kept
-                keep += idx[:len(path)]
-                slots += [lane.position + j for j in range(len(path))]
-                fed[lane.row] += len(path)
+                path, nxt = _accept(accept, [seq[i] for i in node], chain, logits[node], sampling, gens)
+            if lane.keep:  # the unverified tokens, the newest and the accepted guesses: real now, their KV kept
+                keep += idx[:len(before) + len(path)]
+                slots += [lane.position - len(before) + j for j in range(len(before) + len(path))]
+                fed[lane.row] += len(before) + len(path)
+                skips.verified(lane.row)
             if nxt is None:
                 continue
             for j in range(1, len(path)):
-                made[lane.predicts + j - 1] = seq[idx[j]]
+                made[lane.predicts + j - 1] = seq[node[j]]
             made[lane.predicts + len(path) - 1] = nxt
             count[lane.predicts // width] += len(path)  # the row predicted (a complete row's: the next)
-            drafts.observe(lane.row, lane.predicts, chain, len(path) - 1, logits[idx], hidden[:, idx])
+            tally.row_steps, tally.verified = tally.row_steps + 1, tally.verified + len(path)
+            drafts.observe(lane.row, lane.predicts, chain, len(path) - 1, logits[node], hidden[:, node])
         length = int(cache.host_length[0])
         src = torch.tensor([length + i for i in keep]).expand(target.groups, len(keep))
         cache.keep(to_device(src, device), torch.full((target.groups,), len(keep)))
-    return torch.tensor([made], device=device), passes
+    return torch.tensor([made], device=device), tally
+
+
+class _LaneSkips:
+    """VVS's skipping for rows of a wavefront: a row in flight commits its drafted chain unverified
+    (the target pass, run for the other rows, does not feed it), within the skip limits (warm-up over
+    the image's tokens, consecutive skips per row). Rules: uniform (every interval-th row-step) and
+    similarity, which compares the row's two drafts of the same tokens (the chain and the alternative
+    the drafting offers: the below head's guesses beside the right heads') with VVS's path similarity."""
+
+    def __init__(self, skipping, rows: int, num_tokens: int):
+        self.skipping = skipping if getattr(skipping, "rule", None) is not None else None
+        self.run, self.num_tokens = [0] * rows, num_tokens
+
+    def wants(self, row: int, chain: list, drafts, made: int, step: int) -> bool:
+        if self.skipping is None:
+            return False
+        from decode.strategies.skipping import SimilaritySkip, StepContext, path_similarity
+
+        other = drafts.alternative(row) if hasattr(drafts, "alternative") else []
+        paths = [[t for t, _ in chain], other]
+        tokens = torch.tensor([[0] + [t for p in paths for t in p]])
+        parents, at = [-1], 1
+        for p in paths:  # two chains under one root
+            parents += [0] + list(range(at, at + len(p) - 1)) if p else []
+            at += len(p)
+        tree = HostTree(tokens, torch.tensor([parents]))
+        ctx = StepContext(tree, step, torch.tensor([made]), torch.tensor([self.run[row]]), self.num_tokens)
+        if not bool(self.skipping.limits.eligible(ctx)[0]):
+            return False
+        rule = self.skipping.rule
+        if isinstance(rule, SimilaritySkip):
+            skip = bool(path_similarity(tree, rule.latents, rule.decay, stride=1)[0] >= rule.tau)
+        else:
+            skip = bool(rule.wants_skip(ctx, torch.ones(1, dtype=torch.bool))[0])
+        self.run[row] = self.run[row] + 1 if skip else self.run[row]
+        return skip
+
+    def verified(self, row: int) -> None:
+        self.run[row] = 0
 
 
 def _room(count: list[int], row: int, first: int, width: int, schedule) -> int:

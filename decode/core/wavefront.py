@@ -102,7 +102,7 @@ def generate_wavefront(target, condition, *, num_tokens: int, sampling: Sampling
 
         return generate_lanes(target, condition, num_tokens=num_tokens, sampling=sampling, generators=generators,
                               accept=accept, schedule=schedule, width=width, height=height,
-                              drafting=method.drafting)
+                              drafting=method.drafting, skipping=method.skipping)
     wait_for(device)
     t0 = time.perf_counter()
     cache, out = target.start(condition, num_tokens, extra_slots=schedule.max_rows + 1)

@@ -75,13 +75,23 @@ class SpatialLaneRun:
         self.right = [n for n in heads.config.offsets() if n.startswith("right")]  # right1, right2, ...
         self.kept: dict[int, list[Guess]] = {}   # row -> the right heads' guesses for its next indices
         self.below: dict[int, Guess] = {}        # image index -> the below head's guess for it
+        self.others: dict[int, list[int]] = {}   # row -> the below head's tokens for its last chain's indices
 
     def propose(self, row: int, first: int, room: int, made: list[int]) -> list[Guess]:
+        alt = []  # the below head's guesses for the same indices, while they exist: the row's other draft
+        while len(alt) < room and first + len(alt) in self.below:
+            alt.append(self.below[first + len(alt)][0])
+        self.others[row] = alt
         chain = list(self.kept.pop(row, [])[:room])
         while len(chain) < room:
             c = first + len(chain)
             chain.append(self.below.pop(c, None) or _copy_above(made, c, self.width, chain, first))
         return chain
+
+    def alternative(self, row: int) -> list[int]:
+        """The tokens the below head guessed for the indices of the row's last proposed chain (a skip
+        rule compares the two drafts)."""
+        return self.others.get(row, [])
 
     def observe(self, row: int, first: int, chain: list[Guess], accepted: int, logits: Tensor, hidden: Tensor) -> None:
         # hidden [G, 1 + len(chain), D]; node j sits at image index first - 1 + j. The row predicted is

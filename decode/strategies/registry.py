@@ -15,6 +15,7 @@
 | zipar      | none; rows advance together  | exact (each row's sampled token)  | never                |
 | zipar_sjd  | each row in flight: 4 Jacobi guesses (decode/core/lanes.py) | exact (SJD's rule per row) | never |
 | spatial    | each row in flight: trained right / below heads (decode/models/spatial.py) | exact per row | never |
+| spatial_vvs| spatial                      | lantern per row                   | similarity (right vs below drafts) |
 
 zipar's, zipar_sjd's and spatial's schedule is next_set (decode/core/wavefront.py: row_window, max_rows,
 lane_drafts); every other method's is raster (one frontier in raster order). spatial's heads come from
@@ -63,6 +64,7 @@ METHODS: dict[str, tuple[str, str, str, str, dict]] = {
     "zipar": ("none", "exact", "never", "next_set", {}),
     "zipar_sjd": ("none", "exact", "never", "next_set", {"lane_drafts": 4}),
     "spatial": ("spatial", "exact", "never", "next_set", SPATIAL_SCHEDULE),
+    "spatial_vvs": ("spatial", "lantern", "similarity", "next_set", SPATIAL_SCHEDULE),
 }
 _LIMITS = {"max_consecutive": 1, "warmup": 5, "staleness": 0}  # VVS's released code (run_vvs.sh)
 KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads, with their published defaults
@@ -177,7 +179,10 @@ def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
     if parts["drafting"] == "spatial" and (given.get("lane_drafts", knobs.get("lane_drafts", 0)) or 0) < 1:
         raise ValueError(f"method.lane_drafts must be >= 1 for spatial heads (each row's chain is their guesses); "
                          f"got {given.get('lane_drafts', knobs.get('lane_drafts', 0))}")
-    if parts["skipping"] != "never" and parts["drafting"] not in TREE_DRAFTING:
+    if parts["drafting"] == "spatial" and parts["skipping"] == "learned":
+        raise ValueError("method.skipping=learned reads an EAGLE draft tree's features (python -m train scheduler); "
+                         "spatial heads skip with method.skipping=uniform or similarity (their two drafts compared)")
+    if parts["skipping"] != "never" and parts["drafting"] not in (*TREE_DRAFTING, "spatial"):
         raise ValueError(f"method.skipping={parts['skipping']} needs a drafter's tree to take tokens from "
                          f"(drafting {' or '.join(TREE_DRAFTING)}); method={name} drafts with {parts['drafting']}")
     defaults = {k: v for part in PARTS for k, v in KNOBS[part][parts[part]].items()}

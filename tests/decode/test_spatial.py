@@ -94,3 +94,39 @@ def test_heads_for_another_grid_and_a_spatial_method_without_guesses_are_refused
     with pytest.raises(ValueError, match="needs method.schedule=next_set"):
         resolve_method("eagle2", {"drafting": "spatial"})
     assert resolve_method("spatial", {"acceptance": "lantern"}).acceptance == "lantern"
+
+
+def test_skipped_rows_are_fed_by_their_next_pass(monkeypatch):
+    """Heads that know the image, every second row-step skipped: the unverified chains are the image's own
+    tokens, so the image is still greedy AR's only if the skipped tokens' KV is filled in by the row's next
+    pass (a token that missed them would predict differently). Drafts this good gain nothing from skipping
+    (a verified pass takes the same chain and adds the target's next token): no more passes either."""
+    from decode.strategies.skipping import SkipLimits, Skipping, UniformSkip
+
+    target, _, cond, _ = world(1, block=64)
+    ar = run(target, cond, Method(), GREEDY)
+    oracle(monkeypatch, target, cond, ar.tokens)
+    heads = heads_for(target)
+    plain = run(target, cond, spatial(heads, W), GREEDY)
+    skipping = Skipping(UniformSkip(2), SkipLimits(max_consecutive=1, warmup=2))
+    method = Method("spatial", drafting=SpatialLanes(heads), schedule=NextSet(W, H, 4), skipping=skipping)
+    sk = run(target, cond, method, GREEDY)
+    assert torch.equal(sk.tokens, ar.tokens)
+    assert int(sk.skipped[0]) > 0 and int(sk.nfe[0]) <= int(plain.nfe[0])
+
+
+def test_spatial_vvs_skips_where_its_two_drafts_agree():
+    from decode.strategies.registry import build_method
+
+    target, _, cond, codebook = world(2, block=64)
+    heads = heads_for(target)
+    never = build_method("spatial_vvs", sampling=SAMPLED, drafter=heads, codebook=codebook,
+                         options=dict(row_window=3, max_rows=H, tau=1.01, lantern_k=8))
+    always = build_method("spatial_vvs", sampling=SAMPLED, drafter=heads, codebook=codebook,
+                          options=dict(row_window=3, max_rows=H, tau=-1.0, lantern_k=8, warmup=0))
+    a, b = run(target, cond, never, SAMPLED, seeds=[1, 2]), run(target, cond, always, SAMPLED, seeds=[1, 2])
+    assert (a.skipped == 0).all() and (b.skipped > 0).all()
+    assert (a.verified_tokens == 63).all() and (b.verified_tokens < 63).all()  # skipped chains: unverified
+    assert (b.tokens >= 0).all() and (b.tokens < target.vocab_size).all()
+    with pytest.raises(ValueError, match="skipping=learned reads an EAGLE draft tree"):
+        resolve_method("spatial", {"skipping": "learned"})

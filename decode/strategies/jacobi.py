@@ -37,10 +37,13 @@ class JacobiDrafts:
     vp_beta: float = 0.0
     vp_cap: float = 10.0
     coupled: bool = False
+    pac_width: int = 1   # SJD-PAC's proactive drafting: candidates at each of the first pac_depth slots
+    pac_depth: int = 0
 
     def start(self, target: LlamaGenTarget, batch: int, num_tokens: int) -> "JacobiDrafting":
         return JacobiDrafting(target, batch, num_tokens, window=self.window, init=self.init, vp_beta=self.vp_beta,
-                              vp_cap=self.vp_cap, coupled=self.coupled)
+                              vp_cap=self.vp_cap, coupled=self.coupled, pac_width=self.pac_width,
+                              pac_depth=self.pac_depth)
 
 
 def coupled_draw(q: Tensor, previous: int, q_previous: Tensor | None, generator) -> Tensor:
@@ -63,7 +66,8 @@ def coupled_draw(q: Tensor, previous: int, q_previous: Tensor | None, generator)
 
 class JacobiDrafting:
     def __init__(self, target: LlamaGenTarget, batch: int, num_tokens: int, *, window: int = 16,
-                 init: str = "repeat_horizon", vp_beta: float = 0.0, vp_cap: float = 10.0, coupled: bool = False):
+                 init: str = "repeat_horizon", vp_beta: float = 0.0, vp_cap: float = 10.0, coupled: bool = False,
+                 pac_width: int = 1, pac_depth: int = 0):
         if window < 1:
             raise ValueError(f"sjd window must be >= 1, got {window}")
         if init not in INITS:
@@ -78,6 +82,7 @@ class JacobiDrafting:
         self.spare: list[list[int]] = [[] for _ in range(batch)]  # init=random: guesses drawn ahead
         self.num_tokens = num_tokens
         self.coupled = coupled
+        self.pac = (int(pac_width) - 1, min(int(pac_depth), self.window)) if pac_width > 1 else (0, 0)
 
     def begin(self, prefix: TargetOutput, prefix_valid: Tensor, following: Tensor, generators=None) -> None:
         """The first roots (and, for init=random, the first window of guesses), read in the prefill;
@@ -103,7 +108,42 @@ class JacobiDrafting:
                 else:
                     q[r, j + 1] = dist
         parents = (torch.arange(t, device=dev) - 1).expand(b, t)
-        return Tree(tokens, parents, torch.arange(t, device=dev).expand(b, t), ancestry_mask(parents), q=q)
+        depth = torch.arange(t, device=dev).expand(b, t)
+        if self.pac[0] and self.pac[1] and not sampling.greedy:
+            tokens, parents, depth, q = self._proactive(tokens, parents, depth, q, generators)
+        return Tree(tokens, parents, depth, ancestry_mask(parents), q=q)
+
+    def _proactive(self, tokens: Tensor, parents: Tensor, depth: Tensor, q: Tensor, generators):
+        """SJD-PAC's proactive drafting: at each of the first pac_depth slots, pac_width - 1 siblings of the
+        chain's draft, drawn from the slot's q without replacement (the chain's draft excluded), each
+        carrying q with the tokens before it removed, renormalised: the acceptance's residual walk over them
+        is then recursive rejection sampling, exact. Slots holding a one-hot guess get none (q zero: skipped).
+        Siblings are leaves after the chain (tree indices window + 1 ...), children of the chain node above."""
+        extra, d = self.pac
+        b = tokens.shape[0]
+        sib_tok, sib_q, sib_par, sib_depth = [], [], [], []
+        for slot in range(1, d + 1):
+            base = q[:, slot].clone()                                  # [B, V]
+            base[torch.arange(b), tokens[:, slot]] = 0                 # the chain's draft is the first candidate
+            noise = torch.stack([torch.empty_like(base[r]).exponential_(1, generator=generators[r]) for r in range(b)])
+            order = (base / noise).topk(extra, dim=-1).indices          # [B, extra] a draw without replacement
+            removed = torch.zeros_like(base)
+            removed[torch.arange(b), tokens[:, slot]] = 1
+            for k in range(extra):
+                left = q[:, slot] * (1 - removed)
+                total = left.sum(-1, keepdim=True)
+                ok = (total > 0) & (left.gather(1, order[:, k:k + 1]) > 0)  # [B, 1]
+                sib_q.append(torch.where(ok, left / total.clamp_min(1e-30), torch.zeros_like(left)))
+                sib_tok.append(order[:, k])
+                sib_par.append(slot - 1)
+                sib_depth.append(slot)
+                removed[torch.arange(b), order[:, k]] = 1
+        dev = tokens.device
+        tokens = torch.cat([tokens, torch.stack(sib_tok, 1)], 1)
+        parents = torch.cat([parents, torch.tensor(sib_par, device=dev).expand(b, -1)], 1)
+        depth = torch.cat([depth, torch.tensor(sib_depth, device=dev).expand(b, -1)], 1)
+        q = torch.cat([q, torch.stack(sib_q, 1)], 1)
+        return tokens, parents, depth, q
 
     def observe(self, step: StepOutcome, sampling: SamplingParams, generators) -> None:
         """Jacobi update from this pass: accepted drafts leave the window, the tail is redrawn (on the
@@ -127,11 +167,11 @@ class JacobiDrafting:
                 new_p.append(p)
             self.q[r], self.prev[r] = new_q, new_p
             draws += self._guesses(self.window - len(tail), generators[r] if generators else None)
-        tokens, following, *drawn = fetch(step.tree.tokens, step.following, *([torch.cat(draws)] if draws else []))
+        following, *drawn = fetch(step.following, *([torch.cat(draws)] if draws else []))
         drawn = drawn[0].tolist() if drawn else []
         for r in rows:
-            c = counts[r]
-            self.history[r].extend(tokens[r, :c].tolist())
+            c = counts[r]  # committed: the root, then the tokens after each committed node but the last
+            self.history[r].extend([self.roots[r]] + following[r, :c - 1].tolist())
             k = len(range(c + 1, 1 + self.window))
             self.drafts[r], drawn = drawn[:k], drawn[k:]
             if self.init == "random":  # the guesses the next refill takes

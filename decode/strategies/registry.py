@@ -11,6 +11,7 @@
 | sjd        | jacobi window on the target  | exact (SJD's probabilistic rule)  | never                |
 | sjd_vp     | jacobi, VP-favoured redraws  | exact                             | never                |
 | mc_sjd     | jacobi, coupled redraws      | exact (lossless)                  | never                |
+| sjd_pac    | jacobi, coupled redraws, a proactive tree (3 candidates at the first 2 slots) | exact (lossless) | never |
 | gsd        | jacobi window on the target  | gsd (grouped: ranks, p gap, dist) | never                |
 | zipar      | none; rows advance together  | exact (each row's sampled token)  | never                |
 | zipar_sjd  | each row in flight: 4 Jacobi guesses (decode/core/lanes.py) | exact (SJD's rule per row) | never |
@@ -60,6 +61,8 @@ METHODS: dict[str, tuple[str, str, str, str, dict]] = {
     "sjd": ("jacobi", "exact", "never", "raster", {}),
     "sjd_vp": ("jacobi", "exact", "never", "raster", {"vp_beta": 1.0}),
     "mc_sjd": ("jacobi", "exact", "never", "raster", {"coupled": True}),
+    # SJD-PAC: coupled redraws are its adaptive continuation; uniform padding past the window as published
+    "sjd_pac": ("jacobi", "exact", "never", "raster", {"coupled": True, "init": "random", "pac_width": 3, "pac_depth": 2}),
     "gsd": ("jacobi", "gsd", "never", "raster", {}),
     "zipar": ("none", "exact", "never", "next_set", {}),
     "zipar_sjd": ("none", "exact", "never", "next_set", {"lane_drafts": 4}),
@@ -72,7 +75,8 @@ KNOBS: dict[str, dict[str, dict]] = {  # part -> strategy -> the knobs it reads,
         "none": {}, "eagle": {},  # the dynamic tree's size is the run's `tree.*`
         "static": {"static_tree": "naive_extend_57"},  # LANTERN++'s LlamaGen default
         "jacobi": {"window": 16, "init": "repeat_horizon", "vp_beta": 0.0, "vp_cap": 10.0,  # SJD's LlamaGen setting
-                   "coupled": False},  # MC-SJD: redrawn slots coupled to their previous draft
+                   "coupled": False,  # MC-SJD: redrawn slots coupled to their previous draft
+                   "pac_width": 1, "pac_depth": 0},  # SJD-PAC's proactive tree: candidates per slot, slots
         "spatial": {"spatial_ckpt": str(REPO / "models" / "world" / "spatial")},  # right / below heads
     },
     "acceptance": {
@@ -108,6 +112,8 @@ _CHECKS = {  # knob -> (valid?, what is allowed)
     "window": (lambda v: v >= 1, ">= 1"),
     "init": (lambda v: v in INITS, f"one of {', '.join(INITS)}"),
     "vp_cap": (lambda v: v >= 1, ">= 1"),
+    "pac_width": (lambda v: v >= 1, ">= 1 (candidates per proactive slot; 1: a chain)"),
+    "pac_depth": (lambda v: v >= 0, ">= 0 (proactive slots at the window's start)"),
     "static_tree": (lambda v: v in STATIC_SHAPES, f"one of {', '.join(STATIC_SHAPES)}"),
     "threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "group_ranks": (lambda v: v >= 0, ">= 0 (0: exact)"),
@@ -233,7 +239,7 @@ def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
         return SpatialLanes(drafter)
     if config.drafting == "jacobi":
         return JacobiDrafts(window=k["window"], init=k["init"], vp_beta=k["vp_beta"], vp_cap=k["vp_cap"],
-                            coupled=bool(k["coupled"]))
+                            coupled=bool(k["coupled"]), pac_width=k["pac_width"], pac_depth=k["pac_depth"])
     if drafter is None or isinstance(drafter, SpatialHeads):
         raise ValueError(f"method={config.name} needs an EAGLE drafter (drafter.ckpt=FOLDER, trained by python -m train "
                          f"drafter), got {type(drafter).__name__}")

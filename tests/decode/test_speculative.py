@@ -133,6 +133,7 @@ def _two_token_distribution(target, cond1, method, sampling, n, seed0):
     ("sjd", None),                                              # Jacobi window, q from the last pass
     ("sjd_vp", None),
     ("mc_sjd", None),                                           # Jacobi window, coupled redraws
+    ("sjd_pac", None),                                          # + proactive candidates (3 at 2 slots)
 ])
 def test_exact_sampled_methods_have_the_targets_distribution(name, tree):
     """The first two tokens' joint distribution matches the target's exact one (enumerated) as
@@ -191,13 +192,40 @@ def test_sampled_methods_need_generators():
                  method=build_method("eagle2", sampling=SAMPLED, drafter=drafter))
 
 
-def test_a_broken_coupling_fails_the_distribution_test(monkeypatch):
-    """MC-SJD's coupling must leave each redrawn draft's marginal at q: one that always keeps the
-    previous draft does not, and the same distribution test catches it."""
+@pytest.mark.parametrize("name", ["mc_sjd", "sjd_pac"])
+def test_a_broken_coupling_fails_the_distribution_test(monkeypatch, name):
+    """MC-SJD's coupling (SJD-PAC's adaptive continuation) must leave each redrawn draft's marginal at q:
+    one that always keeps the previous draft, rejected or not, does not, and the distribution test catches it."""
     from decode.strategies import jacobi
 
     monkeypatch.setattr(jacobi, "coupled_draw", lambda q, previous, q_previous, generator:
                         torch.tensor([previous], device=q.device))
     with pytest.raises(AssertionError):
-        test_exact_sampled_methods_have_the_targets_distribution("mc_sjd", None)
+        test_exact_sampled_methods_have_the_targets_distribution(name, None)
 
+
+def test_proactive_candidates_are_distinct_draws_with_renormalised_q():
+    """SJD-PAC's tree: at each of the first pac_depth slots, pac_width - 1 siblings of the chain's draft,
+    distinct from it and from each other, each with q renormalised without the tokens tried before it."""
+    target, _, cond, _ = world(2, vocab=16, block=16)
+    method = build_method("sjd_pac", sampling=SAMPLED, options=dict(window=4, pac_width=3, pac_depth=2))
+    drafting = method.drafting.start(target, 2, 16)
+    cache, out = target.start(cond, 16, extra_slots=16)
+    gens = row_generators([0, 1])
+    root = torch.tensor([3, 5])
+    drafting.begin(out, cache.valid, root[:, None], gens)
+    drafting.q = [[torch.softmax(torch.randn(16, generator=torch.Generator().manual_seed(r * 4 + j)), -1)
+                   for j in range(4)] for r in range(2)]  # drafts redrawn from a prediction: q known
+    tree = drafting.propose(root, SAMPLED, gens)
+    assert tree.size == 1 + 4 + 2 * 2
+    assert tree.parents[0, 5:].tolist() == [0, 0, 1, 1] and tree.depths[0, 5:].tolist() == [1, 1, 2, 2]
+    for r in range(2):
+        for slot, sibs in ((1, (5, 6)), (2, (7, 8))):
+            tried = [int(tree.tokens[r, slot])]
+            for n in sibs:
+                x = int(tree.tokens[r, n])
+                assert x not in tried
+                want = drafting.q[r][slot - 1].clone()
+                want[tried] = 0
+                torch.testing.assert_close(tree.q[r, n], want / want.sum())
+                tried.append(x)

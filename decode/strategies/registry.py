@@ -61,8 +61,9 @@ METHODS: dict[str, tuple[str, str, str, str, dict]] = {
     "sjd": ("jacobi", "exact", "never", "raster", {}),
     "sjd_vp": ("jacobi", "exact", "never", "raster", {"vp_beta": 1.0}),
     "mc_sjd": ("jacobi", "exact", "never", "raster", {"coupled": True}),
-    # SJD-PAC: coupled redraws are its adaptive continuation; uniform padding past the window as published
-    "sjd_pac": ("jacobi", "exact", "never", "raster", {"coupled": True, "init": "random", "pac_width": 3, "pac_depth": 2}),
+    # SJD-PAC: coupled redraws are its adaptive continuation. The window is padded as SJD does on LlamaGen
+    # (repeat_horizon, like every Jacobi method here); SJD-PAC pads with uniform draws (method.init=random)
+    "sjd_pac": ("jacobi", "exact", "never", "raster", {"coupled": True, "pac_width": 3, "pac_depth": 2}),
     "gsd": ("jacobi", "gsd", "never", "raster", {}),
     "zipar": ("none", "exact", "never", "next_set", {}),
     "zipar_sjd": ("none", "exact", "never", "next_set", {"lane_drafts": 4}),

@@ -83,12 +83,15 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
     count, fed, slots, tally = [1] + [0] * (height - 1), [0] * height, list(range(prefix)), _Count()
     drafts = (drafting or JacobiLanes()).start(target, width, sampling, gen)
     skips = _LaneSkips(skipping, height, num_tokens)
+    seeds = bool(getattr(drafts, "seeds_new_rows", False))
     while sum(count) < num_tokens:
         lanes = _plan(count, fed, width, prefix, schedule)
         avail = list(count)  # rooms are set by what the rows above had before this pass's skips
         seq, pos, lane_of, real, chains, unfed = [], [], [], [], [], []
         for li, lane in enumerate(lanes):
-            in_row = lane.keep and lane.predicts is not None and lane.predicts // width == lane.row
+            # a new row's stand-in verifies guesses too when the drafting seeds new rows (a below head):
+            # accepted, they are committed and fed (their KV) by the row's next pass, after the stand-in is gone
+            in_row = ((lane.keep or seeds) and lane.predicts is not None and lane.predicts // width == lane.row)
             room = _room(avail, lane.row, lane.predicts, width, schedule) if in_row else 0
             chain = drafts.propose(lane.row, lane.predicts, room, made) if room else []
             if chain and skips.wants(lane.row, chain, drafts, sum(count), tally.row_steps):

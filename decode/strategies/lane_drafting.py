@@ -38,6 +38,8 @@ class JacobiLanes:
 
 
 class JacobiLaneRun:
+    seeds_new_rows = False  # new rows start from ZipAR's stand-in alone
+
     def __init__(self, width: int, sampling: SamplingParams, generator):
         self.width, self.sampling, self.generator = width, sampling, generator
         self.kept: dict[int, list[Guess]] = {}  # row -> guesses redrawn last pass, for its next indices
@@ -69,6 +71,8 @@ class SpatialLanes:
 
 
 class SpatialLaneRun:
+    seeds_new_rows = True  # the below head drafts a new row's first tokens, verified beside its stand-in
+
     def __init__(self, heads, target, width: int, sampling: SamplingParams, generator):
         self.heads, self.target, self.width = heads, target, width
         self.sampling, self.generator = sampling, generator

@@ -130,3 +130,23 @@ def test_spatial_vvs_skips_where_its_two_drafts_agree():
     assert (b.tokens >= 0).all() and (b.tokens < target.vocab_size).all()
     with pytest.raises(ValueError, match="skipping=learned reads an EAGLE draft tree"):
         resolve_method("spatial", {"skipping": "learned"})
+
+
+@pytest.mark.parametrize("seeds", [True, False])
+def test_the_below_head_seeds_new_rows_beside_their_stand_in(monkeypatch, seeds):
+    """A new row's first tokens are guessed (and verified beside ZipAR's stand-in) only when the drafting
+    seeds new rows; either way every token of the image is made."""
+    monkeypatch.setattr(lane_drafting.SpatialLaneRun, "seeds_new_rows", seeds)
+    starts = []
+    real = lane_drafting.SpatialLaneRun.propose
+
+    def spy(self, row, first, room, made):
+        if first % W == 0:
+            starts.append((row, first, room))
+        return real(self, row, first, room, made)
+
+    monkeypatch.setattr(lane_drafting.SpatialLaneRun, "propose", spy)
+    target, _, cond, _ = world(1, block=64)
+    sp = run(target, cond, spatial(heads_for(target), 3), SAMPLED, seeds=[4])
+    assert ((sp.tokens >= 0) & (sp.tokens < target.vocab_size)).all() and sp.tokens.shape == (1, 64)
+    assert bool(starts) == seeds and all(room >= 1 for _, _, room in starts)

@@ -163,3 +163,17 @@ def test_a_draft_checkpoint_of_the_wrong_kind_fails_before_any_model_loads(tmp_p
     res = _run(["-m", "decode", "method=spatial", f"method.spatial_ckpt={REPO / 'models' / 'world' / 'drafter'}", *common])
     assert res.returncode != 0 and "method.spatial_ckpt" in res.stderr and "holds a 'eagle_drafter'" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_spatial_heads_shipped_with_the_world_decode_from_the_cli(tmp_path):
+    """models/world/spatial fits the shipped target: method=spatial and spatial_vvs run, write images and
+    take fewer passes than AR's 255."""
+    for method in ("spatial", "spatial_vvs"):
+        out = tmp_path / method
+        res = _run(["-m", "decode", f"method={method}", "n=2", "batch_size=2", f"out_dir={out}",
+                    "prompt=one large green circle in the center, against a noisy yellow background",
+                    f"hydra.run.dir={tmp_path / 'hydra'}"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["tokens"] == 256 and r["nfe"] < 255 for r in rows)
+        assert len(list((out / "images").glob("*.png"))) == 2

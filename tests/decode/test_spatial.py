@@ -121,9 +121,9 @@ def test_spatial_vvs_skips_where_its_two_drafts_agree():
     target, _, cond, codebook = world(2, block=64)
     heads = heads_for(target)
     never = build_method("spatial_vvs", sampling=SAMPLED, drafter=heads, codebook=codebook,
-                         options=dict(row_window=3, max_rows=H, tau=1.01, lantern_k=8))
+                         options=dict(row_window=3, max_rows=H, tau=1.01))
     always = build_method("spatial_vvs", sampling=SAMPLED, drafter=heads, codebook=codebook,
-                          options=dict(row_window=3, max_rows=H, tau=-1.0, lantern_k=8, warmup=0))
+                          options=dict(row_window=3, max_rows=H, tau=-1.0, warmup=0))
     a, b = run(target, cond, never, SAMPLED, seeds=[1, 2]), run(target, cond, always, SAMPLED, seeds=[1, 2])
     assert (a.skipped == 0).all() and (b.skipped > 0).all()
     assert (a.verified_tokens == 63).all() and (b.verified_tokens < 63).all()  # skipped chains: unverified

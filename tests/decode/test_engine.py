@@ -103,11 +103,15 @@ def test_every_method_runs_in_bfloat16():
     from decode.core.trees import TreeParams
     from decode.strategies.registry import METHODS, build_method, resolve_method
 
+    from tests.decode.test_spatial import heads_for
+
     target, drafter, cond, codebook = world(2, block=64)  # an 8 x 8 grid (zipar: 8 rows at most)
+    heads = heads_for(target).to(torch.bfloat16)
     target.gpt.to(torch.bfloat16)
     drafter.to(torch.bfloat16)
     for name in METHODS:
-        method = build_method(name, sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+        drafts = heads if resolve_method(name).needs_spatial else drafter
+        method = build_method(name, sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafts, codebook=codebook,
                               options={k: v for k, v in dict(lantern_k=16, tau=0.3, window=4, max_rows=8).items()
                                        if k in resolve_method(name).knobs})
         out = generate(target, cond, num_tokens=64, sampling=SAMPLED, generators=row_generators([1, 2]), method=method)

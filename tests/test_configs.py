@@ -79,7 +79,8 @@ def test_every_method_config_builds_its_method():
 
     from decode.core.sampling import SamplingParams
     from decode.models.drafter import Drafter, DrafterConfig
-    from decode.strategies.registry import KNOBS, METHODS, build_method
+    from decode.models.spatial import SpatialConfig, SpatialHeads
+    from decode.strategies.registry import KNOBS, METHODS, build_method, resolve_method
     from tests.conftest import tiny_gpt
 
     from decode.scaling.config import SCALING, split_scaling
@@ -92,8 +93,9 @@ def test_every_method_config_builds_its_method():
         assert OmegaConf.to_container(OmegaConf.load(f)) == {"name": f.stem}
         plan, name, options = split_scaling({"name": f.stem})
         assert (plan is not None) == (f.stem in SCALING)
-        method = build_method(name, sampling=SamplingParams(), options=options, drafter=drafter,
-                              codebook=torch.randn(64, 8))
+        spatial = resolve_method(name, options).needs_spatial
+        method = build_method(name, sampling=SamplingParams(), options=options, codebook=torch.randn(64, 8),
+                              drafter=SpatialHeads(SpatialConfig(gpt.config.dim, 64, 16, 8)) if spatial else drafter)
         assert method.name == (f.stem if plan is None else "ar")
     block = OmegaConf.to_container(OmegaConf.load(CONF / "decode.yaml"))["method"]
     knobs = {k for part in KNOBS.values() for kn in part.values() for k in kn} | {"base", *KNOBS}
@@ -101,7 +103,7 @@ def test_every_method_config_builds_its_method():
     assert set(block) == knobs and all(v is None for v in block.values())
 
 
-@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "benchmark_trees", "benchmark_instrument",
+@pytest.mark.parametrize("name", ["benchmark", "benchmark_schedulers", "benchmark_trees", "benchmark_instrument", "benchmark_spatial",
                                   "benchmark_frontier", "cost_model"])
 def test_script_configs_compose_and_resolve(name):
     """The scripts' root configs compose, and their runs name known methods, knobs and trees."""

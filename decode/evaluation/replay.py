@@ -71,8 +71,8 @@ class _RecordSkipping:
     def __init__(self, inner, events: list[list]):
         self.inner, self.events = inner, events
 
-    def start(self, *args):
-        return _RecordSkipRun(self.inner.start(*args), self.events)
+    def start(self, *args, **kwargs):
+        return _RecordSkipRun(self.inner.start(*args, **kwargs), self.events)
 
 
 class _Passing:
@@ -190,8 +190,8 @@ class _ReplaySkipping:
     def __init__(self, inner, cursor: _Cursor):
         self.inner, self.cursor = inner, cursor
 
-    def start(self, *args):
-        return _ReplaySkipRun(self.inner.start(*args), self.cursor)
+    def start(self, *args, **kwargs):
+        return _ReplaySkipRun(self.inner.start(*args, **kwargs), self.cursor)
 
 
 class _ReplaySkipRun(_Passing):

@@ -42,6 +42,7 @@ from decode.evaluation.quality import to_uint8  # noqa: E402
 from decode.evaluation.replay import Trace, recording, replaying  # noqa: E402
 from decode.evaluation.world_evaluator import evaluator_world, load_evaluator, score_images  # noqa: E402
 from decode.models.drafter import Drafter, DrafterConfig  # noqa: E402
+from decode.models.spatial import SpatialConfig, SpatialHeads  # noqa: E402
 from decode.models.target import Condition, LlamaGenTarget, build_gpt, gpt_config  # noqa: E402
 from decode.models.target.llamagen_gpt import LlamaGenGPT  # noqa: E402
 from decode.pipeline import image_seed  # noqa: E402
@@ -51,7 +52,7 @@ from decode.strategies.registry import build_method, resolve_method  # noqa: E40
 COLUMNS = ["label", "method", "step_compression", "world_step_compression", "speedup_vs_ar", "latency_s", "nfe",
            "tree_size", "tree_depth", "steps_past_trace", "world_alignment", "world_target_nll", "device", "dtype",
            "batch_size", "size"]
-REPLAYED = ("eagle2", "lantern_pp", "vvs")
+REPLAYED = ("eagle2", "lantern_pp", "vvs", "spatial")
 
 
 def check(cfg: DictConfig) -> None:
@@ -62,6 +63,9 @@ def check(cfg: DictConfig) -> None:
     for key in ("batch_size", "trace_prompts", "num_tokens"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+    if "spatial" in cfg.runs and cfg.batch_size != 1:
+        raise ValueError(f"the spatial row decodes one image at a time (rows accept different lengths): batch_size "
+                         f"must be 1, got {cfg.batch_size}")
     if cfg.trace_prompts % cfg.batch_size:
         raise ValueError(f"trace_prompts ({cfg.trace_prompts}) must be a multiple of batch_size ({cfg.batch_size})")
     gpt_config(cfg.size)  # an unknown size names the known ones
@@ -102,7 +106,7 @@ def world_runs(cfg: DictConfig, device) -> tuple[dict, dict, object]:
 
 
 def trace_world(parts, method: Method, name: str, scenes, evaluator, cfg, sampling) -> tuple[Trace, dict]:
-    trace, images, nll = Trace(name, cfg.num_tokens), [], []
+    trace, images, nll, passes = Trace(name, cfg.num_tokens), [], [], []
     for start in range(0, len(scenes), cfg.batch_size):
         batch = scenes[start:start + cfg.batch_size]
         recorded, events = recording(method, len(batch))
@@ -112,9 +116,11 @@ def trace_world(parts, method: Method, name: str, scenes, evaluator, cfg, sampli
         trace.images.extend(events)
         images.append(to_uint8(out.images).cpu())
         nll.extend(out.nll.tolist())
+        passes.extend(out.generation.nfe.tolist())
     align, _ = score_images(evaluator, torch.cat(images), [s.attributes for s in scenes])
     return trace, {"world_alignment": float(align.mean()), "world_target_nll": sum(nll) / len(nll),
-                   "world_step_compression": trace.step_compression()}
+                   # the run's own passes (a wavefront verifies several rows' acceptances in one pass)
+                   "world_step_compression": cfg.num_tokens * len(passes) / max(1, sum(passes))}
 
 
 def big_models(cfg: DictConfig, device, dtype):
@@ -124,11 +130,15 @@ def big_models(cfg: DictConfig, device, dtype):
         torch.manual_seed(1)
         drafter = Drafter(DrafterConfig.for_target(gpt, target_fingerprint="meta")).eval().to(device=device, dtype=dtype)
     codebook = torch.randn(cfg.vocab_size, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)  # right / below heads of the world's shape at this size (method=spatial)
+        heads = SpatialHeads(SpatialConfig(gpt.config.dim, cfg.vocab_size, cfg.num_tokens, cfg.cls_token_num,
+                                           right=4)).eval().to(device=device, dtype=dtype)
     if cfg.compile:
         from decode.api import compile_models
 
         compile_models(cfg.compile, gpt, drafter)
-    return LlamaGenTarget(gpt, cfg_scale=cfg.cfg_scale), drafter, codebook
+    return LlamaGenTarget(gpt, cfg_scale=cfg.cfg_scale), drafter, codebook, heads
 
 
 def big_conditions(cfg: DictConfig, n: int, device, dtype) -> list[Condition]:
@@ -147,7 +157,8 @@ def replay_row(label: str, big, conds, method_of, trace: Trace | None, cfg, samp
     """Decode every condition batch at size, replaying `trace` (None: the method as it is, e.g. AR)."""
     target = big[0]
     warm = method_of() if trace is None else replaying(method_of(), trace.images[:cfg.batch_size])[0]
-    timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, min(16, cfg.num_tokens))  # warm-up
+    if warm.schedule is None:  # a wavefront needs its whole grid: its first replayed image warms it up instead
+        timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, min(16, cfg.num_tokens))
     latency, nfe, past_end = [], [], 0
     for i, cond in enumerate(conds):
         seeds = [image_seed(1, i * cfg.batch_size + j, 0) for j in range(cond.batch)]
@@ -185,7 +196,7 @@ def main(cfg: DictConfig) -> None:
     conds = big_conditions(cfg, cfg.trace_prompts, device, dtype)
     auto = AutoTree.from_config(OmegaConf.to_container(cfg.auto, resolve=True))
     rows, trees = [], {name: TreeParams() for name in REPLAYED}
-    trees["lantern_pp"] = None  # its static tree
+    trees["lantern_pp"] = trees["spatial"] = None  # a static tree; chains of the wavefront
     if "auto" in cfg.runs:
         base = configs[cfg.auto_method]
         first = scenes[:cfg.batch_size]
@@ -209,12 +220,15 @@ def main(cfg: DictConfig) -> None:
         if label == "ar" or (label == "auto" and tree is None):
             row = replay_row(label, big, conds, lambda: Method(), None, cfg, sampling)
         else:
+            drafts = big[3] if configs[name].needs_spatial else big[1]
             row = replay_row(label, big, conds, lambda: build_method(configs[name], sampling=sampling,
-                                                                     tree=tree or TreeParams(), drafter=big[1],
+                                                                     tree=tree or TreeParams(), drafter=drafts,
                                                                      codebook=big[2]),
                              traces[label], cfg, sampling)
+        lanes = configs[name].knobs.get("lane_drafts") if label in configs else None
         row.update(method=name, device=str(device), dtype=cfg.dtype, batch_size=cfg.batch_size, size=cfg.size,
-                   tree_size=tree.total_tokens if tree else (1 if label in ("ar", "auto") else 58),
+                   tree_size=tree.total_tokens if tree else (1 if label in ("ar", "auto") else
+                                                              1 + lanes if lanes else 58),
                    tree_depth=tree.depth if tree else 0, **quality.get(label, {}))
         rows.append(row)
     ar = next(r for r in rows if r["label"] == "ar")

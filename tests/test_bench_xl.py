@@ -19,6 +19,7 @@ BASE = dict(runs=["ar", "eagle2"], batch_size=1, trace_prompts=2, num_tokens=256
     (dict(trace_prompts=3, batch_size=2), "multiple of batch_size"),
     (dict(size="XXXXL"), "unknown GPT size"),
     (dict(dtype="fp8"), "dtype must be one of"),
+    (dict(runs=["ar", "spatial"], batch_size=2, trace_prompts=2), "one image at a time"),
 ])
 def test_bad_settings_are_named(change, match):
     with pytest.raises(ValueError, match=match):

@@ -213,6 +213,9 @@ def replaying(method: Method, images: list[list]) -> tuple[Method, _Cursor]:
     """`method` making the recorded decisions of `images` (one list of steps per batch row) on trees
     of the recorded shapes."""
     cursor = _Cursor(images)
-    drafting = _ReplayDrafting(method.drafting, cursor) if method.drafting is not None else None
+    # a wavefront's chains take the shape its schedule gives them, which the replayed acceptances reproduce;
+    # a raster method's tree takes the recorded shape
+    lanes = getattr(method.schedule, "lane_drafts", 0)
+    drafting = _ReplayDrafting(method.drafting, cursor) if method.drafting is not None and not lanes else method.drafting
     return replace(method, drafting=drafting, acceptance=_ReplayAcceptance(method.acceptance, cursor),
                    skipping=_ReplaySkipping(method.skipping, cursor)), cursor

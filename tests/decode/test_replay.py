@@ -43,3 +43,28 @@ def test_a_trace_of_another_tree_or_method_is_refused(tmp_path):
     assert Trace.load(tmp_path / "t.json", "eagle2", 64).step_compression() == trace.step_compression()
     with pytest.raises(ValueError, match="a trace of eagle2 over 64 tokens; this replay needs vvs"):
         Trace.load(tmp_path / "t.json", "vvs", 64)
+
+
+def test_a_wavefront_of_spatial_heads_replays_its_passes_on_another_model():
+    """method=spatial (rows verifying head chains) recorded on one tiny target and replayed on another: the
+    chains follow the schedule, the replayed acceptances fix their lengths, so the passes are the recorded."""
+    from decode.core.engine import Method
+    from decode.core.wavefront import NextSet
+    from decode.strategies.acceptance import make_acceptance
+    from decode.strategies.lane_drafting import SpatialLanes
+    from tests.decode.test_spatial import heads_for
+
+    small, _, cond, _ = world(1, seed=0, block=64)
+    other, _, _, _ = world(1, seed=5, block=64)
+
+    def spatial(target, seed):
+        return Method("spatial", drafting=SpatialLanes(heads_for(target, seed=seed)), schedule=NextSet(2, 8, 4),
+                      acceptance=make_acceptance(SAMPLED))
+
+    recorded, events = recording(spatial(small, 0), 1)
+    original = run(small, cond, recorded, SAMPLED)
+    free = run(other, cond, spatial(other, 3), SAMPLED)
+    method, cursor = replaying(spatial(other, 3), events)
+    replayed = run(other, cond, method, SAMPLED)
+    assert torch.equal(replayed.nfe, original.nfe) and cursor.past_end == 0 and cursor.at == [len(events[0])]
+    assert not torch.equal(free.nfe, original.nfe)

@@ -157,8 +157,9 @@ def replay_row(label: str, big, conds, method_of, trace: Trace | None, cfg, samp
     """Decode every condition batch at size, replaying `trace` (None: the method as it is, e.g. AR)."""
     target = big[0]
     warm = method_of() if trace is None else replaying(method_of(), trace.images[:cfg.batch_size])[0]
-    if warm.schedule is None:  # a wavefront needs its whole grid: its first replayed image warms it up instead
-        timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, min(16, cfg.num_tokens))
+    # warm-up, untimed: 16 tokens; a wavefront needs its whole grid, so its first image, replayed once
+    warm_tokens = min(16, cfg.num_tokens) if warm.schedule is None else cfg.num_tokens
+    timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, warm_tokens)
     latency, nfe, past_end = [], [], 0
     for i, cond in enumerate(conds):
         seeds = [image_seed(1, i * cfg.batch_size + j, 0) for j in range(cond.batch)]

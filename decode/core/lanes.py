@@ -98,6 +98,7 @@ def _one_image(target, cond: Condition, num_tokens: int, sampling, gen, accept, 
                 for j, (tok, _) in enumerate(chain):  # committed unverified; fed (their KV) by the row's next pass
                     made[lane.predicts + j] = tok
                 count[lane.row] += len(chain)
+                avail[lane.row] = fed[lane.row]  # rows below see what is in the cache: not its newest, not these
                 tally.row_steps, tally.skipped = tally.row_steps + 1, tally.skipped + 1
                 chains.append(None)
                 unfed.append([])

@@ -101,8 +101,15 @@ class _RecordSkipRun(_Passing):
         return tree, skips
 
 
+def _check_replayable(method: Method) -> None:
+    if getattr(method.schedule, "lane_drafts", 0) and getattr(method.skipping, "rule", None) is not None:
+        raise ValueError(f"method {method.name}: a wavefront's skips are decided per row inside its loop, which "
+                         "traces do not record; replay it without skipping")
+
+
 def recording(method: Method, batch: int) -> tuple[Method, list[list]]:
     """`method` writing each of `batch` images' steps into the returned lists."""
+    _check_replayable(method)
     events: list[list] = [[] for _ in range(batch)]
     return replace(method, acceptance=_RecordAcceptance(method.acceptance, events),
                    skipping=_RecordSkipping(method.skipping, events)), events
@@ -212,6 +219,7 @@ class _ReplaySkipRun(_Passing):
 def replaying(method: Method, images: list[list]) -> tuple[Method, _Cursor]:
     """`method` making the recorded decisions of `images` (one list of steps per batch row) on trees
     of the recorded shapes."""
+    _check_replayable(method)
     cursor = _Cursor(images)
     # a wavefront's chains take the shape its schedule gives them, which the replayed acceptances reproduce;
     # a raster method's tree takes the recorded shape

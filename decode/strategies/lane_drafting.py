@@ -82,19 +82,21 @@ class SpatialLaneRun:
         self.others: dict[int, list[int]] = {}   # row -> the below head's tokens for its last chain's indices
 
     def propose(self, row: int, first: int, room: int, made: list[int]) -> list[Guess]:
-        alt = []  # the below head's guesses for the same indices, while they exist: the row's other draft
-        while len(alt) < room and first + len(alt) in self.below:
+        chain = list(self.kept.pop(row, [])[:room])
+        # the row's other draft of the right heads' tokens: the below head's, where it has one (past the right
+        # heads the chain is the below head's own guesses, which cannot be compared with themselves)
+        alt = []
+        while len(alt) < len(chain) and first + len(alt) in self.below:
             alt.append(self.below[first + len(alt)][0])
         self.others[row] = alt
-        chain = list(self.kept.pop(row, [])[:room])
         while len(chain) < room:
             c = first + len(chain)
             chain.append(self.below.pop(c, None) or _copy_above(made, c, self.width, chain, first))
         return chain
 
     def alternative(self, row: int) -> list[int]:
-        """The tokens the below head guessed for the indices of the row's last proposed chain (a skip
-        rule compares the two drafts)."""
+        """The tokens the below head guessed for the indices the right heads drafted in the row's last
+        proposed chain (a skip rule compares the two drafts; empty: nothing to compare, no skip)."""
         return self.others.get(row, [])
 
     def observe(self, row: int, first: int, chain: list[Guess], accepted: int, logits: Tensor, hidden: Tensor) -> None:

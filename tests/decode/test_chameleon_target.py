@@ -110,3 +110,16 @@ def test_a_prompt_without_the_image_header_is_refused(lumina):
     with pytest.raises(ValueError, match=r"must end in the image header \[5, 20, 20\]; row 0 ends in"):
         lumina.teacher_forced(Condition(ids[:, :-1], torch.ones_like(ids[:, :-1], dtype=torch.bool)),
                               torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_lumina_mgpts_header_reads_its_reserved_size_tokens():
+    """<reservedN> is token id N + 4 (the newline <reserved08799> is 8803): 768 px, 24 patches of 32 px, is
+    <reserved08824> = 8828; the adapter's default header follows the grid."""
+    from decode.models.target.chameleon import ChameleonTarget, tiny_chameleon_model
+
+    t = ChameleonTarget(tiny_chameleon_model(0), grid=4, newline_id=4, max_prompt=8)
+    assert t.prompt_end == (8197, 8806, 8806)
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+    assert OmegaConf.load(REPO / "conf" / "text_encoder" / "lumina_mgpt_prompt.yaml").suffix == [8197, 8828, 8828]

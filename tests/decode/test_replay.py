@@ -68,3 +68,17 @@ def test_a_wavefront_of_spatial_heads_replays_its_passes_on_another_model():
     replayed = run(other, cond, method, SAMPLED)
     assert torch.equal(replayed.nfe, original.nfe) and cursor.past_end == 0 and cursor.at == [len(events[0])]
     assert not torch.equal(free.nfe, original.nfe)
+
+
+def test_a_wavefront_with_skipping_is_not_replayed():
+    from decode.core.engine import Method
+    from decode.core.wavefront import NextSet
+    from decode.strategies.lane_drafting import SpatialLanes
+    from decode.strategies.skipping import SkipLimits, Skipping, UniformSkip
+    from tests.decode.test_spatial import heads_for
+
+    small, _, _, _ = world(1, block=64)
+    method = Method("spatial_vvs", drafting=SpatialLanes(heads_for(small)), schedule=NextSet(2, 8, 4),
+                    skipping=Skipping(UniformSkip(2), SkipLimits()))
+    with pytest.raises(ValueError, match="replay it without skipping"):
+        recording(method, 1)

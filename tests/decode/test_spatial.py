@@ -150,3 +150,16 @@ def test_the_below_head_seeds_new_rows_beside_their_stand_in(monkeypatch, seeds)
     sp = run(target, cond, spatial(heads_for(target), 3), SAMPLED, seeds=[4])
     assert ((sp.tokens >= 0) & (sp.tokens < target.vocab_size)).all() and sp.tokens.shape == (1, 64)
     assert bool(starts) == seeds and all(room >= 1 for _, _, room in starts)
+
+
+def test_the_skip_rule_compares_the_right_heads_tokens_with_the_below_heads_only():
+    """spatial_vvs's two drafts: the right heads' guesses against the below head's for the same indices. Past
+    the right heads the chain is the below head's own guesses, which are not compared with themselves."""
+    target, _, _, _ = world(1, block=64)
+    lanes = SpatialLanes(heads_for(target)).start(target, W, GREEDY, None)
+    lanes.kept[1] = [(11, None), (12, None)]
+    lanes.below.update({9: (21, None), 10: (22, None), 11: (23, None), 12: (24, None)})
+    chain = lanes.propose(1, 9, 4, [0] * 64)
+    assert [t for t, _ in chain] == [11, 12, 23, 24] and lanes.alternative(1) == [21, 22]
+    lanes.below.update({9: (21, None), 10: (22, None)})
+    assert [t for t, _ in lanes.propose(1, 9, 2, [0] * 64)] == [21, 22] and lanes.alternative(1) == []

@@ -32,9 +32,10 @@ class ChameleonTarget(HFTarget):
     def __init__(self, model, grid: int, newline_id: int, cfg_scale: float = 3.0, three_way: bool = False,
                  max_prompt: int = 64, header: tuple[int, ...] | None = None):
         """`header`: the prompt's last ids, begin-of-image and the two size tokens (default: Lumina-mGPT's,
-        <racm3:break> 8197 then <reserved{8800 + n}> with n = grid // 2, its 32 px patches per side)."""
+        <racm3:break> 8197 then <reserved{8800 + n}> with n = grid // 2, its 32 px patches per side; token
+        <reservedN> has id N + 4, as the newline <reserved08799> is 8803)."""
         self.model = model.eval()
-        self.prompt_end = tuple(header) if header is not None else (8197, 8800 + grid // 2, 8800 + grid // 2)
+        self.prompt_end = tuple(header) if header is not None else (8197, 8804 + grid // 2, 8804 + grid // 2)
         if len(self.prompt_end) != HEADER:
             raise ValueError(f"a Lumina-mGPT image header is {HEADER} ids (begin-of-image, height, width), "
                              f"got {list(self.prompt_end)}")

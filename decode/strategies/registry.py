@@ -209,6 +209,9 @@ def resolve_method(name: str, overrides: dict | None = None) -> MethodConfig:
         ok, allowed = _CHECKS.get(k, (lambda _: True, ""))
         if not ok(v):
             raise ValueError(f"method.{k} must be {allowed}; got {v!r}")
+    if parts["drafting"] == "spatial" and values.get("staleness", 0):
+        raise ValueError(f"method.staleness={values['staleness']} is not read by spatial heads' skipping (a skipped "
+                         "row drafts nothing more until its next pass); leave it at 0")
     if values.get("tau", 0) > 1:  # allowed: the rule's cost without its skips (tests use it); never silently
         warnings.warn(f"method.tau={values['tau']} > 1: path similarity never reaches it, so the similarity rule "
                       "never skips (method.skipping=never skips nothing without computing it)")

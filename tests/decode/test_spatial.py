@@ -130,6 +130,8 @@ def test_spatial_vvs_skips_where_its_two_drafts_agree():
     assert (b.tokens >= 0).all() and (b.tokens < target.vocab_size).all()
     with pytest.raises(ValueError, match="skipping=learned reads an EAGLE draft tree"):
         resolve_method("spatial", {"skipping": "learned"})
+    with pytest.raises(ValueError, match="staleness=2 is not read by spatial heads"):
+        resolve_method("spatial_vvs", {"staleness": 2})
 
 
 @pytest.mark.parametrize("seeds", [True, False])

@@ -139,7 +139,9 @@ class HFTarget(Guided):
         if self.three_way:
             if c.refined is None:
                 raise ValueError("3-way guidance needs refined prompts in the condition")
-            groups.append((c.refined, c.refined_mask if c.refined_mask is not None else torch.ones_like(c.refined, dtype=torch.bool)))
+            refined_mask = c.refined_mask if c.refined_mask is not None else torch.ones_like(c.refined, dtype=torch.bool)
+            self._check_prompt_end(c.refined, refined_mask)
+            groups.append((c.refined, refined_mask))
         ids = torch.cat([self._padded(x, self.pad) for x, _ in groups]).to(self.device)
         valid = torch.cat([self._padded(m.bool(), False) for _, m in groups]).to(self.device)
         return self.model.get_input_embeddings()(ids), valid

@@ -7,6 +7,7 @@ Loading is strict: a missing or unexpected key, or a shape mismatch, is an error
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -33,6 +34,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+class FolderConfig:
+    """`to_dict` / `from_dict` for the dataclass configs a model folder's config.json holds. Keys the
+    dataclass does not have are ignored (LlamaGen's `ModelArgs` carry dropouts and the like)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _torch_load(path: Path) -> object:

@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from decode.core.cache import KVCache
-from decode.models.checkpoint import CheckpointError, load_state_dict_strict, read_model_folder, save_model_folder
+from decode.models.checkpoint import CheckpointError, FolderConfig, load_state_dict_strict, read_model_folder, save_model_folder
 from decode.models.target.llamagen_gpt import BlockStack, GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
 
 KIND = "eagle_drafter"
 
 
 @dataclass(frozen=True)
-class DrafterConfig:
+class DrafterConfig(FolderConfig):
     dim: int
     n_head: int
     vocab_size: int
@@ -70,13 +70,6 @@ class DrafterConfig:
                          rope_base=self.rope_base, norm_eps=self.norm_eps, vocab_size=self.vocab_size,
                          block_size=math.isqrt(self.block_size) ** 2, cls_token_num=self.cls_token_num - 1)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DrafterConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def target_fingerprint(gpt) -> str:

@@ -12,19 +12,19 @@ SSD's code is not released: the head shape and the offsets are our reading of it
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from decode.models.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
+from decode.models.checkpoint import FolderConfig, load_state_dict_strict, read_model_folder, save_model_folder
 
 KIND = "spatial_heads"
 
 
 @dataclass(frozen=True)
-class SpatialConfig:
+class SpatialConfig(FolderConfig):
     dim: int
     vocab_size: int
     block_size: int            # image tokens of the target (a square grid: the width is its root)
@@ -44,13 +44,6 @@ class SpatialConfig:
             heads["below"] = self.width
         return heads
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SpatialConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class ResidualHead(nn.Module):

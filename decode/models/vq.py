@@ -7,15 +7,17 @@ every `ch * mult` must be multiples of 32.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from decode.models.checkpoint import FolderConfig
+
 
 @dataclass(frozen=True)
-class VQConfig:
+class VQConfig(FolderConfig):
     codebook_size: int = 16384
     codebook_embed_dim: int = 8
     codebook_l2_norm: bool = True
@@ -38,14 +40,6 @@ class VQConfig:
     def downsample(self) -> int:
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VQConfig":
-        """Build from our own config or from LlamaGen's VQ `ModelArgs` dict (extra keys ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _norm(c: int) -> nn.GroupNorm:

@@ -16,13 +16,14 @@ This file knows nothing about classifier-free guidance or sampling; the adapter 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from decode.core.cache import KVCache, LayerKV
+from decode.models.checkpoint import FolderConfig
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -30,7 +31,7 @@ def find_multiple(n: int, k: int) -> int:
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(FolderConfig):
     dim: int = 1280
     n_layer: int = 36
     n_head: int = 20
@@ -74,14 +75,6 @@ class GPTConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return find_multiple(hidden, self.multiple_of)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        """Build from our own config or from LlamaGen's `ModelArgs` dict (dropouts etc. ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # LlamaGen's named sizes (gpt.py GPT_models); layers / heads / width.

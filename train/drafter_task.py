@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -187,6 +188,20 @@ class DrafterModule(L.LightningModule):
             metrics[f"val/agreement_depth{d}"] = a
         self.log_dict(metrics, batch_size=bs)
 
+    card_title = "EAGLE-style drafter"
+
+    def save_network(self, out: Path, extra: dict) -> Path:
+        """The trained network as a model folder under the run's `out`."""
+        return save_drafter(out / "drafter", self.drafter, extra=extra)
+
+    def summary(self, metrics: dict) -> str:
+        """The run's closing line (held-out figures)."""
+        curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"
+                          for d in range(1, self.hparams.unroll_depth + 1))
+        greedy = metrics.get("val/greedy_step_compression")
+        greedy = f", greedy EAGLE-2 step compression {greedy:.2f}" if greedy is not None else ""
+        return f"drafter: held-out top-1 agreement by depth [{curve}]{greedy}"
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.drafter.parameters(), lr=self.hparams.lr, betas=(0.9, 0.95),
                                 weight_decay=self.hparams.weight_decay)
@@ -280,31 +295,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     wall = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.validate(module, heldout_loader, verbose=False)[0].items()}
     with full_parameters(trainer, module.drafter):
-        if trainer.is_global_zero and kind == "spatial":
-            from decode.models.spatial import save_spatial
-
-            folder = save_spatial(out / "spatial", module.drafter, extra={"target": target_name(cfg.target)})
-        elif trainer.is_global_zero:
-            folder = save_drafter(out / "drafter", module.drafter, extra={"target": target_name(cfg.target)})
-    if trainer.is_global_zero and kind == "spatial":
-        write_model_card(folder, title="Spatial draft heads", cfg=cfg, steps=trainer.global_step, wall_s=wall,
+        if trainer.is_global_zero:
+            folder = module.save_network(out, extra={"target": target_name(cfg.target)})
+    if trainer.is_global_zero:
+        write_model_card(folder, title=module.card_title, cfg=cfg, steps=trainer.global_step, wall_s=wall,
                          metrics=metrics, notes=f"Distilled online from the target `{target_name(cfg.target)}`. "
                                                 + inherited_licence(cfg.target.get("ckpt")))
-        heads = ", ".join(f"{name} {metrics.get(f'val/{name}_top1', float('nan')):.3f} / "
-                          f"{metrics.get(f'val/{name}_top{module.hparams.topk}', float('nan')):.3f}"
-                          for name in module.drafter.config.offsets())
-        print(f"spatial heads: held-out top-1 / top-{module.hparams.topk} agreement [{heads}], {trainer.global_step} "
-              f"steps in {wall:.0f} s -> {folder}")
-        report_reads_at_end(train_data, heldout_data)
-    elif trainer.is_global_zero:
-        write_model_card(folder, title="EAGLE-style drafter", cfg=cfg, steps=trainer.global_step, wall_s=wall,
-                         metrics=metrics, notes=f"Distilled online from the target `{target_name(cfg.target)}`. "
-                                                + inherited_licence(cfg.target.get("ckpt")))
-        curve = ", ".join(f"{metrics.get(f'val/agreement_depth{d}', float('nan')):.3f}"
-                          for d in range(1, module.hparams.unroll_depth + 1))
-        greedy = metrics.get("val/greedy_step_compression")
-        greedy = f", greedy EAGLE-2 step compression {greedy:.2f}" if greedy is not None else ""
-        print(f"drafter: held-out top-1 agreement by depth [{curve}]{greedy}, {trainer.global_step} steps in {wall:.0f} s "
-              f"-> {folder}")
+        print(f"{module.summary(metrics)}, {trainer.global_step} steps in {wall:.0f} s -> {folder}")
         report_reads_at_end(train_data, heldout_data)
     return metrics

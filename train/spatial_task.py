@@ -9,13 +9,15 @@ noise. Validation reports each head's top-1 and top-10 agreement with the target
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from data.features import FeatureBatch
 from decode.models.drafter import target_fingerprint
-from decode.models.spatial import SpatialConfig, SpatialHeads
+from decode.models.spatial import SpatialConfig, SpatialHeads, save_spatial
 from train.drafter_task import DrafterModule, drafter_source, training_target
 
 
@@ -79,6 +81,18 @@ class SpatialModule(DrafterModule):
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         return out["loss"]
+
+    card_title = "Spatial draft heads"
+
+    def save_network(self, out: Path, extra: dict) -> Path:
+        return save_spatial(out / "spatial", self.drafter, extra=extra)
+
+    def summary(self, metrics: dict) -> str:
+        k = self.hparams.topk
+        heads = ", ".join(f"{name} {metrics.get(f'val/{name}_top1', float('nan')):.3f} / "
+                          f"{metrics.get(f'val/{name}_top{k}', float('nan')):.3f}"
+                          for name in self.drafter.config.offsets())
+        return f"spatial heads: held-out top-1 / top-{k} agreement [{heads}]"
 
     def validation_step(self, batch, batch_idx: int) -> None:
         feats = self.image_features(batch, None)

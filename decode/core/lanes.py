@@ -31,6 +31,7 @@ from decode.core.sampling import SamplingParams, sample
 from decode.core.trees import HostTree, Tree, ancestry_mask
 from decode.models.target import Condition
 from decode.strategies.lane_drafting import Guess, JacobiLanes
+from decode.strategies.skipping import SimilaritySkip, StepContext, path_similarity
 
 
 @torch.no_grad()
@@ -164,8 +165,6 @@ class _LaneSkips:
     def wants(self, row: int, chain: list, drafts, made: int, step: int) -> bool:
         if self.skipping is None:
             return False
-        from decode.strategies.skipping import SimilaritySkip, StepContext, path_similarity
-
         other = drafts.alternative(row) if hasattr(drafts, "alternative") else []
         paths = [[t for t, _ in chain], other]
         tokens = torch.tensor([[0] + [t for p in paths for t in p]])

@@ -27,7 +27,7 @@ from decode.evaluation.metrics import append_jsonl, summary_table, write_summary
 from decode.pipeline import check_run_folder, plan_jobs, record_run_folder, run_jobs, run_scaled_jobs
 from decode.resolvers import REPO, register_resolvers, reporting_input_errors
 from decode.scaling.config import ScalingPlan, make_verifier, split_scaling
-from decode.strategies.registry import MethodConfig, resolve_method
+from decode.strategies.registry import TREE_DRAFTING, MethodConfig, resolve_method
 
 CONF_DIR = str(REPO / "conf")
 QUOTED_KEYS = ("prompt", "+prompt", "++prompt")
@@ -134,6 +134,21 @@ def check_draft_checkpoints(method: MethodConfig, cfg: DictConfig) -> None:
                              f"({'python -m train drafter drafter.kind=spatial' if kind == spatial.KIND else 'python -m train drafter'})") from None
 
 
+def check_static_shapes(method: MethodConfig, cfg: DictConfig) -> None:
+    """static_shapes=true: for a LlamaGen target and a method whose passes have fixed widths, before any load."""
+    if not cfg.get("static_shapes"):
+        return
+    if method.schedule != "raster" or method.drafting not in ("none", *TREE_DRAFTING):
+        raise ValueError(f"static_shapes=true: method={method.name} ({method.drafting} drafting, {method.schedule} "
+                         f"schedule) has no fixed pass widths; ar and the EAGLE-drafted methods (eagle2, lantern, "
+                         f"lantern_pp, vvs, ...) have")
+    if any(name in str(cfg.target.get("_target_", "")) for name in ("janus", "chameleon")):
+        raise ValueError("static_shapes=true: LlamaGen targets only (a transformers target runs its own cache)")
+    if cfg.get("compile") and isinstance(cfg.get("tree"), DictConfig) and cfg.tree.get("auto"):
+        raise ValueError("static_shapes=true with compile specialises each graph to one shape; tree=auto times many "
+                         "tree sizes (each a retrace): pick the tree (tree.total_tokens, tree.depth) or compile=false")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
@@ -144,6 +159,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     method = resolve_method(name, options)                 # bad knobs fail
     check_schedule_fits(method, cfg.target)                # before any load
     check_draft_checkpoints(method, cfg)
+    check_static_shapes(method, cfg)
     settings = run_settings(cfg, method, prompts)
     if scaling is not None:
         settings["scaling"] = _portable(dataclasses.asdict(scaling))

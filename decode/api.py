@@ -51,6 +51,7 @@ class Components:
     scorer: object | None = None  # decode.evaluation.world_evaluator.AlignmentScorer
     clip: object | None = None    # decode.evaluation.quality.CLIPScorer
     spatial: dict[str, SpatialHeads] | None = None  # spatial draft heads by folder (method=spatial)
+    static_shapes: bool = False  # decode with fixed pass shapes (decode.core.engine.generate)
 
     @property
     def codebook(self) -> Tensor:
@@ -88,8 +89,9 @@ def build_components(cfg, device: torch.device, dtype: torch.dtype = torch.float
         from decode.evaluation.quality import CLIPScorer
 
         clip = CLIPScorer(cfg.clip, device=device)
-    compile_models(cfg.get("compile"), getattr(target, "gpt", None), drafter)
-    return Components(target, vq, text, drafter, policies, scorer, clip, spatial)
+    static = bool(cfg.get("static_shapes"))
+    compile_models(cfg.get("compile"), getattr(target, "gpt", None), drafter, static=static)
+    return Components(target, vq, text, drafter, policies, scorer, clip, spatial, static)
 
 
 def own_tokenizer(target):
@@ -156,14 +158,15 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def compile_models(setting, *models) -> str | None:
+def compile_models(setting, *models, static: bool = False) -> str | None:
     """The `compile` option: false (eager), true or "stack" (one graph over each model's layers),
     "layer" (one graph per block, shared by the layers; much quicker to trace on deep models).
     Compiles each model given (target GPT, drafter; None is passed over) and returns the scope.
 
     The same computation, but inductor's fused kernels round differently from eager ones, so a
     sampled image can differ from its eager twin (the distribution does not). The first batch of
-    each shape kind (prefill, one token, a tree, a sub-batch) pays the tracing."""
+    each shape kind (prefill, one token, a tree, a sub-batch) pays the tracing. `static`: shapes
+    specialised, for decoding with static shapes (each kind traces once; CUDA graphs on a GPU)."""
     if setting in (None, False):
         return None
     scope = "stack" if setting is True else setting
@@ -171,7 +174,7 @@ def compile_models(setting, *models) -> str | None:
         raise ValueError(f"compile must be false, true, 'stack' or 'layer'; got {setting!r}")
     for m in models:
         if m is not None:
-            m.compile_blocks(scope)
+            m.compile_blocks(scope, static=static)
     return scope
 
 
@@ -282,7 +285,8 @@ def decode_batch(parts: Components, prompts: list[str], method: Method, seeds: l
     wait_for(target.device)  # on a GPU the encoder's queued kernels would otherwise fall into the decode
     t1 = time.perf_counter()
     gen = generate(target, cond, num_tokens=num_tokens or target.num_image_tokens, sampling=sampling,
-                   generators=row_generators(list(seeds), target.device), method=method)
+                   generators=row_generators(list(seeds), target.device), method=method,
+                   static_shapes=parts.static_shapes)
     t2 = time.perf_counter()
     pixels = None
     if images:

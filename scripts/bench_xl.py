@@ -66,6 +66,11 @@ def check(cfg: DictConfig) -> None:
     if "spatial" in cfg.runs and cfg.batch_size != 1:
         raise ValueError(f"the spatial row decodes one image at a time (rows accept different lengths): batch_size "
                          f"must be 1, got {cfg.batch_size}")
+    for row, why in (("spatial", "its wavefront passes change shape every step"),
+                     ("auto", "tree=auto times many tree sizes")):
+        if cfg.static_shapes and cfg.compile and row in cfg.runs:
+            raise ValueError(f"static_shapes with compile specialises each graph to one shape, and {why} (it would "
+                             f"recompile each time): leave {row} out of runs")
     if cfg.trace_prompts % cfg.batch_size:
         raise ValueError(f"trace_prompts ({cfg.trace_prompts}) must be a multiple of batch_size ({cfg.batch_size})")
     gpt_config(cfg.size)  # an unknown size names the known ones
@@ -137,7 +142,7 @@ def big_models(cfg: DictConfig, device, dtype):
     if cfg.compile:
         from decode.api import compile_models
 
-        compile_models(cfg.compile, gpt, drafter)
+        compile_models(cfg.compile, gpt, drafter, static=cfg.static_shapes)
     return LlamaGenTarget(gpt, cfg_scale=cfg.cfg_scale), drafter, codebook, heads
 
 
@@ -148,9 +153,10 @@ def big_conditions(cfg: DictConfig, n: int, device, dtype) -> list[Condition]:
     return [Condition(feats[s:s + cfg.batch_size]) for s in range(0, n, cfg.batch_size)]
 
 
-def timed_decode(target, cond: Condition, method: Method, seeds: list[int], sampling, num_tokens: int):
+def timed_decode(target, cond: Condition, method: Method, seeds: list[int], sampling, num_tokens: int,
+                 static_shapes: bool = False):
     return generate(target, cond, num_tokens=num_tokens, sampling=sampling, method=method,
-                    generators=row_generators(seeds, target.device))
+                    generators=row_generators(seeds, target.device), static_shapes=static_shapes)
 
 
 def replay_row(label: str, big, conds, method_of, trace: Trace | None, cfg, sampling) -> dict:
@@ -159,14 +165,15 @@ def replay_row(label: str, big, conds, method_of, trace: Trace | None, cfg, samp
     warm = method_of() if trace is None else replaying(method_of(), trace.images[:cfg.batch_size])[0]
     # warm-up, untimed: 16 tokens; a wavefront needs its whole grid, so its first image, replayed once
     warm_tokens = min(16, cfg.num_tokens) if warm.schedule is None else cfg.num_tokens
-    timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, warm_tokens)
+    static = bool(cfg.static_shapes) and warm.schedule is None  # a wavefront's passes have no fixed widths
+    timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, warm_tokens, static)
     latency, nfe, past_end = [], [], 0
     for i, cond in enumerate(conds):
         seeds = [image_seed(1, i * cfg.batch_size + j, 0) for j in range(cond.batch)]
         method, cursor = (method_of(), None) if trace is None else replaying(
             method_of(), trace.images[i * cfg.batch_size:(i + 1) * cfg.batch_size])
         t0 = time.perf_counter()
-        gen = timed_decode(target, cond, method, seeds, sampling, cfg.num_tokens)
+        gen = timed_decode(target, cond, method, seeds, sampling, cfg.num_tokens, static)
         latency.append(time.perf_counter() - t0)
         nfe.extend(gen.nfe.tolist())
         past_end += cursor.past_end if cursor else 0
@@ -241,7 +248,8 @@ def main(cfg: DictConfig) -> None:
 def write_results(out: Path, rows: list[dict], cfg: DictConfig, device) -> None:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    lines = [f"# Speed at LlamaGen-{cfg.size} size ({where}, {cfg.dtype}, batch {cfg.batch_size}, "
+    how = (f"compiled ({cfg.compile}), " if cfg.compile else "eager, ") + ("static shapes, " if cfg.static_shapes else "")
+    lines = [f"# Speed at LlamaGen-{cfg.size} size ({where}, {cfg.dtype}, {how}batch {cfg.batch_size}, "
              f"{cfg.num_tokens} tokens, CFG {cfg.cfg_scale}; decisions replayed from {cfg.trace_prompts} world prompts)",
              "", "| run | step compression (world) | speed-up vs AR | latency s | NFE | tree | world alignment | "
                  "world target NLL |", "|---|---|---|---|---|---|---|---|"]

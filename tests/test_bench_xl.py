@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_xl  # noqa: E402
 
 BASE = dict(runs=["ar", "eagle2"], batch_size=1, trace_prompts=2, num_tokens=256, size="XL", dtype="float32",
-            vocab_size=16384, cls_token_num=120, caption_dim=2048)
+            vocab_size=16384, cls_token_num=120, caption_dim=2048, compile=False, static_shapes=False)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -20,6 +20,8 @@ BASE = dict(runs=["ar", "eagle2"], batch_size=1, trace_prompts=2, num_tokens=256
     (dict(size="XXXXL"), "unknown GPT size"),
     (dict(dtype="fp8"), "dtype must be one of"),
     (dict(runs=["ar", "spatial"], batch_size=2, trace_prompts=2), "one image at a time"),
+    (dict(runs=["ar", "spatial"], compile=True, static_shapes=True), "leave spatial out of runs"),
+    (dict(runs=["ar", "auto"], compile="layer", static_shapes=True), "leave auto out of runs"),
 ])
 def test_bad_settings_are_named(change, match):
     with pytest.raises(ValueError, match=match):

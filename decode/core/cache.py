@@ -23,16 +23,22 @@ class KVCache:
     valid: Tensor  # [B, S] bool: a committed key that later tokens may attend to (caption padding is not)
     length: Tensor  # [B] long: committed slots per row; new tokens are written from here on
     host_length: Tensor  # [B] long, on the host: `length`'s copy, so sizing a pass never reads the device
+    static: bool = False  # every pass reads all slots (masked), so its shapes never depend on the lengths
 
     @classmethod
     def allocate(cls, *, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 static: bool = False) -> "KVCache":
         shape = (num_layers, batch, num_heads, max_len, head_dim)
-        return cls(k=torch.zeros(shape, dtype=dtype, device=device),
-                   v=torch.zeros(shape, dtype=dtype, device=device),
-                   valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
-                   length=torch.zeros(batch, dtype=torch.long, device=device),
-                   host_length=torch.zeros(batch, dtype=torch.long))
+        cache = cls(k=torch.zeros(shape, dtype=dtype, device=device),
+                    v=torch.zeros(shape, dtype=dtype, device=device),
+                    valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                    length=torch.zeros(batch, dtype=torch.long, device=device),
+                    host_length=torch.zeros(batch, dtype=torch.long), static=static)
+        if static and cache.k.is_cuda:  # CUDA graphs replay on fixed addresses: the storage is one of them
+            for t in (cache.k, cache.v):
+                torch._dynamo.mark_static_address(t)
+        return cache
 
     @property
     def batch(self) -> int:
@@ -76,8 +82,10 @@ class KVCache:
         [B, T, upto]: only those it allows, e.g. the earlier positions of a wavefront whose slots are not
         in raster order), and the uncommitted entries that `block_mask` [B, T, offset + T] allows:
         earlier scratch entries of this step and the new tokens themselves (causal for a chain,
-        ancestors for a tree).
+        ancestors for a tree). A static cache widens the mask to every slot (`upto` is its capacity).
         """
+        if self.static:
+            upto = self.capacity
         b, t, width = block_mask.shape
         cols = torch.arange(upto, device=block_mask.device)[None, :]  # [1, S]
         committed = (self.valid[:, :upto] & (cols < self.length[:, None]))[:, None, :]  # [B, 1, S]
@@ -108,6 +116,8 @@ class KVCache:
 
     def rows(self, index: Sequence[int]) -> "CacheRows":
         """The cache seen by a forward pass over some of its rows only (the others sit this step out)."""
+        if self.static:
+            raise RuntimeError("a static cache runs whole-batch passes (rows that sit a step out are masked)")
         index = list(index)
         dev = to_device(index, self.length.device)
         return CacheRows(k=self.k, v=self.v, valid=self.valid[dev], length=self.length[dev],
@@ -132,6 +142,25 @@ class KVCache:
             moved = store[:, rows, :, src]  # [B, A, L, H, Dh]
             store[:, rows, :, dst] = moved
         self.commit(count_host)
+
+
+def pad_entries(width: int, *per_token: Tensor) -> tuple[Tensor, ...]:
+    """Tensors [B, T, ...] of a pass's T entries, zero-padded to `width` entries (static shapes)."""
+    t = per_token[0].shape[1]
+    if t > width:
+        raise ValueError(f"a pass of {t} entries does not fit the static width {width}")
+    return tuple(torch.cat([x, x.new_zeros(x.shape[0], width - t, *x.shape[2:])], 1) for x in per_token)
+
+
+def pad_block(width: int, block_mask: Tensor, *per_token: Tensor) -> tuple[Tensor, ...]:
+    """`pad_entries` for a pass with its block mask [B, T, T], which grows to [B, width, width] with
+    each padding entry seeing itself only. Padding is written to scratch slots and never committed
+    or seen by a real entry."""
+    b, t, _ = block_mask.shape
+    padded = pad_entries(width, *per_token)  # checks the width
+    mask = torch.eye(width, dtype=torch.bool, device=block_mask.device).repeat(b, 1, 1)
+    mask[:, :t, :t] = block_mask
+    return (mask, *padded)
 
 
 @dataclass

@@ -108,7 +108,7 @@ class _Verified:
 @torch.no_grad()
 def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, sampling: SamplingParams,
              generators: list[torch.Generator] | None = None, method: Method = Method(),
-             phase_times: bool | None = None, prefix: Tensor | None = None) -> Generation:
+             phase_times: bool | None = None, prefix: Tensor | None = None, static_shapes: bool = False) -> Generation:
     """Decode `num_tokens` image tokens per row; with `prefix` [B, k], the first k are given (GridAR's
     anchors: prefilled with the caption in one pass, then decoding continues after them; they count
     in `tokens` but not in nfe or steps).
@@ -116,10 +116,18 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     The loop reads the device at most once a step for a speculative method (acceptance's fetch;
     skipping adds one, before the pass) and never for AR: the host keeps the counts, the device
     keeps the tokens. `phase_times` times drafting, verification and scheduling apart, which waits
-    for the device three times a step: off on a GPU unless asked for, on on a CPU (free there)."""
+    for the device three times a step: off on a GPU unless asked for, on on a CPU (free there).
+
+    `static_shapes`: every pass of a kind has one shape, so layers compiled `static` trace once
+    (docs/algorithms.md 1, static shapes): the caches are static (passes read all slots, masked), each
+    verification runs the whole batch (rows that sit it out write scratch slots only) padded to the
+    widest [unverified ; tree] the method can make, and the drafter's steps are padded alike. The
+    tokens are those of the dynamic shapes (up to float rounding in the longer reductions)."""
     k = 0 if prefix is None else prefix.shape[1]
     if not 0 <= k < num_tokens:
         raise ValueError(f"a prefix of {k} image tokens leaves nothing to decode of {num_tokens}")
+    if static_shapes:
+        _check_static_shapes(target, method)
     if method.schedule is not None:
         if k:
             raise ValueError(f"method {method.name}: a next-set schedule starts from an empty grid (no image prefix)")
@@ -137,9 +145,11 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     lap = functools.partial(_lap, timing, device if phase_times else None)
     wait_for(device)
     t0 = time.perf_counter()
-    drafts = method.drafting.start(target, b, num_tokens) if method.drafting else None
-    cache, out = target.start(condition, num_tokens - k, extra_slots=256 if drafts else 1,
-                              all_positions=drafts is not None, image_prefix=prefix)
+    static = {"static": True} if static_shapes else {}
+    drafts = method.drafting.start(target, b, num_tokens, **static) if method.drafting else None
+    width = _verify_width(method, drafts) if static_shapes else None
+    cache, out = target.start(condition, num_tokens - k, extra_slots=max(256 if drafts else 1, width or 0),
+                              all_positions=drafts is not None, image_prefix=prefix, **static)
     root = sample(out.logits[:, -1], sampling, generators)  # [B]
     # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
     made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
@@ -166,7 +176,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         if verify_rows:
             passes += 1
             verified, commits = _verify(target, cache, tree, verify_rows, rows, accept, sampling, generators,
-                                        num_tokens)
+                                        num_tokens, width)
         tick = lap("verify", tick)
         for r, nodes in skip.items():
             nodes = nodes[: num_tokens - rows.made[r] + 1]  # what the image has room for
@@ -185,6 +195,26 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
                       loop_s=t2 - t1, skipped=c["skipped"], verified_tokens=c["verified_tokens"],
                       draft_s=timing["draft"], verify_s=timing["verify"], schedule_s=timing["schedule"],
                       batch_passes=passes, batch_steps=step)
+
+
+def _check_static_shapes(target, method: Method) -> None:
+    """Static shapes cover the raster-order loop with a drafting that pads its passes to fixed widths
+    (EAGLE's, or none) on a LlamaGen target."""
+    if not isinstance(target, LlamaGenTarget):
+        raise ValueError(f"static_shapes: a LlamaGen target only, not {type(target).__name__}")
+    if method.schedule is not None or not (method.drafting is None or getattr(method.drafting, "static_shapes", False)):
+        raise ValueError(f"static_shapes: method {method.name} has no fixed pass widths (AR and the EAGLE-drafted "
+                         f"methods have: ar, eagle2, lantern, lantern_pp, vvs and their skip policies)")
+
+
+def _verify_width(method: Method, drafts) -> int:
+    """The widest target input a step can make: the tree, after the longest run of unverified tokens
+    that skipping allows (each skipped step commits at most a tree path)."""
+    if drafts is None:
+        return 1
+    limits = getattr(method.skipping, "limits", None)
+    chain = limits.max_consecutive * drafts.longest_path if limits is not None else 0
+    return chain + drafts.tree_size
 
 
 def _skipped(nodes: list[int], stale: Tensor) -> RowCommit:
@@ -229,13 +259,13 @@ def _with_chain(tree: Tree, chains: list[list[int]]) -> tuple[Tensor, Tensor, Te
 
 
 def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, accept, sampling, generators,
-            num_tokens: int) -> tuple[_Verified, dict[int, RowCommit]]:
-    """One target pass over [unverified ; tree] for the verifying rows, acceptance for them, KV
-    compaction; each row's commit."""
+            num_tokens: int, width: int | None) -> tuple[_Verified, dict[int, RowCommit]]:
+    """One target pass over [unverified ; tree] for the verifying rows (static shapes: all rows,
+    `width` entries), acceptance for them, KV compaction; each row's commit."""
     b, g, t = len(rows.made), target.groups, tree.size
     chains = [rows.unverified[r] if r in verify_rows else [] for r in range(b)]
     tokens, mask, depths, w = _with_chain(tree, chains)
-    out = _pass(target, cache, tokens, mask, depths, verify_rows)
+    out = _pass(target, cache, tokens, mask, depths, verify_rows, width)
     logits = out.logits[:, w:]
     verdict = accept(tree, logits, sampling, generators, rows=verify_rows)
     length = cache.host_length.view(g, b)[0].tolist()
@@ -251,10 +281,14 @@ def _verify(target, cache, tree: Tree, verify_rows: list[int], rows: _Rows, acce
     return _Verified(logits, out.hidden, w, verdict.next_tokens), commits
 
 
-def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_rows: list[int]) -> TargetOutput:
+def _pass(target, cache, tokens: Tensor, mask: Tensor, depths: Tensor, verify_rows: list[int],
+          width: int | None) -> TargetOutput:
     """The target pass of a step. Rows that skip this step or have finished sit it out; their
-    entries in the returned logits [B, T, V] and hidden [G, B, T, D] are zeros, never read."""
+    entries in the returned logits [B, T, V] and hidden [G, B, T, D] are zeros (static shapes: the
+    pass's output over their scratch), never read."""
     b = tokens.shape[0]
+    if width is not None:
+        return target.extend(cache, tokens, block_mask=mask, depths=depths, pad_to=width)
     if len(verify_rows) == b:
         return target.extend(cache, tokens, block_mask=mask, depths=depths)
     idx = to_device(verify_rows, tokens.device)

@@ -140,14 +140,23 @@ class _ReplayDrafting:
 
     def __init__(self, inner, cursor: _Cursor):
         self.inner, self.cursor = inner, cursor
+        self.static_shapes = getattr(inner, "static_shapes", False)
 
-    def start(self, *args):
-        return _ReplayDraftRun(self.inner.start(*args), self.cursor)
+    def start(self, *args, **kwargs):
+        return _ReplayDraftRun(self.inner.start(*args, **kwargs), self.cursor)
 
 
 class _ReplayDraftRun:
     def __init__(self, inner, cursor: _Cursor):
         self.inner, self.cursor = inner, cursor
+
+    @property
+    def tree_size(self) -> int:  # static shapes: the recorded trees have the method's size (checked below)
+        return self.inner.tree_size
+
+    @property
+    def longest_path(self) -> int:
+        return self.inner.longest_path
 
     def begin(self, *args):
         self.inner.begin(*args)

@@ -125,11 +125,12 @@ class Drafter(BlockStack, nn.Module):
         slots = cache.new_slots(x.shape[1], offset) if cache is not None else None
         return self.run_blocks(x, rope, mask, cache, slots)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         p = self.fc.weight
         lc = self.config.layer_config()
         return KVCache.allocate(num_layers=self.config.n_layer, batch=batch, num_heads=lc.kv_heads,
-                                head_dim=lc.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=p.device)
+                                head_dim=lc.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=p.device,
+                                static=static)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from decode.core.cache import KVCache
+from decode.core.cache import KVCache, pad_entries
 from decode.models.drafter import Drafter, prefix_embedding
 from decode.core.host import to_device
 from decode.core.sampling import SamplingParams, draw, filter_logits, probabilities
@@ -80,15 +80,20 @@ class EagleDrafts:
     """Drafting with an EAGLE drafter: the dynamic tree of `tree`, or its static shape."""
     drafter: Drafter
     tree: TreeParams
+    static_shapes = True  # its runs pad their passes to fixed widths when started `static`
 
-    def start(self, target: LlamaGenTarget, batch: int, num_tokens: int) -> "EagleDrafting":
-        return EagleDrafting(self.drafter, target, self.tree, batch, num_tokens)
+    def start(self, target: LlamaGenTarget, batch: int, num_tokens: int, static: bool = False) -> "EagleDrafting":
+        return EagleDrafting(self.drafter, target, self.tree, batch, num_tokens, static)
 
 
 class EagleDrafting:
-    """The drafter side of one generation: its KV cache, its pending entries, and the trees."""
+    """The drafter side of one generation: its KV cache, its pending entries, and the trees.
 
-    def __init__(self, drafter: Drafter, target: LlamaGenTarget, tree: TreeParams, batch: int, num_tokens: int):
+    `static` (static shapes): the drafter's cache is static and each step's pending entries are
+    padded to `longest_path`, so every drafter pass of a kind has one shape."""
+
+    def __init__(self, drafter: Drafter, target: LlamaGenTarget, tree: TreeParams, batch: int, num_tokens: int,
+                 static: bool = False):
         self.drafter, self.target, self.params = drafter, target, tree
         self.shape = static_shape(tree.static) if tree.static else None
         self.plan = plan_static(self.shape).to(target.device) if self.shape else None
@@ -96,9 +101,23 @@ class EagleDrafting:
         if widest > target.vocab_size:
             raise ValueError(f"the draft tree gives a node {widest} children; the vocabulary has {target.vocab_size}")
         scratch = self.shape.size if self.shape else tree.depth * tree.top_k
-        capacity = target.prefix_len + num_tokens + scratch + 16
-        self.cache: KVCache = drafter.new_cache(target.groups * batch, capacity)
+        self.static = static
+        capacity = target.prefix_len + num_tokens + scratch + 16 + (self.longest_path if static else 0)
+        self.cache: KVCache = drafter.new_cache(target.groups * batch, capacity, static=static)
         self.pending: Pending | None = None
+
+    @property
+    def tree_size(self) -> int:
+        """Nodes of every tree this drafting proposes, the root included (fixed, static or dynamic)."""
+        if self.shape is not None:
+            return self.shape.size
+        k, depth = self.params.top_k, self.params.depth
+        return 1 + min(self.params.total_tokens - 1, k + depth * k * k)  # `_select` keeps this many of the pool
+
+    @property
+    def longest_path(self) -> int:
+        """Nodes on the longest root-to-leaf path: the most a step commits (and the drafter then consumes)."""
+        return 1 + (max(self.shape.depths()) if self.shape is not None else self.params.depth + 1)
 
     # --- the engine's interface -----------------------------------------------------------------
     def begin(self, prefix: TargetOutput, prefix_valid: Tensor, following: Tensor, generators=None) -> None:
@@ -140,6 +159,9 @@ class EagleDrafting:
         """Feed the pending entries; commit them; returns the root's predicted feature [G*B, 1, D]."""
         g, dev = self.target.groups, pending.emb.device
         count = pending.count.repeat(g)  # host
+        if self.static and pending.emb.shape[1] < self.longest_path:  # the prefill's entries keep their own width
+            emb, feats, valid = pad_entries(self.longest_path, pending.emb, pending.feats, pending.valid)
+            pending = Pending(emb, feats, valid, pending.count)
         m = pending.emb.shape[1]
         causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
         block = causal[None] & (pending.valid[:, None, :] | torch.eye(m, dtype=torch.bool, device=dev))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from decode.core.cache import KVCache
+from decode.core.cache import KVCache, pad_block
 from decode.models.target.guidance import Guided
 from decode.models.target.llamagen_gpt import LlamaGenGPT
 
@@ -152,14 +152,15 @@ class LlamaGenTarget(Guided):
 
     # ---- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def start(self, c: Condition, max_new_tokens: int, extra_slots: int = 0,
-              all_positions: bool = False, image_prefix: Tensor | None = None) -> tuple[KVCache, TargetOutput]:
+    def start(self, c: Condition, max_new_tokens: int, extra_slots: int = 0, all_positions: bool = False,
+              image_prefix: Tensor | None = None, static: bool = False) -> tuple[KVCache, TargetOutput]:
         """Prefill the prefix; returns the cache and the output at the last prefix position (at
         every prefix position with `all_positions`: a drafter's first input).
 
         `extra_slots` reserves scratch room past the image (a draft tree at the last step).
         `image_prefix` [B, k]: image tokens already decided (GridAR's anchors), prefilled after the
         caption in the same pass; decoding continues at image position k.
+        `static`: a static cache (every pass reads all its slots: shapes fixed, see `KVCache.static`).
         """
         k = 0 if image_prefix is None else image_prefix.shape[1]
         if k + max_new_tokens > self.num_image_tokens:
@@ -172,7 +173,7 @@ class LlamaGenTarget(Guided):
             x = torch.cat([x, self.gpt.embed_tokens(image_prefix.to(self.device).repeat(self.groups, 1)).to(x.dtype)], 1)
             valid = torch.cat([valid, valid.new_ones(valid.shape[0], k)], 1)
         g_b, t = valid.shape
-        cache = self.gpt.new_cache(g_b, t + max_new_tokens + extra_slots)
+        cache = self.gpt.new_cache(g_b, t + max_new_tokens + extra_slots, static=static)
         # LlamaGen: padded caption columns are masked, the diagonal is forced to 1
         block = causal_mask(t, self.device)[None] & (valid[:, None, :] | torch.eye(t, dtype=torch.bool,
                                                                                    device=self.device))
@@ -184,7 +185,8 @@ class LlamaGenTarget(Guided):
     @torch.no_grad()
     def extend(self, cache: KVCache, tokens: Tensor, block_mask: Tensor | None = None,
                depths: Tensor | None = None, rows: Sequence[int] | None = None,
-               positions: Tensor | None = None, slot_positions: Tensor | None = None) -> TargetOutput:
+               positions: Tensor | None = None, slot_positions: Tensor | None = None,
+               pad_to: int | None = None) -> TargetOutput:
         """Forward new tokens [B, T] after each row's committed part; KV is written but not committed.
 
         Args:
@@ -198,6 +200,8 @@ class LlamaGenTarget(Guided):
                 the row's length + depths: tokens out of raster order (a wavefront of grid rows).
             slot_positions: [B, S] the absolute position of each committed slot (with `positions`): a new
                 token then sees only the committed slots before its own position.
+            pad_to: run the pass over this many entries (static shapes), padding after the T new
+                tokens; the output is the T tokens' only.
         """
         if rows is not None:
             cache = cache.rows(self.group_rows(cache.batch // self.groups, [int(r) for r in rows]))  # every group
@@ -206,6 +210,8 @@ class LlamaGenTarget(Guided):
             block_mask = causal_mask(t, tokens.device).expand(b, t, t)
         if depths is None:
             depths = torch.arange(t, device=tokens.device).expand(b, t)
+        if pad_to is not None:
+            block_mask, tokens, depths = pad_block(pad_to, block_mask, tokens, depths)
         rep = (self.groups, 1, 1)
         block_mask, depths2 = block_mask.repeat(rep), depths.repeat(self.groups, 1)
         x = self.gpt.embed_tokens(tokens.repeat(self.groups, 1))
@@ -214,13 +220,13 @@ class LlamaGenTarget(Guided):
             pos = (cache.length[:, None] + depths2).clamp_max(self.gpt.max_positions - 1)
         else:
             pos = positions.repeat(self.groups, 1).clamp_max(self.gpt.max_positions - 1)
-        upto = cache.longest + t
+        upto = cache.longest + tokens.shape[1]
         visible = None
         if slot_positions is not None:  # [G*B, T, upto]: committed slots at earlier positions only
             slots = slot_positions.repeat(self.groups, 1)[:, :upto]
             visible = F.pad(slots, (0, upto - slots.shape[1]), value=1 << 30)[:, None, :] < pos[:, :, None]
         hidden = self.gpt(x, pos, cache.attention_mask(block_mask, upto, visible), cache)
-        return self.guide(hidden)
+        return self.guide(hidden if pad_to is None else hidden[:, :t])
 
     def commit(self, cache: KVCache, num_new: int | Tensor) -> None:
         """Commit the next `num_new` (per image row; best a host tensor) written slots, for both CFG halves."""

@@ -200,7 +200,9 @@ class BlockStack:
       grows with the depth: a 36-layer stack takes minutes per shape kind.
     - "layer": one graph for a single block, shared by every layer (each gets its own KV tensor as
       an input). Tracing costs one layer's; each layer is then a call of its own.
-    A new graph is traced when a shape's kind changes (prefill, one token, a tree, a sub-batch)."""
+    A new graph is traced when a shape's kind changes (prefill, one token, a tree, a sub-batch).
+    Decoding with static shapes (`generate(static_shapes=True)`) has a fixed set of shapes: compiled
+    `static`, each traces once, in the first decode, and never again."""
 
     _compiled = None
     _compile_scope = None
@@ -219,12 +221,16 @@ class BlockStack:
             h = call(block, h, rope, mask, kv)
         return h
 
-    def compile_blocks(self, scope: str = "stack", backend: str = "inductor") -> None:
+    def compile_blocks(self, scope: str = "stack", backend="inductor", static: bool = False) -> None:
+        """`static`: shapes specialised (dynamic=False), for decoding with static shapes, where each
+        pass kind has one shape; on a GPU inductor then captures each graph as a CUDA graph."""
         if scope not in COMPILE_SCOPES:
             raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
         # plain functions, not bound methods: a deep copy of this module then runs its own layers
         fn = BlockStack._layers if scope == "stack" else _call_block
-        self._compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        graphs = static and backend == "inductor" and next(self.parameters()).is_cuda
+        self._compiled = torch.compile(fn, dynamic=not static, fullgraph=True, backend=backend,
+                                       mode="reduce-overhead" if graphs else None)
         self._compile_scope = scope
 
 
@@ -309,8 +315,8 @@ class LlamaGenGPT(BlockStack, nn.Module):
         slots = cache.new_slots(x.shape[1]) if cache is not None else None
         return self.norm(self.run_blocks(x, rope, mask, cache, slots))
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         p = self.output.weight
         return KVCache.allocate(num_layers=self.config.n_layer, batch=batch, num_heads=self.config.kv_heads,
                                 head_dim=self.config.head_dim, max_len=max_len, dtype=dtype or p.dtype,
-                                device=p.device)
+                                device=p.device, static=static)

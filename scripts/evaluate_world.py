@@ -1,6 +1,8 @@
 """Quality of a target in the embedded world, each number beside its reference:
 
-- alignment (evaluator) of the target's samples next to that of the real images of the same prompts;
+- alignment (evaluator) of the target's samples next to that of the real images of the same prompts,
+  and what it is made of: the share of each attribute recognised (object in its cell, size, colour,
+  background pattern and colour; and a mentioned object drawn in any cell), for all three sets;
 - FID of the samples against held-out real images, next to the FID of a second held-out real set
   against the same reference (the floor that sample size and the world's variety allow);
 - precision / recall (k = 3) in the evaluator's feature space;
@@ -32,7 +34,7 @@ from data.shards import HELDOUT_OFFSET  # noqa: E402
 from data.world import SceneGenerator  # noqa: E402
 from decode.api import Components, decode_batch  # noqa: E402
 from decode.core.engine import Method  # noqa: E402
-from decode.evaluation.world_evaluator import load_evaluator, score_images  # noqa: E402
+from decode.evaluation.world_evaluator import attributes_recognised, load_evaluator, score_images  # noqa: E402
 from decode.evaluation.metrics import next_token_stats  # noqa: E402
 from decode.pipeline import image_seed  # noqa: E402
 from decode.api import condition_for  # noqa: E402
@@ -134,6 +136,8 @@ def main(argv=None) -> dict:
         "fid_real_vs_real_floor": fid(real, real2, feature=inception),
         "fid_reconstructions_vs_real": fid(real, recon, feature=inception),
         "tokenizer_psnr_db": psnr(real, recon),
+        "attributes_real": attributes_recognised(evaluator, real, attrs),
+        "attributes_tokenizer_reconstructions": attributes_recognised(evaluator, recon, attrs),
     }
     rows = [recon[:8], real[:8]]
     if gpt is not None:
@@ -148,7 +152,8 @@ def main(argv=None) -> dict:
         precision, recall = precision_recall(feat_real, feat_fake, k=3)
         report.update({
             "cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
-            "alignment_samples": float(align_fake.mean()), "fid_samples_vs_real": fid(real, fake, feature=inception),
+            "alignment_samples": float(align_fake.mean()), "attributes_samples": attributes_recognised(evaluator, fake, attrs),
+            "fid_samples_vs_real": fid(real, fake, feature=inception),
             **{f"target_{k}_{name}": v for name, stats in confidence.items() for k, v in stats.items()},
             "precision_k3": precision, "recall_k3": recall})
         rows = [fake[:8], real[:8]]

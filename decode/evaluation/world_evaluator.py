@@ -108,18 +108,38 @@ class AttributeEvaluator(nn.Module):
 
 
 # --- alignment ------------------------------------------------------------------------------------
-def alignment_scores(pred: Prediction, targets: dict[str, Tensor]) -> Tensor:
-    """[B] share of the caption's attributes recognised: each mentioned object's identity and size
-    in its cell (and a shape's colour), the background's pattern and colour. Cells the caption
-    leaves empty do not count (a caption says what is there, not what is not)."""
+def _attribute_hits(pred: Prediction, targets: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per attribute: (recognised [B, ...] bool, counted [B, ...] bool). Cells the caption leaves empty
+    do not count (a caption says what is there, not what is not)."""
     mentioned = targets["cell_object"] > 0                                  # [B, 9]
     coloured = targets["cell_colour"] > 0
-    hits = ((pred.cell_object == targets["cell_object"]) & mentioned).sum(1)
-    hits = hits + ((pred.cell_size == targets["cell_size"]) & mentioned).sum(1)
-    hits = hits + ((pred.cell_colour == targets["cell_colour"]) & coloured).sum(1)
-    hits = hits + (pred.bg_pattern == targets["bg_pattern"]).long() + (pred.bg_colour == targets["bg_colour"]).long()
-    total = 2 * mentioned.sum(1) + coloured.sum(1) + 2
+    every = torch.ones_like(targets["bg_pattern"], dtype=torch.bool)
+    return {"object": (pred.cell_object == targets["cell_object"], mentioned),
+            "size": (pred.cell_size == targets["cell_size"], mentioned),
+            "colour": (pred.cell_colour == targets["cell_colour"], coloured),
+            "bg_pattern": (pred.bg_pattern == targets["bg_pattern"], every),
+            "bg_colour": (pred.bg_colour == targets["bg_colour"], every)}
+
+
+def alignment_scores(pred: Prediction, targets: dict[str, Tensor]) -> Tensor:
+    """[B] share of the caption's attributes recognised: each mentioned object's identity and size
+    in its cell (and a shape's colour), the background's pattern and colour."""
+    hits, total = 0, 0
+    for ok, counted in _attribute_hits(pred, targets).values():
+        hits = hits + (ok & counted).reshape(len(ok), -1).sum(1)
+        total = total + counted.reshape(len(ok), -1).sum(1)
     return hits.float() / total.float()
+
+
+def attribute_accuracy(pred: Prediction, targets: dict[str, Tensor]) -> dict[str, float]:
+    """Over a set of images, the share of each attribute recognised (what alignment is made of), and
+    `object_anywhere`: a mentioned object drawn in any cell (identity without its position)."""
+    acc = {name: float((ok & counted).sum()) / max(1, int(counted.sum()))
+           for name, (ok, counted) in _attribute_hits(pred, targets).items()}
+    mentioned = targets["cell_object"] > 0
+    anywhere = (targets["cell_object"][:, :, None] == pred.cell_object[:, None, :]).any(-1) & mentioned
+    acc["object_anywhere"] = float(anywhere.sum()) / max(1, int(mentioned.sum()))
+    return acc
 
 
 class CaptionParser:
@@ -177,6 +197,12 @@ def score_images(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes:
         aligns.append(alignment_scores(pred, evaluator.targets(attributes[start:start + chunk])))
         feats.append(pred.features)
     return torch.cat(aligns), torch.cat(feats)
+
+
+def attributes_recognised(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes: list[dict]) -> dict[str, float]:
+    """`attribute_accuracy` of uint8 images [N, 3, H, W] against their prompts' attributes."""
+    pred = evaluator.predict(images_u8.float() / 127.5 - 1.0)
+    return {k: round(v, 4) for k, v in attribute_accuracy(pred, evaluator.targets(attributes)).items()}
 
 
 class AlignmentScorer:

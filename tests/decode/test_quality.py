@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from data.world import SceneGenerator, evaluator_labels
-from decode.evaluation.world_evaluator import (AttributeEvaluator, CaptionParser, EvaluatorConfig, Prediction, alignment_scores,
-                              load_evaluator)
+from decode.evaluation.world_evaluator import (AttributeEvaluator, CaptionParser, EvaluatorConfig, Prediction,
+                                                alignment_scores, attribute_accuracy, load_evaluator)
 from decode.evaluation.quality import fid, inception_path, precision_recall
 
 
@@ -47,6 +47,21 @@ def test_alignment_is_one_for_the_truth_and_zero_when_all_is_wrong(config):
     extra = _prediction_from(targets, 6)
     extra.cell_object[targets["cell_object"] == 0] = 5
     assert torch.equal(alignment_scores(extra, targets), torch.ones(6))
+
+
+def test_attribute_accuracy_tells_a_misplaced_object_from_a_missing_one(config):
+    gen = SceneGenerator(image_size=32, seed=0)
+    attrs = [gen.scene(i).attributes for i in range(6)]
+    targets = AttributeEvaluator(config).targets(attrs)
+    truth = attribute_accuracy(_prediction_from(targets, 6), targets)
+    assert all(v == 1.0 for v in truth.values()), truth
+    moved = _prediction_from(targets, 6)
+    moved.cell_object = moved.cell_object.roll(1, dims=1)  # every object one cell on
+    acc = attribute_accuracy(moved, targets)
+    assert acc["object_anywhere"] == 1.0 and acc["object"] < 0.5 and acc["bg_pattern"] == 1.0
+    gone = _prediction_from(targets, 6)
+    gone.cell_object.zero_()
+    assert attribute_accuracy(gone, targets)["object_anywhere"] == 0.0
 
 
 def test_evaluator_round_trips_through_its_folder(config, tmp_path):

@@ -69,7 +69,7 @@ def ensure_traces(cfg: DictConfig, folder: Path, parts) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     size = vq.config.downsample * int(round(target.num_image_tokens ** 0.5))
-    world = SceneGenerator(image_size=size, seed=t.world_seed)
+    world = SceneGenerator(image_size=size, seed=t.world_seed, world=t.get("world"))
     sampling, tree = SamplingParams(**cfg.sampling), TreeParams(**cfg.tree)
     shards = {}
     for split, count, offset in (("train", t.num_images, t.start), ("heldout", t.heldout_images, HELDOUT_OFFSET)):

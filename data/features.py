@@ -25,14 +25,10 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from data.preprocess import (
+from data.code_shards import (
     CodeSample,
     Corrupt,
     ShardStream,
-    _atomic_shard,
-    _atomic_write_text,
-    _batches,
-    _remove_stale_shards,
     check_members,
     collate_code_samples,
     every_rank_reads_all,
@@ -41,6 +37,7 @@ from data.preprocess import (
     report_reads,
     take_sample,
 )
+from data.preprocess import _atomic_shard, _atomic_write_text, _batches, _remove_stale_shards
 from data.shards import shard_name, shard_pattern
 from data.sources import CorruptCounter, _check_not_empty, shard_error_handler
 from decode.models.target import Condition, LlamaGenTarget

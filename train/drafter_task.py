@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from data.code_shards import CodeShards, collate_code_samples, report_reads_at_end
 from data.features import FeatureBatch, FeatureShards, collate_features
-from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards, report_reads_at_end
+from data.preprocess import ensure_code_shards
 from decode.models.drafter import Drafter, DrafterConfig, TeacherForced, drafter_inputs, save_drafter
 from decode.core.sampling import SamplingParams
 from decode.core.engine import generate

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from data.preprocess import CodeShards, collate_code_samples, ensure_code_shards, report_reads_at_end
+from data.code_shards import CodeShards, collate_code_samples, report_reads_at_end
+from data.preprocess import ensure_code_shards
 from decode.models.checkpoint import save_model_folder
 from decode.evaluation.metrics import next_token_stats
 from decode.models.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.features import FeatureShards, collate_features, read_feature_shards
-from data.preprocess import (
+from data.code_shards import (
     CodeShards,
     collate_code_samples,
     rank_stream,
     read_code_shards,
     report_reads_at_end,
 )
+from data.features import FeatureShards, collate_features, read_feature_shards
 from data.sources import CorruptCounter, CorruptSampleError, EmptyDatasetError
 from tests.data.test_sources import _tar
 
@@ -149,15 +149,15 @@ def test_skipping_keeps_the_ddp_split_and_a_resume_deterministic(tmp_path, monke
     good = ["a", "d", "e", "f", "g", "h"]
     shares = {}
     for rank in (0, 1):
-        monkeypatch.setattr("data.preprocess.rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr("data.code_shards.rank_and_world", lambda rank=rank: (rank, 2))
         shares[rank] = [s.key for s in itertools.islice(CodeShards(url, MAX_LENGTH, repeat=True), 6)]
     assert shares == {0: ["a", "e", "g"] * 2, 1: ["d", "f", "h"] * 2}  # split among the good samples only
     resumed = CodeShards(url, MAX_LENGTH, repeat=True, skip=2)  # rank 1 after 2 samples
     assert [s.key for s in itertools.islice(resumed, 4)] == ["h", "d", "f", "h"]
 
-    monkeypatch.setattr("data.preprocess.rank_and_world", lambda: (0, 1))
+    monkeypatch.setattr("data.code_shards.rank_and_world", lambda: (0, 1))
     heldout = CodeShards(url, MAX_LENGTH, repeat=False)
-    with caplog.at_level(logging.INFO, logger="data.preprocess"):
+    with caplog.at_level(logging.INFO, logger="data.code_shards"):
         assert [s.key for s in heldout] == good
         assert [s.key for s in heldout] == good  # a second pass: checked again, not counted again
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

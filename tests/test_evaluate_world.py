@@ -13,17 +13,20 @@ from decode.models.vq import load_vq
 from tests.conftest import REPO, tiny_gpt
 
 
-@pytest.mark.slow
-def test_evaluate_world_report(tmp_path):
+def tiny_folders(tmp_path) -> list[str]:
     gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=48, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
     vq = load_vq(None, codebook_size=64, encoder_ch_mult=[1, 1, 1], decoder_ch_mult=[1, 1, 1], z_channels=32, ch=32)
     save_model_folder(tmp_path / "vq", vq, vq.config.to_dict(), kind="llamagen_vq")
     ev_cfg = EvaluatorConfig(**evaluator_labels(), image_size=32, width=8)
     save_model_folder(tmp_path / "ev", AttributeEvaluator(ev_cfg), ev_cfg.to_dict(), kind="world_evaluator")
-    res = subprocess.run([sys.executable, "scripts/evaluate_world.py", "--target", str(tmp_path / "target"),
-                          "--tokenizer", str(tmp_path / "vq"), "--evaluator", str(tmp_path / "ev"), "--num", "8",
-                          "--batch-size", "4", "--out", str(tmp_path / "out")],
+    return ["--target", str(tmp_path / "target"), "--tokenizer", str(tmp_path / "vq"), "--evaluator",
+            str(tmp_path / "ev"), "--num", "8", "--batch-size", "4", "--out", str(tmp_path / "out")]
+
+
+@pytest.mark.slow
+def test_evaluate_world_report(tmp_path):
+    res = subprocess.run([sys.executable, "scripts/evaluate_world.py", *tiny_folders(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -35,3 +38,24 @@ def test_evaluate_world_report(tmp_path):
         assert 0.0 <= report[f"target_entropy_{name}"] <= 4.16
     assert report["tokenizer_psnr_db"] > 0
     assert (tmp_path / "out" / "samples_vs_real.png").is_file()
+
+
+def test_without_fid_the_report_says_what_the_caption_is_worth(tmp_path):
+    res = subprocess.run([sys.executable, "scripts/evaluate_world.py", *tiny_folders(tmp_path), "--no-fid"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["fid_samples_vs_real"] is None and report["fid_definition"] is None
+    nll = report["target_nll_given_caption"]
+    assert set(nll) == {"own", "cells_mirrored", "another_scene", "null"}
+    assert all(0.0 < v < 10.0 for v in nll.values())  # a random 64-code target: about ln 64 = 4.16 nats
+    assert set(report["attributes_samples"]) >= {"object", "object_anywhere", "bg_pattern"}
+
+
+def test_mirroring_moves_every_cell_through_the_centre():
+    from tests.conftest import load_script
+
+    world = load_script("evaluate_world")
+    assert world.mirrored("a small red circle in the top left, a cat face at the bottom and a banana on the right"
+                          ) == "a small red circle in the bottom right, a cat face at the top and a banana on the left"
+    assert world.mirrored("one large rocket in the center") == "one large rocket in the center"

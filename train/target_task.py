@@ -7,6 +7,7 @@ classifier-free guidance works at decode time.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from data.code_shards import CodeShards, collate_code_samples, report_reads_at_end
 from data.preprocess import ensure_code_shards
-from decode.models.checkpoint import save_model_folder
+from decode.models.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
 from decode.evaluation.metrics import next_token_stats
 from decode.models.target import Condition, GPTConfig, LlamaGenGPT, LlamaGenTarget
 from train.common import (
@@ -70,6 +71,44 @@ class TargetModule(L.LightningModule):
         lr_at = lambda s: min((s + 1) / warm, max(0.1, 1 - (s - warm) / (total - warm)))  # noqa: E731
         return {"optimizer": opt,
                 "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"}}
+
+
+def start_from(gpt: LlamaGenGPT, source: str) -> None:
+    """init=SOURCE: start from a trained target, a model folder or a training checkpoint (.ckpt). A deeper
+    `gpt.n_layer` (a multiple of the source's) grows it without changing what it computes: each trained
+    layer is followed by new ones whose output projections (attention `wo`, feed-forward `w2`) start at
+    zero, so every new block adds nothing to the residual stream at step 0 and learns from there
+    (function-preserving growth, as Net2Net's deeper networks)."""
+    have, state = _trained_gpt(source)
+    want = gpt.config
+    changed = [f for f in dataclasses.asdict(want) if f != "n_layer" and getattr(have, f) != getattr(want, f)]
+    if changed:
+        raise ValueError(f"init={source} is a target of another shape ({', '.join(changed)} differ); only "
+                         f"n_layer may grow")
+    if want.n_layer % have.n_layer:
+        raise ValueError(f"init={source} has {have.n_layer} layers: gpt.n_layer={want.n_layer} must be a multiple")
+    factor = want.n_layer // have.n_layer
+    grown = {k: v for k, v in state.items() if not k.startswith("layers.")}
+    for key, value in state.items():
+        if key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            grown[f"layers.{int(i) * factor}.{rest}"] = value
+    for j in range(want.n_layer):
+        if j % factor:  # a new block: its own initialisation, its outputs zero
+            for key, value in gpt.layers[j].state_dict().items():
+                silent = key in ("attention.wo.weight", "feed_forward.w2.weight")
+                grown[f"layers.{j}.{key}"] = torch.zeros_like(value) if silent else value
+    load_state_dict_strict(gpt, grown, source=source)
+
+
+def _trained_gpt(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of a target model folder or of a `python -m train target` checkpoint."""
+    if str(source).endswith(".ckpt"):
+        ckpt = torch.load(source, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("gpt."): v for k, v in ckpt["state_dict"].items() if k.startswith("gpt.")}
+        return GPTConfig(**ckpt["hyper_parameters"]["gpt"]), state
+    meta, state = read_model_folder(source, kind="llamagen_gpt")
+    return GPTConfig.from_dict(meta["config"]), state
 
 
 class SampleGrid(L.Callback):
@@ -143,6 +182,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     gpt_cfg = OmegaConf.to_container(cfg.gpt, resolve=True)  # plain containers: weights_only reloads
     module = TargetModule(gpt=gpt_cfg, total_steps=int(cfg.trainer.max_steps),
                           **OmegaConf.to_container(cfg.optim, resolve=True))
+    if cfg.get("init"):
+        start_from(module.gpt, str(cfg.init))
     strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
     train_data = CodeShards(train_urls, cfg.data.max_length, repeat=True, strict=strict)
     heldout_data = CodeShards(heldout_urls, cfg.data.max_length, repeat=False, strict=strict)

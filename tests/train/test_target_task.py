@@ -32,3 +32,43 @@ def test_cfg_sample_grid_is_written_after_validation(tmp_path):
     from PIL import Image
 
     assert Image.open(grids[0]).size == (2 * 32, 32)  # two prompts side by side, 32 px each
+
+
+def _tiny_target(n_layer: int, seed: int):
+    from train.target_task import TargetModule
+
+    torch.manual_seed(seed)
+    gpt = dict(model_type="t2i", dim=32, n_layer=n_layer, n_head=2, multiple_of=16, vocab_size=64, block_size=16,
+               cls_token_num=8, caption_dim=12)
+    return TargetModule(gpt=gpt)
+
+
+def _logits(module, text, codes):
+    from decode.models.target import Condition
+
+    with torch.no_grad():
+        return module.target.teacher_forced(Condition(text), codes).logits
+
+
+def test_a_deeper_target_grown_from_a_trained_one_computes_the_same_until_it_trains(tmp_path):
+    import pytest
+
+    from decode.models.checkpoint import save_model_folder
+    from train.target_task import start_from
+
+    trained = _tiny_target(2, seed=0)
+    save_model_folder(tmp_path / "t", trained.gpt, trained.gpt.config.to_dict(), kind="llamagen_gpt")
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}, tmp_path / "t.ckpt")
+    text, codes = torch.randn(2, 8, 12), torch.randint(0, 64, (2, 16))
+    for source in (tmp_path / "t", tmp_path / "t.ckpt"):
+        deeper = _tiny_target(4, seed=1)
+        assert not torch.allclose(_logits(deeper, text, codes), _logits(trained, text, codes))
+        start_from(deeper.gpt, str(source))
+        torch.testing.assert_close(_logits(deeper, text, codes), _logits(trained, text, codes))
+        assert deeper.gpt.layers[1].attention.wqkv.weight.abs().sum() > 0  # the new blocks can learn
+    with pytest.raises(ValueError, match="must be a multiple"):
+        start_from(_tiny_target(3, seed=1).gpt, str(tmp_path / "t"))
+    wider = _tiny_target(2, seed=1)
+    wider.gpt.config = type(wider.gpt.config)(**{**wider.gpt.config.to_dict(), "dim": 48})
+    with pytest.raises(ValueError, match="dim differ"):
+        start_from(wider.gpt, str(tmp_path / "t"))

@@ -44,14 +44,16 @@ from decode.pipeline import image_seed  # noqa: E402
 from decode.api import condition_for  # noqa: E402
 from decode.evaluation.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.core.sampling import SamplingParams  # noqa: E402
-from decode.models.target import Condition, LlamaGenTarget, build_gpt  # noqa: E402
+from decode.models.checkpoint import load_state_dict_strict  # noqa: E402
+from decode.models.target import Condition, LlamaGenGPT, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.models.text import load_text_encoder  # noqa: E402
 from decode.models.vq import load_vq  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default=None, help="a target folder; none: the tokenizer's reconstructions only")
+    p.add_argument("--target", default=None, help="a target folder or a training checkpoint (.ckpt); none: the "
+                   "tokenizer's reconstructions only")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--evaluator", required=True)
     p.add_argument("--num", type=int, default=256, help="prompts (one sample each) and real images per set")
@@ -124,6 +126,18 @@ def caption_use(gpt, text, captions: list[str], codes: torch.Tensor, batch_size:
                                ("another_scene", shifted), ("null", None))}
 
 
+def load_target(source: str):
+    """A target folder, or a `python -m train target` checkpoint (.ckpt: a run in progress)."""
+    if not source.endswith(".ckpt"):
+        return build_gpt(source)
+    from train.target_task import trained_gpt  # the training checkpoint's layout is the training task's
+
+    config, state = trained_gpt(source)
+    gpt = LlamaGenGPT(config)
+    load_state_dict_strict(gpt, state, source=source)
+    return gpt.eval()
+
+
 def psnr(real: torch.Tensor, other: torch.Tensor) -> float:
     """Mean over images of the PSNR (dB) between uint8 images."""
     mse = (real.float() - other.float()).pow(2).mean((1, 2, 3)).clamp_min(1e-10)
@@ -151,7 +165,7 @@ def main(argv=None) -> dict:
     if args.world is not None and args.world != evaluator.config.world:
         raise SystemExit(f"--world {args.world}: the evaluator {args.evaluator} reads world {evaluator.config.world}; "
                          f"give an evaluator of world {args.world}")
-    gpt = build_gpt(args.target) if args.target else None
+    gpt = load_target(args.target) if args.target else None
     size = evaluator.config.image_size if gpt is None else vq.config.downsample * int(round(gpt.config.block_size ** 0.5))
     world = SceneGenerator(image_size=size, seed=args.world_seed, world=evaluator.config.world)
     # prompts: held-out scenes [0, num); second real set: held-out scenes [num, 2 num)

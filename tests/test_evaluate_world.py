@@ -59,3 +59,17 @@ def test_mirroring_moves_every_cell_through_the_centre():
     assert world.mirrored("a small red circle in the top left, a cat face at the bottom and a banana on the right"
                           ) == "a small red circle in the bottom right, a cat face at the top and a banana on the left"
     assert world.mirrored("one large rocket in the center") == "one large rocket in the center"
+
+
+def test_a_training_checkpoint_loads_as_its_folder_would(tmp_path):
+    import torch
+
+    from tests.conftest import load_script
+    from train.target_task import TargetModule
+
+    module = TargetModule(gpt=dict(model_type="t2i", dim=32, n_layer=2, n_head=2, multiple_of=16, vocab_size=64,
+                                   block_size=16, cls_token_num=8, caption_dim=12))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "last.ckpt")
+    gpt = load_script("evaluate_world").load_target(str(tmp_path / "last.ckpt"))
+    assert gpt.config == module.gpt.config
+    assert all(torch.equal(a, b) for a, b in zip(gpt.state_dict().values(), module.gpt.state_dict().values()))

@@ -79,7 +79,7 @@ def start_from(gpt: LlamaGenGPT, source: str) -> None:
     layer is followed by new ones whose output projections (attention `wo`, feed-forward `w2`) start at
     zero, so every new block adds nothing to the residual stream at step 0 and learns from there
     (function-preserving growth, as Net2Net's deeper networks)."""
-    have, state = _trained_gpt(source)
+    have, state = trained_gpt(source)
     want = gpt.config
     changed = [f for f in dataclasses.asdict(want) if f != "n_layer" and getattr(have, f) != getattr(want, f)]
     if changed:
@@ -101,7 +101,7 @@ def start_from(gpt: LlamaGenGPT, source: str) -> None:
     load_state_dict_strict(gpt, grown, source=source)
 
 
-def _trained_gpt(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+def trained_gpt(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a target model folder or of a `python -m train target` checkpoint."""
     if str(source).endswith(".ckpt"):
         ckpt = torch.load(source, map_location="cpu", weights_only=False)

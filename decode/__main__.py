@@ -134,17 +134,20 @@ def check_draft_checkpoints(method: MethodConfig, cfg: DictConfig) -> None:
                              f"({'python -m train drafter drafter.kind=spatial' if kind == spatial.KIND else 'python -m train drafter'})") from None
 
 
-def check_static_shapes(method: MethodConfig, cfg: DictConfig) -> None:
+def check_static_shapes(method: MethodConfig, cfg: DictConfig, scaling=None) -> None:
     """static_shapes=true: for a LlamaGen target and a method whose passes have fixed widths, before any load."""
     if not cfg.get("static_shapes"):
         return
+    if scaling is not None:
+        raise ValueError("static_shapes=true: a test-time scaling plan (gridar, best_of_n) decodes stages of other "
+                         "lengths and prefixes, each its own shapes; leave static_shapes off")
     if method.schedule != "raster" or method.drafting not in ("none", *TREE_DRAFTING):
         raise ValueError(f"static_shapes=true: method={method.name} ({method.drafting} drafting, {method.schedule} "
                          f"schedule) has no fixed pass widths; ar and the EAGLE-drafted methods (eagle2, lantern, "
                          f"lantern_pp, vvs, ...) have")
     if any(name in str(cfg.target.get("_target_", "")) for name in ("janus", "chameleon")):
         raise ValueError("static_shapes=true: LlamaGen targets only (a transformers target runs its own cache)")
-    if cfg.get("compile") and isinstance(cfg.get("tree"), DictConfig) and cfg.tree.get("auto"):
+    if cfg.get("compile") and method.uses_tree and isinstance(cfg.get("tree"), DictConfig) and cfg.tree.get("auto"):
         raise ValueError("static_shapes=true with compile specialises each graph to one shape; tree=auto times many "
                          "tree sizes (each a retrace): pick the tree (tree.total_tokens, tree.depth) or compile=false")
 
@@ -159,7 +162,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     method = resolve_method(name, options)                 # bad knobs fail
     check_schedule_fits(method, cfg.target)                # before any load
     check_draft_checkpoints(method, cfg)
-    check_static_shapes(method, cfg)
+    check_static_shapes(method, cfg, scaling)
     settings = run_settings(cfg, method, prompts)
     if scaling is not None:
         settings["scaling"] = _portable(dataclasses.asdict(scaling))

@@ -163,9 +163,10 @@ def replay_row(label: str, big, conds, method_of, trace: Trace | None, cfg, samp
     """Decode every condition batch at size, replaying `trace` (None: the method as it is, e.g. AR)."""
     target = big[0]
     warm = method_of() if trace is None else replaying(method_of(), trace.images[:cfg.batch_size])[0]
-    # warm-up, untimed: 16 tokens; a wavefront needs its whole grid, so its first image, replayed once
-    warm_tokens = min(16, cfg.num_tokens) if warm.schedule is None else cfg.num_tokens
     static = bool(cfg.static_shapes) and warm.schedule is None  # a wavefront's passes have no fixed widths
+    # warm-up, untimed: 16 tokens; a wavefront needs its whole grid, so its first image, replayed once; with
+    # static shapes the whole image too (the caches' sizes, hence every pass's shape, follow the image length)
+    warm_tokens = min(16, cfg.num_tokens) if warm.schedule is None and not static else cfg.num_tokens
     timed_decode(target, conds[0], warm, list(range(cfg.batch_size)), sampling, warm_tokens, static)
     latency, nfe, past_end = [], [], 0
     for i, cond in enumerate(conds):

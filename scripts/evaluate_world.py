@@ -45,7 +45,7 @@ from decode.api import condition_for  # noqa: E402
 from decode.evaluation.quality import InceptionPool, fid, precision_recall, to_uint8  # noqa: E402
 from decode.core.sampling import SamplingParams  # noqa: E402
 from decode.models.checkpoint import load_state_dict_strict  # noqa: E402
-from decode.models.target import Condition, LlamaGenGPT, LlamaGenTarget, build_gpt  # noqa: E402
+from decode.models.target import LlamaGenGPT, LlamaGenTarget, build_gpt  # noqa: E402
 from decode.models.text import load_text_encoder  # noqa: E402
 from decode.models.vq import load_vq  # noqa: E402
 
@@ -83,18 +83,17 @@ def sample_images(parts: Components, prompts: list[str], seed: int, sampling: Sa
 
 @torch.no_grad()
 def teacher_forced_stats(gpt, cfg_scale: float, text, captions: list[str] | None, codes: torch.Tensor,
-                         batch_size: int) -> dict[str, float]:
+                         batch_size: int, null_for: list[str] | None = None) -> dict[str, float]:
     """`next_token_stats` (NLL, top-1 accuracy and probability, entropy) of the target's next-token
-    distributions along real codes [N, n] (teacher forcing) given `captions` (None: the null caption),
-    means over the N images."""
+    distributions along real codes [N, n] (teacher forcing) given `captions` (None: the null caption,
+    masked as the captions `null_for` are), means over the N images."""
     target = LlamaGenTarget(gpt, cfg_scale=cfg_scale)
     sums: dict[str, float] = {}
     for start in range(0, len(codes), batch_size):
         batch = codes[start:start + batch_size]
-        if captions is None:
-            cond = Condition(gpt.null_cond(len(batch), batch.device))
-        else:
-            cond = condition_for(target, text, captions[start:start + batch_size])
+        cond = condition_for(target, text, (captions or null_for)[start:start + batch_size])
+        if captions is None:  # the null caption with the real caption's padding mask, as in training and CFG
+            cond = target.null_condition(cond, torch.ones(len(batch), dtype=torch.bool))
         for k, v in next_token_stats(target.teacher_forced(cond, batch).logits, batch).items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(batch)  # every row has the same number of tokens
     return {k: v / len(codes) for k, v in sums.items()}
@@ -113,7 +112,8 @@ _MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "
 
 def mirrored(caption: str) -> str:
     """The caption with every object's cell mirrored through the centre (left <-> right, top <-> bottom)."""
-    return re.sub(r"\b(left|right|top|bottom|upper|lower)\b", lambda m: _MIRROR[m.group(1)], caption)
+    # whole words only: "left-to-right gradient" and "top-to-bottom" name a background, not a cell
+    return re.sub(r"(?<![\w-])(left|right|top|bottom|upper|lower)(?![\w-])", lambda m: _MIRROR[m.group(1)], caption)
 
 
 def caption_use(gpt, text, captions: list[str], codes: torch.Tensor, batch_size: int) -> dict[str, float]:
@@ -121,7 +121,7 @@ def caption_use(gpt, text, captions: list[str], codes: torch.Tensor, batch_size:
     under their own caption, under it with the objects' cells mirrored (what positions are worth), under
     the next scene's caption and under the null caption (what the whole caption is worth)."""
     shifted = captions[1:] + captions[:1]
-    return {name: teacher_forced_stats(gpt, 1.0, text, caps, codes, batch_size)["nll"]
+    return {name: teacher_forced_stats(gpt, 1.0, text, caps, codes, batch_size, null_for=captions)["nll"]
             for name, caps in (("own", captions), ("cells_mirrored", [mirrored(c) for c in captions]),
                                ("another_scene", shifted), ("null", None))}
 

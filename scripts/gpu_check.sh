@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared device check: one call on a GPU machine, under 8 minutes (the steps' limits add up to
-# 470 s; run it with timeout_s=480, which leaves a 15-minute budget room for a rerun).
+# 450 s; run it with timeout_s=480, which leaves a 15-minute budget room for a rerun).
 #
 #   here:   make device-wheels          # hydra-core, omegaconf, antlr4 as wheels in .whl/ (the GPU image lacks
 #                                       # them) and .whl/world_captions.pt: the world prompts' caption features,
@@ -51,10 +51,10 @@ XL_ARGS="size=$SIZE device=$DEVICE dtype=$DTYPE compile=$COMPILE trace_prompts=2
 [ "$SIZE" = tiny ] && XL_ARGS="$XL_ARGS vocab_size=1024 cls_token_num=48 caption_dim=384"
 step bench_xl 130 $PY scripts/bench_xl.py $XL_ARGS $TEXT out_dir="$WORK/bench_xl"
 cp "$WORK/bench_xl/results.md" "$OUT/bench_xl.md" 2>/dev/null; cp "$WORK/bench_xl/results.csv" "$OUT/bench_xl.csv" 2>/dev/null
-step bench_xl_static 100 $PY scripts/bench_xl.py $XL_ARGS $TEXT static_shapes=true 'runs=[ar,eagle2,vvs]' \
+step bench_xl_static 90 $PY scripts/bench_xl.py $XL_ARGS $TEXT static_shapes=true 'runs=[ar,eagle2,vvs]' \
   out_dir="$WORK/bench_xl_static"
 cp "$WORK/bench_xl_static/results.md" "$OUT/bench_xl_static.md" 2>/dev/null
-step world 100 $PY scripts/benchmark.py device=$DEVICE $TEXT num_prompts=16 'seeds=[0]' fid=false \
+step world 90 $PY scripts/benchmark.py device=$DEVICE $TEXT num_prompts=16 'seeds=[0]' fid=false \
   'runs=[{label: ar, method: ar},{label: eagle2, method: eagle2},{label: lantern_pp, method: lantern_pp},{label: vvs, method: vvs},{label: vvs_auto, method: vvs, tree: {auto: true}}]' \
   out_dir="$WORK/world"
 cp "$WORK/world/results.md" "$OUT/world.md" 2>/dev/null; cp "$WORK/world/results.csv" "$OUT/world.csv" 2>/dev/null

@@ -59,6 +59,8 @@ def test_mirroring_moves_every_cell_through_the_centre():
     assert world.mirrored("a small red circle in the top left, a cat face at the bottom and a banana on the right"
                           ) == "a small red circle in the bottom right, a cat face at the top and a banana on the left"
     assert world.mirrored("one large rocket in the center") == "one large rocket in the center"
+    background = "a small fish on the left, against a red left-to-right gradient background, top-to-bottom"
+    assert world.mirrored(background) == background.replace("on the left", "on the right")
 
 
 def test_a_training_checkpoint_loads_as_its_folder_would(tmp_path):

@@ -212,9 +212,11 @@ def _verify_width(method: Method, drafts) -> int:
     that skipping allows (each skipped step commits at most a tree path)."""
     if drafts is None:
         return 1
-    limits = getattr(method.skipping, "limits", None)
-    chain = limits.max_consecutive * drafts.longest_path if limits is not None else 0
-    return chain + drafts.tree_size
+    run = getattr(method.skipping, "max_skip_run", None)
+    if run is None:
+        raise ValueError(f"static_shapes: method {method.name}'s skipping ({type(method.skipping).__name__}) does not "
+                         f"say how many steps it skips in a row (max_skip_run), which sizes the verify pass")
+    return run * drafts.longest_path + drafts.tree_size
 
 
 def _skipped(nodes: list[int], stale: Tensor) -> RowCommit:

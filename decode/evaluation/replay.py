@@ -70,6 +70,7 @@ class _RecordAcceptance:
 class _RecordSkipping:
     def __init__(self, inner, events: list[list]):
         self.inner, self.events = inner, events
+        self.max_skip_run = getattr(inner, "max_skip_run", None)
 
     def start(self, *args, **kwargs):
         return _RecordSkipRun(self.inner.start(*args, **kwargs), self.events)
@@ -205,6 +206,7 @@ class _ReplayAcceptance:
 class _ReplaySkipping:
     def __init__(self, inner, cursor: _Cursor):
         self.inner, self.cursor = inner, cursor
+        self.max_skip_run = getattr(inner, "max_skip_run", None)
 
     def start(self, *args, **kwargs):
         return _ReplaySkipRun(self.inner.start(*args, **kwargs), self.cursor)

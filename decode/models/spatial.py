@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from decode.models.checkpoint import FolderConfig, load_state_dict_strict, read_model_folder, save_model_folder

@@ -159,7 +159,7 @@ class EagleDrafting:
         """Feed the pending entries; commit them; returns the root's predicted feature [G*B, 1, D]."""
         g, dev = self.target.groups, pending.emb.device
         count = pending.count.repeat(g)  # host
-        if self.static and pending.emb.shape[1] < self.longest_path:  # the prefill's entries keep their own width
+        if self.static and pending.emb.shape[1] < self.longest_path:  # a t2i prefill's entries keep their own width
             emb, feats, valid = pad_entries(self.longest_path, pending.emb, pending.feats, pending.valid)
             pending = Pending(emb, feats, valid, pending.count)
         m = pending.emb.shape[1]

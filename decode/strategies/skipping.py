@@ -205,6 +205,8 @@ class FeatureCache:
 class NeverSkip:
     """The base method: every step is verified (nothing is fetched or cached for skipping)."""
 
+    max_skip_run = 0  # consecutive skipped steps at most (static shapes size the verify pass by it)
+
     def start(self, target, batch: int, num_tokens: int, generators, dtype, given: Tensor | None = None) -> "NoSkips":
         return NoSkips()
 
@@ -232,6 +234,11 @@ class Skipping:
     def __post_init__(self):
         if self.staleness < 0:
             raise ValueError(f"skip staleness must be >= 0, got {self.staleness}")
+
+    @property
+    def max_skip_run(self) -> int:
+        """Consecutive skipped steps at most (static shapes size the verify pass by it)."""
+        return self.limits.max_consecutive
 
     def start(self, target, batch: int, num_tokens: int, generators, dtype, given: Tensor | None = None) -> "SkipRun":
         """`given` [G, B, k, D]: the target's features of k image tokens given before decoding starts

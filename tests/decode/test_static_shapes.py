@@ -25,12 +25,12 @@ CASES = {  # method -> (sampling, options, pass kinds: target prefill + step, dr
 }
 
 
-def decode(target, drafter, cond, codebook, name, seeds, static):
+def decode(target, drafter, cond, codebook, name, seeds, static, num_tokens=40):
     sampling, options, _ = CASES[name]
     method = build_method(name, sampling=sampling, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
                           options=options)
-    return generate(target, cond, num_tokens=40, sampling=sampling, generators=row_generators(seeds), method=method,
-                    static_shapes=static)
+    return generate(target, cond, num_tokens=num_tokens, sampling=sampling, generators=row_generators(seeds),
+                    method=method, static_shapes=static)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -75,13 +75,24 @@ def test_each_pass_kind_traces_once_and_never_again(name, scope):
 
 def test_without_static_shapes_specialised_layers_retrace_as_the_cache_grows():
     """The contrast that shows the count can fail: the same static compilation decoding with dynamic shapes
-    meets a new key length at every step, and runs into dynamo's recompile limit (8) within one decode."""
+    meets a new key length at every step, and retraces each pass kind at each of them."""
     torch._dynamo.reset()
     target, drafter, cond, codebook = world(3)
     fast_target, fast_drafter, graphs = traced_copies(target, drafter, "stack")
-    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
-        decode(fast_target, fast_drafter, cond, codebook, "eagle2", [0, 1, 2], False)
-    assert len(graphs) >= 8
+    decode(fast_target, fast_drafter, cond, codebook, "eagle2", [0, 1, 2], False, num_tokens=12)
+    assert len(graphs) > 3 * CASES["eagle2"][2]
+
+
+def test_a_second_batch_size_traces_again_within_the_limit():
+    """Static compilation leaves dynamo room for several batch sizes (a run's smaller last batch): no
+    recompile-limit failure, and each size traces its own pass kinds once."""
+    torch._dynamo.reset()
+    target, drafter, _, codebook = world(3)
+    fast_target, fast_drafter, graphs = traced_copies(target, drafter, "stack")
+    for batch in (3, 2, 1):
+        cond = world(batch)[2]
+        decode(fast_target, fast_drafter, cond, codebook, "lantern_pp", list(range(batch)), True, num_tokens=16)
+    assert len(graphs) == 3 * CASES["lantern_pp"][2]
 
 
 def test_padding_sees_itself_only_and_keeps_the_block():
@@ -127,3 +138,45 @@ def test_the_cli_refuses_what_static_shapes_cannot_run_before_any_load():
     auto = OmegaConf.merge(llamagen, {"compile": "layer", "tree": {"auto": True}})
     with pytest.raises(ValueError, match="tree=auto times many tree sizes"):
         check_static_shapes(resolve_method("vvs"), auto)
+    check_static_shapes(resolve_method("ar"), auto)  # AR has no tree to size
+    with pytest.raises(ValueError, match="test-time scaling plan"):
+        check_static_shapes(resolve_method("vvs"), llamagen, scaling=object())
+
+
+def test_a_recorded_and_replayed_vvs_run_keeps_its_skip_bound():
+    """bench_xl records and replays through wrappers of the skip strategy: they carry its bound on
+    consecutive skips, which sizes the verify pass (without it the pass after a skip would not fit)."""
+    from decode.evaluation.replay import recording, replaying
+
+    target, drafter, cond, codebook = world(3)
+    sampling, options, _ = CASES["vvs_u"]
+
+    def method():
+        return build_method("vvs_u", sampling=sampling, tree=TreeParams(12, 3, 4), drafter=drafter,
+                            codebook=codebook, options=options)
+
+    recorder, events = recording(method(), 3)
+    recorded = generate(target, cond, num_tokens=40, sampling=sampling, generators=row_generators([0, 1, 2]),
+                        method=recorder, static_shapes=True)
+    assert int(recorded.skipped.sum()) > 0
+    replayer, cursor = replaying(method(), events)
+    replayed = generate(target, cond, num_tokens=40, sampling=sampling, generators=row_generators([0, 1, 2]),
+                        method=replayer, static_shapes=True)
+    assert torch.equal(replayed.nfe, recorded.nfe) and cursor.past_end == 0
+
+
+def test_a_skipping_without_a_bound_is_refused():
+    import dataclasses
+
+    target, drafter, cond, codebook = world(1)
+    sampling, options, _ = CASES["vvs_u"]
+    method = build_method("vvs_u", sampling=sampling, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
+                          options=options)
+
+    class Unbounded:  # a skip strategy that does not say how long its runs may be
+        def start(self, *args, **kwargs):
+            return method.skipping.start(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="does not say how many steps it skips in a row"):
+        generate(target, cond, num_tokens=16, sampling=sampling, generators=row_generators([0]),
+                 method=dataclasses.replace(method, skipping=Unbounded()), static_shapes=True)

@@ -188,6 +188,7 @@ def _call_block(block: nn.Module, h: Tensor, rope: Tensor, mask: Tensor, kv: Lay
 
 
 COMPILE_SCOPES = ("stack", "layer")
+STATIC_RECOMPILE_LIMIT = 64
 
 
 class BlockStack:
@@ -206,12 +207,15 @@ class BlockStack:
 
     _compiled = None
     _compile_scope = None
+    _graphs = False  # compiled as CUDA graphs: their outputs are overwritten by the next replay
 
     def run_blocks(self, h: Tensor, rope: Tensor, mask: Tensor, cache: KVCache | None,
                    slots: Tensor | None) -> Tensor:
         if self._compile_scope == "stack":
-            return self._compiled(self, h, rope, mask, cache, slots)
-        return BlockStack._layers(self, h, rope, mask, cache, slots)
+            h = self._compiled(self, h, rope, mask, cache, slots)
+        else:
+            h = BlockStack._layers(self, h, rope, mask, cache, slots)
+        return h.clone() if self._graphs else h  # a caller may keep it past the graph's next replay
 
     def _layers(self, h, rope, mask, cache, slots):
         per_layer = self._compile_scope == "layer"
@@ -221,16 +225,21 @@ class BlockStack:
             h = call(block, h, rope, mask, kv)
         return h
 
-    def compile_blocks(self, scope: str = "stack", backend="inductor", static: bool = False) -> None:
+    def compile_blocks(self, scope: str = "stack", backend: str = "inductor", static: bool = False) -> None:
         """`static`: shapes specialised (dynamic=False), for decoding with static shapes, where each
         pass kind has one shape; on a GPU inductor then captures each graph as a CUDA graph."""
         if scope not in COMPILE_SCOPES:
             raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
         # plain functions, not bound methods: a deep copy of this module then runs its own layers
         fn = BlockStack._layers if scope == "stack" else _call_block
-        graphs = static and backend == "inductor" and next(self.parameters()).is_cuda
+        self._graphs = static and backend == "inductor" and next(self.parameters()).is_cuda
+        if static:
+            # every model compiled in the process shares these code objects, and each pass kind of each
+            # (a decode's 2-7, again for another batch size or image length) is one specialisation:
+            # past the limit a fullgraph compile fails, so leave room
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_RECOMPILE_LIMIT)
         self._compiled = torch.compile(fn, dynamic=not static, fullgraph=True, backend=backend,
-                                       mode="reduce-overhead" if graphs else None)
+                                       mode="reduce-overhead" if self._graphs else None)
         self._compile_scope = scope
 
 

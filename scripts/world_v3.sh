@@ -6,8 +6,8 @@
 #
 # Stages, in order (a stage is done once its output folder exists; training stages resume exactly
 # from their last checkpoint, ckpt_path=last):
-#   target       the LlamaGen t2i target (4 layers, dim 256, 4096 codes) on 60,000 v3 scenes, 12,000
-#                steps: about 6-7 hours on 2 CPU cores alone
+#   target       the LlamaGen t2i target (dim 256, 4096 codes) on 60,000 v3 scenes: 4 layers for 7,250
+#                steps, then grown to 8 layers for 8,000 more (bf16; about 40 steps a minute on 2 cores)
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the issue's bar: AR samples >= 0.6), FID, the realism bar
 #   drafter      EAGLE drafter distilled on the target's code shards
@@ -19,7 +19,7 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 V3=${V3:-outputs/v3}
 TOK=$V3/tokenizer_big/tokenizer
-TARGET=$V3/target/target
+TARGET=$V3/target8/target
 CODES=$V3/target/codes
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
 STAGES=${STAGES:-target eval_target drafter spatial scheduler}
@@ -36,9 +36,11 @@ stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists or N
   echo "$name: done in $((SECONDS - t0)) s -> $output"
 }
 
-stage target "$TARGET" $PY -m train target out_dir=$V3/target data.build=true data.world=v3 data.tokenizer=$TOK \
-  gpt.vocab_size=4096 data.build_train=60000 data.build_heldout=512 trainer.max_steps=12000 \
-  trainer.val_check_interval=1000 trainer.limit_val_batches=8 checkpoint_every=250 ckpt_path=last
+# the 4-layer run (stopped at step 7250, objects stalled: docs/results.md "World v3"), grown to 8 layers
+stage target "$TARGET" bash -c "$PY -m train target out_dir=$V3/target8 init=$V3/target/checkpoints/step_7250.ckpt \
+  gpt.n_layer=8 gpt.vocab_size=4096 $SHARDS data.tokenizer=$TOK data.world=v3 optim.lr=5e-4 trainer.max_steps=8000 \
+  trainer.val_check_interval=1000 trainer.limit_val_batches=8 checkpoint_every=250 trainer.precision=bf16-mixed \
+  ckpt_path=last"
 stage eval_target "$V3/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \
   --evaluator $V3/evaluator/evaluator --world v3 --num 256 --out $V3/eval_target
 # shellcheck disable=SC2086  # the overrides are words on purpose

@@ -149,12 +149,33 @@ def _shards(tensors: dict[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
 
 
 def save_model_folder(folder: str | os.PathLike, module: nn.Module, config: dict, kind: str,
-                      extra: dict | None = None) -> Path:
-    """Write config.json + model.safetensors atomically (temporary names, then rename)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": kind, "config": config, **(extra or {})}
+                      extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors atomically (temporary names, then rename). `dtype`
+    stores the floating-point weights in another precision (loading casts them back to the model's)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return _write_folder(Path(folder), tensors, {"kind": kind, "config": config, **(extra or {})}, dtype)
+
+
+def cast_model_folder(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> Path:
+    """Copy a model folder of any kind with its floating-point weights stored as `dtype` (for example
+    float16 to halve what a repository ships); the config and the other files are kept as they are."""
+    src, dst = Path(src), Path(dst)
+    meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
+    if meta is None or "kind" not in meta:
+        raise CheckpointError(f"{src}: not a model folder of this project (no config.json with a kind)")
+    if dst.resolve() != src.resolve():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():  # model cards, metrics, pictures
+            if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+                (dst / f.name).write_bytes(f.read_bytes())
+    return _write_folder(dst, read_state_dict(src), meta, dtype)
+
+
+def _write_folder(folder: Path, tensors: dict[str, Tensor], meta: dict, dtype: torch.dtype | None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        meta = {**meta, "weights_dtype": str(dtype).removeprefix("torch.")}
     groups = _shards(tensors, SHARD_BYTES)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])

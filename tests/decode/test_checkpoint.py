@@ -103,3 +103,25 @@ def test_large_model_folders_are_sharded_and_read_back(tmp_path, monkeypatch):
     (tmp_path / "n" / sorted(set(index["weight_map"].values()))[-1]).unlink()
     with pytest.raises(FileNotFoundError, match="model-"):
         ck.read_state_dict(tmp_path / "n")
+
+
+def test_folder_cast_to_float16_halves_the_weights_and_loads_back_as_float32(tmp_path):
+    import json
+
+    from decode.models.checkpoint import cast_model_folder
+
+    gpt = tiny_gpt(seed=3)
+    save_model_folder(tmp_path / "m", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    (tmp_path / "m" / "README.md").write_text("card")
+    cast_model_folder(tmp_path / "m", tmp_path / "h", torch.float16)
+    size = lambda d: sum(p.stat().st_size for p in d.glob("model*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "h") < 0.55 * size(tmp_path / "m")
+    assert (tmp_path / "h" / "README.md").read_text() == "card"
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["weights_dtype"] == "float16"
+    loaded = build_gpt(str(tmp_path / "h"))
+    for k, v in gpt.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == v.dtype, k  # the model keeps its own precision
+        assert torch.equal(got, v.half().to(v.dtype)), k  # ... and the float16 value of each weight
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        cast_model_folder(tmp_path / "nothing", tmp_path / "x", torch.float16)

@@ -43,6 +43,12 @@ class KVCache:
                     torch._dynamo.mark_static_address(t)
         return cache
 
+    def clear(self) -> "KVCache":
+        """Empty the cache in place (same tensors, same addresses), for a decode that reuses it."""
+        for t in (self.k, self.v, self.valid, self.length, self.host_length):
+            t.zero_()
+        return self
+
     @property
     def batch(self) -> int:
         return self.k.shape[1]

@@ -128,9 +128,8 @@ class Drafter(BlockStack, nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         p = self.fc.weight
         lc = self.config.layer_config()
-        return KVCache.allocate(num_layers=self.config.n_layer, batch=batch, num_heads=lc.kv_heads,
-                                head_dim=lc.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=p.device,
-                                static=static)
+        return self.allocate_cache(static, num_layers=self.config.n_layer, batch=batch, num_heads=lc.kv_heads,
+                                   head_dim=lc.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=p.device)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,31 @@ def test_a_second_batch_size_traces_again_within_the_limit():
     assert len(graphs) == 3 * CASES["lantern_pp"][2]
 
 
+def test_a_second_decode_reuses_the_static_caches_and_decodes_what_a_fresh_one_does():
+    """CUDA graphs replay on fixed addresses: a decode of the same shape gets the same cache tensors back,
+    emptied, and what it decodes does not depend on what the cache held before."""
+    target, drafter, cond, codebook = world(3)
+    made = []
+
+    def spy(model):
+        new_cache = model.new_cache
+        model.new_cache = lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]
+
+    spy(target.gpt)
+    spy(drafter)
+    decode(target, drafter, cond, codebook, "eagle2", [0, 1, 2], True)
+    first = [(c.k.data_ptr(), c.v.data_ptr()) for c in made]
+    made.clear()
+    second = decode(target, drafter, cond, codebook, "eagle2", [5, 6, 7], True)
+    assert [(c.k.data_ptr(), c.v.data_ptr()) for c in made] == first and len(first) == 2
+    fresh_target, fresh_drafter, _, _ = world(3)
+    fresh = decode(fresh_target, fresh_drafter, cond, codebook, "eagle2", [5, 6, 7], True)
+    assert torch.equal(second.tokens, fresh.tokens) and torch.equal(second.nfe, fresh.nfe)
+    made.clear()
+    decode(target, drafter, cond, codebook, "eagle2", [5, 6, 7], False)  # dynamic caches are not pooled
+    assert all(c.k.data_ptr() not in {p for p, _ in first} for c in made)
+
+
 def test_padding_sees_itself_only_and_keeps_the_block():
     block = torch.tensor([[[1, 0], [1, 1]]], dtype=torch.bool)
     mask, tokens, depths = pad_block(4, block, torch.tensor([[7, 8]]), torch.tensor([[0, 1]]))

@@ -189,6 +189,7 @@ def _call_block(block: nn.Module, h: Tensor, rope: Tensor, mask: Tensor, kv: Lay
 
 COMPILE_SCOPES = ("stack", "layer")
 STATIC_RECOMPILE_LIMIT = 64
+STATIC_CACHES = 4  # static caches a model keeps for reuse (one per batch size and length; see allocate_cache)
 
 
 class BlockStack:
@@ -224,6 +225,22 @@ class BlockStack:
             kv = None if cache is None else cache.layer(i, slots, own_tensor=per_layer)
             h = call(block, h, rope, mask, kv)
         return h
+
+    def allocate_cache(self, static: bool, **shape) -> KVCache:
+        """A new cache (`shape`: KVCache.allocate's arguments). A static cache is kept and handed, emptied,
+        to the next decode of the same shape: CUDA graphs captured on its addresses then replay instead
+        of being captured again. One decode at a time per model uses it (a second one of the same shape
+        running meanwhile would share it); the last STATIC_CACHES shapes are kept."""
+        if not static:
+            return KVCache.allocate(**shape)
+        pool = self.__dict__.setdefault("_static_caches", {})  # key -> cache, least recently used first
+        key = tuple(sorted((k, str(v)) for k, v in shape.items()))
+        cache = pool.pop(key, None)
+        cache = cache.clear() if cache is not None else KVCache.allocate(static=True, **shape)
+        pool[key] = cache
+        while len(pool) > STATIC_CACHES:
+            pool.pop(next(iter(pool)))
+        return cache
 
     def compile_blocks(self, scope: str = "stack", backend: str = "inductor", static: bool = False) -> None:
         """`static`: shapes specialised (dynamic=False), for decoding with static shapes, where each
@@ -326,6 +343,6 @@ class LlamaGenGPT(BlockStack, nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
         p = self.output.weight
-        return KVCache.allocate(num_layers=self.config.n_layer, batch=batch, num_heads=self.config.kv_heads,
-                                head_dim=self.config.head_dim, max_len=max_len, dtype=dtype or p.dtype,
-                                device=p.device, static=static)
+        return self.allocate_cache(static, num_layers=self.config.n_layer, batch=batch,
+                                   num_heads=self.config.kv_heads, head_dim=self.config.head_dim, max_len=max_len,
+                                   dtype=dtype or p.dtype, device=p.device)

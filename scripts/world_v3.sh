@@ -13,6 +13,8 @@
 #   drafter      EAGLE drafter distilled on the target's code shards
 #   spatial      right/below spatial heads on the same shards
 #   scheduler    VVS's learned skip policy from traces of v3 prompts
+#   ship         every v3 model folder copied to $V3/ship/<name> with float16 weights (the budget for what
+#                the repository ships is 40 MB), model cards kept; prints the total size
 # The tokenizer ($V3/tokenizer_big) and the evaluator ($V3/evaluator) were trained before, by the
 # commands in their folders' model cards. Logs: $V3/<stage>.log.
 set -euo pipefail
@@ -22,7 +24,7 @@ TOK=$V3/tokenizer_big/tokenizer
 TARGET=$V3/target8/target
 CODES=$V3/target/codes
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
-STAGES=${STAGES:-target eval_target drafter spatial scheduler}
+STAGES=${STAGES:-target eval_target drafter spatial scheduler ship}
 SHARDS="data.train_urls='$CODES/train-{000000..000059}.tar' data.heldout_urls=$CODES/heldout-000000.tar"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 
@@ -53,3 +55,19 @@ stage spatial "$V3/spatial/spatial" bash -c "$PY -m train drafter drafter.kind=s
 stage scheduler "$V3/scheduler/scheduler" $PY -m train scheduler out_dir=$V3/scheduler target.ckpt=$TARGET \
   tokenizer.ckpt=$TOK drafter.ckpt=$V3/drafter/drafter traces.world=v3 trainer.max_steps=3000 \
   trainer.val_check_interval=500 ckpt_path=last
+stage ship "$V3/ship" $PY -c "
+import sys
+from pathlib import Path
+import torch
+from decode.models.checkpoint import cast_model_folder
+out = Path('$V3/ship.partial')  # renamed to ship once all fit the budget
+folders = dict(tokenizer='$TOK', target='$TARGET', drafter='$V3/drafter/drafter', spatial='$V3/spatial/spatial',
+               evaluator='$V3/evaluator/evaluator', scheduler='$V3/scheduler/scheduler')
+for name, src in folders.items():
+    cast_model_folder(src, out / name, torch.float16)
+total = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+print(f'{len(folders)} folders in float16: {total / 2**20:.1f} MiB')
+if total > 40 * 2**20:
+    sys.exit(f'over the 40 MB budget; left in {out}')
+out.rename('$V3/ship')
+"

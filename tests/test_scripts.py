@@ -155,3 +155,25 @@ def test_pareto_front_keeps_runs_no_other_beats_on_speed_and_quality():
            "slow_far": dict(step_compression=2.0, target_nll=2.0, alignment=0.18)}
     assert pareto_front(pts, "target_nll", 2.6) == ["ar", "fast_close"]  # two-sided: distance from AR
     assert pareto_front(pts, "alignment", None) == ["ar", "slow_far", "fast_close"]
+
+
+def test_the_fastest_run_at_ars_quality_is_picked_per_method_and_named_in_the_table():
+    import decode.evaluation.benchmark as bench
+
+    def run(label, method, sc, nll, fd, align):
+        return dict(ROWS[0], label=label, curve=label, method=method, step_compression=sc, target_nll=nll,
+                    target_nll_lo=nll - 0.1, target_nll_hi=nll + 0.1, fd_world=fd, fd_world_lo=fd - 5,
+                    fd_world_hi=fd + 5, alignment=align, alignment_lo=align - 0.05, alignment_hi=align + 0.05)
+
+    rows = [run("ar", "ar", 1.0, 2.5, 50, 0.50),
+            run("vvs_a", "vvs", 3.0, 2.55, 52, 0.48),
+            run("vvs_b", "vvs", 5.0, 2.9, 52, 0.48),   # NLL out of AR's interval [2.4, 2.6]
+            run("vvs_c", "vvs", 4.0, 2.45, 40, 0.60),  # better FD-world and alignment: no loss
+            run("lantern", "lantern", 3.5, 2.2, 50, 0.5),  # mode-seeking: below the interval is a change too
+            run("eagle2", "eagle2", 2.0, 2.5, 56, 0.5)]    # FD-world past AR's worse end (55)
+    pts = bench._points(rows, ["target_nll", "fd_world", "alignment"])
+    assert bench.at_ar_quality(pts, ["target_nll", "fd_world", "alignment"]) == {"vvs": "vvs_c"}
+    assert bench.at_ar_quality(pts, ["target_nll"]) == {"vvs": "vvs_c", "eagle2": "eagle2"}
+    text = bench.markdown(rows, META)
+    assert "Fastest run of each method at AR's quality" in text and "- vvs: vvs_c (4.00x)" in text
+    assert "at AR's quality" not in bench.markdown(ROWS, META)  # no intervals: no claim

@@ -182,7 +182,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "(the run's CFG and sampling); [lo, hi] = 95 % bootstrap interval over images (1,000 resamples, seeded; "
         "FD-world's re-centred on its value).",
     ]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + _at_ar_quality_lines(rows)) + "\n"
+
+
+def _at_ar_quality_lines(rows: list[dict]) -> list[str]:
+    """The fastest run of each method whose quality is AR's on every measure with an interval."""
+    measures = [k for k in ("target_nll", "fd_world", "alignment")
+                if all(k in r and f"{k}_lo" in r and not math.isnan(r[k]) for r in rows)]
+    if not measures:
+        return []
+    points = _points(rows, measures)
+    best = at_ar_quality(points, measures)
+    out = ["", f"Fastest run of each method at AR's quality ({', '.join(measures)}: target NLL inside AR's "
+           "interval, the others not past its worse end; `at_ar_quality`):"]
+    out += [f"- {m}: {lb} ({points[lb]['step_compression']:.2f}x)" for m, lb in
+            sorted(best.items(), key=lambda kv: -points[kv[1]]["step_compression"])]
+    return out + (["- none"] if not best else [])
 
 
 def _ci(row: dict, name: str, fmt: str) -> str:
@@ -441,6 +456,32 @@ def _points(rows: list[dict], measures: list[str]) -> dict[str, dict]:
             pt[k + "_hi"] = max(r[f"{k}_hi"] for r in rs) if with_ci else max(vals)
         points[label] = pt
     return points
+
+
+def at_ar_quality(points: dict[str, dict], measures: list[str]) -> dict[str, str]:
+    """method -> the label of its run with the highest step compression whose quality is AR's on every
+    measure: target NLL inside AR's interval (either side is a change of distribution), the one-sided
+    measures not past the worse end of it (a better FD-world or alignment is no loss). The rule that
+    picks a method's defaults from a frontier sweep (issue 20: `method=vvs` takes the fastest such run)."""
+    ar = [p for p in points.values() if p["method"] == "ar"]
+    if not ar:
+        return {}
+    band = {k: (min(p[k + "_lo"] for p in ar), max(p[k + "_hi"] for p in ar)) for k in measures}
+
+    def keeps_quality(p):
+        for k in measures:
+            lo, hi = band[k]
+            sense = QUALITY[k][1]
+            if (sense == 0 and not lo <= p[k] <= hi) or (sense == 1 and p[k] < lo) or (sense == -1 and p[k] > hi):
+                return False
+        return True
+
+    best: dict[str, str] = {}
+    for label, p in points.items():
+        if p["method"] != "ar" and keeps_quality(p):
+            if p["method"] not in best or p["step_compression"] > points[best[p["method"]]]["step_compression"]:
+                best[p["method"]] = label
+    return best
 
 
 def pareto_front(points: dict[str, dict], key: str, ar_value: float | None) -> list[str]:

@@ -26,10 +26,10 @@ RUNS = [
     ("lantern", "lantern", {}),
     ("lantern_pp", "lantern_pp", {}),
     ("vvs_u", "vvs_u", {}),
-    ("vvs", "vvs", {}),
-    ("vvs_tau05", "vvs", {"tau": 0.5}),
-    ("vvs_learned", "vvs", {"skipping": "learned", "threshold": 0.5}),
-    ("vvs_stale2", "vvs", {"tau": 0.5, "staleness": 2, "max_consecutive": 2}),
+    ("vvs", "vvs", {"base": "lantern", "tau": 0.7}),  # recorded when VVS's default base was LANTERN
+    ("vvs_tau05", "vvs", {"base": "lantern", "tau": 0.5}),
+    ("vvs_learned", "vvs", {"base": "lantern", "skipping": "learned", "threshold": 0.5}),
+    ("vvs_stale2", "vvs", {"base": "lantern", "tau": 0.5, "staleness": 2, "max_consecutive": 2}),
     ("lantern_pp_sim", "lantern_pp", {"skipping": "similarity", "tau": 0.5}),  # skipping over LANTERN++
     ("eagle2_uniform", "eagle2", {"skipping": "uniform"}),  # skipping over exact acceptance
     ("sjd", "sjd", {}),

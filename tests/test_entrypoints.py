@@ -78,7 +78,7 @@ def test_every_greedy_exact_method_writes_the_images_of_greedy_ar(tmp_path):
               "tokenizer.encoder_ch_mult=[1,1]", "tokenizer.decoder_ch_mult=[1,1]", f"hydra.run.dir={tmp_path}/h",
               f"drafter.ckpt={tmp_path / 'drafter'}", "tree=fixed", "tree.total_tokens=6", "tree.depth=2", "tree.top_k=3"]
     runs = {"ar": [], "eagle2": [], "lantern": ["method.delta=0"], "sjd": ["method.window=4"],
-            "vvs": ["method.tau=0", "method.lantern_k=8", "method.delta=0.3"]}
+            "vvs": ["method.base=lantern", "method.tau=0", "method.lantern_k=8", "method.delta=0.3"]}
     images, rows = {}, {}
     for method, extra in runs.items():
         out = tmp_path / method

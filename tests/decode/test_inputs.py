@@ -11,7 +11,7 @@ from decode.strategies.registry import resolve_method
 
 
 @pytest.mark.parametrize("name,knob,value,words", [
-    ("vvs", "lantern_k", 0, "method.lantern_k must be >= 1"),
+    ("lantern", "lantern_k", 0, "method.lantern_k must be >= 1"),
     ("sjd", "window", 0, "method.window"),
     ("sjd", "init", "bogus", "method.init must be one of"),
     ("lantern_pp", "static_tree", "oak", "method.static_tree must be one of"),
@@ -27,7 +27,7 @@ def test_method_knobs_out_of_range_name_themselves(name, knob, value, words):
 
 
 def test_the_edges_of_each_range_are_fine():
-    resolve_method("vvs", dict(tau=1.0, lantern_k=1, delta=0.0))
+    resolve_method("vvs", dict(base="lantern", tau=1.0, lantern_k=1, delta=0.0))
     resolve_method("sjd", dict(window=1, init="random"))
     resolve_method("lantern_pp", dict(static_tree="chain", lam=1.0))
 

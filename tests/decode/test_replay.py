@@ -10,7 +10,7 @@ from decode.strategies.registry import build_method
 from tests.decode.test_speculative import SAMPLED, run, world
 
 
-@pytest.mark.parametrize("name,options", [("eagle2", {}), ("vvs", {"lantern_k": 16, "tau": 0.2})])
+@pytest.mark.parametrize("name,options", [("eagle2", {}), ("vvs", {"base": "lantern", "lantern_k": 16, "tau": 0.2})])
 def test_a_replay_on_another_model_makes_the_recorded_passes_and_skips(name, options):
     small, drafter, cond, codebook = world(2, seed=0)
     other, other_drafter, _, _ = world(2, seed=5)  # other weights: its own decisions would differ

@@ -23,7 +23,7 @@ def test_vvs_that_never_skips_is_its_base_method(sampling):
     target, drafter, cond, codebook = world(3)
     kw = dict(sampling=sampling, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
     base = run(target, cond, build_method("lantern", **kw, options=dict(lantern_k=16)), sampling)
-    for name, opts in [("vvs", dict(lantern_k=16, tau=2.0)),          # similarity never reaches 2
+    for name, opts in [("vvs", dict(base="lantern", lantern_k=16, tau=2.0)),          # similarity never reaches 2
                        ("vvs_u", dict(lantern_k=16, interval=1))]:   # interval 1 never skips
         vvs = run(target, cond, build_method(name, **kw, options=opts), sampling)
         assert torch.equal(vvs.tokens, base.tokens) and torch.equal(vvs.nfe, base.nfe)
@@ -134,7 +134,7 @@ def test_learned_scheduler_interface_with_a_test_double():
         return torch.ones(features.shape[0])
 
     kw = dict(sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
-    opts = dict(lantern_k=16, skipping="learned", threshold=0.5)
+    opts = dict(base="lantern", lantern_k=16, skipping="learned", threshold=0.5)
     gen = run(target, cond, build_method("vvs", **kw, options=opts, learned_policy=always_safe), SAMPLED)
     assert calls and calls[0][1] == 8
     assert (gen.skipped > 0).all()
@@ -159,7 +159,7 @@ def test_feature_cache_reuses_the_most_recent_features():
 def test_a_batch_runs_a_pass_whenever_any_row_verifies():
     target, drafter, cond, codebook = world(3)
     kw = dict(sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook)
-    vvs = run(target, cond, build_method("vvs", **kw, options=dict(lantern_k=16, tau=0.2)), SAMPLED)
+    vvs = run(target, cond, build_method("vvs", **kw, options=dict(base="lantern", lantern_k=16, tau=0.2)), SAMPLED)
     assert vvs.batch_passes >= int(vvs.nfe.max())  # per-row NFE never exceeds the batch's passes
     uniform = run(target, cond, build_method("vvs_u", **kw, options=dict(lantern_k=16, interval=2)),
                   SAMPLED)

@@ -112,7 +112,7 @@ def test_rows_do_not_depend_on_their_batch():
     """Each image depends on its own seed only: decoded alone or beside others, same tokens."""
     target, drafter, cond, codebook = world(3)
     method = build_method("vvs", sampling=SAMPLED, tree=TreeParams(12, 3, 4), drafter=drafter, codebook=codebook,
-                          options=dict(lantern_k=16, tau=0.2))
+                          options=dict(base="lantern", lantern_k=16, tau=0.2))
     together = run(target, cond, method, SAMPLED, seeds=[7, 8, 9])
     alone = run(target, Condition(cond.cond[1:2], cond.mask[1:2]), method, SAMPLED, seeds=[8])
     assert torch.equal(together.tokens[1:2], alone.tokens)

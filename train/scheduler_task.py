@@ -7,7 +7,7 @@
    scenes; held-out traces from other scenes.
 2. A small MLP (or logistic regression, model.hidden=0) learns P(safe) with binary cross-entropy.
 3. The folder (`<out_dir>/scheduler`) names the target and drafter it was trained with; decode
-   uses it with `method=vvs method.skipping=learned method.scheduler_ckpt=FOLDER`.
+   uses it with `method=vvs method.base=lantern method.skipping=learned method.scheduler_ckpt=FOLDER`.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                          wall_s=wall + trace_s, metrics=metrics,
                          notes=f"Traces: {len(train)} training steps, {len(held)} held-out steps, built in "
                                f"{trace_s:.0f} s (0 s: reused). Use: python -m decode method=vvs "
-                               f"method.skipping=learned method.scheduler_ckpt=<this folder>. heldout/* metrics "
+                               f"method.base=lantern method.skipping=learned method.scheduler_ckpt=<this folder>. heldout/* metrics "
                                f"compare the policy with VVS's path-similarity rule on held-out steps. "
                                + inherited_licence(cfg.target.ckpt))
         print(f"scheduler ({label} label): held-out AUROC {metrics['val/auroc']:.3f}, accuracy "

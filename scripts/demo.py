@@ -7,7 +7,8 @@
    prompts and seeds:
    - greedy AR and greedy EAGLE-2: exact speculative decoding must reproduce AR's images byte for
      byte with fewer target forwards (checked here);
-   - sampled AR and sampled VVS (LANTERN acceptance + similarity-scheduled verification skipping):
+   - sampled AR and sampled VVS (exact EAGLE-2 acceptance + similarity-scheduled verification skipping,
+     the frontier's pick; docs/results.md "VVS's defaults"):
      each prints its speed summary (NFE, step compression, tau, skip ratio, latency split) and the
      evaluator's alignment of what it made; a side-by-side table closes the demo. These runs fix
      the draft tree (tree=fixed, 59 nodes) to show what speculation does to the step count;

@@ -148,7 +148,7 @@ def test_a_run_can_set_its_own_tree_and_batch_size():
 
 
 def test_pareto_front_keeps_runs_no_other_beats_on_speed_and_quality():
-    from decode.evaluation.benchmark import pareto_front
+    from decode.evaluation.frontier import pareto_front
 
     pts = {"ar": dict(step_compression=1.0, target_nll=2.6, alignment=0.20),
            "fast_close": dict(step_compression=3.0, target_nll=2.5, alignment=0.15),
@@ -159,6 +159,7 @@ def test_pareto_front_keeps_runs_no_other_beats_on_speed_and_quality():
 
 def test_the_fastest_run_at_ars_quality_is_picked_per_method_and_named_in_the_table():
     import decode.evaluation.benchmark as bench
+    import decode.evaluation.frontier as frontier
 
     def run(label, method, sc, nll, fd, align):
         return dict(ROWS[0], label=label, curve=label, method=method, step_compression=sc, target_nll=nll,
@@ -171,9 +172,9 @@ def test_the_fastest_run_at_ars_quality_is_picked_per_method_and_named_in_the_ta
             run("vvs_c", "vvs", 4.0, 2.45, 40, 0.60),  # better FD-world and alignment: no loss
             run("lantern", "lantern", 3.5, 2.2, 50, 0.5),  # mode-seeking: below the interval is a change too
             run("eagle2", "eagle2", 2.0, 2.5, 56, 0.5)]    # FD-world past AR's worse end (55)
-    pts = bench._points(rows, ["target_nll", "fd_world", "alignment"])
-    assert bench.at_ar_quality(pts, ["target_nll", "fd_world", "alignment"]) == {"vvs": "vvs_c"}
-    assert bench.at_ar_quality(pts, ["target_nll"]) == {"vvs": "vvs_c", "eagle2": "eagle2"}
+    pts = frontier._points(rows, ["target_nll", "fd_world", "alignment"])
+    assert frontier.at_ar_quality(pts, ["target_nll", "fd_world", "alignment"]) == {"vvs": "vvs_c"}
+    assert frontier.at_ar_quality(pts, ["target_nll"]) == {"vvs": "vvs_c", "eagle2": "eagle2"}
     text = bench.markdown(rows, META)
     assert "Fastest run of each method at AR's quality" in text and "- vvs: vvs_c (4.00x)" in text
     assert "at AR's quality" not in bench.markdown(ROWS, META)  # no intervals: no claim

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -160,14 +161,15 @@ def cast_model_folder(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
     """Copy a model folder of any kind with its floating-point weights stored as `dtype` (for example
     float16 to halve what a repository ships); the config and the other files are kept as they are."""
     src, dst = Path(src), Path(dst)
-    meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else None
-    if meta is None or "kind" not in meta:
-        raise CheckpointError(f"{src}: not a model folder of this project (no config.json with a kind)")
+    try:
+        meta = read_model_meta(src)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{src}: not a model folder of this project ({err})") from err
     if dst.resolve() != src.resolve():
         dst.mkdir(parents=True, exist_ok=True)
         for f in src.iterdir():  # model cards, metrics, pictures
             if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
-                (dst / f.name).write_bytes(f.read_bytes())
+                shutil.copyfile(f, dst / f.name)
     return _write_folder(dst, read_state_dict(src), meta, dtype)
 
 
@@ -202,20 +204,24 @@ def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict, dict[
     return read_model_meta(folder, kind), read_state_dict(folder)
 
 
-def read_model_meta(folder: str | os.PathLike, kind: str) -> dict:
-    """The config.json of a folder written by `save_model_folder` (its weights not read); checks its kind."""
+def read_model_meta(folder: str | os.PathLike, kind: str | None = None) -> dict:
+    """The config.json of a folder written by `save_model_folder` (its weights not read); checks its kind
+    (None: any kind)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
+    what = f"a {kind} model folder" if kind else "a model folder"
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist (expected a {kind} model folder)")
+        raise FileNotFoundError(f"{folder} does not exist (expected {what})")
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is a file; expected a {kind} model folder (config.json + weights)")
+        raise FileNotFoundError(f"{folder} is a file; expected {what} (config.json + weights)")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (is this a model folder of this project?)")
     try:
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
-    if meta.get("kind") != kind:
+    if kind is None and "kind" not in meta:
+        raise CheckpointError(f"{folder}: config.json has no kind (not a model folder of this project)")
+    if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{folder} holds a {meta.get('kind')!r}, expected a {kind!r}")
     return meta

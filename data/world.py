@@ -40,7 +40,10 @@ PHOTO_PATTERN = "photo"  # only with SceneGenerator(photos=True): needs scikit-i
 # kinds: at 64 px a small target learns backgrounds but not objects, and even the tokenizer's
 # reconstructions lose a third of the alignment); v3 keeps 16 emoji whose colour and silhouette stay
 # distinct at 13-21 px, so that the conditional part of a scene is learnable by a small target.
-WORLDS = ("v2", "v3")
+# v4 draws v3's kinds one object per scene: with up to three, an 8-layer target learned backgrounds
+# and kinds but not which object goes in which cell (docs/results.md "World v3").
+WORLDS = ("v2", "v3", "v4")
+WORLD_MAX_OBJECTS = {"v2": 3, "v3": 3, "v4": 1}
 DEFAULT_WORLD = "v2"
 _V3_EMOJI = ("red apple", "banana", "watermelon", "carrot", "mushroom", "evergreen tree", "sunflower", "cat face",
              "frog face", "penguin", "fish", "butterfly", "rocket", "automobile", "crown", "snail")
@@ -141,7 +144,7 @@ def world_name(world: str | None) -> str:
 @functools.cache
 def emoji_catalogue(world: str | None = None) -> tuple[Emoji, ...]:
     """The world's emoji, sorted by code point; names are unique."""
-    if world_name(world) == "v3":
+    if world_name(world) in ("v3", "v4"):
         by_name = {e.name: e for e in _all_emoji()}
         return tuple(sorted((by_name[n] for n in _V3_EMOJI), key=lambda e: e.codepoint))
     return _all_emoji()
@@ -377,8 +380,10 @@ class SceneGenerator:
     """Scene i depends only on (world, seed, i); fonts and emoji glyphs are rendered once and cached."""
 
     def __init__(self, image_size: int = 64, seed: int = 0, *, supersample: int = 2, emoji_share: float = 0.6,
-                 max_objects: int = 3, photos: bool = False, texture: float | None = None, world: str | None = None):
+                 max_objects: int | None = None, photos: bool = False, texture: float | None = None,
+                 world: str | None = None):
         texture = WORLD_TEXTURE if texture is None else float(texture)  # None: the world's grain
+        max_objects = WORLD_MAX_OBJECTS[world_name(world)] if max_objects is None else max_objects
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
         if seed < 0 or not 1 <= max_objects <= len(CELLS) or supersample < 1 or not 0.0 <= texture <= 1.0:

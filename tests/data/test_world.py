@@ -212,6 +212,14 @@ def test_world_v3_draws_its_sixteen_emoji_and_keeps_the_grammar():
     assert all(o["name"] in b.caption for o in b.attributes["objects"])
 
 
+def test_world_v4_draws_one_object_of_v3s_kinds_per_scene():
+    v3, v4 = SceneGenerator(seed=3, world="v3"), SceneGenerator(seed=3, world="v4")
+    assert world_vocabulary("v4")["emoji"] == world_vocabulary("v3")["emoji"]
+    assert {len(v4.scene(i).attributes["objects"]) for i in range(100)} == {1}
+    assert max(len(v3.scene(i).attributes["objects"]) for i in range(100)) == 3
+    assert len(SceneGenerator(seed=3, world="v4", max_objects=2).scene(7).attributes["objects"]) in (1, 2)
+
+
 def test_an_unknown_world_is_named(tmp_path):
     with pytest.raises(ValueError, match="v9.*v2"):
         SceneGenerator(world="v9")

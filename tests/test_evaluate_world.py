@@ -50,6 +50,11 @@ def test_without_fid_the_report_says_what_the_caption_is_worth(tmp_path):
     assert set(nll) == {"own", "cells_mirrored", "another_scene", "null"}
     assert all(0.0 < v < 10.0 for v in nll.values())  # a random 64-code target: about ln 64 = 4.16 nats
     assert set(report["attributes_samples"]) >= {"object", "object_anywhere", "bg_pattern"}
+    for name in ("real", "tokenizer_reconstructions", "samples"):  # each share beside its interval
+        lo, hi = report[f"alignment_{name}_interval"]
+        assert lo <= report[f"alignment_{name}"] <= hi
+        value, lo, hi = report[f"object_in_cell_{name}"]
+        assert lo <= value <= hi and value == report[f"attributes_{name}"]["object"]
 
 
 def test_mirroring_moves_every_cell_through_the_centre():

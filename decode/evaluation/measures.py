@@ -89,6 +89,13 @@ def mean_interval(values: Tensor, *, seed: int = 0, name: str = "measure") -> In
     return bootstrap(lambda idx: v[idx].mean(), len(v), seed=seed, name=name)
 
 
+def share_interval(hits: Tensor, counted: Tensor, *, seed: int = 0, name: str = "measure") -> Interval:
+    """sum(hits) / sum(counted) over images [N] with its bootstrap interval: the share of an attribute
+    recognised (images that mention none of it count for nothing, as in the pooled share)."""
+    h, c = hits.double().cpu().numpy(), counted.double().cpu().numpy()
+    return bootstrap(lambda idx: h[idx].sum() / max(c[idx].sum(), 1.0), len(h), seed=seed, name=name)
+
+
 def fd_interval(fake: Tensor, real: Tensor, *, seed: int = 0) -> Interval:
     """FD-world of generated features [N, D] against the real features of the same prompts [N, D]."""
     if fake.shape != real.shape:

@@ -205,6 +205,13 @@ def attributes_recognised(evaluator: "AttributeEvaluator", images_u8: Tensor, at
     return {k: round(v, 4) for k, v in attribute_accuracy(pred, evaluator.targets(attributes)).items()}
 
 
+def object_hits(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes: list[dict]) -> tuple[Tensor, Tensor]:
+    """Per image [N]: the mentioned objects recognised in their cells, and the objects mentioned."""
+    pred = evaluator.predict(images_u8.float() / 127.5 - 1.0)
+    ok, counted = _attribute_hits(pred, evaluator.targets(attributes))["object"]  # [N, 9] each
+    return (ok & counted).sum(1), counted.sum(1)
+
+
 class AlignmentScorer:
     """Alignment of generated images with their prompts; None for a prompt outside the world's grammar."""
 

@@ -8,7 +8,8 @@ import torch
 from decode.core.engine import Method
 from decode.core.sampling import SamplingParams, row_generators, sample
 from decode.core.trees import TreeParams
-from decode.evaluation.measures import Interval, fd_interval, frechet_distance, mean_interval, target_nll
+from decode.evaluation.measures import (Interval, fd_interval, frechet_distance, mean_interval, share_interval,
+                                       target_nll)
 from decode.models.target import Condition
 from decode.strategies.registry import build_method
 from tests.decode.test_speculative import GREEDY, SAMPLED, run, world
@@ -41,6 +42,14 @@ def test_intervals_are_seeded_contain_the_value_and_narrow_with_more_images():
     fake, real = torch.randn(32, 5, generator=g), torch.randn(32, 5, generator=g)
     fd = fd_interval(fake, real)
     assert fd.lo <= fd.value <= fd.hi and fd.value == pytest.approx(frechet_distance(fake, real))
+
+
+def test_a_share_is_pooled_over_the_images_that_mention_the_attribute():
+    hits = torch.tensor([1, 0, 2, 0, 1, 0, 0, 1, 0, 1])
+    counted = torch.tensor([1, 1, 3, 0, 1, 1, 2, 1, 1, 1])  # image 3 mentions nothing: it weighs nothing
+    share = share_interval(hits, counted)
+    assert share.value == pytest.approx(6 / 12) and share.lo < share.value < share.hi
+    assert share_interval(torch.ones(10), torch.ones(10)) == Interval(1.0, 1.0, 1.0)
 
 
 def test_bad_input_is_named():

@@ -29,7 +29,8 @@ EVALUATOR=$V4/evaluator/evaluator
 CODES=$V4/target/codes
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
 STAGES=${STAGES:-evaluator target eval_target drafter spatial scheduler ship}
-SHARDS="data.train_urls='$CODES/train-{000000..000029}.tar' data.heldout_urls=$CODES/heldout-000000.tar"
+# quoted twice: the stages run through bash -c, and Hydra must still see the braces inside quotes
+SHARDS="\"data.train_urls='$CODES/train-{000000..000029}.tar'\" data.heldout_urls=$CODES/heldout-000000.tar"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 
 resume() {  # resume OUT_DIR: ckpt_path=last once the run in OUT_DIR has a checkpoint (a fresh run takes none)

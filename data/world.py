@@ -47,6 +47,7 @@ WORLD_MAX_OBJECTS = {"v2": 3, "v3": 3, "v4": 1}
 DEFAULT_WORLD = "v2"
 _V3_EMOJI = ("red apple", "banana", "watermelon", "carrot", "mushroom", "evergreen tree", "sunflower", "cat face",
              "frog face", "penguin", "fish", "butterfly", "rocket", "automobile", "crown", "snail")
+_WORLD_EMOJI = {"v3": _V3_EMOJI, "v4": _V3_EMOJI}
 
 # --- the emoji catalogue ------------------------------------------------------------------------
 # The package ships no group metadata, so groups are Unicode ranges. Every range stops at Unicode
@@ -144,10 +145,11 @@ def world_name(world: str | None) -> str:
 @functools.cache
 def emoji_catalogue(world: str | None = None) -> tuple[Emoji, ...]:
     """The world's emoji, sorted by code point; names are unique."""
-    if world_name(world) in ("v3", "v4"):
-        by_name = {e.name: e for e in _all_emoji()}
-        return tuple(sorted((by_name[n] for n in _V3_EMOJI), key=lambda e: e.codepoint))
-    return _all_emoji()
+    names = _WORLD_EMOJI.get(world_name(world))  # None: every usable emoji (v2)
+    if names is None:
+        return _all_emoji()
+    by_name = {e.name: e for e in _all_emoji()}
+    return tuple(sorted((by_name[n] for n in names), key=lambda e: e.codepoint))
 
 
 @functools.cache

@@ -199,17 +199,20 @@ def score_images(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes:
     return torch.cat(aligns), torch.cat(feats)
 
 
-def attributes_recognised(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes: list[dict]) -> dict[str, float]:
-    """`attribute_accuracy` of uint8 images [N, 3, H, W] against their prompts' attributes."""
-    pred = evaluator.predict(images_u8.float() / 127.5 - 1.0)
-    return {k: round(v, 4) for k, v in attribute_accuracy(pred, evaluator.targets(attributes)).items()}
-
-
-def object_hits(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes: list[dict]) -> tuple[Tensor, Tensor]:
+def object_hits(pred: Prediction, targets: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Per image [N]: the mentioned objects recognised in their cells, and the objects mentioned."""
-    pred = evaluator.predict(images_u8.float() / 127.5 - 1.0)
-    ok, counted = _attribute_hits(pred, evaluator.targets(attributes))["object"]  # [N, 9] each
+    ok, counted = _attribute_hits(pred, targets)["object"]  # [N, 9] each
     return (ok & counted).sum(1), counted.sum(1)
+
+
+def attributes_recognised(evaluator: "AttributeEvaluator", images_u8: Tensor, attributes: list[dict]
+                          ) -> tuple[dict[str, float], tuple[Tensor, Tensor]]:
+    """`attribute_accuracy` of uint8 images [N, 3, H, W] against their prompts' attributes, and the
+    per-image `object_hits` behind its object share (one evaluator pass for both)."""
+    pred = evaluator.predict(images_u8.float() / 127.5 - 1.0)
+    targets = evaluator.targets(attributes)
+    accuracy = {k: round(v, 4) for k, v in attribute_accuracy(pred, targets).items()}
+    return accuracy, object_hits(pred, targets)
 
 
 class AlignmentScorer:

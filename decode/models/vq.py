@@ -190,6 +190,13 @@ class VectorQuantizer(nn.Module):
         return F.normalize(w, dim=-1) if self.l2_norm else w
 
     def forward(self, z: Tensor) -> Quantized:
+        with torch.autocast(z.device.type, enabled=False):
+            # float32 distances: under bf16 autocast the 8-bit mantissa ties near codes and the argmin
+            # picks among them at random (the encoder and decoder still run in bf16)
+            q = self._nearest(z.float())
+        return Quantized(q.z_q.to(z.dtype), q.codes, q.codebook_loss, q.commit_loss)
+
+    def _nearest(self, z: Tensor) -> Quantized:
         b, e, h, w = z.shape
         z = z.permute(0, 2, 3, 1)  # [B, h, w, E]
         if self.l2_norm:

@@ -1,40 +1,52 @@
 #!/usr/bin/env bash
-# World v4's models (issue 19), each made by the project's own command, into $V4 (outputs/v4):
+# World v4's models (issue 19), each made by the project's own command, into $V4 (outputs/v4), and kept
+# in float16 under $KEEP (models/v4, committed) after each stage, since outputs/ does not outlive a session:
 #
 #   bash scripts/world_v4.sh            # every stage not yet done; rerun after a stop: each resumes
 #   STAGES="eval_target" bash scripts/world_v4.sh   # some stages only
 #
-# v4 is v3 with one object per scene (data/world.py WORLD_MAX_OBJECTS): the v3 models below were made
-# first, by the commands in their model cards and docs/results.md "World v3".
-# Stages, in order (a stage is done once its output exists; training stages resume exactly from
-# their last checkpoint):
-#   evaluator    the v3 evaluator fine-tuned on v4 scenes (200 steps; its labels are v3's)
-#   target       v4 world shards and code shards (30,000 scenes, the v3 tokenizer), then the 8-layer v3
-#                target (15,250 steps on v3) fine-tuned on them (bf16; about 40 steps a minute on 2 cores)
+# v4 is v3's kinds, colours, sizes, cells and texture with one object per scene (data/world.py
+# WORLD_MAX_OBJECTS). Everything starts from what the repository ships (models/world), nothing else.
+# Stages, in order (a stage is done once its output exists; a training stage resumes exactly from its
+# last checkpoint, or, in a new checkout, continues from the weights kept in $KEEP):
+#   evaluator    the shipped evaluator fine-tuned on v4 scenes (a fresh object head; 800 steps)
+#   tokenizer    a wider VQ tokenizer from scratch on v4 (ch 64, 2 res blocks, 4096 codes, perceptual loss)
+#   target       v4 world shards and code shards (30,000 scenes), then an 8-layer target from scratch
+#                (bf16 autocast; about 40 steps a minute on 2 cores)
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the issue's bar: AR samples >= 0.6), FID, the realism bar
 #   drafter      EAGLE drafter distilled on the target's code shards
 #   spatial      right/below spatial heads on the same shards
 #   scheduler    VVS's learned skip policy from traces of v4 prompts
-#   ship         every v4 model folder copied to $V4/ship/<name> with float16 weights (the budget for what
-#                the repository ships is 40 MB), model cards kept; prints the total size
+# After each stage: scripts/keep_models.py copies the finished folders (and a snapshot of a target still
+# training) to $KEEP in float16, within the 40 MB the repository ships. KEEP_EVERY=N (minutes) also
+# snapshots the target while it trains.
 # Logs: $V4/<stage>.log.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-V3=${V3:-outputs/v3}
 V4=${V4:-outputs/v4}
-TOK=$V3/tokenizer_big/tokenizer
-TARGET=$V4/target/target
-EVALUATOR=$V4/evaluator/evaluator
-CODES=$V4/target/codes
+KEEP=${KEEP:-models/v4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
-STAGES=${STAGES:-evaluator target eval_target drafter spatial scheduler ship}
+STAGES=${STAGES:-evaluator tokenizer codes target eval_target drafter spatial scheduler}
+mkdir -p "$V4"
+
+model() {  # model NAME: the finished folder of NAME, from this run or else as kept in $KEEP
+  if [ ! -d "$V4/$1/$1" ] && [ -d "$KEEP/$1" ] && [ ! -e "$KEEP/$1/PROGRESS.md" ]; then echo "$KEEP/$1"
+  else echo "$V4/$1/$1"; fi
+}
+TOK=$(model tokenizer)
+TARGET=$(model target)
+EVALUATOR=$(model evaluator)
+CODES=$V4/target/codes
 # quoted twice: the stages run through bash -c, and Hydra must still see the braces inside quotes
 SHARDS="\"data.train_urls='$CODES/train-{000000..000029}.tar'\" data.heldout_urls=$CODES/heldout-000000.tar"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 
-resume() {  # resume OUT_DIR: ckpt_path=last once the run in OUT_DIR has a checkpoint (a fresh run takes none)
-  if [ -e "$1/checkpoints/last.ckpt" ]; then echo "ckpt_path=last"; fi
+start() {  # start NAME [INIT]: resume NAME's run from its last checkpoint; in a new checkout continue from
+           # the snapshot kept in $KEEP; else start fresh (from INIT when given)
+  if [ -e "$V4/$1/checkpoints/last.ckpt" ]; then echo "ckpt_path=last"
+  elif [ -e "$KEEP/$1/PROGRESS.md" ]; then echo "init=$KEEP/$1"
+  elif [ -n "${2:-}" ]; then echo "init=$2"; fi
 }
 
 stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists or NAME is not asked for
@@ -43,42 +55,51 @@ stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists or N
   if [ -e "$output" ]; then echo "$name: done ($output)"; return 0; fi
   echo "$name: $* (log: $V4/$name.log)"
   local t0=$SECONDS
-  "$@" >"$V4/$name.log" 2>&1 || { echo "$name: failed, see $V4/$name.log"; exit 1; }
+  "$@" >"$V4/$name.log" 2>&1 || { echo "$name: failed, see $V4/$name.log"; keep; exit 1; }
   echo "$name: done in $((SECONDS - t0)) s -> $output"
+  keep
 }
 
-stage evaluator "$EVALUATOR" bash -c "$PY -m train evaluator out_dir=$V4/evaluator init=$V3/evaluator/evaluator \
-  data.world=v4 model.width=48 optim.lr=2e-4 optim.warmup_steps=20 trainer.max_steps=200 trainer.val_check_interval=100 \
-  trainer.limit_val_batches=16 data.num_workers=1 checkpoint_every=100 $(resume $V4/evaluator)"
-stage target "$TARGET" bash -c "$PY -m train target out_dir=$V4/target init=$V3/target8/target gpt.n_layer=8 \
-  gpt.vocab_size=4096 data.build=true data.world=v4 data.build_train=30000 data.build_heldout=512 data.tokenizer=$TOK \
-  optim.lr=3e-4 optim.warmup_steps=100 trainer.max_steps=4000 trainer.val_check_interval=1000 \
-  trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed $(resume $V4/target)"
+keep() { $PY scripts/keep_models.py --src "$V4" --dst "$KEEP" | tail -1; }
+
+if [ -n "${KEEP_EVERY:-}" ]; then  # snapshots of the target while it trains
+  ( while sleep $((KEEP_EVERY * 60)); do keep; done ) &
+  trap 'kill $! 2>/dev/null' EXIT
+fi
+
+stage evaluator "$EVALUATOR" bash -c "$PY -m train evaluator out_dir=$V4/evaluator data.world=v4 model.width=48 \
+  optim.lr=5e-4 optim.warmup_steps=50 trainer.max_steps=800 trainer.val_check_interval=200 trainer.limit_val_batches=16 \
+  data.num_workers=1 checkpoint_every=200 trainer.precision=bf16-mixed $(start evaluator models/world/evaluator)"
+stage tokenizer "$TOK" bash -c "$PY -m train tokenizer out_dir=$V4/tokenizer data.world=v4 vq.ch=64 vq.num_res_blocks=2 \
+  vq.codebook_size=4096 optim.lr=4e-4 optim.warmup_steps=200 optim.perceptual_weight=0.5 trainer.max_steps=1250 \
+  trainer.val_check_interval=250 trainer.limit_val_batches=4 data.num_workers=1 checkpoint_every=250 \
+  trainer.precision=bf16-mixed $(start tokenizer)"
+TOK=$(model tokenizer)  # now finished
+MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
+# the same shards as `python -m train target data.build=true` makes (world seed 0), built on their own so that a
+# new checkout rebuilds them for the drafters without training the target again
+stage codes "$CODES/manifest-heldout.json" $PY -c "
+from pathlib import Path
+from omegaconf import OmegaConf
+from data.preprocess import ensure_code_shards
+data = dict(train_urls=None, heldout_urls=None, build=True, build_train=30000, build_heldout=512, tokenizer='$TOK',
+            random_tokenizer=None, image_size=64, shard_size=1000, seed=0, max_length=48, world='v4')
+print(ensure_code_shards(OmegaConf.create(data), Path('$V4/target')))"
+stage target "$TARGET" bash -c "$PY -m train target out_dir=$V4/target gpt.n_layer=8 gpt.vocab_size=4096 \
+  $SHARDS data.world=v4 data.tokenizer=$TOK optim.lr=5e-4 optim.warmup_steps=200 trainer.max_steps=6000 \
+  trainer.val_check_interval=1000 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed \
+  $(start target)"
+TARGET=$(model target)
+MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \
   --evaluator $EVALUATOR --world v4 --num 256 --out $V4/eval_target
 # shellcheck disable=SC2086  # the overrides are words on purpose
-stage drafter "$V4/drafter/drafter" bash -c "$PY -m train drafter out_dir=$V4/drafter $MODELS $SHARDS \
+stage drafter "$(model drafter)" bash -c "$PY -m train drafter out_dir=$V4/drafter $MODELS $SHARDS \
   trainer.max_steps=1500 trainer.val_check_interval=500 trainer.limit_val_batches=4 optim.lr=5e-4 \
-  optim.warmup_steps=50 checkpoint_every=250 $(resume $V4/drafter)"
-stage spatial "$V4/spatial/spatial" bash -c "$PY -m train drafter drafter.kind=spatial drafter.right=4 \
+  optim.warmup_steps=50 checkpoint_every=250 $(start drafter)"
+stage spatial "$(model spatial)" bash -c "$PY -m train drafter drafter.kind=spatial drafter.right=4 \
   out_dir=$V4/spatial $MODELS $SHARDS trainer.max_steps=1500 trainer.val_check_interval=500 \
-  trainer.limit_val_batches=4 optim.lr=5e-4 optim.warmup_steps=50 checkpoint_every=250 $(resume $V4/spatial)"
-stage scheduler "$V4/scheduler/scheduler" $PY -m train scheduler out_dir=$V4/scheduler target.ckpt=$TARGET \
-  tokenizer.ckpt=$TOK drafter.ckpt=$V4/drafter/drafter traces.world=v4 trainer.max_steps=3000 \
-  trainer.val_check_interval=500 $(resume $V4/scheduler)
-stage ship "$V4/ship" $PY -c "
-import sys
-from pathlib import Path
-import torch
-from decode.models.checkpoint import cast_model_folder
-out = Path('$V4/ship.partial')  # renamed to ship once all fit the budget
-folders = dict(tokenizer='$TOK', target='$TARGET', drafter='$V4/drafter/drafter', spatial='$V4/spatial/spatial',
-               evaluator='$EVALUATOR', scheduler='$V4/scheduler/scheduler')
-for name, src in folders.items():
-    cast_model_folder(src, out / name, torch.float16)
-total = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
-print(f'{len(folders)} folders in float16: {total / 2**20:.1f} MiB')
-if total > 40 * 2**20:
-    sys.exit(f'over the 40 MB budget; left in {out}')
-out.rename('$V4/ship')
-"
+  trainer.limit_val_batches=4 optim.lr=5e-4 optim.warmup_steps=50 checkpoint_every=250 $(start spatial)"
+stage scheduler "$(model scheduler)" $PY -m train scheduler out_dir=$V4/scheduler target.ckpt=$TARGET \
+  tokenizer.ckpt=$TOK drafter.ckpt=$(model drafter) traces.world=v4 trainer.max_steps=3000 \
+  trainer.val_check_interval=500 $(start scheduler)

@@ -153,6 +153,10 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, extra_callbacks: list 
     ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=int(cfg.get("checkpoint_every", 500)), enable_version_counter=False)
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if t.get("limit_val_batches", 1) in (0, 0.0):  # the exported model's card is measured on held-out data
+        raise ValueError("trainer.limit_val_batches=0: every task ends by measuring its model on held-out data for "
+                         "the model card; give at least 1 batch (and a large trainer.val_check_interval to skip "
+                         "validation during training)")
     t["strategy"] = build_strategy(t.get("strategy"), str(t.get("accelerator", "auto")), t.get("devices", 1))
     if not isinstance(t["strategy"], str) and str(t.get("accelerator")) == "auto":
         t["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"

@@ -126,3 +126,10 @@ def test_drafter_lr_schedules_warm_up_then_decay():
     assert lr_factor(10, **kw) == pytest.approx(1.0) and lr_factor(110, **kw) == pytest.approx(0.1)  # cosine to 10%
     assert lr_factor(60, **kw, decay="linear") == pytest.approx(0.5)
     assert lr_factor(110, **kw, decay="linear") == 0.0 and lr_factor(500, **kw, decay="linear") == 0.0
+
+
+def test_no_held_out_batches_is_refused_before_training(tmp_path):
+    # the task ends by measuring its model on held-out data for the card: refusing late would lose the run
+    with pytest.raises(ValueError, match="trainer.limit_val_batches=0"):
+        run_task("tokenizer", f"out_dir={tmp_path}", "trainer.limit_val_batches=0")
+    assert not (tmp_path / "checkpoints").exists()

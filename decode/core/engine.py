@@ -145,21 +145,9 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     lap = functools.partial(_lap, timing, device if phase_times else None)
     wait_for(device)
     t0 = time.perf_counter()
-    drafts, width = _start_drafting(target, method, b, num_tokens, static_shapes)
-    cache, out = target.start(condition, num_tokens - k, extra_slots=max(256 if drafts else 1, width or 0),
-                              all_positions=drafts is not None, image_prefix=prefix,
-                              **({"static": True} if static_shapes else {}))
-    root = sample(out.logits[:, -1], sampling, generators)  # [B]
-    # made[:, :N] the image; column N takes a row's next root past its last token, N + 1 padding writes
-    made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=device)
-    if k:
-        made[:, :k] = prefix.to(device)
-    made[:, k] = root
-    if drafts:
-        drafts.begin(out, cache.valid[:, :target.prefix_len + k], made[:, :k + 1], generators)
-    p = target.prefix_len  # with a drafter the prefill returns every position's feature: the given tokens' too
-    given = out.hidden[:, :, p:p + k] if k and out.hidden.shape[2] >= p + k else None
-    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype, given=given)
+    start = _prefill(target, condition, method, sampling, generators, num_tokens, prefix, static_shapes)
+    drafts, width, cache, made, root, skips = (start.drafts, start.width, start.cache, start.made, start.root,
+                                                 start.skips)
     wait_for(device)
     t1 = time.perf_counter()
     rows, step, passes = _Rows.start(b, k + 1), 0, 0
@@ -194,6 +182,40 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
                       loop_s=t2 - t1, skipped=c["skipped"], verified_tokens=c["verified_tokens"],
                       draft_s=timing["draft"], verify_s=timing["verify"], schedule_s=timing["schedule"],
                       batch_passes=passes, batch_steps=step)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What the prefill leaves for the loop: the drafting and skipping states, the cache, the image so
+    far `made` [B, N + 2] (column N takes a row's next root past its last token, N + 1 padding writes)
+    and each row's root token [B]."""
+    drafts: object | None
+    width: int | None
+    cache: object
+    made: Tensor
+    root: Tensor
+    skips: object
+
+
+def _prefill(target, condition: Condition, method: Method, sampling: SamplingParams, generators,
+             num_tokens: int, prefix: Tensor | None, static_shapes: bool) -> _Start:
+    """One pass over the caption (and the given image prefix), then the first root token sampled."""
+    b, k = condition.batch, 0 if prefix is None else prefix.shape[1]
+    drafts, width = _start_drafting(target, method, b, num_tokens, static_shapes)
+    cache, out = target.start(condition, num_tokens - k, extra_slots=max(256 if drafts else 1, width or 0),
+                              all_positions=drafts is not None, image_prefix=prefix,
+                              **({"static": True} if static_shapes else {}))
+    root = sample(out.logits[:, -1], sampling, generators)  # [B]
+    made = torch.zeros(b, num_tokens + 2, dtype=torch.long, device=target.device)
+    if k:
+        made[:, :k] = prefix.to(target.device)
+    made[:, k] = root
+    if drafts:
+        drafts.begin(out, cache.valid[:, :target.prefix_len + k], made[:, :k + 1], generators)
+    p = target.prefix_len  # with a drafter the prefill returns every position's feature: the given tokens' too
+    given = out.hidden[:, :, p:p + k] if k and out.hidden.shape[2] >= p + k else None
+    skips = method.skipping.start(target, b, num_tokens, generators, out.hidden.dtype, given=given)
+    return _Start(drafts, width, cache, made, root, skips)
 
 
 def _check_static_shapes(target, method: Method) -> None:

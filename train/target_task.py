@@ -137,8 +137,9 @@ class SampleGrid(L.Callback):
         parts = Components(LlamaGenTarget(module.gpt, cfg_scale=self.cfg_scale),  # the model being trained
                            load_vq(self.tokenizer).to(module.device),
                            load_text_encoder("minilm", max_length=self.max_length, device=str(module.device)))
-        out = decode_batch(parts, self.prompts, Method(), [self.seed + i for i in range(len(self.prompts))],
-                           SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
+        with torch.compiler.set_stance("force_eager"):  # compile=true compiles the training pass, not decoding's
+            out = decode_batch(parts, self.prompts, Method(), [self.seed + i for i in range(len(self.prompts))],
+                               SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
         images = to_pil(out.images)
         side = images[0].width
         grid = Image.new("RGB", (side * len(images), side))
@@ -184,6 +185,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                           **OmegaConf.to_container(cfg.optim, resolve=True))
     if cfg.get("init"):
         start_from(module.gpt, str(cfg.init))
+    if cfg.get("compile"):  # the decoder stack compiled, as decoding does: parameter names and checkpoints unchanged
+        module.gpt.compile_blocks("stack", backend=cfg.get("compile_backend", "inductor"))
     strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
     train_data = CodeShards(train_urls, cfg.data.max_length, repeat=True, strict=strict)
     heldout_data = CodeShards(heldout_urls, cfg.data.max_length, repeat=False, strict=strict)

@@ -24,8 +24,10 @@ def test_cfg_sample_grid_is_written_after_validation(tmp_path):
 
     vq = load_vq(None, codebook_size=64, encoder_ch_mult=[1, 1, 1], decoder_ch_mult=[1, 1, 1], z_channels=32, ch=32)
     save_model_folder(tmp_path / "vq", vq, vq.config.to_dict(), kind="llamagen_vq")
+    # compiled training (the aot_eager backend: tracing and autograd, no C++ build) beside eager sample decoding
     res = run_train("target", "experiment=smoke", f"data.tokenizer={tmp_path / 'vq'}", "samples.count=2",
-                    "trainer.max_steps=10", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra")
+                    "trainer.max_steps=10", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra",
+                    "compile=true", "compile_backend=aot_eager")
     assert res.returncode == 0, res.stderr[-3000:]
     grids = sorted((tmp_path / "run" / "samples").glob("step_*.png"))
     assert [g.name for g in grids] == ["step_0000010.png"]

@@ -12,7 +12,7 @@
 #   evaluator    the shipped evaluator fine-tuned on v4 scenes (a fresh object head; 800 steps)
 #   tokenizer    a wider VQ tokenizer from scratch on v4 (ch 64, 2 res blocks, 4096 codes, perceptual loss)
 #   target       v4 world shards and code shards (30,000 scenes), then an 8-layer target from scratch
-#                (bf16 autocast; about 40 steps a minute on 2 cores)
+#                (bf16 autocast, the stack compiled)
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the issue's bar: AR samples >= 0.6), FID, the realism bar
 #   drafter      EAGLE drafter distilled on the target's code shards
@@ -88,7 +88,7 @@ print(ensure_code_shards(OmegaConf.create(data), Path('$V4/target')))"
 stage target "$TARGET" bash -c "$PY -m train target out_dir=$V4/target gpt.n_layer=8 gpt.vocab_size=4096 \
   $SHARDS data.world=v4 data.tokenizer=$TOK optim.lr=5e-4 optim.warmup_steps=200 trainer.max_steps=6000 \
   trainer.val_check_interval=1000 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed \
-  $(start target)"
+  compile=true $(start target)"
 TARGET=$(model target)
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \

@@ -96,10 +96,11 @@ stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --
 # shellcheck disable=SC2086  # the overrides are words on purpose
 stage drafter "$(model drafter)" bash -c "$PY -m train drafter out_dir=$V4/drafter $MODELS $SHARDS \
   trainer.max_steps=1500 trainer.val_check_interval=500 trainer.limit_val_batches=4 optim.lr=5e-4 \
-  optim.warmup_steps=50 checkpoint_every=250 $(start drafter)"
+  optim.warmup_steps=50 checkpoint_every=250 compile=true $(start drafter)"
 stage spatial "$(model spatial)" bash -c "$PY -m train drafter drafter.kind=spatial drafter.right=4 \
   out_dir=$V4/spatial $MODELS $SHARDS trainer.max_steps=1500 trainer.val_check_interval=500 \
-  trainer.limit_val_batches=4 optim.lr=5e-4 optim.warmup_steps=50 checkpoint_every=250 $(start spatial)"
+  trainer.limit_val_batches=4 optim.lr=5e-4 optim.warmup_steps=50 checkpoint_every=250 compile=true \
+  $(start spatial)"
 stage scheduler "$(model scheduler)" $PY -m train scheduler out_dir=$V4/scheduler target.ckpt=$TARGET \
   tokenizer.ckpt=$TOK drafter.ckpt=$(model drafter) traces.world=v4 trainer.max_steps=3000 \
   trainer.val_check_interval=500 $(start scheduler)

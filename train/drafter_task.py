@@ -83,6 +83,14 @@ class DrafterModule(L.LightningModule):
         ids = self._frozen[1].encode(batch.captions)
         return Condition(ids.emb.to(self.device), ids.mask.to(self.device))
 
+    def compile_target(self, backend: str = "inductor") -> None:
+        """The frozen target's decoder stack compiled for the teacher-forced features (LlamaGen targets);
+        the validation decodes run eagerly."""
+        gpt = getattr(self.target, "gpt", None)
+        if not hasattr(gpt, "compile_blocks"):
+            raise ValueError(f"compile=true: LlamaGen targets only, not {type(self.target).__name__}")
+        gpt.compile_blocks("stack", backend=backend)
+
     def on_fit_start(self) -> None:
         self.target.to(device=self.device)
 
@@ -170,8 +178,9 @@ class DrafterModule(L.LightningModule):
         method = build_method("eagle2", sampling=greedy, tree=TreeParams(**(self.hparams.tree or {})),
                               drafter=self.drafter.eval())
         cond = self.condition(batch)
-        gen = generate(target, Condition(cond.cond[:n], cond.mask[:n]), num_tokens=target.num_image_tokens,
-                       sampling=greedy, method=method)
+        with torch.compiler.set_stance("force_eager"):  # compile=true compiles the training features only
+            gen = generate(target, Condition(cond.cond[:n], cond.mask[:n]), num_tokens=target.num_image_tokens,
+                           sampling=greedy, method=method)
         return gen.tokens.shape[1] / gen.nfe.float().clamp_min(1).mean()
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -280,6 +289,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     else:
         net = {k: v for k, v in net.items() if k not in ("right", "below")}
         module = DrafterModule(target=target_cfg, prompt_ids=prompts, drafter=net, seed=int(cfg.seed), **optim)
+    if cfg.get("compile"):
+        module.compile_target(cfg.get("compile_backend", "inductor"))
     bs, workers = int(cfg.data.batch_size), int(cfg.data.num_workers)
     strict = bool(cfg.data.get("strict", False))  # corrupt samples: skipped and counted, or fatal
     if cfg.data.get("features"):  # offline: stream dumped target features; validation stays online

@@ -22,7 +22,8 @@ def test_smoke_run_distills_a_loadable_drafter(tmp_path):
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
     res = run_train("drafter", "experiment=smoke", "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
                     "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
-                    "data.max_length=16", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra")
+                    "data.max_length=16", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra",
+                    "compile=true", "compile_backend=aot_eager")  # compiled features, eager validation decodes
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "drafter" / "metrics.json").read_text())
     for d in range(1, 6):
@@ -66,10 +67,12 @@ def test_offline_distillation_streams_dumped_features(tmp_path):
 def test_spatial_heads_distil_per_direction_and_refuse_another_grid(tmp_path):
     gpt = tiny_gpt(vocab_size=64, block_size=64, cls_token_num=16, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    # the frozen target compiled (aot_eager: tracing, no C++ build) for the features
     res = run_train("drafter", "experiment=smoke", "drafter.kind=spatial", "drafter.right=2",
                     "target=tiny_random_t2i", f"target.ckpt={tmp_path / 'target'}",
                     "data.tokenizer=null", f"data.random_tokenizer={TOKENIZER}", "data.image_size=32",
-                    "data.max_length=16", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra")
+                    "data.max_length=16", f"out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path}/hydra",
+                    "compile=true", "compile_backend=aot_eager")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "spatial heads: held-out top-1 / top-10 agreement [right1" in res.stdout
     metrics = json.loads((tmp_path / "run" / "spatial" / "metrics.json").read_text())

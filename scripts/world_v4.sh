@@ -71,7 +71,7 @@ stage evaluator "$EVALUATOR" bash -c "$PY -m train evaluator out_dir=$V4/evaluat
   optim.lr=5e-4 optim.warmup_steps=50 trainer.max_steps=800 trainer.val_check_interval=200 trainer.limit_val_batches=16 \
   data.num_workers=1 checkpoint_every=200 trainer.precision=bf16-mixed $(start evaluator models/world/evaluator)"
 stage tokenizer "$TOK" bash -c "$PY -m train tokenizer out_dir=$V4/tokenizer data.world=v4 vq.ch=64 vq.num_res_blocks=2 \
-  vq.codebook_size=4096 optim.lr=4e-4 optim.warmup_steps=200 optim.perceptual_weight=0.5 trainer.max_steps=2000 \
+  vq.codebook_size=4096 optim.lr=4e-4 optim.warmup_steps=200 optim.perceptual_weight=0.5 trainer.max_steps=1500 \
   trainer.val_check_interval=250 trainer.limit_val_batches=4 data.num_workers=1 checkpoint_every=250 \
   trainer.precision=bf16-mixed $(start tokenizer)"
 TOK=$(model tokenizer)  # now finished

@@ -126,7 +126,7 @@ def load_target(source: str):
         return build_gpt(source)
     from train.target_task import trained_gpt  # the training checkpoint's layout is the training task's
 
-    config, state = trained_gpt(source)
+    config, state, _ = trained_gpt(source)
     gpt = LlamaGenGPT(config)
     load_state_dict_strict(gpt, state, source=source)
     return gpt.eval()

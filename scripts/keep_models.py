@@ -7,7 +7,7 @@ For each of tokenizer, target, evaluator, drafter, spatial, scheduler: the expor
 SRC/<name>/<name> when its run has finished; for the target, while its run is still going, a snapshot
 of SRC/target/checkpoints/last.ckpt (its weights and a PROGRESS.md with the step), which
 `python -m train target init=DST/target` continues from. Prints what it kept and the total size against
-the shipping budget; refuses to write past it.
+the shipping budget; exits 1 when the kept folders exceed it.
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ def snapshot_target(ckpt: Path, dst: Path) -> Path:
     """A training checkpoint's target weights as a float16 model folder with a PROGRESS.md."""
     from train.target_task import trained_gpt  # the checkpoint's layout is the training task's
 
-    config, state = trained_gpt(str(ckpt))
-    step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", "?")
+    config, state, step = trained_gpt(str(ckpt))
     from decode.models.target import LlamaGenGPT
 
     gpt = LlamaGenGPT(config)

@@ -79,7 +79,7 @@ def start_from(gpt: LlamaGenGPT, source: str) -> None:
     layer is followed by new ones whose output projections (attention `wo`, feed-forward `w2`) start at
     zero, so every new block adds nothing to the residual stream at step 0 and learns from there
     (function-preserving growth, as Net2Net's deeper networks)."""
-    have, state = trained_gpt(source)
+    have, state, _ = trained_gpt(source)
     want = gpt.config
     changed = [f for f in dataclasses.asdict(want) if f != "n_layer" and getattr(have, f) != getattr(want, f)]
     if changed:
@@ -101,14 +101,15 @@ def start_from(gpt: LlamaGenGPT, source: str) -> None:
     load_state_dict_strict(gpt, grown, source=source)
 
 
-def trained_gpt(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of a target model folder or of a `python -m train target` checkpoint."""
+def trained_gpt(source: str) -> tuple[GPTConfig, dict[str, torch.Tensor], int | None]:
+    """(config, state dict, training step: None for a folder) of a target model folder or of a
+    `python -m train target` checkpoint."""
     if str(source).endswith(".ckpt"):
         ckpt = torch.load(source, map_location="cpu", weights_only=False)
         state = {k.removeprefix("gpt."): v for k, v in ckpt["state_dict"].items() if k.startswith("gpt.")}
-        return GPTConfig(**ckpt["hyper_parameters"]["gpt"]), state
+        return GPTConfig(**ckpt["hyper_parameters"]["gpt"]), state, ckpt.get("global_step")
     meta, state = read_model_folder(source, kind="llamagen_gpt")
-    return GPTConfig.from_dict(meta["config"]), state
+    return GPTConfig.from_dict(meta["config"]), state, None
 
 
 class SampleGrid(L.Callback):

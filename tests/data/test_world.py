@@ -84,16 +84,16 @@ def test_scene_attributes_are_json_and_images_are_rgb(generator):
     assert _pixels(scene).std() > 5  # not a flat image
 
 
-def test_vocabulary_is_a_few_hundred_sorted_unique_emoji():
-    catalogue = emoji_catalogue()
+def test_v2_vocabulary_is_a_few_hundred_sorted_unique_emoji():
+    catalogue = emoji_catalogue("v2")
     assert 200 <= len(catalogue) <= 320
     assert [e.codepoint for e in catalogue] == sorted(e.codepoint for e in catalogue)
-    vocab = world_vocabulary()
+    vocab = world_vocabulary("v2")
     names = vocab["emoji"]
     assert len(set(names)) == len(names) and "cat face" in names and "automobile" in names
     assert all(n == n.lower() and not {"flag", "person", "man", "woman"} & set(n.split()) for n in names)
     assert set(vocab) >= {"emoji", "shapes", "colours", "sizes", "cells", "patterns"}
-    assert vocab == world_vocabulary()
+    assert vocab == world_vocabulary("v2")
 
 
 def test_every_chosen_emoji_renders_in_colour():

@@ -11,8 +11,8 @@
 # last checkpoint, or, in a new checkout, continues from the weights kept in $KEEP):
 #   evaluator    the shipped evaluator fine-tuned on v4 scenes (a fresh object head; 800 steps)
 #   tokenizer    a wider VQ tokenizer from scratch on v4 (ch 64, 2 res blocks, 4096 codes, perceptual loss)
-#   target       v4 world shards and code shards (30,000 scenes), then an 8-layer target from scratch
-#                (bf16 autocast, the stack compiled)
+#   codes        v4 world shards and code shards (30,000 scenes) made by the kept tokenizer
+#   target       an 8-layer target from scratch on those codes (bf16 autocast, the stack compiled)
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the bar: AR samples >= 0.6), FID, the realism bar
 #   drafter      EAGLE drafter distilled on the target's code shards

@@ -12,7 +12,9 @@
 #   evaluator    the shipped evaluator fine-tuned on v4 scenes (a fresh object head; 800 steps)
 #   tokenizer    a wider VQ tokenizer from scratch on v4 (ch 64, 2 res blocks, 4096 codes, perceptual loss)
 #   codes        v4 world shards and code shards (30,000 scenes) made by the kept tokenizer
-#   target       an 8-layer target from scratch on those codes (bf16 autocast, the stack compiled)
+#   target       an 8-layer target from scratch on those codes (bf16 autocast, the stack compiled), 6000 steps
+#   target_more  4500 more steps from those weights, with a fresh optimizer and learning-rate schedule (the
+#                6000 left AR alignment at 0.407, below the bar); into $V4/target2, then it becomes the target
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the issue's bar: AR samples >= 0.6), FID, the realism bar
 #   drafter      EAGLE drafter distilled on the target's code shards
@@ -27,7 +29,7 @@ PY=${PY:-.venv/bin/python}
 V4=${V4:-outputs/v4}
 KEEP=${KEEP:-models/v4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
-STAGES=${STAGES:-evaluator tokenizer codes target eval_target drafter spatial scheduler}
+STAGES=${STAGES:-evaluator tokenizer codes target target_more eval_target drafter spatial scheduler}
 mkdir -p "$V4"
 
 model() {  # model NAME: the finished folder of NAME, from this run or else as kept in $KEEP
@@ -90,6 +92,14 @@ stage target "$TARGET" bash -c "$PY -m train target out_dir=$V4/target gpt.n_lay
   trainer.val_check_interval=1000 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed \
   compile=true $(start target)"
 TARGET=$(model target)
+# done once $V4/target2 has finished or the kept target is the continued one (its card's config names an init)
+MORE_DONE=$V4/target2/target
+grep -qs "^init: .*target" "$KEEP/target/README.md" && MORE_DONE=$KEEP/target
+stage target_more "$MORE_DONE" bash -c "$PY -m train target out_dir=$V4/target2 gpt.n_layer=8 gpt.vocab_size=4096 \
+  $SHARDS data.world=v4 data.tokenizer=$TOK optim.lr=5e-4 optim.warmup_steps=100 trainer.max_steps=4500 \
+  trainer.val_check_interval=750 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed \
+  compile=true \$([ -e $V4/target2/checkpoints/last.ckpt ] && echo ckpt_path=last || echo init=$TARGET) \
+  && mv $V4/target/target $V4/target/target_step6000 && cp -r $V4/target2/target $V4/target/target"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \
   --evaluator $EVALUATOR --world v4 --num 256 --out $V4/eval_target

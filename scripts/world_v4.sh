@@ -87,18 +87,17 @@ from data.preprocess import ensure_code_shards
 data = dict(train_urls=None, heldout_urls=None, build=True, build_train=30000, build_heldout=512, tokenizer='$TOK',
             random_tokenizer=None, image_size=64, shard_size=1000, seed=0, max_length=48, world='v4')
 print(ensure_code_shards(OmegaConf.create(data), Path('$V4/target')))"
-stage target "$TARGET" bash -c "$PY -m train target out_dir=$V4/target gpt.n_layer=8 gpt.vocab_size=4096 \
-  $SHARDS data.world=v4 data.tokenizer=$TOK optim.lr=5e-4 optim.warmup_steps=200 trainer.max_steps=6000 \
-  trainer.val_check_interval=1000 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed \
-  compile=true $(start target)"
+# what the target and its continuation share
+TRAIN_TARGET="$PY -m train target gpt.n_layer=8 gpt.vocab_size=4096 $SHARDS data.world=v4 data.tokenizer=$TOK \
+  optim.lr=5e-4 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed compile=true"
+stage target "$TARGET" bash -c "$TRAIN_TARGET out_dir=$V4/target optim.warmup_steps=200 trainer.max_steps=6000 \
+  trainer.val_check_interval=1000 $(start target)"
 TARGET=$(model target)
 # done once $V4/target2 has finished or the kept target is the continued one (its card's config names an init)
 MORE_DONE=$V4/target2/target
 grep -qs "^init: .*target" "$KEEP/target/README.md" && MORE_DONE=$KEEP/target
-stage target_more "$MORE_DONE" bash -c "$PY -m train target out_dir=$V4/target2 gpt.n_layer=8 gpt.vocab_size=4096 \
-  $SHARDS data.world=v4 data.tokenizer=$TOK optim.lr=5e-4 optim.warmup_steps=100 trainer.max_steps=4500 \
-  trainer.val_check_interval=750 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed \
-  compile=true \$([ -e $V4/target2/checkpoints/last.ckpt ] && echo ckpt_path=last || echo init=$TARGET) \
+stage target_more "$MORE_DONE" bash -c "$TRAIN_TARGET out_dir=$V4/target2 optim.warmup_steps=100 \
+  trainer.max_steps=4500 trainer.val_check_interval=750 \$([ -e $V4/target2/checkpoints/last.ckpt ] && echo ckpt_path=last || echo init=$TARGET) \
   && mv $V4/target/target $V4/target/target_step6000 && cp -r $V4/target2/target $V4/target/target"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \

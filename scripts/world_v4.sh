@@ -15,6 +15,7 @@
 #   target       an 8-layer target from scratch on those codes (bf16 autocast, the stack compiled), 6000 steps
 #   target_more  4500 more steps from those weights, with a fresh optimizer and learning-rate schedule (the
 #                6000 left AR alignment at 0.407, below the bar); into $V4/target2, then it becomes the target
+#   target_more2 6000 more at lr 3e-4 (10,500 steps left alignment at 0.489); into $V4/target3, the same way
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the issue's bar: AR samples >= 0.6), FID, the realism bar
 #   drafter      EAGLE drafter distilled on the target's code shards
@@ -29,7 +30,7 @@ PY=${PY:-.venv/bin/python}
 V4=${V4:-outputs/v4}
 KEEP=${KEEP:-models/v4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
-STAGES=${STAGES:-evaluator tokenizer codes target target_more eval_target drafter spatial scheduler}
+STAGES=${STAGES:-evaluator tokenizer codes target target_more target_more2 eval_target drafter spatial scheduler}
 mkdir -p "$V4"
 
 model() {  # model NAME: the finished folder of NAME, from this run or else as kept in $KEEP
@@ -89,16 +90,22 @@ data = dict(train_urls=None, heldout_urls=None, build=True, build_train=30000, b
 print(ensure_code_shards(OmegaConf.create(data), Path('$V4/target')))"
 # what the target and its continuation share
 TRAIN_TARGET="$PY -m train target gpt.n_layer=8 gpt.vocab_size=4096 $SHARDS data.world=v4 data.tokenizer=$TOK \
-  optim.lr=5e-4 trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed compile=true"
-stage target "$TARGET" bash -c "$TRAIN_TARGET out_dir=$V4/target optim.warmup_steps=200 trainer.max_steps=6000 \
-  trainer.val_check_interval=1000 $(start target)"
+  trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed compile=true"
+stage target "$TARGET" bash -c "$TRAIN_TARGET out_dir=$V4/target optim.lr=5e-4 optim.warmup_steps=200 \
+  trainer.max_steps=6000 trainer.val_check_interval=1000 $(start target)"
 TARGET=$(model target)
-# done once $V4/target2 has finished or the kept target is the continued one (its card's config names an init)
-MORE_DONE=$V4/target2/target
-grep -qs "^init: .*target" "$KEEP/target/README.md" && MORE_DONE=$KEEP/target
-stage target_more "$MORE_DONE" bash -c "$TRAIN_TARGET out_dir=$V4/target2 optim.warmup_steps=100 \
-  trainer.max_steps=4500 trainer.val_check_interval=750 \$([ -e $V4/target2/checkpoints/last.ckpt ] && echo ckpt_path=last || echo init=$TARGET) \
-  && mv $V4/target/target $V4/target/target_step6000 && cp -r $V4/target2/target $V4/target/target"
+more() {  # more NAME DIR STEPS LR LATER...: continue the target for STEPS with a fresh optimizer and schedule
+  # into $V4/DIR, then make it the target (the one before is kept beside it as target_before_NAME). Done once
+  # $V4/DIR has finished or the kept target's card says it came from DIR or a LATER continuation.
+  local name=$1 dir=$2 steps=$3 lr=$4 done=$V4/$2/target d; shift 4
+  for d in "$dir" "$@"; do grep -qs "^out_dir: $V4/$d\$" "$KEEP/target/README.md" && done=$KEEP/target; done
+  stage "$name" "$done" bash -c "$TRAIN_TARGET out_dir=$V4/$dir optim.lr=$lr optim.warmup_steps=100 \
+    trainer.max_steps=$steps trainer.val_check_interval=750 \$([ -e $V4/$dir/checkpoints/last.ckpt ] \
+    && echo ckpt_path=last || echo init=$TARGET) && rm -rf $V4/target/target_before_$name \
+    && mv $V4/target/target $V4/target/target_before_$name && cp -r $V4/$dir/target $V4/target/target"
+}
+more target_more target2 4500 5e-4 target3
+more target_more2 target3 6000 3e-4
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \
   --evaluator $EVALUATOR --world v4 --num 256 --out $V4/eval_target

@@ -178,3 +178,40 @@ def test_the_fastest_run_at_ars_quality_is_picked_per_method_and_named_in_the_ta
     text = bench.markdown(rows, META)
     assert "Fastest run of each method at AR's quality" in text and "- vvs: vvs_c (4.00x)" in text
     assert "at AR's quality" not in bench.markdown(ROWS, META)  # no intervals: no claim
+
+
+def test_seen_vs_heldout_measures_each_set_and_refuses_a_set_too_small(tmp_path):
+    import importlib.util
+
+    import torch
+
+    from data.code_shards import collate_code_samples, read_code_shards
+    from decode.models.checkpoint import save_model_folder
+    from decode.models.target import Condition, LlamaGenTarget
+    from tests.conftest import tiny_gpt
+    from tests.data.test_code_shards_corrupt import DIM, _code_record
+    from tests.data.test_sources import _tar
+
+    spec = importlib.util.spec_from_file_location("seen_vs_heldout", "scripts/seen_vs_heldout.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    gpt = tiny_gpt(caption_dim=DIM).eval()
+    save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    seen = _tar(tmp_path / "seen-000000.tar", [_code_record(k, i) for i, k in enumerate("abcd")])
+    heldout = _tar(tmp_path / "heldout-000000.tar", [_code_record(k, i + 10) for i, k in enumerate("efgh")])
+    common = ["--max-length", "8", "--batch-size", "3"]
+    (row,) = script.main([str(tmp_path / "target"), "--seen", seen, "--heldout", heldout, "--num", "2", *common])
+
+    # the first two samples of each set, one at a time
+    def nll(urls):
+        samples = list(read_code_shards(urls, max_length=8))[:2]
+        with torch.no_grad():
+            return sum(torch.nn.functional.cross_entropy(
+                LlamaGenTarget(gpt, cfg_scale=1.0).teacher_forced(Condition(b.text, b.mask), b.codes).logits[0],
+                b.codes[0]).item() for b in (collate_code_samples([s]) for s in samples)) / 2
+
+    assert row["nll_seen"] == pytest.approx(nll(seen), abs=1e-4)
+    assert row["nll_heldout"] == pytest.approx(nll(heldout), abs=1e-4)
+    assert row["gap"] == pytest.approx(row["nll_heldout"] - row["nll_seen"])
+    with pytest.raises(ValueError, match="fewer than --num 5"):
+        script.main([str(tmp_path / "target"), "--seen", seen, "--heldout", heldout, "--num", "5", *common])

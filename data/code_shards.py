@@ -27,6 +27,7 @@ from data.sources import (
     CorruptSampleError,
     EmptyDatasetError,
     _check_not_empty,
+    expand_shards,
     shard_error_handler,
 )
 
@@ -183,7 +184,7 @@ def read_code_shards(urls: str | list[str], *, max_length: int, nodesplitter: Ca
     its key when `strict`; shards with no usable sample raise EmptyDatasetError."""
     counter = counter if counter is not None else CorruptCounter()
     before, expect = counter.read, _expected_shape(urls)
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False,
+    dataset = wds.WebDataset(expand_shards(urls), shardshuffle=False, empty_check=False,
                              handler=shard_error_handler(urls, strict, counter),
                              nodesplitter=nodesplitter or wds.split_by_node)
     for raw in dataset:

@@ -39,7 +39,7 @@ from data.code_shards import (
 )
 from data.preprocess import _atomic_shard, _atomic_write_text, _batches, _remove_stale_shards
 from data.shards import shard_name, shard_pattern
-from data.sources import CorruptCounter, _check_not_empty, shard_error_handler
+from data.sources import CorruptCounter, _check_not_empty, expand_shards, shard_error_handler
 from decode.models.target import Condition, LlamaGenTarget
 
 
@@ -160,7 +160,7 @@ def read_feature_shards(urls: str, nodesplitter: Callable | None = None, *, stri
     `counter` (CorruptSampleError naming its key when `strict`); no usable sample: EmptyDatasetError."""
     counter = counter if counter is not None else CorruptCounter()
     before, expect = counter.read, {}
-    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False,
+    for raw in wds.WebDataset(expand_shards(urls), shardshuffle=False, empty_check=False,
                               handler=shard_error_handler(urls, strict, counter),
                               nodesplitter=nodesplitter or wds.split_by_node):
         sample = take_sample(raw, lambda r, e=expect: _to_features(r, e), strict=strict, counter=counter)

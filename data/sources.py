@@ -118,11 +118,16 @@ def _check_not_empty(what: str, counter: CorruptCounter, reads_before: int) -> N
         raise EmptyDatasetError(f"no usable samples in {what} ({counter.report()})")
 
 
-def local_shards(urls: str | list[str]) -> list[str]:
-    """Expand brace patterns and check that local shards exist (a missing shard is a config error)."""
+def expand_shards(urls: str | list[str]) -> list[str]:
+    """The shards of a brace pattern or of a list of them (webdataset expands a single pattern only)."""
     from braceexpand import braceexpand
 
-    expanded = [u for pattern in ([urls] if isinstance(urls, str) else list(urls)) for u in braceexpand(pattern)]
+    return [u for pattern in ([urls] if isinstance(urls, str) else list(urls)) for u in braceexpand(pattern)]
+
+
+def local_shards(urls: str | list[str]) -> list[str]:
+    """Expand brace patterns and check that local shards exist (a missing shard is a config error)."""
+    expanded = expand_shards(urls)
     if not expanded:
         raise EmptyDatasetError(f"no shards given: {urls!r}")
     missing = [u for u in expanded if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]

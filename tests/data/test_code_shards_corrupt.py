@@ -173,3 +173,11 @@ def test_the_end_of_training_report(tmp_path, capsys):
     report_reads_at_end(data, CodeShards("never-read-{000000..000001}.tar", MAX_LENGTH, repeat=True))
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "held-out code shards" in out[0] and "skipped 2" in out[0] and "(e.g. b)" in out[0]
+
+
+def test_a_list_of_brace_patterns_reads_every_shard_of_each(tmp_path):
+    first = [_tar(tmp_path / f"a-00000{i}.tar", [_code_record(f"a{i}", i)]) for i in range(2)]
+    second = _tar(tmp_path / "b-000000.tar", [_code_record("b0", 5)])
+    urls = [str(tmp_path / "a-{000000..000001}.tar"), second]
+    keys = [s.key for s in read_code_shards(urls, max_length=MAX_LENGTH)]
+    assert keys == ["a0", "a1", "b0"] and len(first) == 2

@@ -4,7 +4,7 @@ directory (a session's outputs/ does not survive it; what is committed does).
     python scripts/keep_models.py --src outputs/v4 --dst models/v4
 
 For each of tokenizer, target, evaluator, drafter, spatial, scheduler: the exported folder
-SRC/<name>/<name> when its run has finished; for the target, while its run is still going, a snapshot
+SRC/<name>/<name> when its run has finished (unless the kept copy is newer than it); for the target, while its run is still going, a snapshot
 of SRC/target/checkpoints/last.ckpt (its weights and a PROGRESS.md with the step), which
 `python -m train target init=DST/target` continues from. Prints what it kept and the total size against
 the shipping budget; exits 1 when the kept folders exceed it.
@@ -55,6 +55,8 @@ def keep(src: Path, dst: Path) -> dict[str, str]:
     kept = {}
     for name in NAMES:
         folder, last = src / name / name, src / name / "checkpoints" / "last.ckpt"
+        if folder.is_dir() and _kept_since(folder, dst / name):
+            continue  # its card may carry notes added by hand since (lineage, measurements)
         if folder.is_dir():
             tmp = dst / f"{name}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -63,6 +65,12 @@ def keep(src: Path, dst: Path) -> dict[str, str]:
         elif name == "target" and last.is_file():
             kept[name] = str(snapshot_target(last, dst / name)) + " (snapshot of a run in progress)"
     return kept
+
+
+def _kept_since(folder: Path, kept: Path) -> bool:
+    """Whether `kept` was written after every file of `folder` (nothing new to keep)."""
+    config = kept / "config.json"
+    return config.is_file() and config.stat().st_mtime >= max(f.stat().st_mtime for f in folder.rglob("*"))
 
 
 def size_mb(folder: Path) -> float:

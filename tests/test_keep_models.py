@@ -47,3 +47,24 @@ def test_nothing_to_keep_keeps_nothing_and_a_missing_source_is_named(tmp_path, c
         script.main(["--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "keep")])
     assert stop.value.code == 2
     assert "nowhere: no such directory" in capsys.readouterr().err
+
+
+def test_a_finished_folder_is_kept_again_only_when_it_changed(tmp_path):
+    import os
+
+    from decode.models.checkpoint import save_model_folder
+
+    gpt = LlamaGenGPT(GPTConfig(**TINY))
+    folder = save_model_folder(tmp_path / "src" / "target" / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    (folder / "README.md").write_text("the run's card\n")
+    args = ["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "keep")]
+    script = keep_models()
+    assert script.main(args) == 0
+    card = tmp_path / "keep" / "target" / "README.md"
+    card.write_text("the run's card\n\nlineage added by hand\n")
+    assert script.main(args) == 0
+    assert "by hand" in card.read_text()  # nothing new: the kept folder and its card stay
+    later = (tmp_path / "keep" / "target" / "config.json").stat().st_mtime + 10
+    os.utime(folder / "model.safetensors", (later, later))  # the run wrote new weights
+    assert script.main(args) == 0
+    assert card.read_text() == "the run's card\n"

@@ -4,8 +4,8 @@ directory (a session's outputs/ does not survive it; what is committed does).
     python scripts/keep_models.py --src outputs/v4 --dst models/v4
 
 For each of tokenizer, target, evaluator, drafter, spatial, scheduler: the exported folder
-SRC/<name>/<name> when its run has finished (unless the kept copy is newer than it); for the target, while its run is still going, a snapshot
-of SRC/target/checkpoints/last.ckpt (its weights and a PROGRESS.md with the step), which
+SRC/<name>/<name> when its run has finished (unless the kept copy is newer than it); for the target,
+while its run is still going, a snapshot of SRC/target/checkpoints/last.ckpt (its weights and a PROGRESS.md with the step), which
 `python -m train target init=DST/target` continues from. Prints what it kept and the total size against
 the shipping budget; exits 1 when the kept folders exceed it.
 """
@@ -55,9 +55,9 @@ def keep(src: Path, dst: Path) -> dict[str, str]:
     kept = {}
     for name in NAMES:
         folder, last = src / name / name, src / name / "checkpoints" / "last.ckpt"
-        if folder.is_dir() and _kept_since(folder, dst / name):
-            continue  # its card may carry notes added by hand since (lineage, measurements)
         if folder.is_dir():
+            if _kept_since(folder, dst / name):
+                continue  # its card may carry notes added by hand since (lineage, measurements)
             tmp = dst / f"{name}.partial"
             shutil.rmtree(tmp, ignore_errors=True)
             cast_model_folder(folder, tmp, torch.float16)
@@ -70,7 +70,7 @@ def keep(src: Path, dst: Path) -> dict[str, str]:
 def _kept_since(folder: Path, kept: Path) -> bool:
     """Whether `kept` was written after every file of `folder` (nothing new to keep)."""
     config = kept / "config.json"
-    return config.is_file() and config.stat().st_mtime >= max(f.stat().st_mtime for f in folder.rglob("*"))
+    return config.is_file() and config.stat().st_mtime >= max((f.stat().st_mtime for f in folder.rglob("*")), default=0.0)
 
 
 def size_mb(folder: Path) -> float:

@@ -44,7 +44,9 @@ TARGET=$(model target)
 EVALUATOR=$(model evaluator)
 CODES=$V4/target/codes
 # quoted twice: the stages run through bash -c, and Hydra must still see the braces inside quotes
-SHARDS="\"data.train_urls='$CODES/train-{000000..000029}.tar'\" data.heldout_urls=$CODES/heldout-000000.tar"
+FIRST="'$CODES/train-{000000..000029}.tar'"  # the first 30,000 scenes (stage codes)
+HELDOUT=data.heldout_urls=$CODES/heldout-000000.tar
+SHARDS="\"data.train_urls=$FIRST\" $HELDOUT"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 
 start() {  # start NAME [INIT]: resume NAME's run from its last checkpoint; in a new checkout continue from
@@ -95,12 +97,10 @@ print(ensure_code_shards(OmegaConf.create(data), Path('$2')))"
 }
 codes codes "$V4/target" 0 30000 512
 codes codes_more "$V4/more" 1 60000 64
-FIRST="'$CODES/train-{000000..000029}.tar'"
 BOTH="[$FIRST,'$V4/more/codes/train-{000000..000059}.tar']"
 # what the target and its continuation share
-TRAIN_TARGET="$PY -m train target gpt.n_layer=8 gpt.vocab_size=4096 data.heldout_urls=$CODES/heldout-000000.tar \
-  data.world=v4 data.tokenizer=$TOK \
-  trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed compile=true"
+TRAIN_TARGET="$PY -m train target gpt.n_layer=8 gpt.vocab_size=4096 $HELDOUT data.world=v4 \
+  data.tokenizer=$TOK trainer.limit_val_batches=8 checkpoint_every=100 trainer.precision=bf16-mixed compile=true"
 stage target "$TARGET" bash -c "$TRAIN_TARGET \"data.train_urls=$FIRST\" out_dir=$V4/target optim.lr=5e-4 \
   optim.warmup_steps=200 trainer.max_steps=6000 trainer.val_check_interval=1000 $(start target)"
 TARGET=$(model target)

@@ -19,7 +19,7 @@ from torch import Tensor
 from decode.core.cache import KVCache
 from decode.models.target.guidance import Guided
 from decode.models.target.hf_bridge import allocate_for, run_decoder
-from decode.models.target.llamagen import Condition, TargetOutput, causal_mask
+from decode.models.target.llamagen import Condition, SizedByConfig, TargetOutput, causal_mask
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ConfigView:
     dim: int
 
 
-class HFTarget(Guided):
+class HFTarget(Guided, SizedByConfig):
     model = None          # the transformers model
     decoder = None        # its base decoder (inputs_embeds, 4-D mask, position_ids, cache)
     text_config = None
@@ -53,22 +53,6 @@ class HFTarget(Guided):
         raise NotImplementedError
 
     # ---- the contract's facts ------------------------------------------------------------------
-    @property
-    def prefix_len(self) -> int:
-        return self.config.cls_token_num
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.config.block_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.dim
-
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device

@@ -40,27 +40,8 @@ class TargetOutput:
     hidden: Tensor  # [G, B, T, D] post-final-norm features; G = 2 under CFG (cond, null), else 1
 
 
-def causal_mask(t: int, device: torch.device | str = "cpu") -> Tensor:
-    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
-
-
-class LlamaGenTarget(Guided):
-    """A LlamaGen GPT with classifier-free guidance, ready for cached decoding."""
-
-    def __init__(self, gpt: LlamaGenGPT, cfg_scale: float = 1.0, three_way: bool = False):
-        self.gpt = gpt
-        self.cfg_scale = float(cfg_scale)
-        self.three_way = three_way  # a third group, the refined prompt (decode.core.sampling.cfg_three_way)
-        self._check_guidance()
-
-    def with_refined_prompts(self) -> "LlamaGenTarget":
-        """The same model with GridAR's 3-way guidance: conditions then carry `refined` prompts, and every
-        pass runs three groups (cond, null, refined) and combines them (the drafter runs on all three)."""
-        return LlamaGenTarget(self.gpt, self.cfg_scale, three_way=True)
-
-    @property
-    def config(self):
-        return self.gpt.config
+class SizedByConfig:
+    """The contract's sizes, read from a LlamaGen-shaped `config` (GPTConfig, or an HF target's ConfigView)."""
 
     @property
     def prefix_len(self) -> int:
@@ -77,6 +58,29 @@ class LlamaGenTarget(Guided):
     @property
     def hidden_size(self) -> int:
         return self.config.dim
+
+
+def causal_mask(t: int, device: torch.device | str = "cpu") -> Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+class LlamaGenTarget(Guided, SizedByConfig):
+    """A LlamaGen GPT with classifier-free guidance, ready for cached decoding."""
+
+    def __init__(self, gpt: LlamaGenGPT, cfg_scale: float = 1.0, three_way: bool = False):
+        self.gpt = gpt
+        self.cfg_scale = float(cfg_scale)
+        self.three_way = three_way  # a third group, the refined prompt (decode.core.sampling.cfg_three_way)
+        self._check_guidance()
+
+    def with_refined_prompts(self) -> "LlamaGenTarget":
+        """The same model with GridAR's 3-way guidance: conditions then carry `refined` prompts, and every
+        pass runs three groups (cond, null, refined) and combines them (the drafter runs on all three)."""
+        return LlamaGenTarget(self.gpt, self.cfg_scale, three_way=True)
+
+    @property
+    def config(self):
+        return self.gpt.config
 
     @property
     def device(self) -> torch.device:

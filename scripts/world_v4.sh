@@ -20,7 +20,8 @@
 #                $V4/target4, the same way
 #   eval_target  scripts/evaluate_world.py on 256 held-out prompts: alignment and what it is made of
 #                (the issue's bar: AR samples >= 0.6), FID, the realism bar
-#   drafter      EAGLE drafter distilled on the target's code shards
+#   drafter      EAGLE drafter distilled on the target's code shards (this and the next two only once
+#                eval_target's AR alignment reaches the bar, BAR=0.6; BAR=0: from any target)
 #   spatial      right/below spatial heads on the same shards
 #   scheduler    VVS's learned skip policy from traces of v4 prompts
 # After each stage: scripts/keep_models.py copies the finished folders (and a snapshot of a target still
@@ -122,6 +123,14 @@ more target_more2 target4 8000 3e-4 "$BOTH"
 MODELS="target.ckpt=$TARGET tokenizer.ckpt=$TOK data.tokenizer=$TOK"
 stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --target $TARGET --tokenizer $TOK \
   --evaluator $EVALUATOR --world v4 --num 256 --out $V4/eval_target
+# The drafters are distilled from a target that meets issue 19's bar only (BAR=0: from any target)
+wants_drafters() { case " $STAGES " in *" drafter "*|*" spatial "*|*" scheduler "*) return 0 ;; esac; return 1; }
+if wants_drafters && [ ! -d "$(model drafter)" ] && [ "${BAR:-0.6}" != 0 ]; then
+  [ -e "$V4/eval_target/report.json" ] || { echo "drafters: run stage eval_target first (or BAR=0)"; exit 1; }
+  $PY -c "import json, sys; a = json.load(open('$V4/eval_target/report.json'))['alignment_samples']
+print(f'eval_target: AR alignment {a:.3f} against the bar ${BAR:-0.6}'); sys.exit(a < ${BAR:-0.6})" \
+    || { echo "drafters: the target is below the bar; train it further first (or BAR=0)"; exit 1; }
+fi
 # shellcheck disable=SC2086  # the overrides are words on purpose
 stage drafter "$(model drafter)" bash -c "$PY -m train drafter out_dir=$V4/drafter $MODELS $SHARDS \
   trainer.max_steps=1500 trainer.val_check_interval=500 trainer.limit_val_batches=4 optim.lr=5e-4 \

@@ -33,6 +33,7 @@ PY=${PY:-.venv/bin/python}
 V4=${V4:-outputs/v4}
 KEEP=${KEEP:-models/v4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
+BAR=${BAR:-0.6}  # issue 19's bar: AR alignment of the target before the drafters are distilled
 STAGES=${STAGES:-evaluator tokenizer codes codes_more target target_more target_more2 eval_target drafter spatial scheduler}
 mkdir -p "$V4"
 
@@ -125,10 +126,10 @@ stage eval_target "$V4/eval_target/report.json" $PY scripts/evaluate_world.py --
   --evaluator $EVALUATOR --world v4 --num 256 --out $V4/eval_target
 # The drafters are distilled from a target that meets issue 19's bar only (BAR=0: from any target)
 wants_drafters() { case " $STAGES " in *" drafter "*|*" spatial "*|*" scheduler "*) return 0 ;; esac; return 1; }
-if wants_drafters && [ ! -d "$(model drafter)" ] && [ "${BAR:-0.6}" != 0 ]; then
+if wants_drafters && [ ! -d "$(model drafter)" ] && [ "$BAR" != 0 ]; then
   [ -e "$V4/eval_target/report.json" ] || { echo "drafters: run stage eval_target first (or BAR=0)"; exit 1; }
   $PY -c "import json, sys; a = json.load(open('$V4/eval_target/report.json'))['alignment_samples']
-print(f'eval_target: AR alignment {a:.3f} against the bar ${BAR:-0.6}'); sys.exit(a < ${BAR:-0.6})" \
+print(f'eval_target: AR alignment {a:.3f} against the bar $BAR'); sys.exit(a < $BAR)" \
     || { echo "drafters: the target is below the bar; train it further first (or BAR=0)"; exit 1; }
 fi
 # shellcheck disable=SC2086  # the overrides are words on purpose

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -160,8 +160,14 @@ def build_trainer(cfg: DictConfig, out_dir: Path, logger, extra_callbacks: list 
     t["strategy"] = build_strategy(t.get("strategy"), str(t.get("accelerator", "auto")), t.get("devices", 1))
     if not isinstance(t["strategy"], str) and str(t.get("accelerator")) == "auto":
         t["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    # Timer keeps its count in the checkpoint, so the card's wall time covers every resume of the run
     return L.Trainer(default_root_dir=str(out_dir), logger=logger,
-                     callbacks=[ckpt, StopOnNaN(), *(extra_callbacks or [])], **t)
+                     callbacks=[ckpt, StopOnNaN(), Timer(verbose=False), *(extra_callbacks or [])], **t)
+
+
+def training_seconds(trainer: L.Trainer) -> float:
+    """Seconds spent in fit over the whole run, resumes included (up to the last checkpoint of each stop)."""
+    return next(c for c in trainer.callbacks if isinstance(c, Timer)).time_elapsed("train")
 
 
 def git_revision() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +42,7 @@ from train.common import (
     require_ints,
     require_shards,
     resume_step,
+    training_seconds,
     write_model_card,
 )
 from train.trainer_strategies import full_parameters
@@ -302,9 +302,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     heldout_data = CodeShards(heldout_urls, cfg.data.max_length, repeat=False, strict=strict)
     heldout_loader = DataLoader(heldout_data, batch_size=bs, collate_fn=collate_code_samples, num_workers=workers)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "drafter"))
-    t0 = time.perf_counter()
     trainer.fit(module, train_loader, heldout_loader, ckpt_path=cfg.get("ckpt_path"))
-    wall = time.perf_counter() - t0
+    wall = training_seconds(trainer)
     metrics = {k: float(v) for k, v in trainer.validate(module, heldout_loader, verbose=False)[0].items()}
     with full_parameters(trainer, module.drafter):
         if trainer.is_global_zero:

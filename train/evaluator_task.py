@@ -7,7 +7,6 @@ held-out scenes use indices far from the training ones.
 from __future__ import annotations
 
 import logging
-import time
 
 import lightning as L
 import torch
@@ -19,7 +18,7 @@ from data.images import WorldScenes, collate_scenes
 from data.world import evaluator_labels
 from decode.models.checkpoint import load_state_dict_strict, read_model_folder, save_model_folder
 from decode.evaluation.world_evaluator import AttributeEvaluator, EvaluatorConfig, alignment_scores
-from train.common import build_logger, build_trainer, output_dir, require_ints, write_model_card
+from train.common import build_logger, build_trainer, output_dir, require_ints, training_seconds, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +106,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         persistent_workers=d.num_workers > 0)
     heldout = loader(d.num_heldout, d.heldout_start, False)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "evaluator"))
-    t0 = time.perf_counter()
     trainer.fit(module, loader(d.num_train, 0, True), heldout, ckpt_path=cfg.get("ckpt_path"))
-    wall = time.perf_counter() - t0
+    wall = training_seconds(trainer)
     metrics = {k: float(v) for k, v in trainer.validate(module, heldout, verbose=False)[0].items()}
     if trainer.is_global_zero:
         folder = save_model_folder(out / "evaluator", module.model, module.model.config.to_dict(),

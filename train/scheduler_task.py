@@ -32,7 +32,15 @@ from decode.pipeline import image_seed
 from decode.core.sampling import SamplingParams
 from decode.strategies.learned_skip import PolicyConfig, SkipPolicy, drafter_fingerprint, save_scheduler
 from decode.core.trees import TreeParams
-from train.common import build_logger, build_trainer, inherited_licence, output_dir, require_ints, write_model_card
+from train.common import (
+    build_logger,
+    build_trainer,
+    inherited_licence,
+    output_dir,
+    require_ints,
+    training_seconds,
+    write_model_card,
+)
 
 
 def trace_method(cfg: DictConfig) -> MethodConfig:
@@ -166,11 +174,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = SchedulerModule(model=OmegaConf.to_container(cfg.model), **OmegaConf.to_container(cfg.optim))
     module.policy.set_standardisation(train.features)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "scheduler"))
-    t1 = time.perf_counter()
     label = cfg.data.label
     trainer.fit(module, _loader(train, label, cfg.data.batch_size, True), _loader(held, label, 4096, False),
                 ckpt_path=cfg.get("ckpt_path"))
-    wall = time.perf_counter() - t1
+    wall = training_seconds(trainer)
     metrics = {k: float(v) for k, v in
                trainer.validate(module, _loader(held, label, 4096, False), verbose=False)[0].items()}
     rate = float((held.target(label) > 0.5).float().mean())

@@ -8,7 +8,6 @@ classifier-free guidance works at decode time.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +28,7 @@ from train.common import (
     output_dir,
     require_ints,
     require_shards,
+    training_seconds,
     write_model_card,
 )
 
@@ -198,9 +198,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(SampleGrid(sample_prompts(cfg.data, cfg.samples.count), cfg.data.tokenizer, out,
                                     cfg.samples.cfg_scale, cfg.data.max_length, cfg.seed))
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "target"), callbacks)
-    t0 = time.perf_counter()
     trainer.fit(module, loader(train_data), loader(heldout_data), ckpt_path=cfg.get("ckpt_path"))
-    wall = time.perf_counter() - t0
+    wall = training_seconds(trainer)
     metrics = {k: float(v) for k, v in trainer.validate(module, loader(heldout_data), verbose=False)[0].items()}
     if trainer.is_global_zero:
         folder = save_model_folder(out / "target", module.gpt, module.gpt.config.to_dict(), kind="llamagen_gpt")

@@ -6,8 +6,6 @@ LlamaGen's LPIPS needs VGG weights that cannot be fetched here. Its adversarial 
 """
 from __future__ import annotations
 
-import time
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -24,6 +22,7 @@ from train.common import (
     output_dir,
     require_ints,
     require_shards,
+    training_seconds,
     write_model_card,
 )
 
@@ -144,10 +143,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         build_images(cfg.data, split), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         shuffle=shuffle, drop_last=split == "train", persistent_workers=cfg.data.num_workers > 0)
     trainer = build_trainer(cfg, out, build_logger(cfg.get("logger"), out, "tokenizer"))
-    t0 = time.perf_counter()
     trainer.fit(module, loader("train", cfg.data.source == "world"), loader("heldout", False),
                 ckpt_path=cfg.get("ckpt_path"))
-    wall = time.perf_counter() - t0
+    wall = training_seconds(trainer)
     final = trainer.validate(module, loader("heldout", False), verbose=False)[0]
     metrics = {k: float(v) for k, v in final.items()}
     if trainer.is_global_zero:

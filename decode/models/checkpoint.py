@@ -8,6 +8,7 @@ Loading is strict: a missing or unexpected key, or a shape mismatch, is an error
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -155,6 +156,24 @@ def save_model_folder(folder: str | os.PathLike, module: nn.Module, config: dict
     stores the floating-point weights in another precision (loading casts them back to the model's)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     return _write_folder(Path(folder), tensors, {"kind": kind, "config": config, **(extra or {})}, dtype)
+
+
+def weights_fingerprint(items, *, legacy: bool = False) -> str:
+    """sha256 (16 hex digits) of (label, tensor) pairs with the tensors rounded to float16 first, so that a
+    model's float32 weights and the float16 copy a repository ships (cast_model_folder) give one value;
+    `legacy`: their float32 bytes, what folders written before the rounding recorded."""
+    h = hashlib.sha256()
+    for label, t in items:
+        t = t.detach().cpu()
+        h.update(label.encode())
+        h.update((t.float() if legacy else t.to(torch.float16)).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_matches(stored: str, fingerprint) -> bool:
+    """Whether a folder's recorded fingerprint is `fingerprint(legacy=False)` or, from an older folder,
+    `fingerprint(legacy=True)` of the weights at hand."""
+    return stored in (fingerprint(legacy=False), fingerprint(legacy=True))
 
 
 def cast_model_folder(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> Path:

@@ -14,7 +14,7 @@ drafter folder stores only its own weights plus a fingerprint of the target it w
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from decode.core.cache import KVCache
-from decode.models.checkpoint import CheckpointError, FolderConfig, load_state_dict_strict, read_model_folder, save_model_folder
+from decode.models.checkpoint import (
+    CheckpointError,
+    FolderConfig,
+    fingerprint_matches,
+    load_state_dict_strict,
+    read_model_folder,
+    save_model_folder,
+    weights_fingerprint,
+)
 from decode.models.target.llamagen_gpt import BlockStack, GPTConfig, LlamaGenGPT, TransformerBlock, rope_table_2d
 
 KIND = "eagle_drafter"
@@ -72,17 +80,12 @@ class DrafterConfig(FolderConfig):
 
 
 
-def target_fingerprint(gpt) -> str:
-    """sha256 of the target's LM head and token embedding (float32 bytes): the parts the drafter reads
-    (a target adapter names them with `fingerprint_weights`)."""
-    h = hashlib.sha256()
+def target_fingerprint(gpt, legacy: bool = False) -> str:
+    """Fingerprint (checkpoint.weights_fingerprint) of the target's LM head and token embedding: the parts
+    the drafter reads (a target adapter names them with `fingerprint_weights`)."""
     weights = gpt.fingerprint_weights() if hasattr(gpt, "fingerprint_weights") else (gpt.output.weight,
                                                                                       gpt.tok_embeddings.weight)
-    for w in weights:
-        t = w.detach().float().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_fingerprint(((str(tuple(w.shape)), w) for w in weights), legacy=legacy)
 
 
 class Drafter(BlockStack, nn.Module):
@@ -188,10 +191,10 @@ def check_fits(cfg: DrafterConfig, gpt: LlamaGenGPT, source: str) -> None:
         if mine != theirs:
             raise CheckpointError(f"{source}: drafter {name} is {mine} but the target's is {theirs}: "
                                   f"this drafter was trained for another target")
-    fp = target_fingerprint(gpt)
-    if cfg.target_fingerprint and cfg.target_fingerprint != fp:
+    fingerprint = functools.partial(target_fingerprint, gpt)
+    if cfg.target_fingerprint and not fingerprint_matches(cfg.target_fingerprint, fingerprint):
         raise CheckpointError(f"{source}: drafter was trained for a target with fingerprint "
-                              f"{cfg.target_fingerprint}, this target's LM head and embedding give {fp}")
+                              f"{cfg.target_fingerprint}, this target's LM head and embedding give {fingerprint()}")
 
 
 def load_drafter(folder: str | Path, gpt: LlamaGenGPT) -> Drafter:

@@ -11,6 +11,7 @@ SSD's code is not released: the head shape and the offsets are our reading of it
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def save_spatial(folder: str | Path, heads: SpatialHeads, extra: dict | None = N
 def load_spatial(folder: str | Path, target) -> SpatialHeads:
     """Heads from a folder; refused when they were trained for a target of another shape or weights."""
     from decode.models.drafter import target_fingerprint
-    from decode.models.checkpoint import CheckpointError
+    from decode.models.checkpoint import CheckpointError, fingerprint_matches
 
     meta, state = read_model_folder(folder, kind=KIND)
     cfg = SpatialConfig.from_dict(meta["config"])
@@ -87,10 +88,10 @@ def load_spatial(folder: str | Path, target) -> SpatialHeads:
     if (cfg.dim, cfg.vocab_size, cfg.block_size) != theirs:
         raise CheckpointError(f"{folder}: spatial heads for (width, vocabulary, grid tokens) "
                               f"{(cfg.dim, cfg.vocab_size, cfg.block_size)}, the target has {theirs}")
-    fp = target_fingerprint(source)
-    if cfg.target_fingerprint and cfg.target_fingerprint != fp:
+    fingerprint = functools.partial(target_fingerprint, source)
+    if cfg.target_fingerprint and not fingerprint_matches(cfg.target_fingerprint, fingerprint):
         raise CheckpointError(f"{folder}: spatial heads were trained for a target with fingerprint "
-                              f"{cfg.target_fingerprint}, this target's gives {fp}")
+                              f"{cfg.target_fingerprint}, this target's gives {fingerprint()}")
     heads = SpatialHeads(cfg)
     load_state_dict_strict(heads, state, source=str(folder))
     return heads.to(device=target.device, dtype=target.dtype).eval()

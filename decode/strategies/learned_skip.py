@@ -12,13 +12,14 @@ trained with; loading it beside others fails.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from decode.models.checkpoint import weights_fingerprint
 from decode.models.drafter import Drafter, target_fingerprint
 from decode.strategies.skipping import (NUM_STEP_FEATURES, SkipLimits, Skipping, StepContext, select_skip_tokens,
                                        step_features)
@@ -56,13 +57,10 @@ class SkipPolicy(nn.Module):
         return torch.sigmoid(self.logits(features))
 
 
-def drafter_fingerprint(drafter: Drafter) -> str:
-    """sha256 of the drafter's own weights (its frozen copies of the target's tables excluded)."""
-    h = hashlib.sha256()
-    for name, t in sorted(drafter.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def drafter_fingerprint(drafter: Drafter, legacy: bool = False) -> str:
+    """Fingerprint (checkpoint.weights_fingerprint) of the drafter's own weights (its frozen copies of the
+    target's tables excluded)."""
+    return weights_fingerprint(sorted(drafter.state_dict().items()), legacy=legacy)
 
 
 def save_scheduler(folder: str | Path, policy: SkipPolicy, target: LlamaGenTarget, drafter: Drafter,
@@ -76,16 +74,16 @@ def save_scheduler(folder: str | Path, policy: SkipPolicy, target: LlamaGenTarge
 
 def load_scheduler_policy(folder: str | Path, target: LlamaGenTarget, drafter: Drafter | None) -> SkipPolicy:
     """The policy in `folder`, refused if it was trained for another target or drafter."""
-    from decode.models.checkpoint import load_state_dict_strict, read_model_folder
+    from decode.models.checkpoint import fingerprint_matches, load_state_dict_strict, read_model_folder
 
     meta, state = read_model_folder(folder, kind=KIND)
     if drafter is None:
         raise ValueError("a learned skip scheduler needs the drafter it was trained with (drafter.ckpt=...)")
-    for what, want, have in (("target", meta.get("target_fingerprint"), target_fingerprint(target.gpt)),
-                             ("drafter", meta.get("drafter_fingerprint"), drafter_fingerprint(drafter))):
-        if want != have:
+    for what, want, have in (("target", meta.get("target_fingerprint"), partial(target_fingerprint, target.gpt)),
+                             ("drafter", meta.get("drafter_fingerprint"), partial(drafter_fingerprint, drafter))):
+        if not fingerprint_matches(want, have):
             raise ValueError(f"{folder}: this scheduler was trained with another {what} (fingerprint {want}, "
-                             f"this {what}: {have}); retrain it with python -m train scheduler")
+                             f"this {what}: {have()}); retrain it with python -m train scheduler")
     policy = SkipPolicy(PolicyConfig(**meta["config"]))
     load_state_dict_strict(policy, state, source=str(folder))
     return policy.eval()

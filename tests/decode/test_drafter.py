@@ -67,6 +67,29 @@ def test_round_trip_and_misfits_fail_at_load(tmp_path):
         load_drafter(tmp_path / "d", other)
 
 
+
+def test_a_drafter_fits_the_float16_copy_of_its_target_and_older_folders_still_load(tmp_path):
+    """The repository ships float16 copies (cast_model_folder) of float32-trained models: the fingerprint
+    rounds to float16, so a drafter trained against the float32 target fits the shipped copy."""
+    from dataclasses import replace
+
+    from decode.models.checkpoint import cast_model_folder, save_model_folder
+    from decode.models.target import build_gpt
+
+    gpt = tiny_gpt()
+    save_model_folder(tmp_path / "t32", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
+    shipped = build_gpt(str(cast_model_folder(tmp_path / "t32", tmp_path / "t16", torch.float16)))
+    assert not torch.equal(shipped.output.weight, gpt.output.weight)  # the copy is rounded
+    save_drafter(tmp_path / "d", _drafter(gpt))
+    load_drafter(tmp_path / "d", shipped)
+    # a folder written before the rounding recorded the float32 bytes' hash: it still fits its own target
+    old = _drafter(gpt)
+    old.config = replace(old.config, target_fingerprint=target_fingerprint(gpt, legacy=True))
+    save_drafter(tmp_path / "old", old)
+    load_drafter(tmp_path / "old", gpt)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        load_drafter(tmp_path / "old", tiny_gpt(seed=1))
+
 @pytest.mark.parametrize("prefix_token", [None, 0])
 def test_prefix_slots_get_the_same_embedding_in_training_and_decoding(prefix_token):
     from decode.strategies.drafting import EagleDrafting

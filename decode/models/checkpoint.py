@@ -173,7 +173,7 @@ def weights_fingerprint(items, *, legacy: bool = False) -> str:
 def fingerprint_matches(stored: str, fingerprint) -> bool:
     """Whether a folder's recorded fingerprint is `fingerprint(legacy=False)` or, from an older folder,
     `fingerprint(legacy=True)` of the weights at hand."""
-    return stored in (fingerprint(legacy=False), fingerprint(legacy=True))
+    return stored == fingerprint(legacy=False) or stored == fingerprint(legacy=True)  # the second only if needed
 
 
 def cast_model_folder(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype) -> Path:

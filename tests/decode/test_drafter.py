@@ -67,7 +67,6 @@ def test_round_trip_and_misfits_fail_at_load(tmp_path):
         load_drafter(tmp_path / "d", other)
 
 
-
 def test_a_drafter_fits_the_float16_copy_of_its_target_and_older_folders_still_load(tmp_path):
     """The repository ships float16 copies (cast_model_folder) of float32-trained models: the fingerprint
     rounds to float16, so a drafter trained against the float32 target fits the shipped copy."""
@@ -89,6 +88,7 @@ def test_a_drafter_fits_the_float16_copy_of_its_target_and_older_folders_still_l
     load_drafter(tmp_path / "old", gpt)
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_drafter(tmp_path / "old", tiny_gpt(seed=1))
+
 
 @pytest.mark.parametrize("prefix_token", [None, 0])
 def test_prefix_slots_get_the_same_embedding_in_training_and_decoding(prefix_token):

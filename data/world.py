@@ -41,10 +41,11 @@ PHOTO_PATTERN = "photo"  # only with SceneGenerator(photos=True): needs scikit-i
 # reconstructions lose a third of the alignment); v3 keeps 16 emoji whose colour and silhouette stay
 # distinct at 13-21 px, so that the conditional part of a scene is learnable by a small target.
 # v4 draws v3's kinds one object per scene: with up to three, an 8-layer target learned backgrounds
-# and kinds but not which object goes in which cell (docs/results.md "World v3").
+# and kinds but not which object goes in which cell (docs/results.md "World v3"). v4 is the default:
+# the models under models/world are v4's.
 WORLDS = ("v2", "v3", "v4")
 WORLD_MAX_OBJECTS = {"v2": 3, "v3": 3, "v4": 1}
-DEFAULT_WORLD = "v2"
+DEFAULT_WORLD = "v4"
 _V3_EMOJI = ("red apple", "banana", "watermelon", "carrot", "mushroom", "evergreen tree", "sunflower", "cat face",
              "frog face", "penguin", "fish", "butterfly", "rocket", "automobile", "crown", "snail")
 _WORLD_EMOJI = {"v3": _V3_EMOJI, "v4": _V3_EMOJI}

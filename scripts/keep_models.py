@@ -1,7 +1,7 @@
 """Copy a world's trained model folders into the repository in float16, so that they outlive the run
 directory (a session's outputs/ does not survive it; what is committed does).
 
-    python scripts/keep_models.py --src outputs/v4 --dst models/v4
+    python scripts/keep_models.py --src outputs/v4 --dst models/world
 
 For each of tokenizer, target, evaluator, drafter, spatial, scheduler: the exported folder
 SRC/<name>/<name> when its run has finished (unless the kept copy is newer than it); for the target,
@@ -80,7 +80,7 @@ def size_mb(folder: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", type=Path, required=True, help="the world's run directory, e.g. outputs/v4")
-    p.add_argument("--dst", type=Path, required=True, help="where the float16 folders go, e.g. models/v4")
+    p.add_argument("--dst", type=Path, required=True, help="where the float16 folders go, e.g. models/world")
     args = p.parse_args(argv)
     if not args.src.is_dir():
         p.error(f"--src {args.src}: no such directory")

@@ -1,7 +1,7 @@
 """Is a target learning its training scenes by heart? Teacher-forced NLL (with the caption, no CFG) of
 each target on scenes it trained on against held-out scenes; the gap grows as it memorises.
 
-python scripts/seen_vs_heldout.py outputs/v4/target/target models/v4/target \\
+python scripts/seen_vs_heldout.py outputs/v4/target/target models/world/target \\
     --seen outputs/v4/target/codes/train-000007.tar --heldout outputs/v4/target/codes/heldout-000000.tar
 
 Each TARGET is a model folder or a `python -m train target` checkpoint (.ckpt). One row per target,

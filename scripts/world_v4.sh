@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # World v4's models (issue 19), each made by the project's own command, into $V4 (outputs/v4), and kept
-# in float16 under $KEEP (models/v4, committed) after each stage, since outputs/ does not outlive a session:
+# in float16 under $KEEP (models/world, committed: v4 is the default world) after each stage, since outputs/
+# does not outlive a session:
 #
 #   bash scripts/world_v4.sh            # every stage not yet done; rerun after a stop: each resumes
 #   STAGES="eval_target" bash scripts/world_v4.sh   # some stages only
 #
 # v4 is v3's kinds, colours, sizes, cells and texture with one object per scene (data/world.py
-# WORLD_MAX_OBJECTS). Everything starts from what the repository ships (models/world), nothing else.
+# WORLD_MAX_OBJECTS). The evaluator stage fine-tunes models/world/evaluator (v2's when v4 was built). With
+# the default KEEP every stage of a fresh checkout is done; KEEP=models/v4_new rebuilds them beside it.
 # Stages, in order (a stage is done once its output exists; a training stage resumes exactly from its
 # last checkpoint, or, in a new checkout, continues from the weights kept in $KEEP):
 #   evaluator    the shipped evaluator fine-tuned on v4 scenes (a fresh object head; 800 steps)
@@ -31,7 +33,7 @@
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 V4=${V4:-outputs/v4}
-KEEP=${KEEP:-models/v4}
+KEEP=${KEEP:-models/world}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=${WANDB_MODE:-disabled}
 BAR=${BAR:-0.6}  # issue 19's bar: AR alignment of the target before the drafters are distilled
 STAGES=${STAGES:-evaluator tokenizer codes codes_more target target_more target_more2 eval_target drafter spatial scheduler}

@@ -202,7 +202,7 @@ def test_world_shards_record_their_texture(tmp_path):
 
 
 def test_world_v3_draws_its_sixteen_emoji_and_keeps_the_grammar():
-    v2, v3 = SceneGenerator(seed=3), SceneGenerator(seed=3, world="v3")
+    v2, v3 = SceneGenerator(seed=3, world="v2"), SceneGenerator(seed=3, world="v3")
     kinds = set(world_vocabulary("v3")["emoji"])
     assert len(kinds) == 16 and kinds < set(world_vocabulary("v2")["emoji"])
     names = {o["name"] for i in range(300) for o in v3.scene(i).attributes["objects"]}

@@ -162,7 +162,10 @@ def test_a_rerun_over_built_shards_trains_the_same_drafter(tmp_path):
     from safetensors.torch import load_file
 
     # the shipped tokenizer, as in `make demo`: loading it draws random numbers (module init)
-    gpt = tiny_gpt(vocab_size=1024, block_size=256, cls_token_num=16, caption_dim=384)
+    from decode.models.checkpoint import read_model_meta
+
+    codebook = read_model_meta(REPO / "models/world/tokenizer")["config"]["codebook_size"]
+    gpt = tiny_gpt(vocab_size=codebook, block_size=256, cls_token_num=16, caption_dim=384)
     save_model_folder(tmp_path / "target", gpt, gpt.config.to_dict(), kind="llamagen_gpt")
     out = tmp_path / "run"
 

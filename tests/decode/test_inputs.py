@@ -45,7 +45,10 @@ def test_bad_compositions_are_refused(overrides, words):
 def test_vvs_composes_over_any_base_with_a_tree():
     m = resolve_method("vvs", {"base": "lantern_pp", "tau": 0.5})
     assert (m.drafting, m.acceptance, m.skipping) == ("static", "lantern_pp", "similarity")
-    assert m.knobs["lam"] == 5.0 and m.knobs["tau"] == 0.5 and "delta" not in m.knobs
+    # VVS's own lambda (2, its frontier pick) stays; the base brings its parts, and knobs only where it has its own
+    assert m.knobs["lam"] == 2.0 and m.knobs["tau"] == 0.5 and "delta" not in m.knobs
+    m = resolve_method("vvs", {"base": "eagle2"})
+    assert (m.drafting, m.acceptance) == ("eagle", "exact") and "lam" not in m.knobs and m.knobs["tau"] == 0.6
     m = resolve_method("eagle2", {"skipping": "uniform"})
     assert (m.acceptance, m.skipping, m.knobs["interval"]) == ("exact", "uniform", 5)
     assert resolve_method("sjd_vp").knobs["vp_beta"] == 1.0 and resolve_method("sjd").knobs["vp_beta"] == 0.0

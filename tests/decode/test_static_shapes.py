@@ -162,7 +162,7 @@ def test_the_cli_refuses_what_static_shapes_cannot_run_before_any_load():
         check_static_shapes(resolve_method("vvs"), janus)
     auto = OmegaConf.merge(llamagen, {"compile": "layer", "tree": {"auto": True}})
     with pytest.raises(ValueError, match="tree=auto times many tree sizes"):
-        check_static_shapes(resolve_method("vvs"), auto)
+        check_static_shapes(resolve_method("eagle2"), auto)
     check_static_shapes(resolve_method("ar"), auto)  # AR has no tree to size
     with pytest.raises(ValueError, match="test-time scaling plan"):
         check_static_shapes(resolve_method("vvs"), llamagen, scaling=object())

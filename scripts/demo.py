@@ -7,14 +7,15 @@
    prompts and seeds:
    - greedy AR and greedy EAGLE-2: exact speculative decoding must reproduce AR's images byte for
      byte with fewer target forwards (checked here);
-   - sampled AR and sampled VVS (exact EAGLE-2 acceptance + similarity-scheduled verification skipping,
-     the frontier's pick; docs/results.md "VVS's defaults"):
+   - sampled AR and sampled VVS (similarity-scheduled verification skipping over LANTERN++ lambda 2,
+     the frontier's pick on world v4; docs/results.md "VVS's defaults on world v4"):
      each prints its speed summary (NFE, step compression, tau, skip ratio, latency split) and the
-     evaluator's alignment of what it made; a side-by-side table closes the demo. These runs fix
-     the draft tree (tree=fixed, 59 nodes) to show what speculation does to the step count;
-   - sampled VVS with tree=auto, the decode default: the tree measured fastest on this machine,
-     or plain AR when no tree pays (on a CPU the world target's tree passes cost more than they
-     save, so it prints the table it chose from and decodes as AR, never slower).
+     evaluator's alignment and target NLL of what it made; a side-by-side table closes the demo. These
+     runs fix the draft tree (tree=fixed) to show what speculation does to the step count;
+   - sampled VVS with tree=auto, the decode default. tree=auto sizes EAGLE-2's dynamic tree (or falls
+     back to plain AR when no tree pays); VVS's default drafts LANTERN++'s static tree, which keeps its
+     size, so this row decodes as the one above and the log says why (`method.base=eagle2` gives a
+     dynamic tree, which on a CPU the budget replaces by AR, never slower).
 Four images per run are far too few to compare quality; scripts/benchmark.py does that.
 """
 import json

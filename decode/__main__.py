@@ -231,9 +231,9 @@ def method_for_run(cfg: DictConfig, parts: Components, method: MethodConfig, sam
     tree = tree_setting(cfg.tree)
     if not (isinstance(tree, AutoTree) and method.uses_tree):
         if isinstance(tree, AutoTree) and method.drafting != "none" and ranks.main:
-            # say it: tree=auto falls back to AR only for dynamic trees; this method's drafts keep their own size
-            log.info(f"tree=auto sizes EAGLE-2 dynamic trees only: method {method.name} drafts with "
-                     f"{method.drafting}, which keeps its own size")
+            # say it: tree=auto sizes draft trees only; this method's drafts keep their own size
+            log.info(f"tree=auto sizes draft trees (EAGLE-2's dynamic, LANTERN++'s static) only: method "
+                     f"{method.name} drafts with {method.drafting}, which keeps its own size")
         return method_with_tree(parts, method, sampling, tree, [], [])
     choice = None
     if ranks.main:

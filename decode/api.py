@@ -218,7 +218,7 @@ def method_with_tree(parts: Components, config: MethodConfig, sampling: Sampling
     pays. `identity` names what the cached choice depends on beyond the device, batch, method and sampling."""
     if not isinstance(tree, AutoTree):
         return make_method(parts, config, sampling, tree), None
-    if not config.uses_tree:  # AR, Jacobi and static trees have no dynamic tree to size
+    if not config.uses_tree:  # AR, Jacobi and the wavefront's chains have no tree to size
         return make_method(parts, config, sampling), None
     calibrating = make_method(parts, config, sampling, TreeParams(max(tree.sizes), max(tree.depths), tree.top_k))
     identity = {**(identity or {}), "method": [config.name, config.drafting, config.acceptance, config.knobs],

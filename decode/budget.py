@@ -13,6 +13,9 @@ target, drafter, device, dtype and batch, through the real engine:
   the prefix of that path that lies inside it: E(n, d) = 1 + the mean accepted drafts inside it
   (the next token is always made). Exact for greedy acceptance; for sampled acceptance an
   estimate, since a rejected sibling changes the residual the next sibling is tested against.
+- static shapes (LANTERN++'s, hence VVS's default): the candidates are the shape's n cheapest
+  nodes (decode.core.trees.prune_static), timed whole (drafting and verification), and calibrated
+  on the full shape the same way: E(n) = 1 + the mean accepted drafts inside the kept nodes.
 
 tokens/s (n, d) = E(n, d) / (verify(n) + draft(d)); AR = 1 / ar_step. The choice, with the whole
 table, is cached per device, model, dtype, batch, method and sampling (`cache_dir`), so it is
@@ -32,7 +35,7 @@ import torch
 
 from decode.core.engine import Method, generate
 from decode.core.sampling import SamplingParams, row_generators
-from decode.core.trees import TreeParams
+from decode.core.trees import TreeParams, prune_static, static_shape
 from decode.strategies.drafting import EagleDrafts
 
 log = logging.getLogger("decode")
@@ -94,7 +97,10 @@ class BudgetChoice:
             why = (f"the best tree ({best['size']} nodes, depth {best['depth']}: {best['tokens_per_s']:.1f} tokens/s) "
                    f"is slower than AR ({self.ar_tokens_per_s:.1f} tokens/s)") if best else "no candidate tree"
             return f"tree=auto chose AR: {why}"
-        return (f"tree=auto chose {self.tree.total_tokens} nodes, depth {self.tree.depth}, top-k {self.tree.top_k}: "
+        shape = (f"{self.tree.nodes} nodes of the static {self.tree.static}, depth {best['depth']}"
+                 if self.tree.static else
+                 f"{self.tree.total_tokens} nodes, depth {self.tree.depth}, top-k {self.tree.top_k}")
+        return (f"tree=auto chose {shape}: "
                 f"{best['tokens_per_pass']:.2f} tokens per pass in {1e3 * best['step_s']:.1f} ms, "
                 f"{best['tokens_per_s']:.1f} tokens/s against AR's {self.ar_tokens_per_s:.1f}")
 
@@ -126,6 +132,16 @@ class _RecordingAcceptance:
         return verdict
 
 
+def _drafts_kept(path, inside: set) -> int:
+    """Drafts of an accepted path (root first) that a smaller tree holding `inside` would have accepted."""
+    kept = 0
+    for node in path[1:]:
+        if node not in inside:
+            break
+        kept += 1
+    return kept
+
+
 def expected_tokens(steps, size: int, depth: int) -> float:
     """E(n, d): tokens per pass a tree of `size` nodes and `depth` would have made, from the
     calibration tree's recorded steps (module docstring)."""
@@ -133,14 +149,14 @@ def expected_tokens(steps, size: int, depth: int) -> float:
     for depths, scores, path in steps:
         eligible = (depths >= 1) & (depths <= depth + 1)
         ranked = torch.where(eligible, scores, torch.tensor(float("-inf"))).argsort(descending=True, stable=True)
-        inside = set(ranked[: min(size - 1, int(eligible.sum()))].tolist())
-        kept = 0
-        for node in path[1:]:
-            if node not in inside:
-                break
-            kept += 1
-        total += kept
+        total += _drafts_kept(path, set(ranked[: min(size - 1, int(eligible.sum()))].tolist()))
     return 1.0 + total / max(1, len(steps))
+
+
+def expected_static_tokens(steps, kept: list[int]) -> float:
+    """E(n) of a static shape pruned to the nodes `kept` (indices in the calibration shape)."""
+    inside = set(kept)
+    return 1.0 + sum(_drafts_kept(path, inside) for _, _, path in steps) / max(1, len(steps))
 
 
 # --- cost ------------------------------------------------------------------------------------------
@@ -153,10 +169,13 @@ def _fastest_of_two(run) -> object:
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds per AR step, per verification of a tree of each size, per drafter round of each depth."""
+    """Seconds per AR step, per verification of a tree of each size, per drafter round of each depth;
+    for a static shape, per step (drafting and verification) of each of its pruned sizes."""
     ar_step: float
     verify: dict[int, float]
     draft: dict[int, float]
+    static: str | None = None
+    static_step: dict[int, float] = field(default_factory=dict)
 
 
 def _decoder(target, cond, seeds: list[int], sampling: SamplingParams):
@@ -166,26 +185,54 @@ def _decoder(target, cond, seeds: list[int], sampling: SamplingParams):
     return decode
 
 
-def _eagle(method: Method, drafter, size: int, depth: int, top_k: int, acceptance=None) -> Method:
-    return Method(method.name, drafting=EagleDrafts(drafter, TreeParams(size, depth, top_k)),
-                  acceptance=acceptance or method.acceptance)
+def _with_tree(method: Method, drafter, tree: TreeParams, acceptance=None) -> Method:
+    return Method(method.name, drafting=EagleDrafts(drafter, tree), acceptance=acceptance or method.acceptance)
+
+
+def _eagle(method: Method, drafter, size: int, depth: int, top_k: int) -> Method:
+    return _with_tree(method, drafter, TreeParams(size, depth, top_k))
+
+
+def static_of(method: Method) -> str | None:
+    """The static shape `method` drafts with (LANTERN++'s), or None (a dynamic tree)."""
+    return getattr(getattr(method.drafting, "tree", None), "static", None)
+
+
+def static_sizes(name: str, auto: AutoTree) -> list[int]:
+    """The candidate sizes of a static shape: the budget's sizes that fit in it, and the whole shape."""
+    full = static_shape(name).size
+    return sorted({s for s in auto.sizes if s < full} | {full})
+
+
+def calibration_tree(method: Method, auto: AutoTree) -> TreeParams:
+    """The tree every candidate is a part of: the largest dynamic candidate, or the whole static shape."""
+    name = static_of(method)
+    return TreeParams(static=name) if name else TreeParams(max(auto.sizes), max(auto.depths), auto.top_k)
 
 
 def calibrate(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams, auto: AutoTree,
               num_tokens: int) -> list:
-    """The recorded steps of one decode with the largest candidate tree (no skipping): what
+    """The recorded steps of one decode with the calibration tree (no skipping): what
     `expected_tokens` reads."""
     recorder = _RecordingAcceptance(method.acceptance)
     _decoder(target, cond, seeds, sampling)(
-        _eagle(method, drafter, max(auto.sizes), max(auto.depths), auto.top_k, recorder), num_tokens)
+        _with_tree(method, drafter, calibration_tree(method, auto), recorder), num_tokens)
     return recorder.steps
 
 
 def time_candidates(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
                     auto: AutoTree) -> Costs:
-    """Short timed decodes on this device: an AR step, verification per size, drafting per depth."""
+    """Short timed decodes on this device: an AR step, verification per size, drafting per depth (a
+    static shape: each pruned size's whole step)."""
     decode, t = _decoder(target, cond, seeds, sampling), auto.timing_tokens
     ar = _fastest_of_two(lambda: decode(Method(), t))
+    name = static_of(method)
+    if name:
+        step = {}
+        for size in static_sizes(name, auto):
+            g = _fastest_of_two(lambda: decode(_with_tree(method, drafter, TreeParams(static=name, static_size=size)), t))
+            step[size] = g.verify_s / max(1, g.batch_passes) + g.draft_s / max(1, g.batch_steps)
+        return Costs(ar.loop_s / max(1, ar.batch_passes), {}, {}, name, step)
     verify = {}
     for size in auto.sizes:  # the deepest tree can hold every size; its drafting is timed apart
         g = _fastest_of_two(lambda: decode(_eagle(method, drafter, size, max(auto.depths), auto.top_k), t))
@@ -199,6 +246,8 @@ def time_candidates(target, drafter, method: Method, cond, seeds: list[int], sam
 
 def decide(steps: list, costs: Costs, auto: AutoTree) -> BudgetChoice:
     """The candidate with the most tokens per second, or AR (None) when none beats it."""
+    if costs.static:
+        return _choose(static_rows(steps, costs), 1.0 / costs.ar_step, auto.top_k, costs.static)
     rows = []
     for size in auto.sizes:
         for depth in auto.depths:
@@ -216,10 +265,22 @@ def measure(target, drafter, method: Method, cond, seeds: list[int], sampling: S
     return decide(steps, time_candidates(target, drafter, method, cond, seeds, sampling, auto), auto)
 
 
-def _choose(rows: list[dict], ar_tokens_per_s: float, top_k: int) -> BudgetChoice:
+def static_rows(steps: list, costs: Costs) -> list[dict]:
+    """Per pruned size of the static shape: its expected tokens per pass and tokens per second."""
+    shape, rows = static_shape(costs.static), []
+    for size, step in sorted(costs.static_step.items()):
+        pruned, kept = prune_static(shape, size)
+        e = expected_static_tokens(steps, kept)
+        rows.append(dict(size=size, depth=max(pruned.depths()) - 1, tokens_per_pass=e, step_s=step, tokens_per_s=e / step))
+    return rows
+
+
+def _choose(rows: list[dict], ar_tokens_per_s: float, top_k: int, static: str | None = None) -> BudgetChoice:
     best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
     if best is None or best["tokens_per_s"] <= ar_tokens_per_s:
         return BudgetChoice(None, ar_tokens_per_s, rows)
+    if static:
+        return BudgetChoice(TreeParams(static=static, static_size=best["size"]), ar_tokens_per_s, rows)
     return BudgetChoice(TreeParams(best["size"], best["depth"], top_k), ar_tokens_per_s, rows)
 
 

@@ -236,9 +236,9 @@ def main(cfg: DictConfig) -> None:
                              traces[label], cfg, sampling)
         lanes = configs[name].knobs.get("lane_drafts") if label in configs else None
         row.update(method=name, device=str(device), dtype=cfg.dtype, batch_size=cfg.batch_size, size=cfg.size,
-                   tree_size=tree.total_tokens if tree else (1 if label in ("ar", "auto") else
-                                                              1 + lanes if lanes else 58),
-                   tree_depth=tree.depth if tree else 0, **quality.get(label, {}))
+                   tree_size=tree.nodes if tree else (1 if label in ("ar", "auto") else
+                                                      1 + lanes if lanes else 58),
+                   tree_depth=tree.rounds if tree else 0, **quality.get(label, {}))
         rows.append(row)
     ar = next(r for r in rows if r["label"] == "ar")
     for r in rows:

@@ -12,10 +12,9 @@
      each prints its speed summary (NFE, step compression, tau, skip ratio, latency split) and the
      evaluator's alignment and target NLL of what it made; a side-by-side table closes the demo. These
      runs fix the draft tree (tree=fixed) to show what speculation does to the step count;
-   - sampled VVS with tree=auto, the decode default. tree=auto sizes EAGLE-2's dynamic tree (or falls
-     back to plain AR when no tree pays); VVS's default drafts LANTERN++'s static tree, which keeps its
-     size, so this row decodes as the one above and the log says why (`method.base=eagle2` gives a
-     dynamic tree, which on a CPU the budget replaces by AR, never slower).
+   - sampled VVS with tree=auto, the decode default: the budget times how many of LANTERN++'s static
+     tree's nodes pay on this device (decode/budget.py) and falls back to plain AR when none beats it,
+     never slower; on a 2-core CPU the small world target is compute-bound, so it picks AR.
 Four images per run are far too few to compare quality; scripts/benchmark.py does that.
 """
 import json

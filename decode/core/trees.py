@@ -21,12 +21,32 @@ class TreeParams:
     depth: int = 4          # expansion rounds after the first level: up to depth + 1 draft levels
     top_k: int = 10
     static: str | None = None  # a name in STATIC_SHAPES: fixed shape, children sampled from the drafter
+    static_size: int | None = None  # nodes kept of the static shape, root included (None: all; tree=auto sets it)
 
     def __post_init__(self):
         if self.total_tokens < 2 or self.depth < 0 or self.top_k < 1:
             raise ValueError(f"tree needs total_tokens >= 2, depth >= 0, top_k >= 1; got {self}")
         if self.static is not None and self.static not in STATIC_SHAPES:
             raise ValueError(f"tree.static={self.static!r} is not a known shape; known: {', '.join(STATIC_SHAPES)}")
+        if self.static_size is not None:
+            full = 1 + sum(STATIC_SHAPES[self.static]) if self.static else None
+            if full is None or not 2 <= self.static_size <= full:
+                raise ValueError(f"tree.static_size={self.static_size} keeps nodes of a static shape: it needs "
+                                 f"tree.static and 2 <= size <= the shape's {full or '?'} nodes")
+
+    @property
+    def nodes(self) -> int:
+        """Nodes a verification checks, the root included (a dynamic tree's most)."""
+        if self.static is None:
+            return self.total_tokens
+        return self.static_size or 1 + sum(STATIC_SHAPES[self.static])
+
+    @property
+    def rounds(self) -> int:
+        """Drafter expansion rounds after the first level (a static shape's: its levels - 1)."""
+        if self.static is None:
+            return self.depth
+        return max(static_shape(self.static, self.static_size).depths()) - 1
 
 
 @dataclass
@@ -158,8 +178,25 @@ STATIC_SHAPES = {
 }
 
 
-def static_shape(name: str) -> StaticShape:
-    return shape_from_widths(STATIC_SHAPES[name])
+def static_shape(name: str, size: int | None = None) -> StaticShape:
+    """A named static shape, or its `size` cheapest nodes (`prune_static`)."""
+    shape = shape_from_widths(STATIC_SHAPES[name])
+    return shape if size is None else prune_static(shape, size)[0]
+
+
+def prune_static(shape: StaticShape, size: int) -> tuple[StaticShape, list[int]]:
+    """The root and the size - 1 drafted nodes of least rank sum along their path (the paths a
+    well-calibrated drafter finds most likely; ties: shallower, then earlier), in the shape's own
+    order, and which of the shape's nodes they are. A child's rank sum is at least its parent's and it
+    is deeper, so every kept node keeps its parent: the result is a tree."""
+    depths, cost = shape.depths(), [0] * shape.size
+    for i in range(1, shape.size):
+        cost[i] = cost[shape.parents[i]] + shape.ranks[i]
+    best = sorted(range(1, shape.size), key=lambda i: (cost[i], depths[i], i))[:max(0, size - 1)]
+    kept = [0] + sorted(best)
+    where = {old: new for new, old in enumerate(kept)}
+    parents = tuple(-1 if i == 0 else where[shape.parents[i]] for i in kept)
+    return StaticShape(parents, tuple(shape.ranks[i] for i in kept)), kept
 
 
 @dataclass

@@ -95,7 +95,7 @@ class EagleDrafting:
     def __init__(self, drafter: Drafter, target: LlamaGenTarget, tree: TreeParams, batch: int, num_tokens: int,
                  static: bool = False):
         self.drafter, self.target, self.params = drafter, target, tree
-        self.shape = static_shape(tree.static) if tree.static else None
+        self.shape = static_shape(tree.static, tree.static_size) if tree.static else None
         self.plan = plan_static(self.shape).to(target.device) if self.shape else None
         widest = max(len(k) for k in self.plan.kids) if self.plan else tree.top_k
         if widest > target.vocab_size:

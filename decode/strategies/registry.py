@@ -159,8 +159,9 @@ class MethodConfig:
 
     @property
     def uses_tree(self) -> bool:
-        """Reads the run's `tree.*` (the dynamic tree's size)."""
-        return self.drafting == "eagle"
+        """Reads the run's `tree.*`, which tree=auto sizes: a dynamic tree's size and depth, or how many
+        of its static shape's nodes a static tree keeps."""
+        return self.drafting in TREE_DRAFTING
 
     def describe(self) -> str:
         return (f"{self.name} ({self.drafting} drafting, {self.acceptance} acceptance, {self.skipping} skipping"
@@ -259,7 +260,7 @@ def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
         raise ValueError(f"method={config.name} needs an EAGLE drafter (drafter.ckpt=FOLDER, trained by python -m train "
                          f"drafter), got {type(drafter).__name__}")
     if config.drafting == "static":
-        tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, k["static_tree"])
+        tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, k["static_tree"], tree.static_size)
     return EagleDrafts(drafter, tree)
 
 

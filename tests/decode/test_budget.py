@@ -3,9 +3,9 @@ the cache, and the configuration's errors."""
 import pytest
 import torch
 
-from decode.budget import AutoTree, BudgetChoice, _choose, choose_tree, expected_tokens
+from decode.budget import AutoTree, BudgetChoice, _choose, choose_tree, expected_static_tokens, expected_tokens
 from decode.core.engine import Method
-from decode.core.trees import TreeParams
+from decode.core.trees import TreeParams, prune_static, static_shape
 from decode.strategies.registry import build_method
 from tests.decode.test_speculative import GREEDY, world
 
@@ -65,3 +65,44 @@ def test_a_fixed_size_under_auto_points_to_tree_fixed():
     with pytest.raises(ValueError, match="tree=fixed"):
         AutoTree.from_config({"auto": True, "total_tokens": 20, "depth": None})
     assert AutoTree.from_config({"auto": True, "total_tokens": None, "depth": None, "top_k": 4}).top_k == 4
+
+
+def test_a_pruned_static_shape_is_a_tree_of_its_cheapest_paths():
+    shape = static_shape("naive_extend_57")
+    assert prune_static(shape, shape.size) == (shape, list(range(shape.size)))
+    for size in (2, 4, 9, 30):
+        pruned, kept = prune_static(shape, size)
+        assert pruned.size == size and len(kept) == size and kept[0] == 0
+        for i in range(1, size):  # every kept node's parent is kept, earlier, and the same node as in the shape
+            assert 0 <= pruned.parents[i] < i and kept[pruned.parents[i]] == shape.parents[kept[i]]
+    assert prune_static(shape, 4)[0].parents == (-1, 0, 1, 2)  # the first picks' chain comes first
+    assert TreeParams(static="naive_extend_57", static_size=9).nodes == 9
+    assert TreeParams(static="naive_extend_57").nodes == shape.size
+    with pytest.raises(ValueError, match="static_size"):
+        TreeParams(static="naive_extend_57", static_size=shape.size + 1)
+    with pytest.raises(ValueError, match="static_size"):
+        TreeParams(static_size=4)  # no shape to keep nodes of
+
+
+def test_a_pruned_static_tree_keeps_the_accepted_prefix_inside_it():
+    step = _step([0, 1, 2, 1], [0, -0.1, -0.3, -1.0], [0, 1, 2])
+    assert expected_static_tokens([step], [0, 1, 2, 3]) == 3.0
+    assert expected_static_tokens([step], [0, 1]) == 2.0
+    assert expected_static_tokens([step], [0, 3]) == 1.0  # its first draft is not kept: only the next token
+
+
+def test_auto_sizes_a_static_tree(tmp_path):
+    target, drafter, cond, codebook = world(2)
+    method = build_method("lantern_pp", sampling=GREEDY, drafter=drafter, codebook=codebook)
+    auto = AutoTree(sizes=(2, 5, 9), depths=(0, 1), top_k=4, timing_tokens=4, calibration_tokens=24,
+                    cache_dir=str(tmp_path))
+    choice = choose_tree(target, drafter, method, cond, [0, 1], GREEDY, auto, {"model": "tiny"})
+    full = static_shape("naive_extend_57").size
+    assert [r["size"] for r in choice.rows] == [2, 5, 9, full]  # the budget's sizes that fit, and the whole shape
+    assert all(r["step_s"] > 0 and 1.0 <= r["tokens_per_pass"] <= r["size"] for r in choice.rows)
+    assert [r["depth"] for r in choice.rows] == [0, 3, 4, 4]  # the cheapest nodes: the first picks' chain first
+    if choice.tree is not None:
+        assert choice.tree.static == "naive_extend_57" and choice.tree.static_size in (2, 5, 9, full)
+        assert "static naive_extend_57" in choice.describe()
+    again = choose_tree(target, drafter, method, cond, [0, 1], GREEDY, auto, {"model": "tiny"})
+    assert again.cached and again.tree == choice.tree

@@ -71,6 +71,7 @@ def test_static_shapes_have_their_level_widths_and_parents_first():
     (4, 4.0, TreeParams(total_tokens=12, depth=4, top_k=4)),
     (3, 2.0, TreeParams(total_tokens=2, depth=0, top_k=1)),  # a chain of one draft
     (4, 3.0, TreeParams(static="naive_extend_57")),         # a static tree, greedy children
+    (2, 3.0, TreeParams(static="naive_extend_57", static_size=9)),  # its 9 cheapest nodes (tree=auto's)
 ])
 def test_greedy_speculation_equals_greedy_ar(batch, cfg_scale, tree):
     target, drafter, cond, _ = world(batch, cfg_scale)

@@ -6,7 +6,8 @@ its depth; what it buys is the tokens acceptance keeps. Both sides are measured 
 target, drafter, device, dtype and batch, through the real engine:
 
 - cost: short decodes time the verification of a tree of each candidate size (target pass and
-  acceptance), the drafter round of each candidate depth, and one AR step;
+  acceptance), the drafter round of each candidate depth, and one AR step, each the median of a
+  timing decode's steps but its first (`steady_state`), half an image into a decode;
 - acceptance: one calibration decode with the largest candidate tree records each verified
   step's tree (its nodes' depths and drafter scores) and accepted path. A smaller EAGLE-2 tree of n
   nodes and depth d keeps the n - 1 best-scored nodes of depth <= d + 1, and would have accepted
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +54,8 @@ class AutoTree:
     sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 59)
     depths: tuple[int, ...] = (0, 1, 2, 3, 4)
     top_k: int = 10
-    timing_tokens: int = 16       # tokens per timing decode (each timed twice, the faster kept)
+    timing_tokens: int = 16       # tokens per timing decode (the median of its steps counts)
+    min_gain: float = 1.1         # a tree must be predicted this much faster than AR (timing noise: never slower)
     calibration_tokens: int = 0   # tokens of the calibration decode (0: the whole image)
     cache_dir: str | None = None  # None: measured every run
 
@@ -66,6 +69,9 @@ class AutoTree:
         if max(self.sizes) - 1 > drafted:
             raise ValueError(f"tree=auto: the largest size {max(self.sizes)} needs more drafts than depth "
                              f"{max(self.depths)} with top_k {self.top_k} makes ({drafted}); add a depth or drop the size")
+        if self.min_gain < 1.0:
+            raise ValueError(f"tree=auto needs min_gain >= 1 (a tree is chosen only when predicted faster than AR); "
+                             f"got {self.min_gain}")
         if self.timing_tokens < 2 or self.calibration_tokens < 0:
             raise ValueError(f"tree=auto needs timing_tokens >= 2 and calibration_tokens >= 0; got "
                              f"{self.timing_tokens}, {self.calibration_tokens}")
@@ -90,12 +96,14 @@ class BudgetChoice:
     ar_tokens_per_s: float
     rows: list[dict] = field(default_factory=list)  # per candidate: size, depth, tokens_per_pass, step_s, tokens_per_s
     cached: bool = False
+    min_gain: float = 1.0            # how much faster than AR a tree had to be predicted
 
     def describe(self) -> str:
         best = max(self.rows, key=lambda r: r["tokens_per_s"]) if self.rows else None
         if self.tree is None:
+            bar = f"{self.min_gain:.2f} x AR's" if self.min_gain > 1 else "AR's"
             why = (f"the best tree ({best['size']} nodes, depth {best['depth']}: {best['tokens_per_s']:.1f} tokens/s) "
-                   f"is slower than AR ({self.ar_tokens_per_s:.1f} tokens/s)") if best else "no candidate tree"
+                   f"is not faster than {bar} {self.ar_tokens_per_s:.1f} tokens/s") if best else "no candidate tree"
             return f"tree=auto chose AR: {why}"
         shape = (f"{self.tree.nodes} nodes of the static {self.tree.static}, depth {best['depth']}"
                  if self.tree.static else
@@ -160,11 +168,24 @@ def expected_static_tokens(steps, kept: list[int]) -> float:
 
 
 # --- cost ------------------------------------------------------------------------------------------
-def _fastest_of_two(run) -> object:
-    """Each timing decode runs twice and the faster counts: the first pays one-time costs
-    (allocation, compilation of a new shape)."""
-    first, second = run(), run()
-    return first if first.loop_s <= second.loop_s else second
+@dataclass(frozen=True)
+class StepTimes:
+    loop: float    # seconds per step, the whole step (timing decodes skip nothing: a step is a pass)
+    verify: float  # seconds per step, verification alone
+    draft: float   # seconds per step, drafting alone
+
+
+def steady_state(decode, method: Method, tokens: int) -> StepTimes:
+    """Seconds per step once a decode is under way: the median over a timed decode's steps but its
+    first, after an untimed decode (allocation, compilation of new shapes). The first step's drafting
+    runs over the whole prompt, once per decode: on a short timing decode it made small trees look
+    dearer than they are. Medians, because interference on a shared machine comes in bursts that a
+    total or a difference of totals takes whole (timings of the world target varied 2x between runs)."""
+    decode(method, tokens)
+    steps = decode(method, tokens).step_times
+    steps = steps[1:] if len(steps) > 1 else steps
+    draft, verify, whole = (statistics.median(column) for column in zip(*steps))
+    return StepTimes(whole, verify, draft)
 
 
 @dataclass(frozen=True)
@@ -178,10 +199,13 @@ class Costs:
     static_step: dict[int, float] = field(default_factory=dict)
 
 
-def _decoder(target, cond, seeds: list[int], sampling: SamplingParams):
+def _decoder(target, cond, seeds: list[int], sampling: SamplingParams, context: int = 0):
+    """decode(method, n): n tokens decoded after `context` image tokens given (prefilled, untimed)."""
+    prefix = torch.zeros(cond.batch, context, dtype=torch.long, device=target.device) if context else None
+
     def decode(m: Method, n: int):
-        return generate(target, cond, num_tokens=n, sampling=sampling, method=m, phase_times=True,
-                        generators=None if sampling.greedy else row_generators(seeds, target.device))
+        return generate(target, cond, num_tokens=context + n, sampling=sampling, method=m, phase_times=True,
+                        generators=None if sampling.greedy else row_generators(seeds, target.device), prefix=prefix)
     return decode
 
 
@@ -221,33 +245,33 @@ def calibrate(target, drafter, method: Method, cond, seeds: list[int], sampling:
 
 
 def time_candidates(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
-                    auto: AutoTree) -> Costs:
+                    auto: AutoTree, context: int = 0) -> Costs:
     """Short timed decodes on this device: an AR step, verification per size, drafting per depth (a
-    static shape: each pruned size's whole step)."""
-    decode, t = _decoder(target, cond, seeds, sampling), auto.timing_tokens
-    ar = _fastest_of_two(lambda: decode(Method(), t))
+    static shape: each pruned size's whole step). They start after `context` image tokens given: a
+    tree's pass attends to the cache through a mask, whose cost grows with the context faster than
+    AR's causal pass, so timing at the image's start made trees look cheaper than they are over a
+    whole image (half of it: the average pass's context)."""
+    decode, t = _decoder(target, cond, seeds, sampling, context), auto.timing_tokens
+    ar = steady_state(decode, Method(), t).loop
     name = static_of(method)
     if name:
         step = {}
         for size in static_sizes(name, auto):
-            g = _fastest_of_two(lambda: decode(_with_tree(method, drafter, TreeParams(static=name, static_size=size)), t))
-            step[size] = g.verify_s / max(1, g.batch_passes) + g.draft_s / max(1, g.batch_steps)
-        return Costs(ar.loop_s / max(1, ar.batch_passes), {}, {}, name, step)
-    verify = {}
-    for size in auto.sizes:  # the deepest tree can hold every size; its drafting is timed apart
-        g = _fastest_of_two(lambda: decode(_eagle(method, drafter, size, max(auto.depths), auto.top_k), t))
-        verify[size] = g.verify_s / max(1, g.batch_passes)
-    draft = {}
-    for depth in auto.depths:
-        g = _fastest_of_two(lambda: decode(_eagle(method, drafter, 2, depth, auto.top_k), t))
-        draft[depth] = g.draft_s / max(1, g.batch_steps)
-    return Costs(ar.loop_s / max(1, ar.batch_passes), verify, draft)
+            g = steady_state(decode, _with_tree(method, drafter, TreeParams(static=name, static_size=size)), t)
+            step[size] = g.loop  # the whole step: timing decodes do not skip, so a step is a pass
+        return Costs(ar, {}, {}, name, step)
+    # the deepest tree can hold every size; its drafting is timed apart
+    verify = {size: steady_state(decode, _eagle(method, drafter, size, max(auto.depths), auto.top_k), t).verify
+              for size in auto.sizes}
+    draft = {depth: steady_state(decode, _eagle(method, drafter, 2, depth, auto.top_k), t).draft
+             for depth in auto.depths}
+    return Costs(ar, verify, draft)
 
 
 def decide(steps: list, costs: Costs, auto: AutoTree) -> BudgetChoice:
-    """The candidate with the most tokens per second, or AR (None) when none beats it."""
+    """The candidate with the most tokens per second, or AR (None) when none beats it by `auto.min_gain`."""
     if costs.static:
-        return _choose(static_rows(steps, costs), 1.0 / costs.ar_step, auto.top_k, costs.static)
+        return _choose(static_rows(steps, costs), 1.0 / costs.ar_step, auto.top_k, costs.static, auto.min_gain)
     rows = []
     for size in auto.sizes:
         for depth in auto.depths:
@@ -255,14 +279,15 @@ def decide(steps: list, costs: Costs, auto: AutoTree) -> BudgetChoice:
                 continue  # EAGLE-2 cannot draft that many nodes that shallow
             e, step = expected_tokens(steps, size, depth), costs.verify[size] + costs.draft[depth]
             rows.append(dict(size=size, depth=depth, tokens_per_pass=e, step_s=step, tokens_per_s=e / step))
-    return _choose(rows, 1.0 / costs.ar_step, auto.top_k)
+    return _choose(rows, 1.0 / costs.ar_step, auto.top_k, min_gain=auto.min_gain)
 
 
 def measure(target, drafter, method: Method, cond, seeds: list[int], sampling: SamplingParams,
             auto: AutoTree, num_tokens: int) -> BudgetChoice:
     """Calibrate and time on this device (module docstring); `cond` is one batch of the run's conditions."""
     steps = calibrate(target, drafter, method, cond, seeds, sampling, auto, auto.calibration_tokens or num_tokens)
-    return decide(steps, time_candidates(target, drafter, method, cond, seeds, sampling, auto), auto)
+    context = min(num_tokens // 2, num_tokens - auto.timing_tokens - 1)  # mid-image, with room to time
+    return decide(steps, time_candidates(target, drafter, method, cond, seeds, sampling, auto, max(0, context)), auto)
 
 
 def static_rows(steps: list, costs: Costs) -> list[dict]:
@@ -275,13 +300,14 @@ def static_rows(steps: list, costs: Costs) -> list[dict]:
     return rows
 
 
-def _choose(rows: list[dict], ar_tokens_per_s: float, top_k: int, static: str | None = None) -> BudgetChoice:
+def _choose(rows: list[dict], ar_tokens_per_s: float, top_k: int, static: str | None = None,
+            min_gain: float = 1.0) -> BudgetChoice:
     best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
-    if best is None or best["tokens_per_s"] <= ar_tokens_per_s:
-        return BudgetChoice(None, ar_tokens_per_s, rows)
+    if best is None or best["tokens_per_s"] <= min_gain * ar_tokens_per_s:
+        return BudgetChoice(None, ar_tokens_per_s, rows, min_gain=min_gain)
     if static:
-        return BudgetChoice(TreeParams(static=static, static_size=best["size"]), ar_tokens_per_s, rows)
-    return BudgetChoice(TreeParams(best["size"], best["depth"], top_k), ar_tokens_per_s, rows)
+        return BudgetChoice(TreeParams(static=static, static_size=best["size"]), ar_tokens_per_s, rows, min_gain=min_gain)
+    return BudgetChoice(TreeParams(best["size"], best["depth"], top_k), ar_tokens_per_s, rows, min_gain=min_gain)
 
 
 # --- the cached choice -------------------------------------------------------------------------------
@@ -307,7 +333,7 @@ def choose_tree(target, drafter, method: Method, cond, seeds: list[int], samplin
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         tree = TreeParams(**saved["tree"]) if saved["tree"] else None
-        return BudgetChoice(tree, saved["ar_tokens_per_s"], saved["rows"], cached=True)
+        return BudgetChoice(tree, saved["ar_tokens_per_s"], saved["rows"], cached=True, min_gain=auto.min_gain)
     choice = measure(target, drafter, method, cond, seeds, sampling, auto, num_tokens or target.num_image_tokens)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,14 @@ def trace_world(parts, method: Method, name: str, scenes, evaluator, cfg, sampli
                    "world_step_compression": cfg.num_tokens * len(passes) / max(1, sum(passes))}
 
 
+def decoded_tree(config) -> TreeParams | None:
+    """The tree a replayed method decodes with at its defaults: EAGLE-2's dynamic one, a static shape
+    (LANTERN++'s, VVS's default), or None (the wavefront's chains)."""
+    if config.drafting == "static":
+        return TreeParams(static=config.knobs["static_tree"])
+    return TreeParams() if config.drafting == "eagle" else None
+
+
 def big_models(cfg: DictConfig, device, dtype):
     gpt = build_gpt(None, size=cfg.size, model_type="t2i", vocab_size=cfg.vocab_size, block_size=cfg.num_tokens,
                     cls_token_num=cfg.cls_token_num, caption_dim=cfg.caption_dim).to(device=device, dtype=dtype)
@@ -204,8 +212,7 @@ def main(cfg: DictConfig) -> None:
     big = big_models(cfg, device, dtype)
     conds = big_conditions(cfg, cfg.trace_prompts, device, dtype)
     auto = AutoTree.from_config(OmegaConf.to_container(cfg.auto, resolve=True))
-    rows, trees = [], {name: TreeParams() for name in REPLAYED}
-    trees["lantern_pp"] = trees["spatial"] = None  # a static tree; chains of the wavefront
+    rows, trees = [], {name: decoded_tree(config) for name, config in configs.items()}
     if "auto" in cfg.runs:
         base = configs[cfg.auto_method]
         first = scenes[:cfg.batch_size]
@@ -215,7 +222,8 @@ def main(cfg: DictConfig) -> None:
                           TreeParams(max(auto.sizes), max(auto.depths), auto.top_k)), world_cond, seeds, sampling,
                           auto, cfg.num_tokens)
         big_method = build_method(base, sampling=sampling, drafter=big[1], codebook=big[2])
-        costs = time_candidates(big[0], big[1], big_method, conds[0], list(range(cfg.batch_size)), sampling, auto)
+        costs = time_candidates(big[0], big[1], big_method, conds[0], list(range(cfg.batch_size)), sampling, auto,
+                                context=cfg.num_tokens // 2)
         choice = decide(steps, costs, auto)
         print(choice.describe() + "\n" + choice.table(), flush=True)
         trees["auto"] = choice.tree
@@ -236,8 +244,7 @@ def main(cfg: DictConfig) -> None:
                              traces[label], cfg, sampling)
         lanes = configs[name].knobs.get("lane_drafts") if label in configs else None
         row.update(method=name, device=str(device), dtype=cfg.dtype, batch_size=cfg.batch_size, size=cfg.size,
-                   tree_size=tree.nodes if tree else (1 if label in ("ar", "auto") else
-                                                      1 + lanes if lanes else 58),
+                   tree_size=tree.nodes if tree else 1 + (lanes or 0),
                    tree_depth=tree.rounds if tree else 0, **quality.get(label, {}))
         rows.append(row)
     ar = next(r for r in rows if r["label"] == "ar")

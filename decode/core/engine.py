@@ -46,6 +46,7 @@ class Generation:
     schedule_s: float = 0.0  # skip decisions (VVS schedulers), batch
     batch_passes: int = 0  # target passes the batch ran (a step runs one, over its verifying rows, if any)
     batch_steps: int = 0  # loop steps the batch ran (as many as its slowest row needs)
+    step_times: list[tuple[float, float, float]] | None = None  # per step (draft, verify, whole) s, with phase_times
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,11 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     wait_for(device)
     t1 = time.perf_counter()
     rows, step, passes = _Rows.start(b, k + 1), 0, 0
+    step_times = [] if phase_times else None
     while min(rows.made) < num_tokens:
         live = [m < num_tokens for m in rows.made]
-        tick = time.perf_counter()
+        tick = began = time.perf_counter()
+        spent = timing["draft"], timing["verify"]
         tree = drafts.propose(root, sampling, generators) if drafts else root_only(root)
         tick = lap("draft", tick)
         tree, skip = skips.plan(tree, Progress(step, rows.made, live, num_tokens))
@@ -174,6 +177,8 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
         root = _commit_tokens(made, rows, outcome, root)
         if drafts:
             drafts.observe(outcome, sampling, generators)
+        if step_times is not None:
+            step_times.append((timing["draft"] - spent[0], timing["verify"] - spent[1], time.perf_counter() - began))
         step += 1
     wait_for(device)
     t2 = time.perf_counter()
@@ -181,7 +186,7 @@ def generate(target: LlamaGenTarget, condition: Condition, *, num_tokens: int, s
     return Generation(tokens=made[:, :num_tokens], nfe=c["nfe"], steps=c["steps"], prefill_s=t1 - t0,
                       loop_s=t2 - t1, skipped=c["skipped"], verified_tokens=c["verified_tokens"],
                       draft_s=timing["draft"], verify_s=timing["verify"], schedule_s=timing["schedule"],
-                      batch_passes=passes, batch_steps=step)
+                      batch_passes=passes, batch_steps=step, step_times=step_times)
 
 
 @dataclass(frozen=True)

@@ -106,3 +106,13 @@ def test_auto_sizes_a_static_tree(tmp_path):
         assert "static naive_extend_57" in choice.describe()
     again = choose_tree(target, drafter, method, cond, [0, 1], GREEDY, auto, {"model": "tiny"})
     assert again.cached and again.tree == choice.tree
+
+
+def test_a_tree_must_beat_ar_by_the_margin():
+    rows = [dict(size=4, depth=1, tokens_per_pass=1.5, step_s=0.1, tokens_per_s=15.0)]
+    assert _choose(rows, ar_tokens_per_s=14.0, top_k=4).tree is not None      # faster at all
+    chosen = _choose(rows, ar_tokens_per_s=14.0, top_k=4, min_gain=1.1)
+    assert chosen.tree is None and "1.10 x AR's" in chosen.describe()        # but not by 10 %
+    assert _choose(rows, ar_tokens_per_s=13.0, top_k=4, min_gain=1.1).tree is not None
+    with pytest.raises(ValueError, match="min_gain"):
+        AutoTree(min_gain=0.9)

@@ -116,3 +116,18 @@ def test_a_tree_must_beat_ar_by_the_margin():
     assert _choose(rows, ar_tokens_per_s=13.0, top_k=4, min_gain=1.1).tree is not None
     with pytest.raises(ValueError, match="min_gain"):
         AutoTree(min_gain=0.9)
+
+
+def test_steady_state_is_the_median_step_past_the_first():
+    """The first step (the drafter's round over the whole prompt) and a burst of interference do not count."""
+    from decode.budget import steady_state
+    from types import SimpleNamespace
+    steps = [(5.0, 1.0, 9.0), (0.1, 0.2, 0.3), (0.1, 0.2, 0.3), (0.1, 9.0, 9.5), (0.1, 0.2, 0.3)]
+    calls = []
+
+    def decode(method, n):
+        calls.append(n)
+        return SimpleNamespace(step_times=steps)
+    t = steady_state(decode, Method(), 8)
+    assert calls == [8, 8]  # one untimed decode, one timed
+    assert (t.draft, t.verify, t.loop) == (0.1, 0.2, 0.3)

@@ -22,6 +22,7 @@ from decode.api import (DTYPES, Components, build_components, method_from_choice
 from decode.budget import AutoTree, BudgetChoice
 from decode.core.engine import Method
 from decode.core.sampling import SamplingParams
+from decode.core.trees import TreeParams
 from decode.distributed import Ranks, ranks_from_env
 from decode.evaluation.metrics import append_jsonl, summary_table, write_summary
 from decode.pipeline import check_run_folder, plan_jobs, record_run_folder, run_jobs, run_scaled_jobs
@@ -152,6 +153,17 @@ def check_static_shapes(method: MethodConfig, cfg: DictConfig, scaling=None) -> 
                          "tree sizes (each a retrace): pick the tree (tree.total_tokens, tree.depth) or compile=false")
 
 
+def check_static_size(method: MethodConfig, cfg: DictConfig) -> None:
+    """tree.static_size (tree=fixed) against the method's static shape, before any load."""
+    size = (cfg.get("tree") or {}).get("static_size")
+    if size is None:
+        return
+    if method.drafting != "static":
+        raise ValueError(f"tree.static_size={size} keeps nodes of a static shape; method={method.name} drafts with "
+                         f"{method.drafting} (static shapes: lantern_pp, and vvs by default)")
+    TreeParams(static=method.knobs["static_tree"], static_size=int(size))  # its range, named
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
@@ -163,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_schedule_fits(method, cfg.target)                # before any load
     check_draft_checkpoints(method, cfg)
     check_static_shapes(method, cfg, scaling)
+    check_static_size(method, cfg)
     settings = run_settings(cfg, method, prompts)
     if scaling is not None:
         settings["scaling"] = _portable(dataclasses.asdict(scaling))

@@ -28,11 +28,12 @@ class TreeParams:
             raise ValueError(f"tree needs total_tokens >= 2, depth >= 0, top_k >= 1; got {self}")
         if self.static is not None and self.static not in STATIC_SHAPES:
             raise ValueError(f"tree.static={self.static!r} is not a known shape; known: {', '.join(STATIC_SHAPES)}")
-        if self.static_size is not None:
+        if self.static_size is not None:  # without `static` yet: the method names its shape (method.static_tree)
             full = 1 + sum(STATIC_SHAPES[self.static]) if self.static else None
-            if full is None or not 2 <= self.static_size <= full:
+            if self.static_size < 2 or (full is not None and self.static_size > full):
                 raise ValueError(f"tree.static_size={self.static_size} keeps nodes of a static shape: it needs "
-                                 f"tree.static and 2 <= size <= the shape's {full or '?'} nodes")
+                                 f"2 <= size <= the shape's nodes ({self.static}: {full})" if full else
+                                 f"tree.static_size={self.static_size}: a tree keeps at least 2 nodes")
 
     @property
     def nodes(self) -> int:

@@ -266,6 +266,9 @@ def _drafting(config: MethodConfig, tree: TreeParams, drafter: Drafter | None):
                          f"drafter), got {type(drafter).__name__}")
     if config.drafting == "static":
         tree = TreeParams(tree.total_tokens, tree.depth, tree.top_k, k["static_tree"], tree.static_size)
+    elif tree.static_size is not None and tree.static is None:
+        raise ValueError(f"tree.static_size={tree.static_size} keeps nodes of a static shape; method={config.name} "
+                         f"drafts a dynamic tree (tree.total_tokens, tree.depth size it)")
     return EagleDrafts(drafter, tree)
 
 

@@ -80,8 +80,8 @@ def test_a_pruned_static_shape_is_a_tree_of_its_cheapest_paths():
     assert TreeParams(static="naive_extend_57").nodes == shape.size
     with pytest.raises(ValueError, match="static_size"):
         TreeParams(static="naive_extend_57", static_size=shape.size + 1)
-    with pytest.raises(ValueError, match="static_size"):
-        TreeParams(static_size=4)  # no shape to keep nodes of
+    with pytest.raises(ValueError, match="at least 2"):
+        TreeParams(static_size=1)  # the shape comes from the method (method.static_tree); the floor is checked here
 
 
 def test_a_pruned_static_tree_keeps_the_accepted_prefix_inside_it():

@@ -144,3 +144,16 @@ def test_a_cuda_device_keeps_attention_off_cudnn(monkeypatch):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.parametrize("name,size,words", [
+    ("lantern_pp", 100, "naive_extend_57: 58"),
+    ("vvs", 1, "2 <= size"),
+    ("eagle2", 9, "drafts with eagle"),
+])
+def test_a_static_size_the_method_cannot_keep_is_named_before_any_load(name, size, words):
+    from omegaconf import OmegaConf
+    from decode.__main__ import check_static_size
+    with pytest.raises(ValueError, match=words):
+        check_static_size(resolve_method(name), OmegaConf.create({"tree": {"static_size": size}}))
+    check_static_size(resolve_method("lantern_pp"), OmegaConf.create({"tree": {"static_size": 9}}))  # fits

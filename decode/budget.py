@@ -37,7 +37,7 @@ import torch
 
 from decode.core.engine import Method, generate
 from decode.core.sampling import SamplingParams, row_generators
-from decode.core.trees import TreeParams, prune_static, static_shape
+from decode.core.trees import TreeParams, prune_static, shape_nodes, static_shape
 from decode.strategies.drafting import EagleDrafts
 
 log = logging.getLogger("decode")
@@ -224,7 +224,7 @@ def static_of(method: Method) -> str | None:
 
 def static_sizes(name: str, auto: AutoTree) -> list[int]:
     """The candidate sizes of a static shape: the budget's sizes that fit in it, and the whole shape."""
-    full = static_shape(name).size
+    full = shape_nodes(name)
     return sorted({s for s in auto.sizes if s < full} | {full})
 
 

@@ -29,7 +29,7 @@ class TreeParams:
         if self.static is not None and self.static not in STATIC_SHAPES:
             raise ValueError(f"tree.static={self.static!r} is not a known shape; known: {', '.join(STATIC_SHAPES)}")
         if self.static_size is not None:  # without `static` yet: the method names its shape (method.static_tree)
-            full = 1 + sum(STATIC_SHAPES[self.static]) if self.static else None
+            full = shape_nodes(self.static) if self.static else None
             if self.static_size < 2 or (full is not None and self.static_size > full):
                 raise ValueError(f"tree.static_size={self.static_size} keeps nodes of a static shape: it needs "
                                  f"2 <= size <= the shape's nodes ({self.static}: {full})" if full else
@@ -40,7 +40,7 @@ class TreeParams:
         """Nodes a verification checks, the root included (a dynamic tree's most)."""
         if self.static is None:
             return self.total_tokens
-        return self.static_size or 1 + sum(STATIC_SHAPES[self.static])
+        return self.static_size or shape_nodes(self.static)
 
     @property
     def rounds(self) -> int:
@@ -177,6 +177,11 @@ STATIC_SHAPES = {
     "balanced_25": (4, 8, 8, 3, 2),         # the widths of mc_sim_7b_63 (LANTERN++'s Lumina default)
     "chain": (1, 1, 1, 1, 1),
 }
+
+
+def shape_nodes(name: str) -> int:
+    """Nodes of a named static shape, the root included."""
+    return 1 + sum(STATIC_SHAPES[name])
 
 
 def static_shape(name: str, size: int | None = None) -> StaticShape:
